@@ -1,0 +1,190 @@
+"""Model configuration: one dataclass, read from HF config.json or Mistral params.json.
+
+    cfg = ModelConfig.from_hf(json.load(open("config.json")))
+    cfg = ModelConfig.from_params(json.load(open("params.json")))   # missing rope_theta -> 10000
+    cfg = PRESETS["mistral-7b-v0.1"].config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VentouxError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    vocab_size: int
+    head_dim: int | None = None  # None -> dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None  # None -> full attention
+    max_seq_len: int = 32768  # the context the model was trained for
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise VentouxError(f"config field {name}={getattr(self, name)!r} must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise VentouxError(
+                f"config n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise VentouxError(f"config sliding_window={self.sliding_window} must be positive or null")
+
+    # ---- derived facts -------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * self.dim * self.hidden_dim
+        per_layer = attn + ffn + 2 * self.dim
+        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+
+    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
+
+    # ---- readers and writers -------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict) -> ModelConfig:
+        """From a transformers MistralConfig dict; unknown keys are ignored."""
+        arch = d.get("model_type") or ""
+        archs = d.get("architectures") or []
+        if arch not in ("mistral", "") or any(a != "MistralForCausalLM" for a in archs):
+            raise VentouxError(
+                f"config.json describes model_type={arch!r} {archs}; ventoux runs Mistral "
+                "(MistralForCausalLM) dense models only"
+            )
+        if d.get("num_local_experts") or d.get("num_experts_per_tok"):
+            raise VentouxError("config.json describes a mixture-of-experts model; ventoux runs dense Mistral only")
+        try:
+            return cls(
+                dim=d["hidden_size"],
+                n_layers=d["num_hidden_layers"],
+                n_heads=d["num_attention_heads"],
+                n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+                hidden_dim=d["intermediate_size"],
+                vocab_size=d["vocab_size"],
+                head_dim=d.get("head_dim"),
+                norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope_theta=float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+                sliding_window=d.get("sliding_window"),
+                max_seq_len=d.get("max_position_embeddings", 32768),
+                bos_id=d.get("bos_token_id", 1) if d.get("bos_token_id") is not None else 1,
+                eos_id=_first(d.get("eos_token_id", 2)),
+            )
+        except KeyError as e:
+            raise VentouxError(f"config.json is missing the field {e.args[0]!r}; it is not a Mistral config") from None
+
+    @classmethod
+    def from_params(cls, d: dict) -> ModelConfig:
+        """From Mistral's params.json. A missing rope_theta means 10000 (the v0.1 pitfall)."""
+        if d.get("moe"):
+            raise VentouxError("params.json describes a mixture-of-experts model; ventoux runs dense Mistral only")
+        try:
+            return cls(
+                dim=d["dim"],
+                n_layers=d["n_layers"],
+                n_heads=d["n_heads"],
+                n_kv_heads=d.get("n_kv_heads", d["n_heads"]),
+                hidden_dim=d["hidden_dim"],
+                vocab_size=d["vocab_size"],
+                head_dim=d.get("head_dim"),
+                norm_eps=d.get("norm_eps", 1e-5),
+                rope_theta=float(d.get("rope_theta", 10000.0)),
+                sliding_window=d.get("sliding_window"),
+                max_seq_len=d.get("max_seq_len", 32768),
+            )
+        except KeyError as e:
+            raise VentouxError(f"params.json is missing the field {e.args[0]!r}; it is not a Mistral config") from None
+
+    def to_hf(self) -> dict:
+        return {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "sliding_window": self.sliding_window,
+            "max_position_embeddings": self.max_seq_len,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+        }
+
+    def to_params(self) -> dict:
+        d = {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "head_dim": self.head_dim,
+            "hidden_dim": self.hidden_dim,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "norm_eps": self.norm_eps,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "max_seq_len": self.max_seq_len,
+        }
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+        return d
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The config of a checkpoint folder: config.json (HF) wins over params.json (Mistral)."""
+    folder = Path(folder)
+    for name, reader in (("config.json", ModelConfig.from_hf), ("params.json", ModelConfig.from_params)):
+        path = folder / name
+        if path.exists():
+            try:
+                d = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise VentouxError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
+            return reader(d)
+    raise VentouxError(f"{folder} has neither config.json nor params.json; point at a model checkpoint folder")
+
+
+@dataclass(frozen=True)
+class Preset:
+    repo_id: str
+    config: ModelConfig
+    instruct: bool
+
+
+_V01 = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000,
+                   head_dim=128, norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, max_seq_len=32768)
+_V02 = _V01.replace(rope_theta=1e6, sliding_window=None, max_seq_len=32768)
+_V03 = _V02.replace(vocab_size=32768)
+
+PRESETS: dict[str, Preset] = {
+    "mistral-7b-v0.1": Preset("mistralai/Mistral-7B-v0.1", _V01, False),
+    "mistral-7b-instruct-v0.1": Preset("mistralai/Mistral-7B-Instruct-v0.1", _V01, True),
+    "mistral-7b-instruct-v0.2": Preset("mistralai/Mistral-7B-Instruct-v0.2", _V02, True),
+    "mistral-7b-v0.3": Preset("mistralai/Mistral-7B-v0.3", _V03, False),
+    "mistral-7b-instruct-v0.3": Preset("mistralai/Mistral-7B-Instruct-v0.3", _V03, True),
+}

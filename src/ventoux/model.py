@@ -1,0 +1,138 @@
+"""The Mistral transformer in plain torch: no file I/O, no sampling, no quantization flags.
+
+    model = Transformer(cfg)
+    logits = model(tokens)                            # (B, T) -> (B, T, vocab), from position 0
+    logits = model(tokens, positions, cache=cache)    # incremental, through a KVCache
+
+Module names follow Mistral's consolidated layout (tok_embeddings, layers.N.attention.wq, ...);
+rotary follows the HF "rotate half" layout, so HF weights load unpermuted (weights.py permutes
+consolidated q/k on the way in and out).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # the statistics in float32, whatever the weights' dtype
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) positions -> cos, sin of shape (B, 1, T, head_dim), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def banded_causal_mask(t: int, window: int | None, device) -> torch.Tensor | None:
+    """(T, T) bool mask, True = may attend: j <= i and i - j < window. None when plain causal."""
+    if window is None or window >= t:
+        return None
+    i = torch.arange(t, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, step)  # (B, Hkv, S, D)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H*D) -> (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, step, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+
+        Without a cache the sequence starts at position 0 (positions must be None or 0..T-1).
+        With a cache, positions (B, T) are each row's absolute positions, consecutive per row.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        step = None
+        if cache is None:
+            mask = banded_causal_mask(t, self.config.sliding_window, tokens.device)
+        else:
+            step = cache.prepare(positions)
+            mask = step.mask
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, step, i)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random Mistral models, in transformers and in ventoux, with equal weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ventoux.config import ModelConfig
+from ventoux.model import Transformer
+from ventoux.names import from_hf
+
+TINY = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=211,
+                   head_dim=16, norm_eps=1e-5, rope_theta=10000.0, sliding_window=8, max_seq_len=256)
+TINY_FULL = TINY.replace(sliding_window=None, rope_theta=1e6, max_seq_len=96)
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """A random transformers.MistralForCausalLM with the given shape (eager attention: the reference)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    hf_cfg = MistralConfig(**cfg.to_hf(), attn_implementation="eager")
+    model = MistralForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # norms are ones at init: randomise them so they are tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ventoux_from_hf(hf) -> Transformer:
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    model = Transformer(cfg).eval()
+    model.load_state_dict({from_hf(k): v for k, v in hf.state_dict().items()})
+    return model
+
+
+@pytest.fixture(params=["windowed", "full"])
+def pair(request):
+    cfg = TINY if request.param == "windowed" else TINY_FULL
+    hf = hf_model(cfg)
+    return hf, ventoux_from_hf(hf)
