@@ -1,0 +1,21 @@
+"""ventoux: a small, exact and fast engine for the Mistral 7B model family.
+
+    import ventoux
+    llm = ventoux.load("mistralai/Mistral-7B-Instruct-v0.3")   # or a folder; no argument: the demo model
+    print(llm.generate("The capital of France is", max_tokens=16).text)
+    for event in llm.stream("Once upon a time"):
+        print(event.text, end="", flush=True)
+"""
+
+from .errors import VentouxError
+
+__all__ = ["VentouxError", "load"]
+__version__ = "0.1.0"
+
+
+def load(source=None, dtype=None, device=None, quantize=None):
+    """Load a model: a checkpoint folder (HF or Mistral layout), a Hugging Face repo id, or None for the
+    shipped demonstration model. Returns an LLM (see api.py)."""
+    from .api import load as _load
+
+    return _load(source, dtype=dtype, device=device, quantize=quantize)

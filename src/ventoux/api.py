@@ -1,0 +1,104 @@
+"""The public Python API: ventoux.load(...) -> LLM.
+
+    llm = ventoux.load("./Mistral-7B-Instruct-v0.3", dtype="bfloat16")
+    llm.generate("Hello", max_tokens=20).text
+    llm.generate(["a", "b"], max_tokens=20)            # one batch -> list[Completion]
+    for ev in llm.stream("Hello"): print(ev.text, end="")
+    llm.chat([{"role": "user", "content": "Hi!"}], safe_prompt=True).text
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from . import generate as gen
+from .errors import VentouxError
+from .sampling import SamplingParams
+
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo"
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VentouxError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VentouxError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise VentouxError(f"device {device!r} asked for but MPS is not available here: use --device cpu")
+    return dev
+
+
+class LLM:
+    def __init__(self, model, tokenizer, source: str):
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.config = model.config
+
+    # ---- prompts -> token ids ----------------------------------------------------------------
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise VentouxError("the prompt is empty: give some text to continue")
+            return self.tokenizer.encode(prompt, bos=True)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise VentouxError("prompt must be a string or a list of token ids")
+
+    def _batch(self, prompt, kwargs) -> tuple[list[list[int]], list[SamplingParams], bool]:
+        unknown = set(kwargs) - SamplingParams.names()
+        if unknown:
+            raise VentouxError(f"unknown generation parameter(s) {sorted(unknown)}; valid: "
+                               f"{sorted(SamplingParams.names())}")
+        single = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                             and all(isinstance(t, int) for t in prompt))
+        prompts = [prompt] if single else list(prompt)
+        params = SamplingParams(**kwargs)
+        return [self._ids(p) for p in prompts], [params] * len(prompts), single
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, prompt, **kwargs):
+        """A str or token list -> Completion; a list of prompts -> list[Completion] (one batch)."""
+        ids, params, single = self._batch(prompt, kwargs)
+        out = gen.generate(self.model, self.tokenizer, ids, params)
+        return out[0] if single else out
+
+    def stream(self, prompt, **kwargs) -> Iterator[gen.Event]:
+        ids, params, _ = self._batch(prompt, kwargs)
+        return gen.stream(self.model, self.tokenizer, ids, params)
+
+    def chat(self, messages: list[dict], safe_prompt: bool = False, **kwargs) -> gen.Completion:
+        return self.generate(self.tokenizer.encode_chat(messages, safe_prompt=safe_prompt), **kwargs)
+
+    def chat_stream(self, messages: list[dict], safe_prompt: bool = False, **kwargs) -> Iterator[gen.Event]:
+        return self.stream(self.tokenizer.encode_chat(messages, safe_prompt=safe_prompt), **kwargs)
+
+
+def load(source=None, dtype=None, device=None, quantize=None) -> LLM:
+    from .config import read_config
+    from .hub import resolve
+    from .tokenizer import load_tokenizer
+    from .weights import load_model, parse_dtype
+
+    if source is None:
+        if not (DEMO_MODEL / "config.json").exists():
+            raise VentouxError("the demonstration model is not shipped in this build yet: pass --model "
+                               "with a checkpoint folder or a Hugging Face repo id")
+        folder = DEMO_MODEL
+    else:
+        folder = resolve(source)
+    dev = pick_device(device)
+    config = read_config(folder)
+    kwargs = {"quantize": quantize} if quantize else {}
+    model = load_model(folder, config, parse_dtype(dtype, dev), dev, **kwargs)
+    model.eval()
+    return LLM(model, load_tokenizer(folder), str(source or folder))

@@ -1,0 +1,84 @@
+"""`ventoux generate` and `ventoux chat`: streaming text to the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+from ..cli import add_model_args, add_sampling_args, command, load_from_args, sampling_kwargs
+from ..errors import VentouxError
+
+
+def _generate_args(p):
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("prompt", help="text to continue ('-' reads standard input)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the prompt as one user turn of the model's chat format")
+
+
+@command("generate", "Continue a prompt, streaming tokens to stdout.", _generate_args)
+def run_generate(args):
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise VentouxError("the prompt is empty: give some text to continue")
+    llm = load_from_args(args)
+    kwargs = sampling_kwargs(args)
+    if args.chat_template:
+        events = llm.chat_stream([{"role": "user", "content": prompt}], **kwargs)
+    else:
+        sys.stdout.write(prompt)
+        events = llm.stream(prompt, **kwargs)
+    for ev in events:
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _chat_args(p):
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--safe-prompt", action="store_true", help="prepend Mistral's guardrail system prompt")
+
+
+HELP = "Commands: /reset clears the conversation, /system TEXT sets the system prompt, Ctrl-D quits."
+
+
+@command("chat", "Talk with a model in the terminal (multi-turn, streaming).", _chat_args)
+def run_chat(args):
+    llm = load_from_args(args)
+    kwargs = sampling_kwargs(args)
+    system, history = args.system, []
+    print(f"ventoux chat with {llm.source}. {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(HELP, file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        reply = []
+        try:
+            for ev in llm.chat_stream(messages, safe_prompt=args.safe_prompt, **kwargs):
+                reply.append(ev.text)
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            pass
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
