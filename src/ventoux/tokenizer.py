@@ -1,0 +1,157 @@
+"""Tokenizers and the instruct chat format, through Mistral's own mistral-common.
+
+    tok = load_tokenizer(Path("Mistral-7B-Instruct-v0.3"))       # tekken.json, tokenizer.model.v3, ...
+    ids = tok.encode("Hello", bos=True)
+    prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])  # == mistral-common, token for token
+    dec = tok.stream_decoder()
+    text = "".join(dec.push(i) for i in generated) + dec.flush()  # == tok.decode(generated)
+
+A plain sentencepiece `tokenizer.model` (HF folders, the demo model) gets the v1 `[INST] ... [/INST]`
+format: mistral-common itself reads an unversioned `.model` file as v1.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import VentouxError
+
+# The paper's guardrail; Mistral's API `safe_prompt` prepends it to the messages as a system prompt.
+SAFE_PROMPT = (
+    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid "
+    "harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
+)
+_VERSIONED = re.compile(r"\.model\.v(\d+)(m\d+)?$")  # tokenizer.model.v3, *_240323.model.v3, *.model.v7m1
+
+
+def find_tokenizer_file(folder: Path) -> Path:
+    """The tokenizer file of a checkpoint folder: tekken json, else the newest versioned sentencepiece
+    model, else a plain sentencepiece tokenizer.model."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    tekken = [p for p in files if "tekken" in p.name and p.suffix == ".json"]
+    if tekken:
+        return next((p for p in tekken if p.name == "tekken.json"), tekken[-1])
+    versioned = [p for p in files if _VERSIONED.search(p.name)]
+    if versioned:  # HF repos of v0.3 ship both tokenizer.model and tokenizer.model.v3: the version wins
+        return max(versioned, key=lambda p: int(_VERSIONED.search(p.name).group(1)))
+    if (folder / "tokenizer.model").is_file():
+        return folder / "tokenizer.model"
+    raise VentouxError(
+        f"no tokenizer in {folder}: expected tekken.json, tokenizer.model.v1/v2/v3 or tokenizer.model; "
+        "copy the tokenizer file of the checkpoint into that folder"
+    )
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """Load the tokenizer of a checkpoint folder (see find_tokenizer_file)."""
+    from mistral_common.exceptions import MistralCommonException
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    path = find_tokenizer_file(folder)
+    try:
+        return Tokenizer(MistralTokenizer.from_file(str(path)))
+    except (MistralCommonException, OSError, RuntimeError, ValueError, KeyError, AssertionError) as e:
+        raise VentouxError(
+            f"tokenizer file {path} cannot be read ({_one_line(e)}); replace it with the checkpoint's own"
+        ) from None
+
+
+class Tokenizer:
+    """Text <-> token ids and the chat format of one Mistral tokenizer (v1, v2, v3, tekken)."""
+
+    def __init__(self, mistral_tokenizer):
+        self.mistral = mistral_tokenizer  # mistral_common MistralTokenizer: the chat-format reference
+        self._raw = mistral_tokenizer.instruct_tokenizer.tokenizer
+        self.version = str(self._raw.version.value)
+        self.bos_id = self._raw.bos_id
+        self.eos_id = self._raw.eos_id
+        self.vocab_size = self._raw.n_words
+        self.special_ids = frozenset(self._raw.special_ids)
+
+    def __repr__(self):
+        return f"Tokenizer({self.version}, vocab_size={self.vocab_size})"
+
+    def is_control(self, token_id: int) -> bool:
+        return token_id in self.special_ids
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Plain text to ids; text that looks like a control token ("</s>", "[INST]") stays text."""
+        if not isinstance(text, str):
+            raise VentouxError(f"text to encode must be a string, not {type(text).__name__}")
+        return self._raw.encode(text, bos=bos, eos=eos)
+
+    def decode(self, ids) -> str:
+        """Ids to text, control tokens dropped."""
+        return self._raw.decode([int(i) for i in ids])
+
+    def encode_chat(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
+        """A conversation to prompt ids, exactly as mistral-common's encode_chat_completion.
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], ending with a user
+        message (the prompt to generate from). safe_prompt prepends the guardrail system prompt.
+        """
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise VentouxError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        objs = [SystemMessage(content=SAFE_PROMPT)] if safe_prompt else []
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in kinds:
+                raise VentouxError(f"messages[{i}].role={role!r} is invalid: use one of {', '.join(kinds)}")
+            if not isinstance(m.get("content"), str):
+                kind = type(m.get("content")).__name__
+                raise VentouxError(f"messages[{i}].content must be a string, not {kind}")
+            objs.append(kinds[role](content=m["content"]))
+        try:
+            return self.mistral.encode_chat_completion(ChatCompletionRequest(messages=objs)).tokens
+        except MistralCommonException as e:  # e.g. a conversation that ends with an assistant turn
+            reason = _one_line(e)
+            raise VentouxError(f"messages are not a valid conversation ({reason}); reorder them") from None
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self.decode, self.is_control)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+class StreamDecoder:
+    """Incremental detokenisation: the pushed deltas concatenated equal decode(all pushed ids).
+
+    Each push decodes a short window: the last real (non-control) token already emitted, as context,
+    plus the tokens not yet emitted. The context matters for sentencepiece, which drops the leading
+    space of the first real piece it decodes. A delta is held back while the text ends with U+FFFD:
+    a UTF-8 character split across byte-fallback tokens is still incomplete.
+    """
+
+    def __init__(self, decode, is_control):
+        self._decode = decode
+        self._is_control = is_control
+        self._window: list[int] = []  # context token (if any), then the pending tokens
+        self._read = 0  # window[:_read] is already emitted
+
+    def push(self, token_id: int) -> str:
+        self._window.append(int(token_id))
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """The held-back text (an incomplete character decodes as U+FFFD, as decode would)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        done = self._decode(self._window[: self._read])
+        text = self._decode(self._window)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        real = [i for i, t in enumerate(self._window) if not self._is_control(t)]
+        # control tokens stay after the context: sentencepiece does not join byte runs across them
+        self._window = self._window[real[-1] :] if real else []
+        self._read = len(self._window)
+        return text[len(done) :]
