@@ -6,8 +6,8 @@ from pathlib import Path
 import mistral_common
 import pytest
 import torch
-
 from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
+
 from ventoux.api import LLM
 from ventoux.cache import KVCache
 from ventoux.errors import VentouxError
@@ -121,8 +121,13 @@ def test_released_row_is_reused_by_a_new_sequence(windowed):
 
 
 def test_sampling_processors_match_transformers():
-    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(2, 50) * 3

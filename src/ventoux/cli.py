@@ -19,7 +19,9 @@ from collections.abc import Callable
 
 from .errors import VentouxError
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], "int | None"]
+COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {}
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
@@ -86,5 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m ventoux.cli`: run the imported module, where commands register
+    from ventoux.cli import main as registered_main
+
+    sys.exit(registered_main())

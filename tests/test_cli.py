@@ -1,0 +1,76 @@
+"""The CLI as a user meets it: real subprocesses, real files, one-line errors and no tracebacks."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mistral_common
+import pytest
+import torch
+
+import ventoux
+from conftest import TINY
+from ventoux.model import Transformer
+from ventoux.weights import save_hf
+
+V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m") / "tiny"
+    torch.manual_seed(0)
+    save_hf(Transformer(TINY.replace(vocab_size=32000)), folder)
+    shutil.copy(V1, folder / "tokenizer.model")
+    return folder
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "ventoux", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ventoux: error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_generate_streams_the_api_greedy_text(model_dir):
+    r = cli("generate", "--model", str(model_dir), "--max-tokens", "12", "--temperature", "0", "Hello world")
+    assert r.returncode == 0, r.stderr
+    expected = ventoux.load(str(model_dir)).generate("Hello world", max_tokens=12).text
+    assert r.stdout == "Hello world" + expected + "\n"
+
+
+def test_chat_repl_multi_turn_reset_and_system(model_dir):
+    script = "Hi there\n/system Be brief\nHello\n/reset\n/bogus\n"
+    r = cli("chat", "--model", str(model_dir), "--max-tokens", "5", "--temperature", "0", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "conversation cleared" in r.stderr and "/reset" in r.stderr
+    llm = ventoux.load(str(model_dir))
+    first = llm.chat([{"role": "user", "content": "Hi there"}], max_tokens=5).text
+    second = llm.chat([{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hello"}],
+                      max_tokens=5).text
+    replies = r.stdout.replace("> ", "").split("\n")  # "> " is the input prompt
+    assert replies[:2] == [first, second]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "/nonexistent/folder"], ["/nonexistent/folder"]),
+    (["--temperature", "-1"], ["temperature"]),
+    (["--top-p", "1.5"], ["top_p"]),
+    (["--dtype", "float7"], ["float7"]),
+    (["--device", "tpu9"], ["tpu9"]),
+])
+def test_generate_bad_input_is_one_line(model_dir, args, words):
+    base = ["--model", str(model_dir)] if "--model" not in args else []
+    assert_one_line_error(cli("generate", *base, *args, "Hello"), *words)
+
+
+def test_empty_prompt_is_refused(model_dir):
+    assert_one_line_error(cli("generate", "--model", str(model_dir), ""), "empty")
