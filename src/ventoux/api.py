@@ -84,7 +84,7 @@ class LLM:
 
 
 def load(source=None, dtype=None, device=None, quantize=None) -> LLM:
-    from .config import read_config
+    from .config import PRESETS, read_config
     from .hub import resolve
     from .tokenizer import load_tokenizer
     from .weights import load_model, parse_dtype
@@ -94,8 +94,8 @@ def load(source=None, dtype=None, device=None, quantize=None) -> LLM:
             raise VentouxError("the demonstration model is not shipped in this build yet: pass --model "
                                "with a checkpoint folder or a Hugging Face repo id")
         folder = DEMO_MODEL
-    else:
-        folder = resolve(source)
+    else:  # a preset name ("mistral-7b-instruct-v0.3") stands for its repo id
+        folder = resolve(PRESETS[source].repo_id if source in PRESETS else source)
     dev = pick_device(device)
     config = read_config(folder)
     kwargs = {"quantize": quantize} if quantize else {}

@@ -1,0 +1,84 @@
+"""Microbenchmark: one (M x 4096) @ (4096 x 14336) product per weight format, in GB/s of weights read.
+
+    python benchmarks/bench_linear.py                  # batch 1, 2 threads
+    python benchmarks/bench_linear.py --m 128 --only int4,bfloat16
+
+Several copies of each weight are rotated so that no product finds its weights in the cache; GB/s is the
+weight bytes of one product over its median time (the figure a memory-bound decode step is held to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ventoux.quantize import Int4Linear, Int8Linear
+
+
+def timed(fn, inputs, copies, repeats):
+    """Median seconds of fn(x, copy) over `repeats` rounds, rotating the copies."""
+    for c in copies[:2]:
+        fn(inputs, c)  # warm up (and build any lazy kernel)
+    times = []
+    for _ in range(repeats):
+        for c in copies:
+            t = time.perf_counter()
+            fn(inputs, c)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, default=1, help="rows of the activation (1 = decode)")
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=14336)
+    ap.add_argument("--copies", type=int, default=6, help="weight copies rotated to defeat the cache")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated parts of the row names to run (default: all)")
+    ap.add_argument("--fallback", action="store_true", help="also time the (slow) dequantize-and-matmul fallback")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    k, n = args.k, args.n
+    master = torch.randn(n, k) / k**0.5
+
+    rows = []  # (name, build one weight copy, run(x, copy), activation dtype)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        rows.append((f"F.linear {str(dt)[6:]}", lambda dt=dt: master.to(dt), F.linear, dt))
+    schemes = [("int8", lambda kernel: Int8Linear.from_float(master, kernel=kernel), Int8Linear)]
+    for g in (32, 64, 128):
+        schemes.append((f"int4-g{g}", lambda kernel, g=g: Int4Linear.from_float(master, g, kernel=kernel), Int4Linear))
+    for name, build, cls in schemes:
+        for kernel in cls.kernels("cpu"):
+            if kernel != "fallback" or args.fallback:
+                rows.append((f"{name} {kernel}", lambda build=build, kernel=kernel: build(kernel),
+                             lambda x, mod: mod(x), torch.bfloat16))
+    only = set(args.only.split(",")) if args.only else None
+    print(f"{args.m}x{k} @ {k}x{n}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'format':34s} {'MB':>7s} {'ms':>8s} {'GB/s':>7s}")
+    with torch.inference_mode():
+        for name, build, run, dt in rows:
+            if only and not any(o in name for o in only):
+                continue
+            copies = [build() for _ in range(args.copies)]
+            nbytes = _nbytes(copies[0])
+            x = torch.randn(args.m, k).to(dt)
+            sec = timed(run, x, copies, args.repeats)
+            print(f"{name:34s} {nbytes / 1e6:7.1f} {sec * 1e3:8.3f} {nbytes / sec / 1e9:7.1f}", flush=True)
+            del copies
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    return sum(t.numel() * t.element_size() for t in obj.buffers())
+
+
+if __name__ == "__main__":
+    main()

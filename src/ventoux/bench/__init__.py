@@ -1,0 +1,215 @@
+"""Measuring ventoux against its peers: decode and prefill tokens/s, time to first token, achieved GB/s
+against the machine's measured read bandwidth, and peak memory.
+
+    from ventoux.bench import Engine, Settings, run, peer_engines
+    engines = [Engine("ventoux", "bfloat16", folder, dtype="bfloat16"),
+               *peer_engines(folder, "bfloat16", None, ["transformers", "llama.cpp"], cache_dir)]
+    result = run(engines, Settings(threads=2), vocab_size=32000)   # prints the table and ratios
+    report.write_json(result, "results.json"); report.write_chart(result, "results.png")
+
+Each engine runs in its own subprocess (worker.py), one after the other, so its peak RSS is its own and
+no two engines compete for the cores. Inside a worker: load, one warm-up generation, then `repeats` timed
+generations of the same random prompts; the figures reported are medians. Decode runs at batch
+`batch_size`; the first token marks the end of prefill (TTFT), the following tokens time decode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import VentouxError
+
+ENGINES = ("ventoux", "transformers", "llama.cpp")
+PEERS = ("transformers", "llama.cpp")
+RESULT_MARK = "VENTOUX_BENCH_RESULT "
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str  # one of ENGINES
+    technique: str  # the row's name: "bfloat16", "int8", "Q4_0", ...
+    path: str  # checkpoint folder, or a GGUF file for llama.cpp
+    dtype: str | None = None
+    quantize: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.technique}"
+
+
+@dataclass
+class Settings:
+    batch_size: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 64
+    threads: int | None = None  # None: torch's default (the physical cores)
+    repeats: int = 3
+    device: str = "cpu"
+    prefill_chunk: int | None = None  # ventoux's chunk size (None: its default)
+    seed: int = 0
+    bandwidth_bytes: int = 2**30  # the buffer read to measure bandwidth: much larger than the caches
+
+    def check(self) -> None:
+        for name, low in (("batch_size", 1), ("prompt_len", 1), ("new_tokens", 2), ("repeats", 1)):
+            if getattr(self, name) < low:
+                flag = "--" + name.replace("_", "-")
+                raise VentouxError(f"{flag}={getattr(self, name)} is too small: it must be at least {low}")
+        if self.threads is not None and self.threads < 1:
+            raise VentouxError(f"--threads={self.threads} must be at least 1")
+
+
+# ---- the machine ---------------------------------------------------------------------------------
+def measure_bandwidth(threads: int | None, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of `repeats` sums over a float32 buffer far larger than the caches,
+    with `threads` threads (decode reads every weight once per token, so this is its ceiling)."""
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)  # written once, so every page is resident
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t0)
+        return buf.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
+def describe_machine(threads: int | None) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem = None
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory_bytes": mem,
+            "threads": threads or torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+# ---- the engines to compare --------------------------------------------------------------------------
+def peer_engines(folder: str | Path, dtype: str, quantize: str | None, compare: list[str],
+                 cache_dir: str | Path, log: Callable[[str], None] = print) -> list[Engine]:
+    """The peer rows for a ventoux run in `dtype` (a torch dtype name) or quantized with `quantize`:
+    transformers in the same dtype (bfloat16 when ventoux is quantized: transformers has no such
+    kernels on CPU), llama.cpp in the GGUF types of the same precision (converted once, cached)."""
+    engines = []
+    for peer in dict.fromkeys(compare):
+        if peer == "transformers":
+            engines.append(Engine("transformers", "bfloat16" if quantize else dtype, str(folder),
+                                  dtype="bfloat16" if quantize else dtype))
+        elif peer == "llama.cpp":
+            from . import llamacpp
+
+            for gguf_type in llamacpp.gguf_types(dtype, quantize):
+                path = llamacpp.gguf_file(folder, gguf_type, cache_dir, log)
+                engines.append(Engine("llama.cpp", gguf_type, str(path)))
+        else:
+            raise VentouxError(f"--compare {peer!r} is not a known peer: use {' or '.join(PEERS)}")
+    return engines
+
+
+# ---- running -------------------------------------------------------------------------------------
+def random_prompts(settings: Settings, vocab_size: int) -> list[list[int]]:
+    """batch_size prompts of prompt_len token ids; ids 0-2 (unk, bos, eos) are avoided."""
+    rng = random.Random(settings.seed)
+    top = min(vocab_size, 32000)
+    return [[rng.randrange(3, top) for _ in range(settings.prompt_len)] for _ in range(settings.batch_size)]
+
+
+def run_worker(engine: Engine, settings: Settings, prompts: list[list[int]]) -> dict:
+    """Run one engine in a fresh Python process; returns its raw timings (see worker.py)."""
+    spec = {"engine": asdict(engine), "settings": asdict(settings), "prompts": prompts}
+    env = dict(os.environ)
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = str(settings.threads)
+    proc = subprocess.run([sys.executable, "-m", "ventoux.bench.worker"], input=json.dumps(spec),
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
+    raise RuntimeError(lines[-1] if lines else f"the worker exited with status {proc.returncode}")
+
+
+def summarize(engine: Engine, raw: dict, settings: Settings, bandwidth: float) -> dict:
+    """Medians over the repeats of one engine's timings, and what follows from them."""
+    b = settings.batch_size
+    decode = [b * (r["tokens"] - 1) / r["decode_s"] for r in raw["runs"]]
+    prefill = [b * settings.prompt_len / r["ttft_s"] for r in raw["runs"]]
+    row = {"engine": engine.name, "technique": engine.technique, "path": engine.path,
+           "decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
+           "ttft_s": statistics.median(r["ttft_s"] for r in raw["runs"]),
+           "weight_bytes": raw["weight_bytes"], "peak_rss_bytes": raw["peak_rss_bytes"],
+           "load_s": raw["load_s"], "runs": raw["runs"]}
+    # Each decode step reads every non-embedding weight once, whatever the batch size.
+    row["gb_s"] = raw["weight_bytes"] * row["decode_tok_s"] / b / 1e9
+    row["bandwidth_fraction"] = row["gb_s"] / bandwidth
+    return row
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """ventoux row / peer row, for decode and prefill tokens/s, for every pair of measured rows."""
+    ours = [r for r in rows if r["engine"] == "ventoux" and "error" not in r]
+    peers = [r for r in rows if r["engine"] != "ventoux" and "error" not in r]
+    return [{"ventoux": f"{a['engine']} {a['technique']}", "peer": f"{p['engine']} {p['technique']}",
+             "decode": a["decode_tok_s"] / p["decode_tok_s"], "prefill": a["prefill_tok_s"] / p["prefill_tok_s"]}
+            for a in ours for p in peers]
+
+
+def run(engines: list[Engine], settings: Settings, vocab_size: int, log: Callable[[str], None] = print) -> dict:
+    """Measure the machine, then every engine in turn; prints progress, the table and the ratios.
+    An engine that fails gets a row with its error and the others go on."""
+    from . import report
+
+    settings.check()
+    if settings.batch_size > 1:
+        skipped = [e for e in engines if e.name == "llama.cpp"]
+        if skipped:
+            log("llama.cpp rows skipped: llama-cpp-python's generator decodes one sequence at a time (batch 1)")
+        engines = [e for e in engines if e.name != "llama.cpp"]
+    log(f"measuring read bandwidth ({settings.bandwidth_bytes / 2**30:.1f} GiB buffer) ...")
+    bandwidth = measure_bandwidth(settings.threads, settings.bandwidth_bytes)
+    machine = {**describe_machine(settings.threads), "read_bandwidth_gb_s": bandwidth}
+    log(f"{machine['cpu']}, {machine['threads']} threads: {bandwidth:.1f} GB/s read bandwidth")
+    prompts = random_prompts(settings, vocab_size)
+    rows = []
+    for engine in engines:
+        log(f"running {engine.label} ({settings.repeats} repeats) ...")
+        t0 = time.perf_counter()
+        try:
+            rows.append(summarize(engine, run_worker(engine, settings, prompts), settings, bandwidth))
+        except RuntimeError as e:
+            log(f"  {engine.label} failed: {e}")
+            rows.append({"engine": engine.name, "technique": engine.technique, "path": engine.path, "error": str(e)})
+            continue
+        log(f"  done in {time.perf_counter() - t0:.0f} s: {rows[-1]['decode_tok_s']:.2f} tok/s decode")
+    result = {"machine": machine, "settings": asdict(settings), "results": rows, "ratios": ratios(rows)}
+    log("")
+    log(report.table(result))
+    if result["ratios"]:
+        log("")
+        log(report.ratio_table(result))
+    return result

@@ -1,0 +1,150 @@
+"""The llama.cpp peer: llama-cpp-python, and GGUF files converted from the very weights ventoux runs.
+
+    path = gguf_file("ckpt-folder", "Q4_0", cache_dir)    # converted once, then reused from the cache
+
+llama-cpp-python is never a dependency of ventoux: when it is missing, the benchmark installs it with
+pip (it compiles llama.cpp, for this CPU). The converter is llama.cpp's own convert_hf_to_gguf.py, taken
+from the source distribution of the installed llama-cpp-python (it vendors llama.cpp), so the GGUF
+format always matches the library that reads it. Q4_0 is made from the BF16 file with llama.cpp's
+quantizer; BF16, F16, F32 and Q8_0 come straight from the converter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import VentouxError
+
+CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")  # --outtype of convert_hf_to_gguf.py, lower-cased
+QUANTIZER_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made from the BF16 file
+
+
+def gguf_types(dtype: str, quantize: str | None) -> list[str]:
+    """The llama.cpp types of the same precision as a ventoux technique."""
+    if quantize:
+        if quantize.startswith("int8"):
+            return ["Q8_0"]
+        if quantize.startswith("int4"):
+            return ["Q4_0"]
+        raise VentouxError(f"--quantize {quantize!r} has no llama.cpp counterpart to compare with (int8, int4)")
+    return {"bfloat16": ["BF16", "F16"], "float16": ["F16", "BF16"], "float32": ["F32"]}[dtype]
+
+
+def ensure_installed(log: Callable[[str], None] = print) -> str:
+    """The installed llama-cpp-python version, installing it (and gguf) with pip first if needed."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+
+        return llama_cpp.__version__
+    except ImportError:
+        pass
+    env = dict(os.environ)
+    env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")  # build for this CPU's instruction set
+    log("installing llama-cpp-python and gguf with pip (llama.cpp is compiled from source: this can take "
+        "10 minutes or more) ...")
+    cmd = [sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.*", "gguf"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise VentouxError(f"installing llama-cpp-python failed ({last}); install it yourself with "
+                           "`pip install llama-cpp-python gguf` or drop --compare llama.cpp")
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+def converter(cache_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, from the sdist of the installed llama-cpp-python."""
+    version = ensure_installed(log)
+    root = cache_dir / f"llama-cpp-python-{version}"
+    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if script.exists():
+        return script
+    log(f"fetching the llama-cpp-python {version} source for llama.cpp's GGUF converter ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps", "-q",
+               f"llama-cpp-python=={version}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode or not archives:
+            last = (proc.stderr.strip().splitlines() or ["no archive"])[-1]
+            raise VentouxError(f"downloading the llama-cpp-python {version} source failed ({last}); "
+                               "the GGUF converter comes from it")
+        with tarfile.open(archives[0]) as tar:
+            # Only the Python side of the vendored llama.cpp: the converter, its modules and gguf-py.
+            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
+                       and (m.name.endswith(".py") or "/gguf-py/" in m.name)]
+            for m in members:
+                m.name = m.name[len(prefix.split("/")[0]) + 1:]  # drop the top folder of the archive
+            tar.extractall(root, members=members, filter="data")
+    return script
+
+
+def _source_key(folder: Path) -> str:
+    """Identifies the checkpoint's weights: a new or rewritten file gives a new GGUF."""
+    h = hashlib.sha1(str(folder.resolve()).encode())
+    for p in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:10]
+
+
+def gguf_file(folder: str | Path, gguf_type: str, cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """A GGUF file of `gguf_type` holding the weights of the HF checkpoint `folder`; cached in cache_dir."""
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
+        raise VentouxError(f"{folder} is not an HF-layout checkpoint (config.json + safetensors), which llama.cpp's "
+                           "converter needs: write one with `ventoux convert SRC DST --format hf`")
+    if not (folder / "tokenizer.model").is_file():
+        raise VentouxError(f"{folder} has no tokenizer.model (sentencepiece), which llama.cpp's converter needs: "
+                           "copy the checkpoint's tokenizer.model.v1/v3 there as tokenizer.model")
+    if gguf_type not in CONVERTER_TYPES and gguf_type not in QUANTIZER_TYPES:
+        raise VentouxError(f"unknown GGUF type {gguf_type!r}: use one of {CONVERTER_TYPES + tuple(QUANTIZER_TYPES)}")
+    out = cache_dir / f"{folder.name}-{_source_key(folder)}-{gguf_type}.gguf"
+    if out.exists():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if gguf_type in QUANTIZER_TYPES:
+        source = gguf_file(folder, "BF16", cache_dir, log)
+        log(f"quantizing {source.name} to {gguf_type} with llama.cpp ...")
+        _quantize(source, tmp, gguf_type)
+    else:
+        script = converter(cache_dir, log)
+        log(f"converting {folder} to GGUF {gguf_type} with llama.cpp's convert_hf_to_gguf.py ...")
+        cmd = [sys.executable, str(script), str(folder), "--outtype", gguf_type.lower(), "--outfile", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tmp.unlink(missing_ok=True)
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise VentouxError(f"llama.cpp's converter failed on {folder} ({last})")
+    tmp.rename(out)
+    return out
+
+
+def _quantize(source: Path, dest: Path, gguf_type: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZER_TYPES[gguf_type])
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params)) != 0:
+        dest.unlink(missing_ok=True)
+        raise VentouxError(f"llama.cpp could not quantize {source} to {gguf_type}")
+
+
+def gguf_weight_bytes(path: str | Path) -> int:
+    """Bytes of every tensor of a GGUF file but the token embedding (only indexed when decoding)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")

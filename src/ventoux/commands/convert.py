@@ -1,0 +1,127 @@
+"""`ventoux convert` (HF <-> Mistral consolidated layout) and `ventoux info` (what a model is and costs).
+
+    ventoux convert mistralai/Mistral-7B-v0.1 ./m7b --format consolidated --dtype bfloat16
+    ventoux convert ./m7b ./m7b-hf --format hf --max-shard-size 2GB
+    ventoux info ./Mistral-7B-Instruct-v0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ..cli import command
+from ..errors import VentouxError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="checkpoint folder or Hugging Face repo id")
+    p.add_argument("dst", metavar="DST", help="output folder (must not exist yet)")
+    p.add_argument("--format", required=True, choices=["hf", "consolidated"],
+                   help="hf: config.json + model*.safetensors; consolidated: params.json + consolidated.safetensors")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest HF shard, e.g. 2GB or 500MB (default 5GB)")
+
+
+def _parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    unit = m and m.group(2).upper()
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise VentouxError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@command("convert", "Convert a checkpoint between the HF and Mistral (consolidated) layouts.", _convert_args)
+def convert(args: argparse.Namespace) -> None:
+    from ..config import read_config
+    from ..hub import resolve
+    from ..weights import load_model, parse_dtype, save_consolidated, save_hf, tokenizer_files
+
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    shard_bytes = _parse_size(args.max_shard_size)
+    dst = Path(args.dst)
+    if dst.exists():  # checked before the (long) load, not only when writing
+        raise VentouxError(f"{dst} already exists; choose a new output folder or remove it")
+    src = resolve(args.src)
+    model = load_model(src, read_config(src), dtype, "cpu")
+    extra = tokenizer_files(src)
+    if args.format == "hf":
+        save_hf(model, dst, dtype, max_shard_bytes=shard_bytes, extra_files=extra)
+    else:
+        save_consolidated(model, dst, dtype, extra_files=extra)
+    copied = f", with {', '.join(p.name for p in extra)}" if extra else ""
+    print(f"wrote {dst} ({args.format} layout{copied})")
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="checkpoint folder or Hugging Face repo id")
+
+
+@command("info", "Show a model's architecture, parameter count and memory needs.", _info_args)
+def info(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..config import read_config
+    from ..hub import resolve
+    from ..weights import open_checkpoint
+
+    folder = resolve(args.src, weights=False)  # a repo id: config and tokenizer only, not gigabytes of weights
+    cfg = read_config(folder)
+    rows = [("source", str(folder))]
+    if any(folder.glob("*.safetensors")) or any(folder.glob("consolidated.*.pth")):
+        layout, files, _ = open_checkpoint(folder)
+        dtypes = sorted({dtype for f in files for _, dtype in f.header.values()})
+        size = sum(f.path.stat().st_size for f in files)
+        rows.append(("weights", f"{layout} layout, {len(files)} file(s), {_gb(size)} on disk, "
+                                f"stored as {'/'.join(dtypes)}"))
+    window = f"sliding window {cfg.sliding_window}" if cfg.sliding_window else "full attention"
+    rows += [
+        ("architecture", f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv heads), "
+                         f"head_dim {cfg.head_dim}, hidden {cfg.hidden_dim}, vocab {cfg.vocab_size}"),
+        ("parameters", f"{cfg.n_params / 1e9:.3f} B" if cfg.n_params >= 1e8 else f"{cfg.n_params / 1e6:.3f} M"),
+        ("attention", window),
+        ("rope theta", f"{cfg.rope_theta:g}"),
+        ("context", f"{cfg.max_seq_len} tokens"),
+        ("memory", " | ".join(f"{name} {_gb(b)}" for name, b in _weight_bytes(cfg).items())),
+        ("kv cache", _cache_line(cfg)),
+        ("threads", f"torch uses {torch.get_num_threads()} threads (set OMP_NUM_THREADS to change)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _weight_bytes(cfg) -> dict[str, float]:
+    """Weight memory per dtype. int8/int4 are estimates for weight-only quantization of the block linears
+    (int8: a bf16 scale per output row; int4: bf16 scale and zero per group of 32), embeddings/head/norms bf16."""
+    linear = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.dim * cfg.hidden_dim
+    rows = cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.dim * 2 + cfg.hidden_dim * 2
+    linear, rows = linear * cfg.n_layers, rows * cfg.n_layers
+    rest = cfg.n_params - linear
+    return {
+        "float32": 4 * cfg.n_params,
+        "bfloat16": 2 * cfg.n_params,
+        "int8 (est.)": linear + 2 * rows + 2 * rest,
+        "int4-g32 (est.)": linear / 2 + linear / 32 * 4 + 2 * rest,
+    }
+
+
+def _cache_line(cfg) -> str:
+    per_1k = 1024 * cfg.kv_bytes_per_token(2)
+    line = f"{_mb(per_1k)} per 1K tokens in bf16/fp16 ({_mb(2 * per_1k)} in float32), per sequence"
+    if cfg.sliding_window:
+        line += f"; capped at the window: {_mb(cfg.sliding_window * cfg.kv_bytes_per_token(2))} in bf16"
+    return line
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"

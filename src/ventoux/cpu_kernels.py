@@ -1,0 +1,112 @@
+"""ventoux's own CPU kernels (csrc/qgemv.c): int8 / int4 weights times int8-quantized activations with
+AVX-512 VNNI, computed as llama.cpp computes its Q8_0 / Q4 products. Faster than PyTorch's packed kernels at
+batch 1, where decoding is bound by the memory bandwidth (see benchmarks/bench_linear.py).
+
+    lib = library()           # None: no x86 AVX-512 VNNI here, or no C compiler
+    y = int8_gemv(x, qweight, scales)                  # (M, K) float -> (M, N) float32
+    y = int4_gemv(x, qweight, scales, zeros, group)
+
+Built at first use with the system C compiler (`$CC`, else cc; about a second) into
+~/.cache/ventoux/kernels, keyed by the source, the flags and the CPU; loaded with ctypes. Registered as
+torch custom ops, so torch.compile sees them as opaque calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ventoux" / "kernels"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built now if needed; None where they cannot run."""
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not all(f in flags for f in NEEDED):
+        return None
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(flags)]).encode()).hexdigest()
+    path = cache_dir() / f"qgemv-{key[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half-written
+            out = Path(tmp) / path.name
+            try:
+                subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], check=True, capture_output=True,
+                               text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, "stderr", None) or str(e)
+                warnings.warn(f"ventoux: could not build its CPU kernels ({detail.strip()[:300]}); "
+                              "using PyTorch's", stacklevel=2)
+                return None
+            out.replace(path)
+    lib = ctypes.CDLL(str(path))
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = None
+    return lib
+
+
+def _check(x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] % 128 or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("the CPU kernels take (M, K) inputs with K % 128 == 0 and contiguous CPU weights")
+    return x.float().contiguous()
+
+
+@torch.library.custom_op("ventoux::int8_gemv", mutates_args=())
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (qweight (N, K) int8 * scales (N,) bf16)^T -> (M, N) float32."""
+    x = _check(x, qweight, scales)
+    (m, k), n = x.shape, qweight.shape[0]
+    y = torch.empty(m, n)
+    library().vx_int8_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+                           torch.get_num_threads())
+    return y
+
+
+@torch.library.custom_op("ventoux::int4_gemv", mutates_args=())
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group: int) -> torch.Tensor:
+    """x (M, K) @ ((q - 8) * scale + zero)^T for qweight (N, K/2) uint8, scales/zeros (N, K/g) bf16."""
+    x = _check(x, qweight, scales, zeros)
+    (m, k), n = x.shape, qweight.shape[0]
+    y = torch.empty(m, n)
+    library().vx_int4_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group, n,
+                           y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+@int8_gemv.register_fake
+def _(x, qweight, scales):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+@int4_gemv.register_fake
+def _(x, qweight, scales, zeros, group):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)

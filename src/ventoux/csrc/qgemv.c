@@ -1,0 +1,165 @@
+// Quantized matrix products for decoding on x86 CPUs with AVX-512 VNNI, computed the way llama.cpp computes
+// its Q8_0 / Q4 products: the activations are quantized to int8 per block of 32 inputs (one float scale each),
+// multiplied with the int8 / int4 weights by integer dot products (vpdpbusd), one float multiply-add per block.
+//
+//   vx_int8_gemv: x (M, K) float32, w (N, K) int8, scales (N,) bf16                      -> y (M, N) float32
+//   vx_int4_gemv: x (M, K) float32, w (N, K/2) uint8, scales, zeros (N, K/g) bf16, g     -> y (M, N) float32
+//
+// The weights are ventoux's device-independent layout (qlinear.py): int4 byte j of a row holds inputs 2j
+// (low nibble) and 2j+1 (high). Rows are shared among OpenMP threads (the same runtime as PyTorch's); each
+// weight row is read from memory once and reused from L1 for the M activation rows.
+// Requires K % 128 == 0. Built by cpu_kernels.py with -O3 -march=native -fopenmp.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32  // activation quantization block
+
+// Up to 16 bfloat16 values -> float32 lanes (a bfloat16 is the high half of a float32); masked lanes are 0.
+static inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline float bf16(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (returned).
+static inline float quantize_block(const float* x, int8_t* q) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const float d = amax / 127.f;
+  const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
+  return d;
+}
+
+void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
+                  float* y, int nthreads) {
+  const int64_t C = K / 64;  // 64-byte chunks of a row: two activation blocks each
+  // |q| as unsigned bytes, sign(q) as one bit mask per chunk, and each chunk's two block scales spread over the
+  // 16 int32 lanes of its dot product (lanes 0-7 sum block 2c, lanes 8-15 block 2c+1)
+  uint8_t* absq = malloc(M * K);
+  uint64_t* neg = malloc(M * C * sizeof(uint64_t));
+  float* dvec = malloc(M * C * 16 * sizeof(float));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < C; ++c) {
+      int8_t q[64];
+      const float d0 = quantize_block(x + m * K + c * 64, q), d1 = quantize_block(x + m * K + c * 64 + 32, q + 32);
+      const __m512i v = _mm512_loadu_si512(q);
+      _mm512_storeu_si512(absq + m * K + c * 64, _mm512_abs_epi8(v));
+      neg[m * C + c] = _mm512_movepi8_mask(v);
+      _mm512_storeu_ps(dvec + (m * C + c) * 16, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1)));
+    }
+  }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const __m512i zero = _mm512_setzero_si512();
+    const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = w + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const uint8_t* a = absq + m * K;
+        const uint64_t* ng = neg + m * C;
+        const float* dv = dvec + m * C * 16;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c += 2) {  // C is even: K % 128 == 0
+          // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form vpdpbusd takes
+          __m512i w0 = _mm512_loadu_si512(wr + c * 64), w1 = _mm512_loadu_si512(wr + c * 64 + 64);
+          w0 = _mm512_mask_sub_epi8(w0, ng[c], zero, w0);
+          w1 = _mm512_mask_sub_epi8(w1, ng[c + 1], zero, w1);
+          const __m512i p0 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(a + c * 64), w0);
+          const __m512i p1 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(a + c * 64 + 64), w1);
+          acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_loadu_ps(dv + c * 16), acc0);
+          acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_loadu_ps(dv + c * 16 + 16), acc1);
+        }
+        y[m * N + n] = bf16(scales[n]) * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+      }
+    }
+  }
+  free(absq);
+  free(neg);
+  free(dvec);
+}
+
+void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
+  const int64_t C = K / 128;  // 64-byte chunks of a packed row: 128 inputs
+  const int64_t G = K / group, Gp = (G + 15) / 16 * 16;  // groups per row, padded to whole vectors
+  const int64_t per_chunk = 128 / group;
+  // The activations split by parity to meet the low and high nibbles; each int32 lane l of a chunk's dot
+  // product sums 8 consecutive inputs, so it belongs to block 4c + l/4 and to the chunk's group l / (16/per_chunk).
+  int8_t* xe = malloc(M * K / 2);
+  int8_t* xo = malloc(M * K / 2);
+  float* dvec = malloc(M * C * 16 * sizeof(float));
+  float* xsum = calloc(M * Gp, sizeof(float));  // per group: sum of the quantized x (the zeros' term)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < K / BLOCK; ++b) {
+      int8_t q[BLOCK];
+      const float d = quantize_block(x + m * K + b * BLOCK, q);
+      int sum = 0;
+      for (int i = 0; i < BLOCK; i += 2) {
+        xe[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i];
+        xo[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i + 1];
+        sum += q[i] + q[i + 1];
+      }
+      for (int i = 0; i < 4; ++i) dvec[m * C * 16 + b * 4 + i] = d;
+      // the same quantized x as the dot products see: the q*s and zero terms nearly cancel, so must their errors
+      xsum[m * Gp + b * BLOCK / group] += d * (float)sum;
+    }
+  }
+  const __m512i lane_group = group == 32   ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                             : group == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                           : _mm512_setzero_si512();
+  const __mmask16 chunk_mask = (__mmask16)((1u << per_chunk) - 1);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    float* s = calloc(Gp, sizeof(float));    // this row's scales, as float
+    float* off = calloc(Gp, sizeof(float));  // and z - 8 s: w = (q - 8) s + z = q s + off
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+      const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* wr = w + n * K / 2;
+        for (int64_t g = 0; g < G; g += 16) {
+          const __mmask16 mask = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+          const __m512 sv = bf16x16(scales + n * G + g, mask), zv = bf16x16(zeros + n * G + g, mask);
+          _mm512_mask_storeu_ps(s + g, mask, sv);
+          _mm512_mask_storeu_ps(off + g, mask, _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv, zv));
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* e = xe + m * K / 2;
+          const int8_t* o = xo + m * K / 2;
+          const float* dv = dvec + m * C * 16;
+          const float* xs = xsum + m * Gp;
+          __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
+          for (int64_t c = 0; c < C; ++c) {
+            const __m512i p = _mm512_loadu_si512(wr + c * 64);
+            const __m512i lo = _mm512_and_si512(p, low4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(e + c * 64));
+            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(o + c * 64));
+            const __m512 sc = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(chunk_mask, s + c * per_chunk));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_loadu_ps(dv + c * 16)), acc);
+          }
+          for (int64_t g = 0; g < Gp; g += 16)
+            zacc = _mm512_fmadd_ps(_mm512_loadu_ps(off + g), _mm512_loadu_ps(xs + g), zacc);
+          y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, zacc));
+        }
+      }
+    }
+    free(s);
+    free(off);
+  }
+  free(xe);
+  free(xo);
+  free(dvec);
+  free(xsum);
+}

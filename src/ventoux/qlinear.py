@@ -1,0 +1,297 @@
+"""Quantized linear layers: Int8Linear and Int4Linear, with PyTorch's packed kernels and a plain fallback.
+
+    layer = Int4Linear.from_float(linear.weight, group_size=64)      # kernel picked for the weight's device
+    layer = Int8Linear.from_float(linear.weight, kernel="fallback")
+
+int8: symmetric, one scale per output channel: w = q * scale, q in [-127, 127].
+int4: asymmetric per group of `group_size` inputs, PyTorch's convention: w = (q - 8) * scale + zero, q in [0, 15]
+(`zero` is the value of code 8). Scales and zeros are bfloat16 (what every packed kernel takes); q is computed
+against the rounded scale, so the rounding moves the grid, not the weights' fit to it.
+
+A module's state_dict is the device-independent layout (int8 qweight; int4 nibbles packed two per byte, even
+input index in the low nibble; scales; zeros) whatever kernel it runs: the device packing happens when tensors
+are loaded or moved (`to()`), never per call. Kernels, in order of preference:
+  int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it)
+  int4pack   CPU: aten._weight_int4pack_mm_for_cpu; CUDA: aten._weight_int4pack_mm (tinygemm)
+  fallback   dequantize and F.linear in the input's dtype, any device: the reference the others are tested on
+A packed kernel is used only once it matched the fallback on a small case on that device (once per process).
+The packed kernels run in bfloat16 (activations are cast): their float32 paths are 7-15x slower on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu_kernels
+from .errors import VentouxError
+
+SCALE_DTYPE = torch.bfloat16
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32
+
+
+# ---- the device-independent layout -------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> qweight (N, K) int8, scales (N,) bfloat16."""
+    w = w.detach().float()
+    scales = (w.abs().amax(1) / 127).to(SCALE_DTYPE)
+    s = scales.float().masked_fill(scales == 0, 1)
+    q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> qweight (N, K/2) uint8, scales (N, K/g) and zeros (N, K/g) bfloat16."""
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // group_size, group_size)  # (N, K/g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = ((hi - lo) / 15).to(SCALE_DTYPE)
+    zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)
+    s = scales.float().masked_fill(scales == 0, 1)
+    q = ((wg - zeros.float()[..., None]) / s[..., None] + 8).round().clamp(0, 15)
+    return pack_int4(q.to(torch.uint8).reshape(n, k)), scales, zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8, even k in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 values 0..15."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """-> float32 (N, K)."""
+    return qweight.float() * scales.float()[:, None]
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """-> float32 (N, K)."""
+    q = unpack_int4(qweight).float()
+    n, k = q.shape
+    groups = scales.shape[1]
+    w = (q.view(n, groups, k // groups) - 8) * scales.float()[..., None] + zeros.float()[..., None]  # (N, K/g, g)
+    return w.reshape(n, k)
+
+
+# ---- the modules ---------------------------------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """Holds its weights in one kernel's layout; state_dict(), load_state_dict() and to() speak the
+    device-independent one (CANONICAL names, dtypes). Subclasses: _shape, _fits, _pack/_unpack (PACKED), _mm."""
+
+    CANONICAL: tuple[tuple[str, torch.dtype], ...] = ()
+    KERNELS: tuple[str, ...] = ()
+    PACKED: frozenset[str] = frozenset()  # kernels with a layout of their own (the others read CANONICAL)
+
+    def __init__(self, *canonical: torch.Tensor, kernel: str | None = None):
+        super().__init__()
+        if kernel is not None and kernel not in self.KERNELS:
+            raise VentouxError(f"unknown kernel {kernel!r} for {type(self).__name__}; valid: {self.KERNELS}")
+        self.requested_kernel = kernel
+        self.out_features, self.in_features = self._shape(*canonical)
+        self._set(*canonical)
+
+    @classmethod
+    def kernels(cls, device) -> list[str]:
+        """The kernels that run on this device, in order of preference."""
+        return [k for k in cls.KERNELS if k == "fallback" or _kernel_works(cls, k, torch.device(device).type)]
+
+    def _set(self, *canonical: torch.Tensor) -> None:
+        """Pick the kernel for the tensors' device and store them in its layout."""
+        canonical = tuple(t.to(dtype) for t, (_, dtype) in zip(canonical, self.CANONICAL))
+        device = canonical[0].device
+        if device.type == "meta":
+            kernel = "fallback"  # a skeleton to be loaded into: no packing yet
+        elif self.requested_kernel is not None:
+            kernel = self.requested_kernel
+            if not self._supports(kernel, device):
+                raise VentouxError(f"kernel {kernel!r} is not available for {type(self).__name__} "
+                                   f"({self.out_features}x{self.in_features}) on {device}; use kernel=None")
+        else:
+            kernel = next(k for k in self.KERNELS if self._supports(k, device))
+        self._store(kernel, *canonical)
+
+    def _supports(self, kernel: str, device: torch.device) -> bool:
+        return kernel == "fallback" or (self._fits(kernel) and _kernel_works(type(self), kernel, device.type))
+
+    def _fits(self, kernel: str) -> bool:
+        return True
+
+    def _store(self, kernel: str, *canonical: torch.Tensor) -> None:
+        for name in list(self._buffers):
+            del self._buffers[name]
+        tensors = dict(zip([n for n, _ in self.CANONICAL], canonical))
+        if kernel in self.PACKED:
+            tensors = self._pack(kernel, **tensors)
+        elif kernel != "fallback":  # raw-pointer kernels: int8pack crashes on unaligned memory (inside a file)
+            tensors = {name: _aligned(t) for name, t in tensors.items()}
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+        self.kernel = kernel
+
+    def canonical(self) -> tuple[torch.Tensor, ...]:
+        """The device-independent tensors, on this module's device."""
+        if self.kernel in self.PACKED:
+            return self._unpack()
+        return tuple(getattr(self, n) for n, _ in self.CANONICAL)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._mm(x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # state_dict, load_state_dict and to() see the device-independent layout
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for (name, _), t in zip(self.CANONICAL, self.canonical()):
+            destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [prefix + n for n, _ in self.CANONICAL]
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        for key, old in zip(keys, self.canonical()):
+            new = state_dict[key]
+            if new.shape != old.shape or (new.dtype != old.dtype and not new.is_floating_point()):
+                raise VentouxError(f"tensor {key!r} is {new.dtype} {list(new.shape)} but this {type(self).__name__} "
+                                   f"expects {old.dtype} {list(old.shape)}; the checkpoint's quantization "
+                                   "config contradicts its tensors")
+        self._set(*(state_dict[k] for k in keys))
+
+    def _apply(self, fn, recurse=True):
+        # only a device move changes anything: the quantized tensors keep their dtypes under .half() etc.
+        here = next(iter(self._buffers.values())).device
+        there = fn(torch.empty(0, device=here)).device
+        if there != here:
+            self._set(*(t.to(there) for t in self.canonical()))
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x @ (q * scale)^T with q int8 (N, K) and one scale per output channel."""
+
+    CANONICAL = (("qweight", torch.int8), ("scales", SCALE_DTYPE))
+    KERNELS = ("vnni", "int8pack", "fallback")
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, kernel: str | None = None) -> Int8Linear:
+        return cls(*quantize_int8(weight), kernel=kernel)
+
+    @staticmethod
+    def _shape(qweight, scales):
+        if qweight.dim() != 2 or scales.shape != qweight.shape[:1]:
+            raise VentouxError(f"int8 qweight {list(qweight.shape)} and scales {list(scales.shape)} do not "
+                               "match: expected (N, K) and (N,)")
+        return tuple(qweight.shape)
+
+    def _fits(self, kernel):
+        return kernel != "vnni" or self.in_features % 128 == 0
+
+    def _mm(self, x):
+        if self.kernel == "vnni":
+            return cpu_kernels.int8_gemv(x, self.qweight, self.scales).to(x.dtype)
+        if self.kernel == "int8pack":
+            return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), self.qweight, self.scales).to(x.dtype)
+        # (x @ q^T) * s: the scale factors out of the sum
+        return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class Int4Linear(QuantizedLinear):
+    """y = x @ ((q - 8) * scale + zero)^T with q in 0..15, one (scale, zero) per group of inputs."""
+
+    CANONICAL = (("qweight", torch.uint8), ("scales", SCALE_DTYPE), ("zeros", SCALE_DTYPE))
+    KERNELS = ("vnni", "int4pack", "fallback")
+    PACKED = frozenset({"int4pack"})
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                   kernel: str | None = None) -> Int4Linear:
+        k = weight.shape[1]
+        if group_size not in GROUP_SIZES or k % group_size:
+            raise VentouxError(f"int4 group size {group_size} must be one of {GROUP_SIZES} and divide the "
+                               f"layer's {k} inputs; pick another scheme")
+        return cls(*quantize_int4(weight, group_size), kernel=kernel)
+
+    @staticmethod
+    def _shape(qweight, scales, zeros):
+        n, k = qweight.shape[0], 2 * qweight.shape[1]
+        if scales.dim() != 2 or scales.shape[0] != n or scales.shape != zeros.shape or k % scales.shape[1]:
+            raise VentouxError(f"int4 qweight {list(qweight.shape)}, scales {list(scales.shape)} and zeros "
+                               f"{list(zeros.shape)} do not match: expected (N, K/2), (N, K/group), (N, K/group)")
+        return n, k
+
+    def _fits(self, kernel):
+        if kernel == "vnni":
+            return self.in_features % 128 == 0
+        return self.out_features % 16 == 0 and self.in_features % 32 == 0  # the packers' shape limits
+
+    def _store(self, kernel, *canonical):
+        self.group_size = self.in_features // canonical[1].shape[1]
+        super()._store(kernel, *canonical)
+
+    def _pack(self, kernel, qweight, scales, zeros):
+        scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+        q = unpack_int4(qweight)  # (N, K)
+        if qweight.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        else:  # tinygemm wants the even input index in the high nibble
+            k_tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4) | q[:, 1::2], k_tiles)
+        return {"packed": packed, "scales_and_zeros": scales_and_zeros}
+
+    def _int4pack_mm(self, x, scales_and_zeros):
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, scales_and_zeros)
+
+    def _unpack(self):
+        # There is no unpack op for these layouts: multiplying the identity with scale 1 and zero 0 reads q - 8
+        # (exact: small integers, one term per output). Slow on CPU (seconds per 4096x14336), so only for
+        # saving or moving a packed module.
+        sz = self.scales_and_zeros  # (K/g, N, 2)
+        unit = torch.zeros_like(sz)
+        unit[..., 0] = 1
+        eye = torch.eye(self.in_features, dtype=sz.dtype, device=sz.device)
+        q = torch.cat([self._int4pack_mm(eye[i:i + 256], unit) for i in range(0, self.in_features, 256)])  # (K, N)
+        q = (q.T + 8).to(torch.uint8)  # (N, K)
+        scales, zeros = sz.transpose(0, 1).unbind(-1)  # (N, K/g) each
+        return pack_int4(q), scales.contiguous(), zeros.contiguous()
+
+    def _mm(self, x):
+        if self.kernel == "vnni":
+            return cpu_kernels.int4_gemv(x, self.qweight, self.scales, self.zeros, self.group_size).to(x.dtype)
+        if self.kernel == "int4pack":
+            return self._int4pack_mm(x.to(SCALE_DTYPE), self.scales_and_zeros).to(x.dtype)
+        return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+@functools.cache
+def _kernel_works(cls, kernel: str, device_type: str) -> bool:
+    """Whether `kernel` runs on this device type and agrees with the fallback on a small random case."""
+    if kernel == "vnni" and (device_type != "cpu" or cpu_kernels.library() is None):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 128, generator=gen), torch.randn(3, 128, generator=gen)
+    ref = cls.from_float(w, kernel="fallback")
+    try:
+        fast = cls.from_float(w, kernel="fallback")
+        fast._store(kernel, *(t.to(device_type) for t in ref.canonical()))
+        out = fast(x.to(device_type)).cpu()
+    except (RuntimeError, NotImplementedError):
+        return False
+    expected = ref(x)
+    return torch.allclose(out, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())

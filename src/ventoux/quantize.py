@@ -1,0 +1,238 @@
+"""Weight-only quantization as a module swap, and the self-describing quantized checkpoint.
+
+    quantize_model(model, "int4")                    # every block linear -> Int4Linear (group 32), in place
+    quantize_model(model, "int8", include_output=True)
+    model = load_model(folder, cfg, dtype, device, quantize="int4-g64")   # weights.py: quantize while loading
+    save_quantized(model, "out-int4", "int4")        # config.json records {"quantization": {...}}
+    model = load_quantized("out-int4")
+
+The layers and their kernels live in qlinear.py. A quantized checkpoint is an HF-layout checkpoint whose
+config.json has a "quantization" entry ({"scheme": "int4", "group_size": 32, "include_output": false,
+"format_version": 1}) and whose quantized linears hold qweight/scales(/zeros) in place of weight, in the
+device-independent layout: the device packing happens at load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .errors import VentouxError
+from .qlinear import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear
+
+
+# ---- schemes -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scheme:
+    bits: int
+    group_size: int | None = None  # int4 only; int8 is per output channel
+
+    @property
+    def name(self) -> str:
+        return "int8" if self.bits == 8 else f"int4-g{self.group_size}"
+
+
+SCHEMES = {"int8": Scheme(8), "int4": Scheme(4, DEFAULT_GROUP_SIZE),
+           **{f"int4-g{g}": Scheme(4, g) for g in GROUP_SIZES}}
+
+
+def parse_scheme(scheme: str | Scheme) -> Scheme:
+    """"int8" | "int4" | "int4-g32" | "int4-g64" | "int4-g128" -> Scheme."""
+    if isinstance(scheme, Scheme):
+        return scheme
+    key = str(scheme).strip().lower()
+    if key not in SCHEMES:
+        raise VentouxError(f"unknown quantization scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+    return SCHEMES[key]
+
+
+# ---- the swap ------------------------------------------------------------------------------------
+BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def is_target(name: str, include_output: bool = False) -> bool:
+    """Whether the module called `name` (layers.N.attention.wq, ..., output) is quantized by the swap."""
+    if name == "output":
+        return include_output
+    return name.startswith("layers.") and name.split(".", 2)[-1] in BLOCK_LINEARS
+
+
+def quantize_module(module: nn.Module, scheme: str | Scheme, kernel: str | None = None) -> QuantizedLinear:
+    """One nn.Linear -> its quantized replacement, on the linear's device."""
+    scheme = parse_scheme(scheme)
+    if not isinstance(module, nn.Linear) or module.bias is not None:
+        raise VentouxError(f"only bias-free nn.Linear layers can be quantized, not {type(module).__name__}")
+    if scheme.bits == 8:
+        return Int8Linear.from_float(module.weight, kernel=kernel)
+    return Int4Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
+
+
+def quantizer(scheme: str | Scheme, include_output: bool = False, kernel: str | None = None):
+    """A per-module hook for weights.load_model(transform=...): quantizes each target linear as it loads."""
+    scheme = parse_scheme(scheme)
+
+    def transform(name: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Linear) and is_target(name, include_output):
+            return quantize_module(module, scheme, kernel)
+        return module
+
+    return transform
+
+
+def quantize_model(model: nn.Module, scheme: str | Scheme, include_output: bool = False,
+                   kernel: str | None = None) -> nn.Module:
+    """Swap every block linear (and the output head if asked) for its quantized version, in place."""
+    transform = quantizer(scheme, include_output, kernel)
+    for name, module in list(model.named_modules()):
+        new = transform(name, module)
+        if new is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def _chain(first, then):
+    return lambda name, module: then(name, first(name, module))
+
+
+def _model_scheme(model: nn.Module) -> tuple[Scheme, bool] | None:
+    """(scheme, include_output) of a quantized model; None if no linear is quantized."""
+    schemes, floats = set(), []
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            schemes.add(Scheme(8))
+        elif isinstance(module, Int4Linear):
+            schemes.add(Scheme(4, module.group_size))
+        elif isinstance(module, nn.Linear) and is_target(name):
+            floats.append(name)
+    if not schemes:
+        return None
+    if len(schemes) > 1 or floats:
+        raise VentouxError(f"the model mixes quantization schemes ({sorted(s.name for s in schemes)}"
+                           f"{' and float layers ' + floats[0] if floats else ''}); one config cannot describe it")
+    return schemes.pop(), isinstance(model.get_submodule("output"), QuantizedLinear)
+
+
+# ---- the quantized checkpoint ---------------------------------------------------------------------
+FORMAT_VERSION = 1
+
+
+def config_entry(scheme: str | Scheme, include_output: bool) -> dict:
+    """The "quantization" entry of a quantized checkpoint's config.json."""
+    scheme = parse_scheme(scheme)
+    return {"scheme": f"int{scheme.bits}", "group_size": scheme.group_size, "include_output": include_output,
+            "format_version": FORMAT_VERSION}
+
+
+def read_quantization(folder) -> tuple[Scheme, bool] | None:
+    """(scheme, include_output) from folder/config.json's "quantization" entry; None for a float checkpoint."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text()).get("quantization")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise VentouxError(f"{path} is not a valid JSON object; re-download or fix the file") from None
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise VentouxError(f"{path}: quantization must be an object like {config_entry('int4', False)}")
+    version = entry.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise VentouxError(f"{path}: quantization.format_version {version!r} is not one this ventoux reads "
+                           f"({FORMAT_VERSION}); upgrade ventoux or re-quantize the checkpoint")
+    kind, group = entry.get("scheme"), entry.get("group_size")
+    if kind == "int8":
+        scheme = Scheme(8)
+    elif kind == "int4":
+        if group not in GROUP_SIZES:
+            raise VentouxError(f"{path}: quantization.group_size {group!r} is not one of {GROUP_SIZES}; "
+                               "fix the config or re-quantize")
+        scheme = Scheme(4, group)
+    else:
+        raise VentouxError(f"{path}: quantization.scheme {kind!r} is unknown; valid: 'int8', 'int4'")
+    include_output = entry.get("include_output", False)
+    if not isinstance(include_output, bool):
+        raise VentouxError(f"{path}: quantization.include_output must be true or false, not {include_output!r}")
+    return scheme, include_output
+
+
+def _check_groups(folder, scheme: Scheme) -> None:
+    """Every scales tensor of the files must have the shape the config's scheme implies."""
+    from .weights import open_checkpoint
+
+    _, files, _ = open_checkpoint(folder)
+    shapes = {name: shape for f in files for name, (shape, _) in f.header.items()}
+    for name, shape in shapes.items():
+        qweight = shapes.get(name.removesuffix("scales") + "qweight")
+        if not name.endswith(".scales") or qweight is None:
+            continue
+        if scheme.bits == 8 and len(shape) != 1:
+            raise VentouxError(f"tensor {name!r} holds group-wise scales {list(shape)}, but config.json says "
+                               "quantization.scheme 'int8'; fix the config or re-quantize")
+        if scheme.bits == 4 and (len(shape) != 2 or 2 * qweight[1] != shape[1] * scheme.group_size):
+            raise VentouxError(f"tensor {name!r} has shape {list(shape)} for {2 * qweight[1]} inputs, which does "
+                               f"not match config.json's quantization.group_size {scheme.group_size}; fix the "
+                               "config or re-quantize")
+
+
+def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None, transform=None):
+    """For weights.load_model: (model, transform) that load `folder` quantized. A quantized checkpoint turns
+    the meta skeleton's linears into quantized ones (the file's tensors then load into them); a float one
+    with `quantize` gets a hook that quantizes each linear as soon as it is loaded."""
+    stored = read_quantization(folder)
+    if stored is None:
+        if quantize is None:
+            return model, transform
+        hook = quantizer(quantize)
+        return model, hook if transform is None else _chain(hook, transform)
+    scheme, include_output = stored
+    if quantize is not None and parse_scheme(quantize) != scheme:
+        raise VentouxError(f"{folder} is already quantized as {scheme.name}; drop quantize={quantize!r} "
+                           f"or pass {scheme.name!r}")
+    _check_groups(folder, scheme)
+    return quantize_model(model, scheme, include_output), transform
+
+
+def save_quantized(model: nn.Module, folder, scheme: str | Scheme | None = None, include_output: bool = False,
+                   extra_files=(), overwrite: bool = False) -> Path:
+    """Write a quantized checkpoint (HF layout + config "quantization" entry). A float model is quantized in
+    place first with `scheme` (and include_output); a quantized one must already match `scheme` if given."""
+    from .weights import save_hf
+
+    found = _model_scheme(model)
+    if found is None:
+        if scheme is None:
+            raise VentouxError("the model is not quantized: pass a scheme (int8, int4, int4-g64, ...) to save it")
+        quantize_model(model, scheme, include_output)
+        found = _model_scheme(model)
+    if scheme is not None and parse_scheme(scheme) != found[0]:
+        raise VentouxError(f"the model is quantized as {found[0].name}, not {parse_scheme(scheme).name}; "
+                           "load the float weights to quantize them another way")
+    return save_hf(model, folder, extra_files=extra_files, overwrite=overwrite,
+                   extra_config={"quantization": config_entry(*found)})
+
+
+def load_quantized(folder, dtype=None, device="cpu") -> nn.Module:
+    """A model from a quantized checkpoint (what weights.load_model does for any checkpoint, checked here)."""
+    from .config import read_config
+    from .weights import load_model
+
+    if read_quantization(folder) is None:
+        raise VentouxError(f"{folder} is not a quantized checkpoint (its config.json has no quantization entry)")
+    return load_model(folder, read_config(folder), dtype, device)
+
+
+def quantize_checkpoint(src, dst, scheme: str | Scheme, include_output: bool = False, dtype=None,
+                        overwrite: bool = False) -> Path:
+    """src (float checkpoint) -> dst (quantized), one linear at a time; no kernel packing on the way."""
+    from .config import read_config
+    from .weights import load_model, tokenizer_files
+
+    hook = quantizer(scheme, include_output, kernel="fallback")
+    model = load_model(src, read_config(src), dtype, "cpu", transform=hook)
+    return save_quantized(model, dst, scheme, include_output, extra_files=tokenizer_files(src), overwrite=overwrite)

@@ -1,0 +1,144 @@
+"""Training data: documents -> one token stream per split, tokenised once and cached as a memmap.
+
+    data = load_corpus(["corpus.txt", "more.jsonl"], "runs/x/tokenizer.model", val_fraction=0.1,
+                       cache_dir="runs/x/data", context=256)
+    x, y = data.batch(seed=0, step=10, micro=0, batch_size=16, context=256)   # (B, T) each
+
+Inputs: plain text files (one document each) and JSON lines with a "text" field (mistral-finetune's
+pretraining format). Every document is stored as [BOS] tokens [EOS]. The held-out split is the last
+`val_fraction` of the characters, cut at the first newline at or after the mark (the convention of
+../shared/corpus/README.md); nothing trains on it. Batch order is a pure function of (seed, step),
+so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import VentouxError
+
+
+def read_documents(paths) -> Iterator[tuple[str, str]]:
+    """Yield (where, text) per document: a whole .txt file, or one JSONL line ("file:line")."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise VentouxError(f"the data file {path} does not exist; check the path")
+        try:
+            if path.suffix in (".jsonl", ".json"):
+                yield from _read_jsonl(path)
+            else:
+                yield str(path), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise VentouxError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                               "convert it to UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise VentouxError(f'{path}:{n} is not valid JSON ({e.msg}); '
+                                   'each line must be {"text": "..."}') from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise VentouxError(f'{path}:{n} has no "text" string field; each line must be {{"text": "..."}}')
+            yield f"{path}:{n}", obj["text"]
+
+
+def split_heldout(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val) documents: val is the last `fraction` of characters, starting after a newline."""
+    mark = int(sum(len(d) for d in docs) * (1 - fraction))
+    seen = 0
+    for i, doc in enumerate(docs):
+        if seen + len(doc) > mark:
+            cut = doc.find("\n", mark - seen)
+            if cut < 0:  # no newline after the mark: the whole document trains
+                return docs[: i + 1], docs[i + 1:]
+            head, tail = doc[: cut + 1], doc[cut + 1:]
+            return docs[:i] + [head], [tail] + docs[i + 1:]
+        seen += len(doc)
+    return docs, []
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # token ids, uint16 or uint32 (a memmap)
+    val: np.ndarray
+    val_chars: int  # characters of held-out text (for nats per character)
+
+    def batch(self, seed: int, step: int, micro: int, batch_size: int, context: int):
+        """Random windows of the training stream; a deterministic function of (seed, step, micro)."""
+        rng = np.random.default_rng([seed, step, micro])
+        starts = rng.integers(0, len(self.train) - context, size=batch_size)
+        rows = np.stack([self.train[s: s + context + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def _fingerprint(paths: list[Path], tokenizer: Path, fraction: float) -> str:
+    h = hashlib.sha256(f"v1 {fraction!r}".encode())
+    for p in [tokenizer, *paths]:
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _encode(docs: list[str], sp) -> np.ndarray:
+    ids = sp.encode(docs) if docs else []
+    dtype = np.uint16 if sp.get_piece_size() <= 2**16 else np.uint32
+    flat = [t for doc in ids for t in (sp.bos_id(), *doc, sp.eos_id())]
+    return np.asarray(flat, dtype=dtype)
+
+
+def load_corpus(paths, tokenizer, val_fraction: float, cache_dir, context: int) -> Corpus:
+    """Tokenise `paths` once (or reuse the cache in cache_dir); check the splits are usable."""
+    import sentencepiece as spm
+
+    paths, tokenizer, cache_dir = [Path(p) for p in paths], Path(tokenizer), Path(cache_dir)
+    if not paths:
+        raise VentouxError("no training data: pass --data FILE (text or JSONL)")
+    for p in paths:
+        if not p.is_file():
+            raise VentouxError(f"the data file {p} does not exist; check the path")
+    key = _fingerprint(paths, tokenizer, val_fraction)
+    meta_path = cache_dir / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+        meta = json.loads(meta_path.read_text())
+        train, val = (np.memmap(cache_dir / f"{s}.bin", dtype=meta["dtype"], mode="r") for s in ("train", "val"))
+        _check(train, meta["val_chars"], val_fraction, context)
+        return Corpus(train, val, meta["val_chars"])
+    docs = [text for _, text in read_documents(paths)]
+    if not any(d.strip() for d in docs):
+        raise VentouxError(f"the corpus {', '.join(map(str, paths))} holds no text; give a non-empty file")
+    train_docs, val_docs = ([d for d in part if d] for part in split_heldout(docs, val_fraction))
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    train, val = _encode(train_docs, sp), _encode(val_docs, sp)
+    _check(train, sum(len(d) for d in val_docs), val_fraction, context)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name, arr in (("train", train), ("val", val)):
+        arr.tofile(cache_dir / f"{name}.bin.tmp")
+        os.replace(cache_dir / f"{name}.bin.tmp", cache_dir / f"{name}.bin")
+    meta = dict(key=key, dtype=train.dtype.name, train_tokens=len(train), val_tokens=len(val),
+                val_chars=sum(len(d) for d in val_docs), files=[str(p) for p in paths])
+    (cache_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(cache_dir / "meta.json.tmp", meta_path)
+    return Corpus(train, val, meta["val_chars"])
+
+
+def _check(train: np.ndarray, val_chars: int, val_fraction: float, context: int) -> None:
+    if len(train) <= context + 1:
+        raise VentouxError(f"the training split holds {len(train)} tokens, fewer than one sequence of --context "
+                           f"{context}; give more text or a shorter --context")
+    if val_fraction > 0 and not val_chars:
+        raise VentouxError(f"the held-out split (--val-fraction {val_fraction}) is empty; give more text "
+                           "or a larger --val-fraction")

@@ -1,0 +1,247 @@
+"""Quantized linears against float references, the model swap, and the quantized checkpoint format.
+
+The references are written here from the scheme's definition (w = q * s; w = (q - 8) * s + z, even input index
+in the low nibble), independently of ventoux.qlinear's own dequantize functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from ventoux.config import ModelConfig
+from ventoux.errors import VentouxError
+from ventoux.model import Transformer
+from ventoux.qlinear import Int4Linear, Int8Linear, QuantizedLinear
+from ventoux.quantize import (
+    Scheme,
+    load_quantized,
+    parse_scheme,
+    quantize_model,
+    read_quantization,
+    save_quantized,
+)
+from ventoux.weights import load_model, save_hf
+
+# Dimensions PyTorch's CPU int4 packer accepts (N % 16, K % 32) and every group size divides;
+# the vocabulary (211) does not, so a quantized output head exercises the automatic fallback.
+CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=211, head_dim=32,
+                  sliding_window=8, max_seq_len=64)
+BF16_EPS = 2.0**-8  # bfloat16 rounding, relative (packed kernels take bfloat16 activations)
+
+
+def _weights(n=64, k=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))  # rows of varied scale
+    x = torch.randn(2, 3, k, generator=gen)
+    return w, x
+
+
+def _ref_int8(qweight, scales):
+    return qweight.to(torch.float64) * scales.to(torch.float64)[:, None]
+
+
+def _ref_int4(qweight, scales, zeros):
+    """(N, K/2) bytes -> (N, K) float64; even k in the low nibble."""
+    n = qweight.shape[0]
+    q = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(n, -1).to(torch.float64)
+    g = q.shape[1] // scales.shape[1]
+    s = scales.to(torch.float64).repeat_interleave(g, 1)
+    z = zeros.to(torch.float64).repeat_interleave(g, 1)
+    return (q - 8) * s + z
+
+
+def _kernel_error(layer: QuantizedLinear, x, w_hat):
+    """A bound on what the kernel's own roundings add to x @ w_hat^T: bfloat16 activations and output for
+    PyTorch's packed kernels; for ventoux's vnni kernel, activations rounded to int8 steps of max|x| / 127 per
+    block of 32 inputs (half a step each at most)."""
+    x64 = x.to(torch.float64)
+    mag = x64.abs() @ w_hat.abs().T
+    if layer.kernel != "vnni":
+        return 2 * BF16_EPS * mag + 1e-5
+    blocks = x64.reshape(*x.shape[:-1], -1, 32)
+    half_step = (blocks.abs().amax(-1, keepdim=True) / 254).expand_as(blocks).reshape(x.shape)
+    return half_step @ w_hat.abs().T * (1 + 1e-3) + 1e-5 * mag + 1e-5
+
+
+def _check_linear(layer: QuantizedLinear, w, x, w_hat, step):
+    """The layer computes x @ w_hat^T (to its kernel's precision), and w_hat is within half a step of w."""
+    w64, x64 = w.to(torch.float64), x.to(torch.float64)
+    err = (w_hat - w64).abs()
+    assert (err <= 0.5 * step * (1 + 1e-2) + 1e-6).all(), f"max weight error {(err / step).max():.3f} steps"
+    y = layer(x).to(torch.float64)
+    assert y.shape == (*x.shape[:-1], w.shape[0])
+    bound = _kernel_error(layer, x, w_hat)
+    assert ((y - x64 @ w_hat.T).abs() <= bound).all()
+    # against the float weights: the weight error bound carried through the sum
+    assert ((y - x64 @ w64.T).abs() <= x64.abs() @ (0.5 * step * (1 + 1e-2)).T + bound).all()
+
+
+def test_parse_scheme():
+    assert parse_scheme("int8") == Scheme(8)
+    assert parse_scheme("int4") == Scheme(4, 32)
+    for g in (32, 64, 128):
+        assert parse_scheme(f"INT4-g{g}") == Scheme(4, g)
+    with pytest.raises(VentouxError, match="int4-g64"):
+        parse_scheme("int3")
+
+
+@pytest.mark.parametrize("kernel", Int8Linear.kernels("cpu"))
+def test_int8_linear_against_float(kernel):
+    w, x = _weights()
+    layer = Int8Linear.from_float(w, kernel=kernel)
+    assert layer.kernel == kernel
+    qweight, scales = layer.canonical()
+    assert qweight.dtype == torch.int8 and scales.shape == (64,)
+    assert qweight.abs().amax(1).eq(127).all()  # the scale maps each row's largest weight to 127
+    step = scales.to(torch.float64)[:, None].expand_as(w)
+    _check_linear(layer, w, x, _ref_int8(qweight, scales), step)
+
+
+@pytest.mark.parametrize("kernel", Int4Linear.kernels("cpu"))
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_linear_against_float(group_size, kernel):
+    w, x = _weights()
+    layer = Int4Linear.from_float(w, group_size, kernel=kernel)
+    assert layer.kernel == kernel and layer.group_size == group_size
+    qweight, scales, zeros = layer.canonical()
+    assert qweight.dtype == torch.uint8 and qweight.shape == (64, 128) and scales.shape == (64, 256 // group_size)
+    step = scales.to(torch.float64).repeat_interleave(group_size, 1)
+    _check_linear(layer, w, x, _ref_int4(qweight, scales, zeros), step)
+
+
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}),
+                                      (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
+def test_packed_kernel_agrees_with_fallback(cls, args):
+    w, x = _weights(n=96, k=384, seed=1)
+    fallback = cls.from_float(w, kernel="fallback", **args)
+    for kernel in cls.kernels("cpu"):
+        packed = cls.from_float(w, kernel=kernel, **args)
+        for a, b in zip(packed.state_dict().values(), fallback.state_dict().values()):
+            assert torch.equal(a, b)  # one device-independent layout, whatever the kernel
+        xb = x.to(torch.bfloat16).float()  # the activations PyTorch's packed kernels see
+        w_hat = fallback(torch.eye(384, dtype=torch.float64).float()).T.to(torch.float64)  # (N, K)
+        assert ((packed(xb) - fallback(xb)).abs() <= _kernel_error(packed, xb, w_hat)).all(), kernel
+
+
+def test_kernel_choice_follows_shape():
+    w = torch.randn(40, 64)  # 40 rows: PyTorch's int4 packers need a multiple of 16
+    assert Int4Linear.from_float(w, 32).kernel == "fallback"
+    with pytest.raises(VentouxError, match="not available"):
+        Int4Linear.from_float(w, 32, kernel="int4pack")
+    with pytest.raises(VentouxError, match="group size 128"):
+        Int4Linear.from_float(w, 128)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(CFG).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _tokens():
+    return torch.randint(0, CFG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def test_quantized_model_logits_close_to_float():
+    model, tokens = _model(), _tokens()
+    ref = model(tokens)
+    errors = {}
+    for scheme in ("int8", "int4-g32", "int4-g64", "int4-g128"):
+        q = quantize_model(copy.deepcopy(model), scheme, include_output=True)
+        cls = Int8Linear if scheme == "int8" else Int4Linear
+        layers = [m for n, m in q.named_modules() if n.startswith("layers.") and n.count(".") == 3]
+        assert len(layers) == 2 * 7 and {type(m) for m in layers} == {cls}
+        assert {m.kernel for m in layers} == {cls.kernels("cpu")[0]}  # the fastest here
+        assert q.output.kernel != "int4pack"  # 211 rows: PyTorch's int4 packers cannot take it
+        errors[scheme] = ((q(tokens) - ref).norm() / ref.norm()).item()
+    assert errors["int8"] < 0.02
+    assert max(errors.values()) < 0.2
+    assert errors["int8"] < errors["int4-g32"] / 4
+    assert errors["int4-g32"] < errors["int4-g128"]  # smaller groups fit better
+    assert isinstance(quantize_model(copy.deepcopy(model), "int4").output, torch.nn.Linear)  # head kept by default
+
+
+@torch.no_grad()
+def test_model_dtype_change_keeps_quantized_tensors():
+    model = quantize_model(_model(), "int4")
+    before = model.layers[0].attention.wq.state_dict()
+    model.to(torch.bfloat16)
+    layer = model.layers[0].attention.wq
+    assert layer.kernel == "int4pack"
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert model(_tokens()).isfinite().all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheme,include_output", [("int8", True), ("int4-g64", False)])
+def test_save_load_gives_identical_logits(tmp_path, scheme, include_output):
+    model, tokens = _model(), _tokens()
+    save_hf(model, tmp_path / "float")
+    quantized = quantize_model(copy.deepcopy(model), scheme, include_output)
+    expected = quantized(tokens)
+    # quantizing while loading gives the same model as quantizing after
+    loaded = load_model(tmp_path / "float", CFG, None, quantize=scheme)
+    if not include_output:
+        torch.testing.assert_close(loaded(tokens), expected, rtol=0, atol=0)
+
+    save_quantized(quantized, tmp_path / "q", scheme)
+    entry = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert entry == {"scheme": scheme[:4], "group_size": parse_scheme(scheme).group_size,
+                     "include_output": include_output, "format_version": 1}
+    back = load_quantized(tmp_path / "q")
+    assert back.layers[1].feed_forward.w2.kernel == quantized.layers[1].feed_forward.w2.kernel
+    torch.testing.assert_close(back(tokens), expected, rtol=0, atol=0)
+
+
+def _saved(tmp_path, scheme="int4"):
+    folder = tmp_path / "q"
+    save_quantized(_model(), folder, scheme)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization"].update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_float_checkpoint_has_no_quantization(tmp_path):
+    save_hf(_model(), tmp_path / "f")
+    assert read_quantization(tmp_path / "f") is None
+    with pytest.raises(VentouxError, match="not a quantized checkpoint"):
+        load_quantized(tmp_path / "f")
+
+
+def test_unknown_scheme_in_checkpoint_fails(tmp_path):
+    folder = _saved(tmp_path)
+    _edit_config(folder, scheme="int3")
+    with pytest.raises(VentouxError, match="quantization.scheme 'int3'"):
+        load_quantized(folder)
+
+
+def test_wrong_group_size_in_checkpoint_fails(tmp_path):
+    folder = _saved(tmp_path, "int4-g32")
+    _edit_config(folder, group_size=64)  # the tensors hold groups of 32
+    with pytest.raises(VentouxError, match=r"scales.*group_size 64"):
+        load_quantized(folder)
+    _edit_config(folder, group_size=48)
+    with pytest.raises(VentouxError, match="group_size 48"):
+        load_quantized(folder)
+
+
+def test_quantize_option_must_match_a_quantized_checkpoint(tmp_path):
+    folder = _saved(tmp_path, "int4")
+    with pytest.raises(VentouxError, match="already quantized as int4-g32"):
+        load_model(folder, CFG, None, quantize="int8")
+    assert isinstance(load_model(folder, CFG, None, quantize="int4-g32").layers[0].attention.wk, Int4Linear)

@@ -1,0 +1,215 @@
+"""Training: tokenizer settings against Mistral's own, data handling, a tiny run that learns,
+resume after a real kill -9 equals an uninterrupted run, checkpoints that transformers loads, and
+every bad input as one clear error with nothing written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ventoux.cli import main
+from ventoux.config import ModelConfig, read_config
+from ventoux.errors import VentouxError
+from ventoux.train import TrainArgs, pretrain, train_tokenizer
+from ventoux.train.data import load_corpus, split_heldout
+from ventoux.weights import load_model
+
+VOCAB = 320  # 3 specials + 256 bytes + the corpus' characters + a few merges
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=VOCAB,
+                  sliding_window=8, max_seq_len=32)
+
+
+def _text(n_lines: int, seed: int = 0) -> str:
+    """Learnable pseudo-verse: a few speakers, a small word list, regular punctuation."""
+    rng = random.Random(seed)
+    words = "the king my lord good sweet love night day fair heart death life thou art not so".split()
+    out = []
+    for _ in range(n_lines):
+        if rng.random() < 0.15:
+            out.append(f"\n{rng.choice(['ROMEO', 'JULIET', 'KING'])}, act {rng.choice(['2024', '1599', '42'])}:")
+        out.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 8))).capitalize() + rng.choice(",.;!?"))
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A ~12 KB text corpus with its trained tokenizer and a tiny config.json."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "text.txt").write_text(_text(400))
+    train_tokenizer([root / "text.txt"], VOCAB, root / "tok")
+    (root / "config.json").write_text(json.dumps(CFG.to_hf()))
+    return root
+
+
+def _args(corpus: Path, out: Path, **kw) -> TrainArgs:
+    base = dict(config=str(corpus / "config.json"), tokenizer=str(corpus / "tok"), data=[str(corpus / "text.txt")],
+                out=str(out), steps=40, batch_size=8, context=32, lr=3e-3, min_lr=3e-4, warmup=5,
+                eval_every=10, save_every=20, log_every=5, device="cpu")
+    return TrainArgs(**{**base, **kw})
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+def test_tokenizer_behaves_like_mistral_v1(corpus):
+    """Special ids, digit splitting, byte fallback and the leading-space piece agree with Mistral's
+    v1 tokenizer.model (shipped in mistral-common)."""
+    from importlib.resources import files
+
+    import sentencepiece as spm
+
+    ours = spm.SentencePieceProcessor(model_file=str(corpus / "tok" / "tokenizer.model"))
+    theirs = spm.SentencePieceProcessor(model_file=str(files("mistral_common") / "data" / "tokenizer.model.v1"))
+    assert ours.get_piece_size() == VOCAB
+    for name in ("unk_id", "bos_id", "eos_id", "pad_id"):
+        assert getattr(ours, name)() == getattr(theirs, name)(), name
+    for text in ["2024", "龘", "𝔉"]:  # digits one by one; unseen characters as UTF-8 byte pieces
+        assert ours.encode(text, out_type=str) == theirs.encode(text, out_type=str), text
+    text = "Thou art 2024 times fairer — été 🙂\n"
+    assert ours.decode(ours.encode(text)) == text  # nothing is <unk>
+    assert ours.encode("king", out_type=str)[0].startswith("▁")  # the dummy prefix, as Mistral's
+
+
+def test_heldout_split_follows_corpus_convention():
+    text = _text(100)
+    i = text.index("\n", int(0.9 * len(text)))
+    assert split_heldout([text], 0.1) == ([text[: i + 1]], [text[i + 1:]])
+
+
+def test_documents_are_framed_by_bos_eos(corpus, tmp_path):
+    import sentencepiece as spm
+
+    docs = ["Good night, sweet prince.", "My lord?"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 20))
+    data = load_corpus([tmp_path / "d.jsonl"], corpus / "tok" / "tokenizer.model", 0.1, tmp_path / "cache", 4)
+    sp = spm.SentencePieceProcessor(model_file=str(corpus / "tok" / "tokenizer.model"))
+    one = [1, *sp.encode(docs[0]), 2, 1, *sp.encode(docs[1]), 2]
+    assert data.train[: len(one)].tolist() == one
+    assert (tmp_path / "cache" / "train.bin").exists()
+    again = load_corpus([tmp_path / "d.jsonl"], corpus / "tok" / "tokenizer.model", 0.1, tmp_path / "cache", 4)
+    assert isinstance(again.train, __import__("numpy").memmap)  # second time: the cached memmap
+
+
+# ---- training --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(corpus, tmp_path_factory):
+    """40 steps with dropout, checkpoints at steps 20 and 40: (run folder, final model folder)."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    return out, pretrain(_args(corpus, out, dropout=0.1), progress=False)
+
+
+def test_tiny_run_lowers_validation_loss_and_writes_its_outputs(tiny_run):
+    out, model = tiny_run
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 4 and val[-1] < val[0] - 0.5, val
+    assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert model == out / "model" and (model / "tokenizer.model").exists()
+    assert read_config(model).max_seq_len == 32  # the config records the trained context
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000020", "step-0000040"]
+
+
+def test_resume_after_kill_9_equals_uninterrupted_run(corpus, tmp_path):
+    """A real process is killed (SIGKILL) mid-run; resuming it ends with the uninterrupted run's weights."""
+    kw = dict(steps=80, batch_size=16, save_every=10, eval_every=30, dropout=0.2, seed=3)
+    whole = pretrain(_args(corpus, tmp_path / "whole", **kw), progress=False)
+
+    same = dataclasses.asdict(_args(corpus, tmp_path / "cut", **kw))  # the same settings, as CLI flags
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in same.items()
+             if v is not None and k != "data" and not isinstance(v, bool)]
+    script = "import sys; from ventoux.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", script, "pretrain", *flags, "--data", str(corpus / "text.txt"),
+                             "--quiet"], stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "checkpoints" / "step-0000020").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {proc.stderr.read()[-2000:]}"
+    assert not (tmp_path / "cut" / "model").exists()
+
+    cut = pretrain(TrainArgs(out=str(tmp_path / "cut"), resume=True), progress=False)
+    a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_mid_training_checkpoint_loads_in_transformers_and_ventoux(tiny_run):
+    from transformers import MistralForCausalLM
+
+    ckpt = tiny_run[0] / "checkpoints" / "step-0000020"
+    tokens = torch.randint(0, VOCAB, (2, 24))  # longer than the window of 8
+    ours = load_model(ckpt, read_config(ckpt), torch.float32).eval()
+    hf = MistralForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), expected, atol=1e-4, rtol=1e-4)
+        try:
+            import ventoux.api  # noqa: F401
+        except ImportError:
+            return
+        import ventoux
+
+        llm = ventoux.load(str(ckpt), dtype="float32", device="cpu")
+        torch.testing.assert_close(llm.model(tokens), expected, atol=1e-4, rtol=1e-4)
+        assert llm.tokenizer.decode(llm.tokenizer.encode("Good night", bos=False)) == "Good night"
+
+
+# ---- bad input: one line naming the culprit, nothing written ----------------------------------
+def _fails(capsys, out: Path, *argv: str) -> str:
+    assert main(list(argv)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ventoux: error: ") and "\n" not in err and "Traceback" not in err
+    assert not out.exists(), f"{out} was created"
+    return err
+
+
+def _pretrain(corpus: Path, out: Path, data: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--config", str(corpus / "config.json"), "--tokenizer", str(corpus / "tok"),
+            "--data", str(data), "--out", str(out), "--context", "32", "--steps", "2", "--quiet", *extra]
+
+
+def test_bad_inputs(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "holds no text" in _fails(capsys, out, *_pretrain(corpus, out, empty))
+    assert "holds no text" in _fails(capsys, out, "train-tokenizer", "--input", str(empty), "--vocab-size", "320",
+                                     "--out", str(out))
+
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.\n" * 3)
+    assert "fewer than one sequence" in _fails(capsys, out, *_pretrain(corpus, out, short, "--val-fraction", "0.5",
+                                                                      "--context", "64"))
+    assert "held-out split" in _fails(capsys, out, *_pretrain(corpus, out, short, "--context", "4"))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json}\n')
+    assert f"{bad}:3 is not valid JSON" in _fails(capsys, out, *_pretrain(corpus, out, bad))
+    notext = tmp_path / "notext.jsonl"
+    notext.write_text('{"text": "fine"}\n\n{"content": "no text field"}\n')
+    assert f'{notext}:3 has no "text"' in _fails(capsys, out, *_pretrain(corpus, out, notext))
+
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(CFG.replace(vocab_size=100).to_hf()))
+    err = _fails(capsys, out, *_pretrain(corpus, out, corpus / "text.txt", "--config", str(small)))
+    assert "vocab_size 100" in err and str(VOCAB) in err
+
+    assert "--vocab-size 100000" in _fails(capsys, out, "train-tokenizer", "--input", str(corpus / "text.txt"),
+                                           "--vocab-size", "100000", "--out", str(out))
+
+
+def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path):
+    pretrain(_args(corpus, tmp_path / "run", steps=4, save_every=4, eval_every=4), progress=False)
+    with pytest.raises(VentouxError, match="--resume"):
+        pretrain(_args(corpus, tmp_path / "run", steps=4), progress=False)
