@@ -23,7 +23,7 @@ install: $(VENV)/.base
 install-dev: $(VENV)/.dev
 
 demo: install
-	$(VENV)/bin/ventoux generate --max-tokens 200 --temperature 0.8 --seed 1 "ROMEO:"
+	printf 'ROMEO:\n' | $(VENV)/bin/ventoux generate --max-tokens 200 --temperature 0.8 --seed 1 -
 
 test: install-dev
 	$(PY) -m pytest

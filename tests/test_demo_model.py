@@ -20,12 +20,19 @@ CORPUS = Path(os.environ.get("VENTOUX_CORPUS", ROOT.parent / "shared" / "corpus"
 
 PROMPT = "ROMEO:\nBut soft, what light"
 # fp32 CPU greedy continuation, recorded by running the shipped model (tokens after the prompt).
-GOLDEN = None
+GOLDEN = (", and what is this?\n\n"
+          "KING RICHARD II:\nI am a king, and I will not be a king.\n\n"
+          "KING RICHARD II:\nI'll be a king, and I'll be a king.\n\n"
+          "KING RICHARD II:\nAnon, my lord, I'll be a king.\n\n"
+          "KING RICHARD II:\n")
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return ventoux.load(None, dtype="float32", device="cpu")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # on the shared 2-core machine one thread is faster than two fighting
+    yield ventoux.load(None, dtype="float32", device="cpu")
+    torch.set_num_threads(old)
 
 
 def test_demo_model_keeps_its_promises():
@@ -47,7 +54,8 @@ def test_same_logits_as_transformers(llm):
     from transformers import MistralForCausalLM
 
     hf = MistralForCausalLM.from_pretrained(DEMO_MODEL, torch_dtype=torch.float32, attn_implementation="eager").eval()
-    tokens = torch.randint(0, llm.config.vocab_size, (1, llm.config.max_seq_len), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, llm.config.vocab_size, (1, llm.config.max_seq_len), generator=gen)  # > the window
     with torch.no_grad():
         torch.testing.assert_close(llm.model(tokens), hf(tokens).logits, atol=2e-4, rtol=1e-4)
 

@@ -172,11 +172,11 @@ def test_quantized_model_logits_close_to_float():
 
 @torch.no_grad()
 def test_model_dtype_change_keeps_quantized_tensors():
-    model = quantize_model(_model(), "int4")
+    model = quantize_model(_model(), "int4", kernel="int4pack")
     before = model.layers[0].attention.wq.state_dict()
     model.to(torch.bfloat16)
     layer = model.layers[0].attention.wq
-    assert layer.kernel == "int4pack"
+    assert layer.kernel == "int4pack" and layer.packed.dtype == torch.uint8
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k])
     assert model(_tokens()).isfinite().all()

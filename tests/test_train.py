@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import signal
 import subprocess
@@ -39,6 +40,15 @@ def _text(n_lines: int, seed: int = 0) -> str:
             out.append(f"\n{rng.choice(['ROMEO', 'JULIET', 'KING'])}, act {rng.choice(['2024', '1599', '42'])}:")
         out.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 8))).capitalize() + rng.choice(",.;!?"))
     return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and every process of the resume test must agree on it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +138,7 @@ def test_resume_after_kill_9_equals_uninterrupted_run(corpus, tmp_path):
              if v is not None and k != "data" and not isinstance(v, bool)]
     script = "import sys; from ventoux.cli import main; sys.exit(main())"
     proc = subprocess.Popen([sys.executable, "-c", script, "pretrain", *flags, "--data", str(corpus / "text.txt"),
-                             "--quiet"], stderr=subprocess.PIPE)
+                             "--quiet"], stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     while not (tmp_path / "cut" / "checkpoints" / "step-0000020").exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -142,6 +152,28 @@ def test_resume_after_kill_9_equals_uninterrupted_run(corpus, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_activation_checkpointing_and_accumulation_options(corpus, tmp_path):
+    """Recomputing blocks in backward (dropout RNG replayed) gives the weights of a plain run."""
+    kw = dict(steps=6, eval_every=6, save_every=6, dropout=0.1)
+    plain = pretrain(_args(corpus, tmp_path / "plain", **kw), progress=False)
+    ckpt = pretrain(_args(corpus, tmp_path / "ckpt", checkpointing=True, **kw), progress=False)
+    a, b = load_file(plain / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    pretrain(_args(corpus, tmp_path / "accum", grad_accum=2, bf16=True, **kw), progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["val_loss"] < 6.0
+
+
+def test_init_continues_from_existing_weights(corpus, tiny_run, tmp_path):
+    start = tiny_run[1]
+    kw = dict(init=str(start), config=None, steps=2, lr=1e-9, min_lr=1e-9, weight_decay=0.0, eval_every=2)
+    end = pretrain(_args(corpus, tmp_path / "more", **kw), progress=False)
+    a, b = load_file(start / "model.safetensors"), load_file(end / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
 def test_mid_training_checkpoint_loads_in_transformers_and_ventoux(tiny_run):
@@ -205,6 +237,8 @@ def test_bad_inputs(corpus, tmp_path, capsys):
     err = _fails(capsys, out, *_pretrain(corpus, out, corpus / "text.txt", "--config", str(small)))
     assert "vocab_size 100" in err and str(VOCAB) in err
 
+    assert "--init" in _fails(capsys, out, *_pretrain(corpus, out, corpus / "text.txt", "--init",
+                                                       str(tmp_path / "missing")))
     assert "--vocab-size 100000" in _fails(capsys, out, "train-tokenizer", "--input", str(corpus / "text.txt"),
                                            "--vocab-size", "100000", "--out", str(out))
 

@@ -1,4 +1,4 @@
-"""Quantized linear layers: Int8Linear and Int4Linear, with PyTorch's packed kernels and a plain fallback.
+"""Quantized linear layers: Int8Linear and Int4Linear, with fast kernels and a plain fallback.
 
     layer = Int4Linear.from_float(linear.weight, group_size=64)      # kernel picked for the weight's device
     layer = Int8Linear.from_float(linear.weight, kernel="fallback")
@@ -9,13 +9,15 @@ int4: asymmetric per group of `group_size` inputs, PyTorch's convention: w = (q 
 against the rounded scale, so the rounding moves the grid, not the weights' fit to it.
 
 A module's state_dict is the device-independent layout (int8 qweight; int4 nibbles packed two per byte, even
-input index in the low nibble; scales; zeros) whatever kernel it runs: the device packing happens when tensors
+input index in the low nibble; scales; zeros) whatever kernel it runs: any device packing happens when tensors
 are loaded or moved (`to()`), never per call. Kernels, in order of preference:
-  int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it)
-  int4pack   CPU: aten._weight_int4pack_mm_for_cpu; CUDA: aten._weight_int4pack_mm (tinygemm)
+  vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI: int8-quantized activations (blocks of 32, as
+             llama.cpp does) times the weights in integer dot products; reads the device-independent layout
+  int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations
+  int4pack   CPU: aten._weight_int4pack_mm_for_cpu; CUDA: aten._weight_int4pack_mm (tinygemm), bfloat16
   fallback   dequantize and F.linear in the input's dtype, any device: the reference the others are tested on
-A packed kernel is used only once it matched the fallback on a small case on that device (once per process).
-The packed kernels run in bfloat16 (activations are cast): their float32 paths are 7-15x slower on CPU.
+A kernel is used only once it matched the fallback on a small case on that device (once per process).
+PyTorch's packed kernels run in bfloat16 (activations are cast): their float32 paths are 7-15x slower on CPU.
 """
 
 from __future__ import annotations
@@ -35,19 +37,31 @@ DEFAULT_GROUP_SIZE = 32
 
 
 # ---- the device-independent layout -------------------------------------------------------------------
+def _by_rows(fn):
+    """Apply a row-wise quantizer 1024 rows at a time: the float32 temporaries of a 14336-row matrix would
+    otherwise add a gigabyte to the peak memory of quantizing while loading."""
+
+    def chunked(w: torch.Tensor, *args):
+        parts = [fn(w[i:i + 1024].detach().float(), *args) for i in range(0, w.shape[0], 1024)]
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+
+    return chunked
+
+
+@_by_rows
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> qweight (N, K) int8, scales (N,) bfloat16."""
-    w = w.detach().float()
     scales = (w.abs().amax(1) / 127).to(SCALE_DTYPE)
     s = scales.float().masked_fill(scales == 0, 1)
     q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scales
 
 
+@_by_rows
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float -> qweight (N, K/2) uint8, scales (N, K/g) and zeros (N, K/g) bfloat16."""
     n, k = w.shape
-    wg = w.detach().float().reshape(n, k // group_size, group_size)  # (N, K/g, g)
+    wg = w.reshape(n, k // group_size, group_size)  # (N, K/g, g)
     lo, hi = wg.amin(-1), wg.amax(-1)
     scales = ((hi - lo) / 15).to(SCALE_DTYPE)
     zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)

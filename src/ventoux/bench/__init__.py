@@ -7,10 +7,11 @@ against the machine's measured read bandwidth, and peak memory.
     result = run(engines, Settings(threads=2), vocab_size=32000)   # prints the table and ratios
     report.write_json(result, "results.json"); report.write_chart(result, "results.png")
 
-Each engine runs in its own subprocess (worker.py), one after the other, so its peak RSS is its own and
-no two engines compete for the cores. Inside a worker: load, one warm-up generation, then `repeats` timed
-generations of the same random prompts; the figures reported are medians. Decode runs at batch
-`batch_size`; the first token marks the end of prefill (TTFT), the following tokens time decode.
+Each engine runs in its own subprocess (worker.py), one at a time, so its peak RSS is its own and no two
+engines compete for the cores. Inside a worker: load, one warm-up generation, then a timed generation of
+the same random prompts as every other engine. `repeats` rounds of all engines; the figures reported are
+medians. Decode runs at batch `batch_size`; the first new token marks the end of prefill (TTFT), the
+following ones time decode.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import VentouxError
@@ -154,58 +155,80 @@ def run_worker(engine: Engine, settings: Settings, prompts: list[list[int]]) -> 
     raise RuntimeError(lines[-1] if lines else f"the worker exited with status {proc.returncode}")
 
 
-def summarize(engine: Engine, raw: dict, settings: Settings, bandwidth: float) -> dict:
-    """Medians over the repeats of one engine's timings, and what follows from them."""
+def summarize(engine: Engine, raws: list[dict], settings: Settings, bandwidth: float) -> dict:
+    """Medians over the timed runs of one engine (from one or more workers), and what follows from them."""
     b = settings.batch_size
-    decode = [b * (r["tokens"] - 1) / r["decode_s"] for r in raw["runs"]]
-    prefill = [b * settings.prompt_len / r["ttft_s"] for r in raw["runs"]]
-    row = {"engine": engine.name, "technique": engine.technique, "path": engine.path,
-           "decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
-           "ttft_s": statistics.median(r["ttft_s"] for r in raw["runs"]),
-           "weight_bytes": raw["weight_bytes"], "peak_rss_bytes": raw["peak_rss_bytes"],
-           "load_s": raw["load_s"], "runs": raw["runs"]}
+    runs = [r for raw in raws for r in raw["runs"]]
+    decode = [b * (r["tokens"] - 1) / r["decode_s"] for r in runs]
+    prefill = [b * settings.prompt_len / r["ttft_s"] for r in runs]
+    row = {"engine": engine.name, "technique": engine.technique, "path": engine.path, "dtype": engine.dtype,
+           "quantize": engine.quantize, "decode_tok_s": statistics.median(decode),
+           "prefill_tok_s": statistics.median(prefill),
+           "ttft_s": statistics.median(r["ttft_s"] for r in runs), "weight_bytes": raws[0]["weight_bytes"],
+           "peak_rss_bytes": max(raw["peak_rss_bytes"] for raw in raws),
+           "load_s": statistics.median(raw["load_s"] for raw in raws), "runs": runs}
     # Each decode step reads every non-embedding weight once, whatever the batch size.
-    row["gb_s"] = raw["weight_bytes"] * row["decode_tok_s"] / b / 1e9
+    row["gb_s"] = row["weight_bytes"] * row["decode_tok_s"] / b / 1e9
     row["bandwidth_fraction"] = row["gb_s"] / bandwidth
     return row
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """ventoux row / peer row, for decode and prefill tokens/s, for every pair of measured rows."""
-    ours = [r for r in rows if r["engine"] == "ventoux" and "error" not in r]
-    peers = [r for r in rows if r["engine"] != "ventoux" and "error" not in r]
+    """ventoux row / peer row, for decode and prefill tokens/s: every ventoux row against every
+    transformers row, and against the llama.cpp rows of its own precision."""
+    from .llamacpp import gguf_types
+
+    def comparable(ours: dict, peer: dict) -> bool:
+        if peer["engine"] != "llama.cpp":
+            return True
+        try:
+            return peer["technique"] in gguf_types(ours["dtype"], ours["quantize"])
+        except (VentouxError, KeyError):
+            return False
+
+    ok = [r for r in rows if "error" not in r]
     return [{"ventoux": f"{a['engine']} {a['technique']}", "peer": f"{p['engine']} {p['technique']}",
              "decode": a["decode_tok_s"] / p["decode_tok_s"], "prefill": a["prefill_tok_s"] / p["prefill_tok_s"]}
-            for a in ours for p in peers]
+            for a in ok if a["engine"] == "ventoux" for p in ok if p["engine"] != "ventoux" and comparable(a, p)]
 
 
 def run(engines: list[Engine], settings: Settings, vocab_size: int, log: Callable[[str], None] = print) -> dict:
-    """Measure the machine, then every engine in turn; prints progress, the table and the ratios.
-    An engine that fails gets a row with its error and the others go on."""
+    """Measure the machine and every engine; prints progress, the table and the ratios.
+
+    The repeats are rounds: each round runs every engine once, each in a fresh worker, and measures the
+    bandwidth again (the best is kept), so a load that comes and goes on a shared machine spreads over
+    all engines instead of falling on one. An engine that fails gets a row with its error; the others go on.
+    """
     from . import report
 
     settings.check()
-    if settings.batch_size > 1:
-        skipped = [e for e in engines if e.name == "llama.cpp"]
-        if skipped:
-            log("llama.cpp rows skipped: llama-cpp-python's generator decodes one sequence at a time (batch 1)")
+    if settings.batch_size > 1 and any(e.name == "llama.cpp" for e in engines):
+        log("llama.cpp rows skipped: llama-cpp-python's generator decodes one sequence at a time (batch 1)")
         engines = [e for e in engines if e.name != "llama.cpp"]
-    log(f"measuring read bandwidth ({settings.bandwidth_bytes / 2**30:.1f} GiB buffer) ...")
-    bandwidth = measure_bandwidth(settings.threads, settings.bandwidth_bytes)
-    machine = {**describe_machine(settings.threads), "read_bandwidth_gb_s": bandwidth}
-    log(f"{machine['cpu']}, {machine['threads']} threads: {bandwidth:.1f} GB/s read bandwidth")
     prompts = random_prompts(settings, vocab_size)
-    rows = []
-    for engine in engines:
-        log(f"running {engine.label} ({settings.repeats} repeats) ...")
-        t0 = time.perf_counter()
-        try:
-            rows.append(summarize(engine, run_worker(engine, settings, prompts), settings, bandwidth))
-        except RuntimeError as e:
-            log(f"  {engine.label} failed: {e}")
-            rows.append({"engine": engine.name, "technique": engine.technique, "path": engine.path, "error": str(e)})
-            continue
-        log(f"  done in {time.perf_counter() - t0:.0f} s: {rows[-1]['decode_tok_s']:.2f} tok/s decode")
+    one = replace(settings, repeats=1)
+    raws: list[list[dict]] = [[] for _ in engines]
+    errors: dict[int, str] = {}
+    bandwidth = 0.0
+    for round_ in range(1, settings.repeats + 1):
+        bandwidth = max(bandwidth, measure_bandwidth(settings.threads, settings.bandwidth_bytes))
+        log(f"round {round_}/{settings.repeats}: read bandwidth {bandwidth:.1f} GB/s (best so far)")
+        for i, engine in enumerate(engines):
+            if i in errors:
+                continue
+            t0 = time.perf_counter()
+            try:
+                raws[i].append(run_worker(engine, one, prompts))
+            except RuntimeError as e:
+                errors[i] = str(e)
+                log(f"  {engine.label} failed: {e}")
+                continue
+            run_ = raws[i][-1]["runs"][0]
+            log(f"  {engine.label}: {settings.batch_size * (run_['tokens'] - 1) / run_['decode_s']:.2f} tok/s "
+                f"decode ({time.perf_counter() - t0:.0f} s with loading)")
+    rows = [{"engine": e.name, "technique": e.technique, "path": e.path, "error": errors[i]} if i in errors
+            else summarize(e, raws[i], settings, bandwidth) for i, e in enumerate(engines)]
+    machine = {**describe_machine(settings.threads), "read_bandwidth_gb_s": bandwidth}
     result = {"machine": machine, "settings": asdict(settings), "results": rows, "ratios": ratios(rows)}
     log("")
     log(report.table(result))

@@ -52,7 +52,7 @@ def ensure_installed(log: Callable[[str], None] = print) -> str:
     log("installing llama-cpp-python and gguf with pip (llama.cpp is compiled from source: this can take "
         "10 minutes or more) ...")
     cmd = [sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.*", "gguf"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise VentouxError(f"installing llama-cpp-python failed ({last}); install it yourself with "
@@ -73,7 +73,7 @@ def converter(cache_dir: Path, log: Callable[[str], None] = print) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps", "-q",
                f"llama-cpp-python=={version}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         archives = list(Path(tmp).glob("*.tar.gz"))
         if proc.returncode or not archives:
             last = (proc.stderr.strip().splitlines() or ["no archive"])[-1]
@@ -123,7 +123,7 @@ def gguf_file(folder: str | Path, gguf_type: str, cache_dir: str | Path, log: Ca
         script = converter(cache_dir, log)
         log(f"converting {folder} to GGUF {gguf_type} with llama.cpp's convert_hf_to_gguf.py ...")
         cmd = [sys.executable, str(script), str(folder), "--outtype", gguf_type.lower(), "--outfile", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode:
             tmp.unlink(missing_ok=True)
             last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
@@ -133,14 +133,22 @@ def gguf_file(folder: str | Path, gguf_type: str, cache_dir: str | Path, log: Ca
 
 
 def _quantize(source: Path, dest: Path, gguf_type: str) -> None:
+    # In a subprocess: llama.cpp logs every tensor to stderr, which is kept for an error message only.
+    cmd = [sys.executable, "-m", "ventoux.bench.llamacpp", str(source), str(dest), gguf_type]
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode:
+        dest.unlink(missing_ok=True)
+        last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise VentouxError(f"llama.cpp could not quantize {source} to {gguf_type} ({last})")
+
+
+def _quantize_here(source: str, dest: str, gguf_type: str) -> int:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTIZER_TYPES[gguf_type])
     params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params)) != 0:
-        dest.unlink(missing_ok=True)
-        raise VentouxError(f"llama.cpp could not quantize {source} to {gguf_type}")
+    return llama_cpp.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
 
 
 def gguf_weight_bytes(path: str | Path) -> int:
@@ -148,3 +156,7 @@ def gguf_weight_bytes(path: str | Path) -> int:
     from gguf import GGUFReader
 
     return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+
+
+if __name__ == "__main__":  # python -m ventoux.bench.llamacpp SOURCE.gguf DEST.gguf TYPE (see _quantize)
+    sys.exit(_quantize_here(*sys.argv[1:4]))

@@ -20,7 +20,8 @@ def _bench_args(p):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine; medians are reported")
     p.add_argument("--prefill-chunk", type=int, default=None, help="ventoux's prefill chunk size")
     p.add_argument("--compare", nargs="+", action="extend", default=[], metavar="PEER",
-                   choices=["transformers", "llama.cpp"], help="peers to run on the same weights: transformers, llama.cpp")
+                   choices=["transformers", "llama.cpp"],
+                   help="peers run on the same weights: transformers, llama.cpp (installed on first use)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--chart", default=None, help="write a PNG bar chart here")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "ventoux" / "bench"),

@@ -2,7 +2,7 @@
 
     from ventoux.train import train_tokenizer, pretrain, TrainArgs
     train_tokenizer(["corpus.txt"], vocab_size=1024, out="runs/demo")
-    pretrain(TrainArgs(config="demo.json", tokenizer="runs/demo", data=["corpus.txt"], out="runs/demo"))
+    model_dir = pretrain(TrainArgs(config="demo.json", tokenizer="runs/demo", data=["corpus.txt"], out="runs/demo"))
 
 tokenizer.py  SentencePiece BPE in Mistral's style (byte fallback, split digits, <unk>=0 <s>=1 </s>=2)
 data.py       documents (txt, JSONL {"text"}) -> a cached token memmap with BOS/EOS, held-out split

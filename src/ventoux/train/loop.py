@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..api import pick_device
 from ..config import PRESETS, ModelConfig, read_config
 from ..errors import VentouxError
 from ..model import Transformer
-from ..weights import load_model, save_hf
+from ..weights import find_checkpoint, load_model, save_hf
 from .checkpoint import checkpoints, rng_state, save_checkpoint, set_rng_state, trainer_state
 from .data import load_corpus
 from .evaluate import segment_loss
@@ -62,14 +63,19 @@ class TrainArgs:
     bf16: bool | None = None  # None: on for CUDA (where it helps), off on CPU
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     resume: bool = False
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda, then mps, then cpu
 
 
 def resolve_config(args: TrainArgs, vocab: int) -> ModelConfig:
-    src = args.init or args.config
-    if src is None:
+    src = args.config
+    if args.init:
+        if not Path(args.init).is_dir():
+            raise VentouxError(f"--init {args.init} is not a folder; point at a checkpoint folder "
+                               "(config.json + model.safetensors)")
+        cfg = read_config(Path(args.init))
+    elif src is None:
         raise VentouxError("pass --config (a preset name or config.json) or --init (a checkpoint folder)")
-    if src in PRESETS:
+    elif src in PRESETS:
         cfg = PRESETS[src].config
     elif Path(src).is_dir():
         cfg = read_config(Path(src))
@@ -154,17 +160,19 @@ def _setup(args: TrainArgs):
     except (RuntimeError, OSError):
         raise VentouxError(f"{tok} is not a SentencePiece model; train one with `ventoux train-tokenizer`") from None
     cfg = read_config(last) if last is not None else resolve_config(args, vocab)
+    if args.init and last is None:
+        find_checkpoint(args.init)  # its weights exist, before anything is written
+    device = pick_device(args.device)
     corpus = load_corpus(args.data, tok, args.val_fraction, out / "data", args.context)
-    return args, out, tok, cfg, corpus, last
+    return args, out, tok, cfg, corpus, last, device
 
 
 def pretrain(args: TrainArgs, progress: bool = True) -> Path:
     """Train (or resume) the run described by `args`; return the final model's folder (RUN/model)."""
     from tqdm import tqdm
 
-    args, out, tok, cfg, corpus, last = _setup(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)
+    replot = _on_sigusr1()
+    args, out, tok, cfg, corpus, last, device = _setup(args)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     torch.manual_seed(args.seed)
     if last is not None or args.init:
@@ -190,7 +198,6 @@ def pretrain(args: TrainArgs, progress: bool = True) -> Path:
     if tok.resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tok, out / "tokenizer.model")
     metrics = Metrics(out / "metrics.jsonl", after_step=state["step"])
-    replot = _on_sigusr1()
 
     def save(step):
         trainer = dict(args=dataclasses.asdict(args), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
@@ -226,23 +233,36 @@ def pretrain(args: TrainArgs, progress: bool = True) -> Path:
                           tokens=state["tokens"], tokens_per_s=round(rate), elapsed_s=round(state["elapsed_s"], 1))
             losses = []
         if len(corpus.val) and (step % args.eval_every == 0 or step == args.steps):
-            total, n = segment_loss(model, corpus.val, args.context, args.batch_size, args.eval_tokens)
-            row = dict(step=step, val_loss=total / n)
-            if n == len(corpus.val) - 1:
-                row["val_nats_per_char"] = total / corpus.val_chars
-            metrics.write(**row)
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
+            row = validate(model, corpus, args)
+            metrics.write(step=step, **row)
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
             t0 = time.perf_counter()  # evaluation time is not training throughput
         if step % args.save_every == 0 or step == args.steps:
             save(step)
             t0 = time.perf_counter()
         if replot.is_set():
             replot.clear()
-            plot_run(out)
+            _plot(out, bar)
     bar.close()
     final = save_hf(model, out / "model", dtype=torch.float32, extra_files=[out / "tokenizer.model"], overwrite=True)
-    plot_run(out)
+    _plot(out, bar)
     return final
+
+
+def validate(model: Transformer, corpus, args: TrainArgs) -> dict:
+    """Held-out loss per token; per character too when the whole split was scored."""
+    total, n = segment_loss(model, corpus.val, args.context, args.batch_size, args.eval_tokens)
+    row = dict(val_loss=total / n)
+    if n == len(corpus.val) - 1:
+        row["val_nats_per_char"] = total / corpus.val_chars
+    return row
+
+
+def _plot(out: Path, bar) -> None:
+    try:
+        plot_run(out)
+    except VentouxError as e:  # matplotlib is optional (the [train] extra): the run itself succeeded
+        bar.write(f"no loss.png: {e}")
 
 
 class Metrics:

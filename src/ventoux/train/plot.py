@@ -39,7 +39,9 @@ def plot_run(run, out=None) -> Path:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", markersize=3)
-    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=run.name)
+    per_char = [r["val_nats_per_char"] for r in rows if "val_nats_per_char" in r]
+    title = f"{run.name}: best validation {min(per_char):.3f} nats/char" if per_char else run.name
+    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
