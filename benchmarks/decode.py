@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--wait-quiet", type=float, default=120.0,
+                   help="seconds to wait, before each engine, for other processes to go idle")
     p.add_argument("--out", default=None)
     p.add_argument("--chart", default=None)
     args = p.parse_args()
@@ -45,7 +47,7 @@ def main() -> None:
         ours.append(Engine("ventoux", tech, str(folder), dtype=dtype, quantize=quantize))
         peers += peer_engines(folder, dtype, quantize, args.compare, CACHE, log)
     settings = Settings(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                        threads=args.threads, repeats=args.repeats)
+                        threads=args.threads, repeats=args.repeats, quiet_wait_s=args.wait_quiet)
     print(f"model: {folder.name} (random weights, bf16 on disk)")
     result = run(ours + list(dict.fromkeys(peers)), settings, vocab_size=32000, log=print)
     if args.out:

@@ -61,7 +61,8 @@ def part_cache() -> None:
 
 def _settings(args, prompt_len: int) -> Settings:
     # Two new tokens: the first closes the prefill (time to first token), decode is not the point here.
-    return Settings(prompt_len=prompt_len, new_tokens=2, threads=args.threads, repeats=args.repeats)
+    return Settings(prompt_len=prompt_len, new_tokens=2, threads=args.threads, repeats=args.repeats,
+                    quiet_wait_s=120.0)
 
 
 def main() -> None:

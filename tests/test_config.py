@@ -55,7 +55,10 @@ def test_mixtral_params_are_refused():
         ModelConfig.from_params({**V01_PARAMS, "moe": {"num_experts": 8}})
 
 
-def test_preset_name_loads_its_repo_and_says_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_preset_name_loads_its_repo_and_says_offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant itself
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(VentouxError, match="mistralai/Mistral-7B-Instruct-v0.3"):
         ventoux.load("mistral-7b-instruct-v0.3")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from ventoux.quantize import (
     load_quantized,
     parse_scheme,
     quantize_model,
+    quantizer,
     read_quantization,
     save_quantized,
 )
@@ -62,8 +64,9 @@ def _kernel_error(layer: QuantizedLinear, x, w_hat):
     mag = x64.abs() @ w_hat.abs().T
     if layer.kernel != "vnni":
         return 2 * BF16_EPS * mag + 1e-5
-    blocks = x64.reshape(*x.shape[:-1], -1, 32)
-    half_step = (blocks.abs().amax(-1, keepdim=True) / 254).expand_as(blocks).reshape(x.shape)
+    k = x.shape[-1]
+    blocks = torch.nn.functional.pad(x64, (0, -k % 32)).unflatten(-1, (-1, 32))  # (..., K/32, 32), zero-padded
+    half_step = (blocks.abs().amax(-1, keepdim=True) / 254).expand_as(blocks).flatten(-2)[..., :k]
     return half_step @ w_hat.abs().T * (1 + 1e-3) + 1e-5 * mag + 1e-5
 
 
@@ -129,11 +132,24 @@ def test_packed_kernel_agrees_with_fallback(cls, args):
 
 def test_kernel_choice_follows_shape():
     w = torch.randn(40, 64)  # 40 rows: PyTorch's int4 packers need a multiple of 16
-    assert Int4Linear.from_float(w, 32).kernel == "fallback"
+    assert Int4Linear.from_float(w, 32).kernel != "int4pack"
     with pytest.raises(VentouxError, match="not available"):
         Int4Linear.from_float(w, 32, kernel="int4pack")
-    with pytest.raises(VentouxError, match="group size 128"):
-        Int4Linear.from_float(w, 128)
+    with pytest.raises(VentouxError, match="group size 48"):
+        Int4Linear.from_float(w, 48)
+
+
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 128})])
+def test_odd_input_width_is_zero_padded(cls, args):
+    w, x = _weights(n=48, k=200, seed=2)  # 200 inputs: stored as 256, the last 56 zero
+    layer = cls.from_float(w, **args)
+    assert (layer.in_features, layer.stored_in) == (200, 256)
+    canonical = layer.canonical()
+    if cls is Int8Linear:
+        w_hat, step = _ref_int8(*canonical), canonical[1].to(torch.float64)[:, None].expand(48, 256)
+    else:
+        w_hat, step = _ref_int4(*canonical), canonical[1].to(torch.float64).repeat_interleave(128, 1)
+    _check_linear(layer, w, x, w_hat[:, :200], step[:, :200])
 
 
 def _model(seed=0):
@@ -203,6 +219,22 @@ def test_save_load_gives_identical_logits(tmp_path, scheme, include_output):
     torch.testing.assert_close(back(tokens), expected, rtol=0, atol=0)
 
 
+def test_quantizing_while_loading_frees_each_float_layer(tmp_path):
+    """Peak memory stays near the quantized size only if each float linear dies once it is replaced."""
+    save_hf(_model(), tmp_path / "float")
+    hook, replaced = quantizer("int8"), []
+
+    def transform(name, module):
+        assert all(ref() is None for ref in replaced), "a replaced float layer is still alive"
+        new = hook(name, module)
+        if new is not module:
+            replaced.append(weakref.ref(module.weight))
+        return new
+
+    load_model(tmp_path / "float", CFG, None, transform=transform)
+    assert len(replaced) == 2 * 7
+
+
 def _saved(tmp_path, scheme="int4"):
     folder = tmp_path / "q"
     save_quantized(_model(), folder, scheme)
@@ -237,6 +269,13 @@ def test_wrong_group_size_in_checkpoint_fails(tmp_path):
         load_quantized(folder)
     _edit_config(folder, group_size=48)
     with pytest.raises(VentouxError, match="group_size 48"):
+        load_quantized(folder)
+
+
+def test_scheme_contradicting_the_tensors_fails(tmp_path):
+    folder = _saved(tmp_path, "int4")
+    _edit_config(folder, scheme="int8", group_size=None)  # the tensors hold int4 nibbles
+    with pytest.raises(VentouxError, match=r"qweight' is uint8.*quantization.scheme 'int8'"):
         load_quantized(folder)
 
 

@@ -9,7 +9,8 @@ int4: asymmetric per group of `group_size` inputs, PyTorch's convention: w = (q 
 against the rounded scale, so the rounding moves the grid, not the weights' fit to it.
 
 A module's state_dict is the device-independent layout (int8 qweight; int4 nibbles packed two per byte, even
-input index in the low nibble; scales; zeros) whatever kernel it runs: any device packing happens when tensors
+input index in the low nibble; scales; zeros; the input width zero-padded to a multiple of 128, a no-op for
+Mistral's dimensions) whatever kernel it runs: any device packing happens when tensors
 are loaded or moved (`to()`), never per call. Kernels, in order of preference:
   vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI: int8-quantized activations (blocks of 32, as
              llama.cpp does) times the weights in integer dot products; reads the device-independent layout
@@ -34,6 +35,7 @@ from .errors import VentouxError
 SCALE_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
+PAD = 128  # stored input widths are zero-padded to a multiple of this: every group size and kernel tiling fits
 
 
 # ---- the device-independent layout -------------------------------------------------------------------
@@ -42,8 +44,14 @@ def _by_rows(fn):
     otherwise add a gigabyte to the peak memory of quantizing while loading."""
 
     def chunked(w: torch.Tensor, *args):
-        parts = [fn(w[i:i + 1024].detach().float(), *args) for i in range(0, w.shape[0], 1024)]
-        return tuple(torch.cat(ts) for ts in zip(*parts))
+        outs = None
+        for i in range(0, w.shape[0], 1024):
+            parts = fn(w[i:i + 1024].detach().float(), *args)
+            if outs is None:  # filled in place: no list of parts to concatenate (and fragment the heap)
+                outs = tuple(p.new_empty(w.shape[0], *p.shape[1:]) for p in parts)
+            for out, part in zip(outs, parts):
+                out[i:i + 1024] = part
+        return outs
 
     return chunked
 
@@ -103,12 +111,16 @@ class QuantizedLinear(nn.Module):
     KERNELS: tuple[str, ...] = ()
     PACKED: frozenset[str] = frozenset()  # kernels with a layout of their own (the others read CANONICAL)
 
-    def __init__(self, *canonical: torch.Tensor, kernel: str | None = None):
+    def __init__(self, *canonical: torch.Tensor, kernel: str | None = None, in_features: int | None = None):
         super().__init__()
         if kernel is not None and kernel not in self.KERNELS:
             raise VentouxError(f"unknown kernel {kernel!r} for {type(self).__name__}; valid: {self.KERNELS}")
         self.requested_kernel = kernel
-        self.out_features, self.in_features = self._shape(*canonical)
+        self.out_features, self.stored_in = self._shape(*canonical)  # stored_in: in_features padded
+        self.in_features = in_features or self.stored_in
+        if self.stored_in != _padded(self.in_features):
+            raise VentouxError(f"quantized weights {self.out_features}x{self.stored_in} do not hold "
+                               f"{self.in_features} inputs padded to a multiple of {PAD}")
         self._set(*canonical)
 
     @classmethod
@@ -148,6 +160,7 @@ class QuantizedLinear(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
         self.kernel = kernel
+        self.canonical_types = tuple((t.shape, t.dtype) for t in canonical)  # checked by load_state_dict
 
     def canonical(self) -> tuple[torch.Tensor, ...]:
         """The device-independent tensors, on this module's device."""
@@ -156,7 +169,10 @@ class QuantizedLinear(nn.Module):
         return tuple(getattr(self, n) for n, _ in self.CANONICAL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._mm(x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.stored_in != self.in_features:
+            x2 = F.pad(x2, (0, self.stored_in - self.in_features))  # zeros meet the zero-padded columns
+        y = self._mm(x2)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # state_dict, load_state_dict and to() see the device-independent layout
@@ -171,12 +187,13 @@ class QuantizedLinear(nn.Module):
         if missing:
             missing_keys.extend(missing)
             return
-        for key, old in zip(keys, self.canonical()):
-            new = state_dict[key]
-            if new.shape != old.shape or (new.dtype != old.dtype and not new.is_floating_point()):
+        for key, (shape, dtype) in zip(keys, self.canonical_types):
+            new = state_dict[key]  # floating tensors may come in any float dtype (the loader casts them)
+            same_kind = new.is_floating_point() if dtype.is_floating_point else new.dtype == dtype
+            if new.shape != shape or not same_kind:
                 raise VentouxError(f"tensor {key!r} is {new.dtype} {list(new.shape)} but this {type(self).__name__} "
-                                   f"expects {old.dtype} {list(old.shape)}; the checkpoint's quantization "
-                                   "config contradicts its tensors")
+                                   f"expects {dtype} {list(shape)}; the checkpoint's quantization config "
+                                   "contradicts its tensors")
         self._set(*(state_dict[k] for k in keys))
 
     def _apply(self, fn, recurse=True):
@@ -199,7 +216,7 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, kernel: str | None = None) -> Int8Linear:
-        return cls(*quantize_int8(weight), kernel=kernel)
+        return cls(*quantize_int8(_pad(weight)), kernel=kernel, in_features=weight.shape[1])
 
     @staticmethod
     def _shape(qweight, scales):
@@ -207,9 +224,6 @@ class Int8Linear(QuantizedLinear):
             raise VentouxError(f"int8 qweight {list(qweight.shape)} and scales {list(scales.shape)} do not "
                                "match: expected (N, K) and (N,)")
         return tuple(qweight.shape)
-
-    def _fits(self, kernel):
-        return kernel != "vnni" or self.in_features % 128 == 0
 
     def _mm(self, x):
         if self.kernel == "vnni":
@@ -230,11 +244,9 @@ class Int4Linear(QuantizedLinear):
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
                    kernel: str | None = None) -> Int4Linear:
-        k = weight.shape[1]
-        if group_size not in GROUP_SIZES or k % group_size:
-            raise VentouxError(f"int4 group size {group_size} must be one of {GROUP_SIZES} and divide the "
-                               f"layer's {k} inputs; pick another scheme")
-        return cls(*quantize_int4(weight, group_size), kernel=kernel)
+        if group_size not in GROUP_SIZES:
+            raise VentouxError(f"int4 group size {group_size} must be one of {GROUP_SIZES}")
+        return cls(*quantize_int4(_pad(weight), group_size), kernel=kernel, in_features=weight.shape[1])
 
     @staticmethod
     def _shape(qweight, scales, zeros):
@@ -245,12 +257,10 @@ class Int4Linear(QuantizedLinear):
         return n, k
 
     def _fits(self, kernel):
-        if kernel == "vnni":
-            return self.in_features % 128 == 0
-        return self.out_features % 16 == 0 and self.in_features % 32 == 0  # the packers' shape limits
+        return kernel != "int4pack" or self.out_features % 16 == 0  # the packers' shape limit
 
     def _store(self, kernel, *canonical):
-        self.group_size = self.in_features // canonical[1].shape[1]
+        self.group_size = self.stored_in // canonical[1].shape[1]
         super()._store(kernel, *canonical)
 
     def _pack(self, kernel, qweight, scales, zeros):
@@ -259,8 +269,7 @@ class Int4Linear(QuantizedLinear):
         if qweight.device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         else:  # tinygemm wants the even input index in the high nibble
-            k_tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
-            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4) | q[:, 1::2], k_tiles)
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4) | q[:, 1::2], 8)  # 8: K % 128
         return {"packed": packed, "scales_and_zeros": scales_and_zeros}
 
     def _int4pack_mm(self, x, scales_and_zeros):
@@ -275,8 +284,8 @@ class Int4Linear(QuantizedLinear):
         sz = self.scales_and_zeros  # (K/g, N, 2)
         unit = torch.zeros_like(sz)
         unit[..., 0] = 1
-        eye = torch.eye(self.in_features, dtype=sz.dtype, device=sz.device)
-        q = torch.cat([self._int4pack_mm(eye[i:i + 256], unit) for i in range(0, self.in_features, 256)])  # (K, N)
+        eye = torch.eye(self.stored_in, dtype=sz.dtype, device=sz.device)
+        q = torch.cat([self._int4pack_mm(eye[i:i + 256], unit) for i in range(0, self.stored_in, 256)])  # (K, N)
         q = (q.T + 8).to(torch.uint8)  # (N, K)
         scales, zeros = sz.transpose(0, 1).unbind(-1)  # (N, K/g) each
         return pack_int4(q), scales.contiguous(), zeros.contiguous()
@@ -287,6 +296,16 @@ class Int4Linear(QuantizedLinear):
         if self.kernel == "int4pack":
             return self._int4pack_mm(x.to(SCALE_DTYPE), self.scales_and_zeros).to(x.dtype)
         return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))
+
+
+def _padded(k: int) -> int:
+    return -(-k // PAD) * PAD
+
+
+def _pad(w: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N, K padded to a multiple of PAD) with zero columns."""
+    extra = _padded(w.shape[1]) - w.shape[1]
+    return F.pad(w, (0, extra)) if extra else w
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

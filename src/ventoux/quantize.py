@@ -161,23 +161,29 @@ def read_quantization(folder) -> tuple[Scheme, bool] | None:
     return scheme, include_output
 
 
-def _check_groups(folder, scheme: Scheme) -> None:
-    """Every scales tensor of the files must have the shape the config's scheme implies."""
+def _check_tensors(folder, scheme: Scheme) -> None:
+    """The files' quantized tensors must have the dtypes and scale shapes the config's scheme implies (checked
+    from the headers, to name the tensor and the config field at fault)."""
     from .weights import open_checkpoint
 
     _, files, _ = open_checkpoint(folder)
-    shapes = {name: shape for f in files for name, (shape, _) in f.header.items()}
-    for name, shape in shapes.items():
-        qweight = shapes.get(name.removesuffix("scales") + "qweight")
+    header = {name: entry for f in files for name, entry in f.header.items()}
+    qdtype = "int8" if scheme.bits == 8 else "uint8"
+    for name, (shape, dtype) in header.items():
+        if name.endswith(".qweight") and dtype != qdtype:
+            raise VentouxError(f"tensor {name!r} is {dtype}, but config.json's quantization.scheme "
+                               f"'int{scheme.bits}' stores {qdtype}; fix the config or re-quantize")
+        qweight = header.get(name.removesuffix("scales") + "qweight")
         if not name.endswith(".scales") or qweight is None:
             continue
+        inputs = qweight[0][1] * (2 if scheme.bits == 4 else 1)
         if scheme.bits == 8 and len(shape) != 1:
             raise VentouxError(f"tensor {name!r} holds group-wise scales {list(shape)}, but config.json says "
                                "quantization.scheme 'int8'; fix the config or re-quantize")
-        if scheme.bits == 4 and (len(shape) != 2 or 2 * qweight[1] != shape[1] * scheme.group_size):
-            raise VentouxError(f"tensor {name!r} has shape {list(shape)} for {2 * qweight[1]} inputs, which does "
-                               f"not match config.json's quantization.group_size {scheme.group_size}; fix the "
-                               "config or re-quantize")
+        if scheme.bits == 4 and (len(shape) != 2 or inputs != shape[1] * scheme.group_size):
+            raise VentouxError(f"tensor {name!r} has shape {list(shape)} for {inputs} inputs, which does not "
+                               f"match config.json's quantization.group_size {scheme.group_size}; fix the config "
+                               "or re-quantize")
 
 
 def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None, transform=None):
@@ -194,7 +200,7 @@ def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None,
     if quantize is not None and parse_scheme(quantize) != scheme:
         raise VentouxError(f"{folder} is already quantized as {scheme.name}; drop quantize={quantize!r} "
                            f"or pass {scheme.name!r}")
-    _check_groups(folder, scheme)
+    _check_tensors(folder, scheme)
     return quantize_model(model, scheme, include_output), transform
 
 

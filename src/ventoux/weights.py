@@ -207,7 +207,7 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None
     layout, files, index = open_checkpoint(folder)
     plan = _plan(model, layout, files, index)
     owners = [(n, m) for n, m in model.named_modules() if any(k in plan for k in _own_keys(n, m))]
-    for mod_name, module in owners:
+    for i, (mod_name, module) in enumerate(owners):
         tensors = {}
         for key in _own_keys(mod_name, module):
             if key not in plan:
@@ -224,6 +224,7 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None
             if new is not None and new is not module:
                 parent, _, child = mod_name.rpartition(".")
                 setattr(model.get_submodule(parent), child, new)
+                owners[i] = None  # let the replaced module's float weights go now, not when loading ends
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left on the meta device after loading: {left[:3]}")

@@ -59,6 +59,7 @@ class Settings:
     prefill_chunk: int | None = None  # ventoux's chunk size (None: its default)
     seed: int = 0
     bandwidth_bytes: int = 2**30  # the buffer read to measure bandwidth: much larger than the caches
+    quiet_wait_s: float = 0.0  # before each engine, wait up to this long for other processes to go idle
 
     def check(self) -> None:
         for name, low in (("batch_size", 1), ("prompt_len", 1), ("new_tokens", 2), ("repeats", 1)):
@@ -132,6 +133,25 @@ def peer_engines(folder: str | Path, dtype: str, quantize: str | None, compare: 
     return engines
 
 
+def wait_for_quiet(max_wait_s: float, log: Callable[[str], None], busy_cores: float = 0.3) -> float:
+    """Wait (up to max_wait_s) until other processes use less than `busy_cores` cores; returns what
+    they used over the last second. On a shared machine this keeps a neighbour's burst out of a run."""
+    from .worker import busy_cpu_s
+
+    deadline, said = time.monotonic() + max_wait_s, False
+    while True:
+        before = busy_cpu_s()
+        if before is None:
+            return 0.0
+        time.sleep(1.0)
+        used = busy_cpu_s() - before
+        if used < busy_cores or time.monotonic() >= deadline:
+            return used
+        if not said:
+            log(f"  waiting up to {max_wait_s:.0f} s: other processes keep {used:.1f} cores busy")
+            said = True
+
+
 # ---- running -------------------------------------------------------------------------------------
 def random_prompts(settings: Settings, vocab_size: int) -> list[list[int]]:
     """batch_size prompts of prompt_len token ids; ids 0-2 (unk, bos, eos) are avoided."""
@@ -166,7 +186,8 @@ def summarize(engine: Engine, raws: list[dict], settings: Settings, bandwidth: f
            "prefill_tok_s": statistics.median(prefill),
            "ttft_s": statistics.median(r["ttft_s"] for r in runs), "weight_bytes": raws[0]["weight_bytes"],
            "peak_rss_bytes": max(raw["peak_rss_bytes"] for raw in raws),
-           "load_s": statistics.median(raw["load_s"] for raw in raws), "runs": runs}
+           "load_s": statistics.median(raw["load_s"] for raw in raws), "runs": runs,
+           "others_cores": statistics.median(r.get("others_cores", 0.0) for r in runs)}
     # Each decode step reads every non-embedding weight once, whatever the batch size.
     row["gb_s"] = row["weight_bytes"] * row["decode_tok_s"] / b / 1e9
     row["bandwidth_fraction"] = row["gb_s"] / bandwidth
@@ -216,6 +237,8 @@ def run(engines: list[Engine], settings: Settings, vocab_size: int, log: Callabl
         for i, engine in enumerate(engines):
             if i in errors:
                 continue
+            if settings.quiet_wait_s:
+                wait_for_quiet(settings.quiet_wait_s, log)
             t0 = time.perf_counter()
             try:
                 raws[i].append(run_worker(engine, one, prompts))

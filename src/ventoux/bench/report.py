@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 COLUMNS = ("engine", "technique", "decode tok/s", "prefill tok/s", "TTFT ms", "GB/s", "% of bw", "peak RSS",
-           "load s")
+           "load s", "others")
 
 
 def _cells(row: dict) -> list[str]:
@@ -18,7 +18,7 @@ def _cells(row: dict) -> list[str]:
         return [row["engine"], row["technique"], "failed: " + row["error"][:60]] + [""] * (len(COLUMNS) - 3)
     return [row["engine"], row["technique"], f"{row['decode_tok_s']:.2f}", f"{row['prefill_tok_s']:.1f}",
             f"{row['ttft_s'] * 1000:.0f}", f"{row['gb_s']:.1f}", f"{100 * row['bandwidth_fraction']:.0f}%",
-            f"{row['peak_rss_bytes'] / 2**30:.2f} GiB", f"{row['load_s']:.1f}"]
+            f"{row['peak_rss_bytes'] / 2**30:.2f} GiB", f"{row['load_s']:.1f}", f"{row['others_cores']:.2f}"]
 
 
 def _render(header, rows) -> str:
@@ -33,7 +33,9 @@ def table(result: dict) -> str:
     title = (f"batch {s['batch_size']}, {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens, "
              f"{m['threads']} threads, medians of {s['repeats']}; measured read bandwidth "
              f"{m['read_bandwidth_gb_s']:.1f} GB/s ({m['cpu']})")
-    return title + "\n" + _render(COLUMNS, [_cells(r) for r in result["results"]])
+    note = ("others: cores kept busy by other processes while the engine was timed (median); "
+            "well above 0, that row's figures are depressed")
+    return title + "\n" + _render(COLUMNS, [_cells(r) for r in result["results"]]) + "\n" + note
 
 
 def ratio_table(result: dict) -> str:

@@ -10,6 +10,7 @@ the end of prefill, the clock stops at the last token.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -19,6 +20,7 @@ from . import RESULT_MARK
 
 def _timed(tokens_iter, new_tokens: int) -> dict:
     """Drive an iterator that yields one item per new token (per batch step); time it."""
+    busy0, ours0 = busy_cpu_s(), _own_cpu_s()
     t0 = time.perf_counter()
     first, n = None, 0
     for _ in tokens_iter:
@@ -28,7 +30,27 @@ def _timed(tokens_iter, new_tokens: int) -> dict:
         if n == new_tokens:
             break
     end = time.perf_counter()
-    return {"ttft_s": first - t0, "decode_s": end - first, "tokens": n}
+    run = {"ttft_s": first - t0, "decode_s": end - first, "tokens": n}
+    if busy0 is not None:
+        run["others_cores"] = max(0.0, (busy_cpu_s() - busy0 - (_own_cpu_s() - ours0)) / (end - t0))
+    return run
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds spent by the whole machine so far (Linux /proc/stat), to tell how busy the other
+    processes kept the cores while we were timed: a shared machine makes every figure noise."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 # ---- ventoux ---------------------------------------------------------------------------------------

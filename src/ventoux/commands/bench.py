@@ -22,6 +22,8 @@ def _bench_args(p):
     p.add_argument("--compare", nargs="+", action="extend", default=[], metavar="PEER",
                    choices=["transformers", "llama.cpp"],
                    help="peers run on the same weights: transformers, llama.cpp (installed on first use)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each engine, wait up to this long for other processes to go idle")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--chart", default=None, help="write a PNG bar chart here")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "ventoux" / "bench"),
@@ -44,7 +46,7 @@ def run_bench(args):
     dtype = str(parse_dtype(args.dtype, device)).removeprefix("torch.")
     settings = Settings(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                         threads=args.threads, repeats=args.repeats, device=str(device),
-                        prefill_chunk=args.prefill_chunk)
+                        prefill_chunk=args.prefill_chunk, quiet_wait_s=args.wait_quiet)
     settings.check()
     ours = Engine("ventoux", args.quantize or dtype, str(folder), dtype=dtype, quantize=args.quantize)
     engines = [ours, *peer_engines(folder, dtype, args.quantize, args.compare, args.cache_dir)]

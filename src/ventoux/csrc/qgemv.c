@@ -6,8 +6,9 @@
 //   vx_int4_gemv: x (M, K) float32, w (N, K/2) uint8, scales, zeros (N, K/g) bf16, g     -> y (M, N) float32
 //
 // The weights are ventoux's device-independent layout (qlinear.py): int4 byte j of a row holds inputs 2j
-// (low nibble) and 2j+1 (high). Rows are shared among OpenMP threads (the same runtime as PyTorch's); each
-// weight row is read from memory once and reused from L1 for the M activation rows.
+// (low nibble) and 2j+1 (high). Rows are shared among OpenMP threads (the same runtime as PyTorch's) and read
+// ROWS at a time, prefetching the next ROWS; each weight row is read from memory once and reused from L1 for
+// the M activation rows (so prefill, M in the hundreds, runs on the same code).
 // Requires K % 128 == 0. Built by cpu_kernels.py with -O3 -march=native -fopenmp.
 #include <immintrin.h>
 #include <math.h>
@@ -16,6 +17,7 @@
 #include <string.h>
 
 #define BLOCK 32  // activation quantization block
+#define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
 
 // Up to 16 bfloat16 values -> float32 lanes (a bfloat16 is the high half of a float32); masked lanes are 0.
 static inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
@@ -63,24 +65,28 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const __m512i zero = _mm512_setzero_si512();
     const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-    for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t n = n0; n < n1; n += ROWS) {
+      const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
       const int8_t* wr = w + n * K;
       for (int64_t m = 0; m < M; ++m) {
         const uint8_t* a = absq + m * K;
         const uint64_t* ng = neg + m * C;
         const float* dv = dvec + m * C * 16;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; c += 2) {  // C is even: K % 128 == 0
-          // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form vpdpbusd takes
-          __m512i w0 = _mm512_loadu_si512(wr + c * 64), w1 = _mm512_loadu_si512(wr + c * 64 + 64);
-          w0 = _mm512_mask_sub_epi8(w0, ng[c], zero, w0);
-          w1 = _mm512_mask_sub_epi8(w1, ng[c + 1], zero, w1);
-          const __m512i p0 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(a + c * 64), w0);
-          const __m512i p1 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(a + c * 64 + 64), w1);
-          acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_loadu_ps(dv + c * 16), acc0);
-          acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_loadu_ps(dv + c * 16 + 16), acc1);
+        __m512 acc[ROWS];
+        for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; ++c) {
+          const __m512i av = _mm512_loadu_si512(a + c * 64);
+          const __m512 d = _mm512_loadu_ps(dv + c * 16);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* p = wr + r * K + c * 64;
+            _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+            // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form vpdpbusd takes
+            const __m512i wv = _mm512_loadu_si512(p);
+            const __m512i sw = _mm512_mask_sub_epi8(wv, ng[c], zero, wv);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, av, sw)), d, acc[r]);
+          }
         }
-        y[m * N + n] = bf16(scales[n]) * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        for (int r = 0; r < R; ++r) y[m * N + n + r] = bf16(scales[n + r]) * _mm512_reduce_add_ps(acc[r]);
       }
     }
   }
@@ -122,36 +128,50 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
 #pragma omp parallel num_threads(nthreads)
   {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    float* s = calloc(Gp, sizeof(float));    // this row's scales, as float
-    float* off = calloc(Gp, sizeof(float));  // and z - 8 s: w = (q - 8) s + z = q s + off
+    float* s = calloc(ROWS * Gp, sizeof(float));    // the rows' scales, as float
+    float* off = calloc(ROWS * Gp, sizeof(float));  // and z - 8 s: w = (q - 8) s + z = q s + off
 #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 16) {
       const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-      for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t n = n0; n < n1; n += ROWS) {
+        const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
         const uint8_t* wr = w + n * K / 2;
-        for (int64_t g = 0; g < G; g += 16) {
-          const __mmask16 mask = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-          const __m512 sv = bf16x16(scales + n * G + g, mask), zv = bf16x16(zeros + n * G + g, mask);
-          _mm512_mask_storeu_ps(s + g, mask, sv);
-          _mm512_mask_storeu_ps(off + g, mask, _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv, zv));
+        for (int r = 0; r < R; ++r) {
+          for (int64_t g = 0; g < G; g += 16) {
+            const __mmask16 mask = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+            const __m512 sv = bf16x16(scales + (n + r) * G + g, mask), zv = bf16x16(zeros + (n + r) * G + g, mask);
+            _mm512_mask_storeu_ps(s + r * Gp + g, mask, sv);
+            _mm512_mask_storeu_ps(off + r * Gp + g, mask, _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv, zv));
+          }
         }
         for (int64_t m = 0; m < M; ++m) {
           const int8_t* e = xe + m * K / 2;
           const int8_t* o = xo + m * K / 2;
           const float* dv = dvec + m * C * 16;
           const float* xs = xsum + m * Gp;
-          __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
+          __m512 acc[ROWS];
+          for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
           for (int64_t c = 0; c < C; ++c) {
-            const __m512i p = _mm512_loadu_si512(wr + c * 64);
-            const __m512i lo = _mm512_and_si512(p, low4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(e + c * 64));
-            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(o + c * 64));
-            const __m512 sc = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(chunk_mask, s + c * per_chunk));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_loadu_ps(dv + c * 16)), acc);
+            const __m512i ev = _mm512_loadu_si512(e + c * 64), ov = _mm512_loadu_si512(o + c * 64);
+            const __m512 d = _mm512_loadu_ps(dv + c * 16);
+            for (int r = 0; r < R; ++r) {
+              const uint8_t* p = wr + r * K / 2 + c * 64;
+              _mm_prefetch((const char*)(p + ROWS * K / 2), _MM_HINT_T0);  // the next rows, same place
+              const __m512i pv = _mm512_loadu_si512(p);
+              const __m512i lo = _mm512_and_si512(pv, low4), hi = _mm512_and_si512(_mm512_srli_epi16(pv, 4), low4);
+              const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ev), hi, ov);
+              // the chunk's 128 / g scales, one per lane
+              const __m512 sc = _mm512_permutexvar_ps(lane_group,
+                                                      _mm512_maskz_loadu_ps(chunk_mask, s + r * Gp + c * per_chunk));
+              acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, d), acc[r]);
+            }
           }
-          for (int64_t g = 0; g < Gp; g += 16)
-            zacc = _mm512_fmadd_ps(_mm512_loadu_ps(off + g), _mm512_loadu_ps(xs + g), zacc);
-          y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, zacc));
+          for (int r = 0; r < R; ++r) {  // plus the sum over groups of (z - 8 s) times the group's sum of x
+            __m512 zacc = _mm512_setzero_ps();
+            for (int64_t g = 0; g < Gp; g += 16)
+              zacc = _mm512_fmadd_ps(_mm512_loadu_ps(off + r * Gp + g), _mm512_loadu_ps(xs + g), zacc);
+            y[m * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], zacc));
+          }
         }
       }
     }
