@@ -8,9 +8,9 @@ from pathlib import Path
 import mistral_common
 import pytest
 import torch
+from conftest import TINY
 
 import ventoux
-from conftest import TINY
 from ventoux.model import Transformer
 from ventoux.weights import save_hf
 

@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import TINY
 
 from ventoux.config import ModelConfig
 from ventoux.errors import VentouxError
@@ -28,8 +29,8 @@ from ventoux.quantize import (
 )
 from ventoux.weights import load_model, save_hf
 
-# Dimensions PyTorch's CPU int4 packer accepts (N % 16, K % 32) and every group size divides;
-# the vocabulary (211) does not, so a quantized output head exercises the automatic fallback.
+# Dimensions every kernel takes (K % 128, N % 16); the vocabulary (211 rows) is one PyTorch's int4 packers
+# refuse, so a quantized output head exercises the automatic choice of another kernel.
 CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=211, head_dim=32,
                   sliding_window=8, max_seq_len=64)
 BF16_EPS = 2.0**-8  # bfloat16 rounding, relative (packed kernels take bfloat16 activations)
@@ -284,3 +285,22 @@ def test_quantize_option_must_match_a_quantized_checkpoint(tmp_path):
     with pytest.raises(VentouxError, match="already quantized as int4-g32"):
         load_model(folder, CFG, None, quantize="int8")
     assert isinstance(load_model(folder, CFG, None, quantize="int4-g32").layers[0].attention.wk, Int4Linear)
+
+
+def test_quantize_cli_writes_a_checkpoint_that_loads_with_its_scheme(tmp_path):
+    import subprocess
+    import sys
+
+    from ventoux.weights import save_hf
+
+    torch.manual_seed(0)
+    src = tmp_path / "float"
+    model = Transformer(TINY.replace(dim=128, hidden_dim=256, head_dim=32))
+    save_hf(model, src)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ventoux", "quantize", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run(str(src), str(tmp_path / "q"), "--scheme", "int4", "--group-size", "64")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["group_size"] == 64
+    r = run(str(src), str(tmp_path / "q2"), "--scheme", "int4", "--group-size", "48")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "int4-g48" in r.stderr
