@@ -30,14 +30,13 @@ from pathlib import Path
 
 from ..errors import VentouxError
 
-ENGINES = ("ventoux", "transformers", "llama.cpp")
 PEERS = ("transformers", "llama.cpp")
 RESULT_MARK = "VENTOUX_BENCH_RESULT "
 
 
 @dataclass(frozen=True)
 class Engine:
-    name: str  # one of ENGINES
+    name: str  # "ventoux", or one of PEERS
     technique: str  # the row's name: "bfloat16", "int8", "Q4_0", ...
     path: str  # checkpoint folder, or a GGUF file for llama.cpp
     dtype: str | None = None
@@ -187,7 +186,7 @@ def summarize(engine: Engine, raws: list[dict], settings: Settings, bandwidth: f
            "ttft_s": statistics.median(r["ttft_s"] for r in runs), "weight_bytes": raws[0]["weight_bytes"],
            "peak_rss_bytes": max(raw["peak_rss_bytes"] for raw in raws),
            "load_s": statistics.median(raw["load_s"] for raw in raws), "runs": runs,
-           "others_cores": statistics.median(r.get("others_cores", 0.0) for r in runs)}
+           "others_cores": statistics.median(r.get("others_cores", 0.0) for r in runs)}  # 0 off Linux
     # Each decode step reads every non-embedding weight once, whatever the batch size.
     row["gb_s"] = row["weight_bytes"] * row["decode_tok_s"] / b / 1e9
     row["bandwidth_fraction"] = row["gb_s"] / bandwidth

@@ -20,7 +20,6 @@ from . import RESULT_MARK
 
 def _timed(tokens_iter, new_tokens: int) -> dict:
     """Drive an iterator that yields one item per new token (per batch step); time it."""
-    busy0, ours0 = busy_cpu_s(), _own_cpu_s()
     t0 = time.perf_counter()
     first, n = None, 0
     for _ in tokens_iter:
@@ -30,9 +29,16 @@ def _timed(tokens_iter, new_tokens: int) -> dict:
         if n == new_tokens:
             break
     end = time.perf_counter()
-    run = {"ttft_s": first - t0, "decode_s": end - first, "tokens": n}
+    return {"ttft_s": first - t0, "decode_s": end - first, "tokens": n}
+
+
+def _timed_run(runner, prompts, new_tokens: int) -> dict:
+    """One timed generation, with how many cores other processes kept busy meanwhile."""
+    busy0, ours0, t0 = busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    run = runner.generate(prompts, new_tokens)
     if busy0 is not None:
-        run["others_cores"] = max(0.0, (busy_cpu_s() - busy0 - (_own_cpu_s() - ours0)) / (end - t0))
+        others = busy_cpu_s() - busy0 - (_own_cpu_s() - ours0)
+        run["others_cores"] = max(0.0, others / (time.perf_counter() - t0))
     return run
 
 
@@ -159,7 +165,7 @@ def main() -> None:
     # Warm-up (first-call allocations, kernel selection), on at most 512 prompt tokens: a long prompt's
     # prefill would take as long as a timed run.
     runner.generate([p[:512] for p in prompts], 4)
-    runs = [runner.generate(prompts, settings["new_tokens"]) for _ in range(settings["repeats"])]
+    runs = [_timed_run(runner, prompts, settings["new_tokens"]) for _ in range(settings["repeats"])]
     print(RESULT_MARK + json.dumps({"load_s": load_s, "weight_bytes": runner.weight_bytes,
                                     "peak_rss_bytes": peak_rss(), "runs": runs}), flush=True)
 
