@@ -2,6 +2,7 @@
 
     python benchmarks/eval_demo.py                                   # the shipped demonstration model
     python benchmarks/eval_demo.py --model runs/demo/model --corpus ../shared/corpus/tinyshakespeare.txt
+    python benchmarks/eval_demo.py --dtype bfloat16 --quantize int8 int4-g32 int4-g64 int4-g128   # quality cost
 
 The held-out text follows ../shared/corpus/README.md (cut at the first newline at or after the 90%
 character mark); it is scored in consecutive segments of the model's training context
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -33,18 +35,28 @@ def main() -> None:
     p.add_argument("--model", default=str(DEMO_MODEL), help="model folder (default: the shipped demo model)")
     p.add_argument("--corpus", default=os.environ.get("VENTOUX_CORPUS", str(DEFAULT_CORPUS)))
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", nargs="*", default=[], help="also score these schemes; prints the perplexity "
+                   "increase (per token) of each against the unquantized model")
     args = p.parse_args()
     corpus = Path(args.corpus)
     digest = hashlib.sha256(corpus.read_bytes()).hexdigest()
     if digest != SHA256:
         print(f"warning: {corpus} has sha256 {digest}, not tinyshakespeare's {SHA256}")
     text = split_heldout([corpus.read_text(encoding="utf-8")], 0.1)[1][0]
-    llm = ventoux.load(args.model, dtype=args.dtype, device="cpu")
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        nats = nats_per_char(llm.model, args.model, text, llm.config.max_seq_len)
-    print(f"{args.model}: {nats:.4f} nats per character on {len(text):,} held-out characters "
-          f"(context {llm.config.max_seq_len}, {args.dtype}, {time.perf_counter() - t0:.1f} s)")
+    base = None
+    for scheme in [None, *args.quantize]:
+        llm = ventoux.load(args.model, dtype=args.dtype, device="cpu", quantize=scheme)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            nats = nats_per_char(llm.model, args.model, text, llm.config.max_seq_len)
+        label = scheme or args.dtype
+        print(f"{args.model} [{label}]: {nats:.4f} nats per character on {len(text):,} held-out characters "
+              f"(context {llm.config.max_seq_len}, {time.perf_counter() - t0:.1f} s)", end="")
+        if base is None:
+            base, chars_per_token = nats, len(text) / len(llm.tokenizer.encode(text, bos=False))
+            print()
+        else:  # per-token perplexity ratio = exp(difference in nats per token)
+            print(f"; perplexity {100 * math.expm1((nats - base) * chars_per_token):+.2f}% vs {args.dtype}")
 
 
 if __name__ == "__main__":
