@@ -98,7 +98,6 @@ def load(source=None, dtype=None, device=None, quantize=None) -> LLM:
         folder = resolve(PRESETS[source].repo_id if source in PRESETS else source)
     dev = pick_device(device)
     config = read_config(folder)
-    kwargs = {"quantize": quantize} if quantize else {}
-    model = load_model(folder, config, parse_dtype(dtype, dev), dev, **kwargs)
+    model = load_model(folder, config, parse_dtype(dtype, dev), dev, quantize=quantize)
     model.eval()
     return LLM(model, load_tokenizer(folder), str(source or folder))

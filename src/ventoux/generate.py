@@ -128,6 +128,7 @@ def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingPara
         logits = torch.stack([batch.prefill(i, ids, p.prefill_chunk or default_chunk(model))
                               for i, (ids, p) in enumerate(zip(prompts, params))])  # (B, V)
         positions = torch.tensor([len(ids) for ids in prompts], device=batch.device)
+        live = torch.ones(b, dtype=torch.long, device=batch.device)  # 0 once a row has finished
         while True:
             tokens = sampler(logits)
             if want_logprobs:
@@ -155,12 +156,13 @@ def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingPara
                     elif len(row.tokens) >= budget[i]:
                         ev.finish_reason = "length"
                         ev.text += _flush(row)
-                row.done = ev.finish_reason is not None
+                if ev.finish_reason is not None:
+                    row.done = True
+                    live[i] = 0
                 yield ev
             if all(r.done for r in rows):
                 return
             # Live rows move one position on; finished rows repeat their last step harmlessly.
-            live = torch.tensor([not r.done for r in rows], device=batch.device)
             positions = positions + live
             logits = batch.step(tokens, positions - 1)
 
