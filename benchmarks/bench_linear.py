@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ventoux import cpu_kernels
 from ventoux.qlinear import Int4Linear, Int8Linear
 
 
@@ -57,6 +58,9 @@ def main():
     rows = []  # (name, build one weight copy, run(x, copy), activation dtype)
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         rows.append((f"F.linear {str(dt)[6:]}", lambda dt=dt: master.to(dt), F.linear, dt))
+    if cpu_kernels.library() is not None:  # ours (fastlinear.GemvLinear), float32 activations
+        for dt in (torch.bfloat16, torch.float16):
+            rows.append((f"half_gemv {str(dt)[6:]}", lambda dt=dt: master.to(dt), cpu_kernels.half_gemv, torch.float32))
     schemes = [("int8", lambda kernel: Int8Linear.from_float(master, kernel=kernel), Int8Linear)]
     for g in (32, 64, 128):
         schemes.append((f"int4-g{g}", lambda kernel, g=g: Int4Linear.from_float(master, g, kernel=kernel), Int4Linear))

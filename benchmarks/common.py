@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -35,12 +34,15 @@ def v1_tokenizer() -> Path:
 
 def random_checkpoint(n_layers: int = 4, seed: int = 0, **changes) -> Path:
     """An HF-layout bf16 checkpoint shaped like Mistral 7B with `n_layers` layers (and any config
-    `changes`), built on first use and then reused from the cache."""
+    `changes`), built on first use and then reused from the cache. Written one layer (one shard) at a time,
+    so even the full 32-layer model (14.5 GB) never sits in memory whole."""
     import torch
+    from safetensors.torch import save_file
 
     from ventoux.config import ModelConfig
     from ventoux.model import Transformer
-    from ventoux.weights import save_hf
+    from ventoux.names import to_hf
+    from ventoux.weights import HF_INDEX
 
     cfg = ModelConfig(**{**MISTRAL_7B, "n_layers": n_layers, **changes})
     tag = "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
@@ -49,19 +51,28 @@ def random_checkpoint(n_layers: int = 4, seed: int = 0, **changes) -> Path:
         return folder
     log(f"building the random checkpoint {folder.name} ({cfg.n_params / 1e9:.2f} B parameters, bf16) ...")
     with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu").to(torch.bfloat16)  # allocated straight in bf16, never in float32
+        shapes = Transformer(cfg).state_dict()
+    shards: dict[str, list[str]] = {}  # one per layer, one for the embeddings, final norm and output head
+    for name in shapes:
+        shards.setdefault(name.split(".", 2)[1] if name.startswith("layers.") else "other", []).append(name)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    with tempfile.TemporaryDirectory() as tmp:  # save_hf copies extra files under their own name
-        tokenizer = Path(tmp) / "tokenizer.model"
-        shutil.copy(v1_tokenizer(), tokenizer)
-        save_hf(model, folder, extra_files=[tokenizer])
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    for i, names in enumerate(shards.values()):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name in names:  # norms 1, matrices N(0, 0.02) as transformers initialises them
+            t = torch.empty(shapes[name].shape, dtype=torch.bfloat16)
+            tensors[to_hf(name)] = t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=gen)
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+    total = sum(t.numel() * 2 for t in shapes.values())
+    (tmp / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}) + "\n")
+    (tmp / "config.json").write_text(json.dumps({**cfg.to_hf(), "torch_dtype": "bfloat16"}, indent=2) + "\n")
+    shutil.copy(v1_tokenizer(), tmp / "tokenizer.model")
+    tmp.rename(folder)
     return folder
 
 

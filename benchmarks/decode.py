@@ -24,7 +24,8 @@ from ventoux.bench import Engine, Settings, peer_engines, report, run
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--techniques", default="bfloat16,int8,int4",
-                   help="ventoux rows, comma-separated: a dtype (bfloat16, float16, float32) or a quantization scheme")
+                   help="ventoux rows, comma-separated: a dtype (bfloat16, float16, float32) or a quantization scheme "
+                        "(int4, int4+output, ...), each optionally followed by ' compiled' (torch.compile)")
     p.add_argument("--quant-dtype", default="bfloat16", help="activation dtype of the quantized rows")
     p.add_argument("--compare", nargs="*", default=["transformers", "llama.cpp"])
     p.add_argument("--layers", type=int, default=4)
@@ -42,9 +43,10 @@ def main() -> None:
     folder = random_checkpoint(n_layers=args.layers)
     ours, peers = [], []
     for tech in args.techniques.split(","):
-        quantize = None if tech in ("bfloat16", "float16", "float32") else tech
-        dtype = args.quant_dtype if quantize else tech
-        ours.append(Engine("ventoux", tech, str(folder), dtype=dtype, quantize=quantize))
+        base = tech.removesuffix(" compiled")
+        quantize = None if base in ("bfloat16", "float16", "float32") else base
+        dtype = args.quant_dtype if quantize else base
+        ours.append(Engine("ventoux", tech, str(folder), dtype=dtype, quantize=quantize, compile=base != tech))
         peers += peer_engines(folder, dtype, quantize, args.compare, CACHE, log)
     settings = Settings(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                         threads=args.threads, repeats=args.repeats, quiet_wait_s=args.wait_quiet)

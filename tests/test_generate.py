@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
 
-from ventoux.api import LLM
+from ventoux.api import LLM, compile_decode
 from ventoux.cache import KVCache
 from ventoux.errors import VentouxError
 from ventoux.generate import generate, stream
@@ -73,6 +73,17 @@ def test_batched_equals_one_by_one(which, windowed, full, tokenizer):
     alone = [greedy(vx, tokenizer, [p], 20)[0].tokens for p in prompts]
     batched = [c.tokens for c in greedy(vx, tokenizer, prompts, 20)]
     assert batched == alone
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_once(windowed, tokenizer):
+    _, model = windowed
+    prompts = [prompt_ids(7, 5), prompt_ids(8, 3)]
+    params = [SamplingParams(max_tokens=24)] * 2  # 24 + 5 positions: three windows of 8, the buffer rolls
+    eager = generate(model, tokenizer, prompts, params)
+    decode = compile_decode(model)
+    assert [c.tokens for c in generate(model, tokenizer, prompts, params, decode)] == [c.tokens for c in eager]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # static shapes: the next call reuses the graph
+        assert [c.tokens for c in generate(model, tokenizer, prompts, params, decode)] == [c.tokens for c in eager]
 
 
 def test_prefill_chunk_size_does_not_change_tokens(windowed, tokenizer):

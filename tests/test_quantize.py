@@ -21,6 +21,7 @@ from ventoux.qlinear import Int4Linear, Int8Linear, QuantizedLinear
 from ventoux.quantize import (
     Scheme,
     load_quantized,
+    parse_quantize,
     parse_scheme,
     quantize_model,
     quantizer,
@@ -91,6 +92,17 @@ def test_parse_scheme():
         assert parse_scheme(f"INT4-g{g}") == Scheme(4, g)
     with pytest.raises(VentouxError, match="int4-g64"):
         parse_scheme("int3")
+    assert parse_quantize("int4-g64") == (Scheme(4, 64), False)
+    assert parse_quantize("int8+output") == (Scheme(8), True)
+    with pytest.raises(VentouxError, match="int3"):
+        parse_quantize("int3+output")
+
+
+@pytest.mark.parametrize("spec,head", [("int4-g64", False), ("int4-g64+output", True)])
+def test_quantize_while_loading_can_include_the_output_head(tmp_path, spec, head):
+    save_hf(_model(), tmp_path / "float")
+    model = load_model(tmp_path / "float", CFG, None, quantize=spec)
+    assert isinstance(model.output, Int4Linear) == head and isinstance(model.layers[0].feed_forward.w2, Int4Linear)
 
 
 @pytest.mark.parametrize("kernel", Int8Linear.kernels("cpu"))

@@ -88,6 +88,21 @@ def test_tokenizer_behaves_like_mistral_v1(corpus):
     assert ours.encode("king", out_type=str)[0].startswith("▁")  # the dummy prefix, as Mistral's
 
 
+def test_tokenizer_never_sees_the_heldout_text(tmp_path):
+    import sentencepiece as spm
+
+    text = _text(300)
+    (tmp_path / "text.txt").write_text(text + "Zanzibarquux. " * 40 + "\n")  # a word only the held-out part has
+    pieces = {}
+    for fraction in (0.0, 0.1):
+        train_tokenizer([tmp_path / "text.txt"], 400, tmp_path / str(fraction), val_fraction=fraction)
+        sp = spm.SentencePieceProcessor(model_file=str(tmp_path / str(fraction) / "tokenizer.model"))
+        pieces[fraction] = len(sp.encode("Zanzibarquux"))
+    assert pieces[0.0] <= 3 and pieces[0.1] >= 10  # merged into pieces only when the held-out text trains
+    with pytest.raises(VentouxError, match="--val-fraction 1.0"):
+        train_tokenizer([tmp_path / "text.txt"], VOCAB, tmp_path / "bad", val_fraction=1.0)
+
+
 def test_heldout_split_follows_corpus_convention():
     text = _text(100)
     i = text.index("\n", int(0.9 * len(text)))

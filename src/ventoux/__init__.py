@@ -13,9 +13,10 @@ __all__ = ["VentouxError", "load"]
 __version__ = "0.1.0"
 
 
-def load(source=None, dtype=None, device=None, quantize=None):
+def load(source=None, dtype=None, device=None, quantize=None, compile=False):
     """Load a model: a checkpoint folder (HF or Mistral layout), a Hugging Face repo id, or None for the
-    shipped demonstration model. Returns an LLM (see api.py)."""
+    shipped demonstration model. quantize: "int8", "int4", "int4-g64", ... (+output: the head too);
+    compile: torch.compile the decode step. Returns an LLM (see api.py)."""
     from .api import load as _load
 
-    return _load(source, dtype=dtype, device=device, quantize=quantize)
+    return _load(source, dtype=dtype, device=device, quantize=quantize, compile=compile)

@@ -5,6 +5,7 @@
     llm.generate(["a", "b"], max_tokens=20)            # one batch -> list[Completion]
     for ev in llm.stream("Hello"): print(ev.text, end="")
     llm.chat([{"role": "user", "content": "Hi!"}], safe_prompt=True).text
+    llm = ventoux.load(compile=True)                    # torch.compile the decode step (see compile_decode)
 """
 
 from __future__ import annotations
@@ -39,10 +40,20 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
+def compile_decode(model):
+    """The decode step through torch.compile: one token per row, static shapes (the cache is preallocated), so
+    it compiles once per batch size. CUDA adds CUDA graphs ("reduce-overhead"): a step then costs one launch.
+    On a CPU it removes Python and small-op overhead, which matters for small models; a large model's step is
+    bound by reading its weights either way. The first call compiles (tens of seconds)."""
+    mode = "reduce-overhead" if model.tok_embeddings.weight.device.type == "cuda" else None
+    return torch.compile(model, dynamic=False, mode=mode)
+
+
 class LLM:
-    def __init__(self, model, tokenizer, source: str):
+    def __init__(self, model, tokenizer, source: str, compile: bool = False):
         self.model, self.tokenizer, self.source = model, tokenizer, source
         self.config = model.config
+        self.decode = compile_decode(model) if compile else None
 
     # ---- prompts -> token ids ----------------------------------------------------------------
     def _ids(self, prompt) -> list[int]:
@@ -69,12 +80,12 @@ class LLM:
     def generate(self, prompt, **kwargs):
         """A str or token list -> Completion; a list of prompts -> list[Completion] (one batch)."""
         ids, params, single = self._batch(prompt, kwargs)
-        out = gen.generate(self.model, self.tokenizer, ids, params)
+        out = gen.generate(self.model, self.tokenizer, ids, params, self.decode)
         return out[0] if single else out
 
     def stream(self, prompt, **kwargs) -> Iterator[gen.Event]:
         ids, params, _ = self._batch(prompt, kwargs)
-        return gen.stream(self.model, self.tokenizer, ids, params)
+        return gen.stream(self.model, self.tokenizer, ids, params, self.decode)
 
     def chat(self, messages: list[dict], safe_prompt: bool = False, **kwargs) -> gen.Completion:
         return self.generate(self.tokenizer.encode_chat(messages, safe_prompt=safe_prompt), **kwargs)
@@ -83,7 +94,7 @@ class LLM:
         return self.stream(self.tokenizer.encode_chat(messages, safe_prompt=safe_prompt), **kwargs)
 
 
-def load(source=None, dtype=None, device=None, quantize=None) -> LLM:
+def load(source=None, dtype=None, device=None, quantize=None, compile: bool = False) -> LLM:
     from .config import PRESETS, read_config
     from .hub import resolve
     from .tokenizer import load_tokenizer
@@ -100,4 +111,4 @@ def load(source=None, dtype=None, device=None, quantize=None) -> LLM:
     config = read_config(folder)
     model = load_model(folder, config, parse_dtype(dtype, dev), dev, quantize=quantize)
     model.eval()
-    return LLM(model, load_tokenizer(folder), str(source or folder))
+    return LLM(model, load_tokenizer(folder), str(source or folder), compile=compile)

@@ -45,13 +45,17 @@ class KVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.capacity = 0
+        self.final = False  # set by reserve(final=True): no growth check (a host sync) in decode steps
         self._n_layers = config.n_layers
         self.reserve(capacity)
 
     # ---- memory ---------------------------------------------------------------------------
-    def reserve(self, n_positions: int) -> None:
+    def reserve(self, n_positions: int, final: bool = False) -> None:
         """Make room for positions [0, n_positions), never beyond the limit. Before the buffer
-        reaches its limit no slot has wrapped (slot == position), so growing is a plain copy."""
+        reaches its limit no slot has wrapped (slot == position), so growing is a plain copy.
+        final: the caller never goes past n_positions, so one-token steps skip the check (static shapes,
+        nothing for torch.compile to break on)."""
+        self.final = self.final or final
         want = min(self.limit, max(n_positions, 1))
         if want <= self.capacity:
             return
@@ -78,7 +82,7 @@ class KVCache:
     # ---- one forward call ------------------------------------------------------------------
     def prepare(self, positions: torch.Tensor, rows: slice = slice(None)) -> Step:
         t = positions.shape[1]
-        if self.capacity < self.limit or t > 1:  # a host sync, only while growing or prefilling
+        if t > 1 or (self.capacity < self.limit and not self.final):  # a host sync: prefill, or may grow
             end = int(positions.max()) + 1
             self.reserve(end)
             no_wrap = end <= self.capacity

@@ -40,7 +40,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder or Hugging Face repo id (default: the shipped demo model)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the device's best)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--quantize", default=None, help="quantize while loading: int8, int4, int4-g64, ...")
+    p.add_argument("--quantize", default=None, help="quantize while loading: int8, int4, int4-g64, ... "
+                   "(add +output to quantize the output head too: int4+output)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (compiles for tens of seconds first; helps small models "
+                        "on a CPU, and any model on CUDA)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load_from_args(args: argparse.Namespace):
     from . import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
 
 
 def main(argv: list[str] | None = None) -> int:

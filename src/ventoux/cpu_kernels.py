@@ -1,14 +1,16 @@
 """ventoux's own CPU kernels (csrc/qgemv.c): int8 / int4 weights times int8-quantized activations with
-AVX-512 VNNI, computed as llama.cpp computes its Q8_0 / Q4 products. Faster than PyTorch's packed kernels at
-batch 1, where decoding is bound by the memory bandwidth (see benchmarks/bench_linear.py).
+AVX-512 VNNI, computed as llama.cpp computes its Q8_0 / Q4 products, and bf16 / fp16 weights times float32
+activations. Faster than PyTorch's kernels at batch 1, where decoding is bound by the memory bandwidth (see
+benchmarks/bench_linear.py).
 
     lib = library()           # None: no x86 AVX-512 VNNI here, or no C compiler
     y = int8_gemv(x, qweight, scales)                  # (M, K) float -> (M, N) float32
     y = int4_gemv(x, qweight, scales, zeros, group)
+    y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
 
 Built at first use with the system C compiler (`$CC`, else cc; about a second) into
 ~/.cache/ventoux/kernels, keyed by the source, the flags and the CPU; loaded with ctypes. They are also
-torch custom ops (ventoux::int8_gemv, ventoux::int4_gemv), so torch.compile sees them as opaque calls.
+torch custom ops (ventoux::int8_gemv, ...), so torch.compile sees them as opaque calls.
 """
 
 from __future__ import annotations
@@ -69,13 +71,14 @@ def library() -> ctypes.CDLL | None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
-    lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = None
+    lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
+    lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = lib.vx_half_gemv.restype = None
     return lib
 
 
-def _check(x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[1] % 128 or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        raise ValueError("the CPU kernels take (M, K) inputs with K % 128 == 0 and contiguous CPU weights")
+def _check(x: torch.Tensor, *tensors: torch.Tensor, multiple: int = 128) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] % multiple or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError(f"the CPU kernels take (M, K) inputs with K % {multiple} == 0 and contiguous CPU weights")
     return x.float().contiguous()
 
 
@@ -104,9 +107,22 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return y
 
 
+def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T for a bfloat16 or float16 weight -> (M, N) float32, exact products."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ventoux.half_gemv(x, weight)
+    x = _check(x, weight, multiple=32)
+    (m, k), n = x.shape, weight.shape[0]
+    y = torch.empty(m, n)
+    library().vx_half_gemv(x.data_ptr(), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16), n,
+                           y.data_ptr(), torch.get_num_threads())
+    return y
+
+
 # Registered as custom ops for torch.compile; eager calls skip the dispatcher (about 10 us a call).
 _int8_op = torch.library.custom_op("ventoux::int8_gemv", int8_gemv, mutates_args=())
 _int4_op = torch.library.custom_op("ventoux::int4_gemv", int4_gemv, mutates_args=())
+_half_op = torch.library.custom_op("ventoux::half_gemv", half_gemv, mutates_args=())
 
 
 @_int8_op.register_fake
@@ -117,3 +133,8 @@ def _(x, qweight, scales):
 @_int4_op.register_fake
 def _(x, qweight, scales, zeros, group):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+@_half_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)

@@ -49,13 +49,14 @@ class Completion:
 class Batch:
     """Model + cache for a fixed set of rows: prefill(row, ids) then step(tokens) for all rows."""
 
-    def __init__(self, model, batch_size: int, n_positions: int):
+    def __init__(self, model, batch_size: int, n_positions: int, decode=None):
         self.model = model
+        self.decode = model if decode is None else decode  # the decode step's callable: the model, or its torch.compile'd twin
         cfg = model.config
         device = model.tok_embeddings.weight.device
         dtype = model.tok_embeddings.weight.dtype
         self.cache = KVCache(cfg, batch_size, dtype=dtype, device=device, capacity=0)
-        self.cache.reserve(n_positions)
+        self.cache.reserve(n_positions, final=True)
         self.device = device
 
     def prefill(self, row: int, ids: list[int], chunk: int) -> torch.Tensor:
@@ -70,7 +71,7 @@ class Batch:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions (B,) -> next-token logits (B, V)."""
-        return self.model(tokens[:, None], positions[:, None], cache=self.cache)[:, -1]
+        return self.decode(tokens[:, None], positions[:, None], cache=self.cache)[:, -1]
 
 
 @dataclass
@@ -101,7 +102,9 @@ def default_chunk(model) -> int:
     return min(w, 2048) if w else 2048
 
 
-def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[Event]:
+def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams],
+           decode=None) -> Iterator[Event]:
+    """Prefill each prompt, then decode every row together (with `decode`, a compiled model, if given)."""
     cfg = model.config
     if not prompts:
         raise VentouxError("no prompt given: pass a string, a list of token ids, or a list of prompts")
@@ -117,7 +120,7 @@ def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingPara
     # Generated-token budget per row: max_tokens, and for full attention whatever the context leaves.
     budget = [p.max_tokens if cfg.sliding_window else min(p.max_tokens, cfg.max_seq_len - len(ids))
               for ids, p in zip(prompts, params)]
-    batch = Batch(model, b, max(len(ids) + n for ids, n in zip(prompts, budget)))
+    batch = Batch(model, b, max(len(ids) + n for ids, n in zip(prompts, budget)), decode)
     sampler = Sampler(params, prompts, cfg.vocab_size, batch.device)
     want_logprobs = any(p.logprobs is not None for p in params)
     top_n = max((p.logprobs or 0) for p in params)
@@ -173,12 +176,13 @@ def _flush(row: _Row) -> str:
     return text if hit else text + row.held
 
 
-def generate(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+def generate(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams],
+             decode=None) -> list[Completion]:
     out = [Completion("", [], "length", len(ids)) for ids in prompts]
     for p, c in zip(params, out):
         if p.logprobs is not None:
             c.logprobs, c.top_logprobs = [], []
-    for ev in stream(model, tokenizer, prompts, params):
+    for ev in stream(model, tokenizer, prompts, params, decode):
         c = out[ev.index]
         c.text += ev.text
         if ev.token is not None:

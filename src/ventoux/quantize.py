@@ -3,6 +3,7 @@
     quantize_model(model, "int4")                    # every block linear -> Int4Linear (group 32), in place
     quantize_model(model, "int8", include_output=True)
     model = load_model(folder, cfg, dtype, device, quantize="int4-g64")   # weights.py: quantize while loading
+    model = load_model(folder, cfg, dtype, device, quantize="int4+output")  # ... and the output head too
     save_quantized(model, "out-int4", "int4")        # config.json records {"quantization": {...}}
     model = load_quantized("out-int4")
 
@@ -47,6 +48,19 @@ def parse_scheme(scheme: str | Scheme) -> Scheme:
     if key not in SCHEMES:
         raise VentouxError(f"unknown quantization scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     return SCHEMES[key]
+
+
+OUTPUT_SUFFIX = "+output"
+
+
+def parse_quantize(spec: str | Scheme) -> tuple[Scheme, bool]:
+    """A load-time quantize option -> (scheme, include_output): "int4" or "int4-g64+output" (the output head
+    quantized too, as llama.cpp's quantized files do)."""
+    if isinstance(spec, Scheme):
+        return spec, False
+    key = str(spec).strip().lower()
+    include_output = key.endswith(OUTPUT_SUFFIX)
+    return parse_scheme(key.removesuffix(OUTPUT_SUFFIX)), include_output
 
 
 # ---- the swap ------------------------------------------------------------------------------------
@@ -194,10 +208,10 @@ def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None,
     if stored is None:
         if quantize is None:
             return model, transform
-        hook = quantizer(quantize)
+        hook = quantizer(*parse_quantize(quantize))
         return model, hook if transform is None else _chain(hook, transform)
     scheme, include_output = stored
-    if quantize is not None and parse_scheme(quantize) != scheme:
+    if quantize is not None and parse_quantize(quantize)[0] != scheme:
         raise VentouxError(f"{folder} is already quantized as {scheme.name}; drop quantize={quantize!r} "
                            f"or pass {scheme.name!r}")
     _check_tensors(folder, scheme)

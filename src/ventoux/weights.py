@@ -190,13 +190,17 @@ def load_model(folder: str | Path, config: ModelConfig, dtype: torch.dtype | Non
     """A Transformer with the weights of `folder` (HF or consolidated layout). dtype None keeps the stored one.
 
     quantize ("int8", "int4", "int4-g64", ...) quantizes each block linear as it loads; a quantized checkpoint
-    (its config.json has a "quantization" entry) loads quantized as it was saved (quantize.py)."""
+    (its config.json has a "quantization" entry) loads quantized as it was saved (quantize.py). bfloat16 /
+    float16 linears on a CPU become fastlinear.GemvLinear (the same weights, a faster decode)."""
+    from .fastlinear import use_cpu_gemv
     from .quantize import prepare_load  # quantize.py builds on this module
 
     with torch.device("meta"):
         model = Transformer(config)
     model, transform = prepare_load(model, folder, quantize, transform)
-    return load_weights(model, folder, dtype, device, transform)
+    model = load_weights(model, folder, dtype, device, transform)
+    use_cpu_gemv(model)  # 16-bit linears on a CPU decode with ventoux's kernel
+    return model
 
 
 def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None, device="cpu",

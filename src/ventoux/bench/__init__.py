@@ -41,6 +41,7 @@ class Engine:
     path: str  # checkpoint folder, or a GGUF file for llama.cpp
     dtype: str | None = None
     quantize: str | None = None
+    compile: bool = False  # ventoux: torch.compile the decode step
 
     @property
     def label(self) -> str:

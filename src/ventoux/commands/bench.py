@@ -48,7 +48,8 @@ def run_bench(args):
                         threads=args.threads, repeats=args.repeats, device=str(device),
                         prefill_chunk=args.prefill_chunk, quiet_wait_s=args.wait_quiet)
     settings.check()
-    ours = Engine("ventoux", args.quantize or dtype, str(folder), dtype=dtype, quantize=args.quantize)
+    technique = (args.quantize or dtype) + (" compiled" if args.compile else "")
+    ours = Engine("ventoux", technique, str(folder), dtype=dtype, quantize=args.quantize, compile=args.compile)
     engines = [ours, *peer_engines(folder, dtype, args.quantize, args.compare, args.cache_dir)]
     result = run(engines, settings, vocab_size=read_config(folder).vocab_size)
     if args.out:

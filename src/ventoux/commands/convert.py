@@ -90,10 +90,20 @@ def info(args: argparse.Namespace) -> None:
         ("memory", " | ".join(f"{name} {_gb(b)}" for name, b in _weight_bytes(cfg).items())),
         ("kv cache", _cache_line(cfg)),
         ("threads", f"torch uses {torch.get_num_threads()} threads (set OMP_NUM_THREADS to change)"),
+        ("cpu kernels", _kernels_line()),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _kernels_line() -> str:
+    from ..fastlinear import kernel_works
+    from ..qlinear import Int4Linear, Int8Linear
+
+    gemv = "ventoux's (AVX-512)" if kernel_works() else "PyTorch's F.linear"
+    return (f"bf16/fp16 decode: {gemv}; int8: {Int8Linear.kernels('cpu')[0]}; "
+            f"int4: {Int4Linear.kernels('cpu')[0]}")
 
 
 def _weight_bytes(cfg) -> dict[str, float]:

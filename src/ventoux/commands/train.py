@@ -19,13 +19,16 @@ def _tokenizer_args(p):
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSONL ({\"text\": ...}) files")
     p.add_argument("--vocab-size", type=int, required=True, help="pieces, including 256 byte-fallback pieces")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.model into")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="leave out the last part of the characters, as pretrain --val-fraction holds them out "
+                        "(default 0: train on everything)")
 
 
 @command("train-tokenizer", "Train a SentencePiece BPE tokenizer in Mistral's style.", _tokenizer_args)
 def run_train_tokenizer(args):
     from ..train import train_tokenizer
 
-    path = train_tokenizer(args.input, args.vocab_size, args.out)
+    path = train_tokenizer(args.input, args.vocab_size, args.out, args.val_fraction)
     print(f"wrote {path}")
 
 

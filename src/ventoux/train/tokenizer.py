@@ -1,6 +1,6 @@
 """Train a SentencePiece BPE tokenizer in Mistral's style and save it as `tokenizer.model`.
 
-    train_tokenizer(["tinyshakespeare.txt"], vocab_size=1024, out="runs/demo")
+    train_tokenizer(["tinyshakespeare.txt"], vocab_size=1024, out="runs/demo", val_fraction=0.1)
 
 Settings follow Mistral's v1 tokenizer: BPE, byte fallback (no text is ever <unk>), digits split,
 <unk>=0 <s>=1 </s>=2, no pad, identity normalisation (the text round-trips exactly).
@@ -14,15 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import VentouxError
-from .data import read_documents
+from .data import read_documents, split_heldout
 
 # SentencePiece trains on "sentences"; feeding whole lines joined into chunks (newlines kept)
 # lets it learn pieces such as ":\n" instead of spending a byte token on every newline.
 _CHUNK_CHARS = 2000
 
 
-def _chunks(paths: list[Path]) -> Iterator[str]:
-    for _, text in read_documents(paths):
+def _chunks(texts: list[str]) -> Iterator[str]:
+    for text in texts:
         buf = ""
         for line in text.splitlines(keepends=True):
             if buf and len(buf) + len(line) > _CHUNK_CHARS:
@@ -33,12 +33,17 @@ def _chunks(paths: list[Path]) -> Iterator[str]:
             yield buf
 
 
-def train_tokenizer(inputs, vocab_size: int, out) -> Path:
-    """Train on the text files / JSONL files `inputs`; write out/tokenizer.model atomically."""
+def train_tokenizer(inputs, vocab_size: int, out, val_fraction: float = 0.0) -> Path:
+    """Train on the text files / JSONL files `inputs`, less the held-out last `val_fraction` of the characters
+    (the split `pretrain --val-fraction` makes: the tokenizer never sees the validation text either);
+    write out/tokenizer.model atomically."""
     import sentencepiece as spm
 
+    if not 0 <= val_fraction < 1:
+        raise VentouxError(f"--val-fraction {val_fraction} must be at least 0 and below 1")
     paths = [Path(p) for p in inputs]
-    chunks = list(_chunks(paths))  # reads and validates every input before anything is written
+    docs = [text for _, text in read_documents(paths)]  # reads and validates every input before writing
+    chunks = list(_chunks(split_heldout(docs, val_fraction)[0] if val_fraction else docs))
     if not any(c.strip() for c in chunks):
         raise VentouxError(f"the corpus {', '.join(map(str, paths))} holds no text; give a non-empty file")
     model = io.BytesIO()

@@ -1,0 +1,89 @@
+"""The 16-bit CPU GEMV kernel (cpu_kernels.half_gemv) and GemvLinear, against float32 products and nn.Linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, hf_model, ventoux_from_hf
+from torch import nn
+
+from ventoux import cpu_kernels, fastlinear
+from ventoux.fastlinear import GemvLinear, use_cpu_gemv
+from ventoux.weights import load_model, save_hf
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="needs an x86 CPU with AVX-512 VNNI and cc")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 37), (3, 96, 130), (8, 1024, 64)])
+def test_half_gemv_is_the_float32_product_of_the_16bit_weights(dtype, m, k, n):
+    gen = torch.Generator().manual_seed(m + k + n)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen).to(dtype)
+    expected = (x.double() @ w.double().T).float()  # the stored 16-bit values, exactly
+    y = cpu_kernels.half_gemv(x, w)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * k**0.5)
+    # a wrong conversion (bf16 read as fp16 or the reverse) or a dropped row/column is far outside that
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    assert not torch.allclose(cpu_kernels.half_gemv(x, w.view(other)), expected, rtol=0.01, atol=0.01)
+
+
+@needs_kernel
+def test_gemv_linear_runs_the_kernel_for_few_rows_only(monkeypatch):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 48, bias=True).to(torch.bfloat16).requires_grad_(False)
+    fast = GemvLinear(linear)
+    assert fast.weight is linear.weight and list(fast.state_dict()) == ["weight", "bias"]
+    calls = []
+    kernel = cpu_kernels.half_gemv
+    monkeypatch.setattr(cpu_kernels, "half_gemv", lambda x, w: calls.append(len(x)) or kernel(x, w))
+    for shape in [(1, 1, 128), (2, 3, 128), (1, 40, 128)]:  # decode steps, then a prefill (F.linear)
+        x = torch.randn(shape).to(torch.bfloat16)
+        expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        torch.testing.assert_close(fast(x).float(), expected, rtol=0.02, atol=0.02)
+    assert calls == [1, 6]
+
+
+@needs_kernel
+def test_training_keeps_autograd():
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    fast = GemvLinear(linear)
+    fast(torch.randn(1, 64).to(torch.bfloat16)).sum().backward()
+    assert linear.weight.grad is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    model = ventoux_from_hf(hf_model(TINY))
+    folder = tmp_path_factory.mktemp("tiny") / "bf16"
+    save_hf(model, folder, dtype=torch.bfloat16)
+    return folder
+
+
+@needs_kernel
+def test_loading_in_bfloat16_on_cpu_swaps_linears_and_keeps_logits(tiny_dir):
+    fast = load_model(tiny_dir, TINY, torch.bfloat16, "cpu")
+    swapped = [n for n, m in fast.named_modules() if isinstance(m, GemvLinear)]
+    assert len(swapped) == 7 * TINY.n_layers + 1  # every block linear and the output head
+    plain = load_model(tiny_dir, TINY, torch.bfloat16, "cpu")
+    for name in swapped:  # undo the swap: the same weights through F.linear
+        parent, _, child = name.rpartition(".")
+        m = plain.get_submodule(name)
+        linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+        linear.weight = m.weight
+        setattr(plain.get_submodule(parent), child, linear)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 12))
+    with torch.inference_mode():
+        for t in range(1, 12):  # one token at a time: the decode path
+            a, b = fast(tokens[:, :t], last_only=True), plain(tokens[:, :t], last_only=True)
+            torch.testing.assert_close(a, b, rtol=0.03, atol=0.03 * b.abs().max().item())
+
+
+def test_float32_and_unsupported_widths_stay_plain():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(40, 8).to(torch.bfloat16), nn.Linear(64, 8).to(torch.bfloat16))
+    use_cpu_gemv(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear  # float32; 40 inputs: not a multiple of 32
+    assert isinstance(model[2], GemvLinear) == fastlinear.kernel_works()
