@@ -20,11 +20,9 @@ CORPUS = Path(os.environ.get("VENTOUX_CORPUS", ROOT.parent / "shared" / "corpus"
 
 PROMPT = "ROMEO:\nBut soft, what light"
 # fp32 CPU greedy continuation, recorded by running the shipped model (tokens after the prompt).
-GOLDEN = (", and what is this?\n\n"
-          "KING RICHARD II:\nI am a king, and I will not be a king.\n\n"
-          "KING RICHARD II:\nI'll be a king, and I'll be a king.\n\n"
-          "KING RICHARD II:\nAnon, my lord, I'll be a king.\n\n"
-          "KING RICHARD II:\n")
+GOLDEN = ("ners, and the king's death,\nThat we have made a pale to be a king.\n\n"
+          "KING RICHARD II:\nO, that I did, my lord, and I'll tell thee.\n\n"
+          "HENRY BOLINGBROKE:\nI'll be a king, and I'll tell thee what:\nI'll be")
 
 
 @pytest.fixture(scope="module")

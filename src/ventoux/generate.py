@@ -51,7 +51,7 @@ class Batch:
 
     def __init__(self, model, batch_size: int, n_positions: int, decode=None):
         self.model = model
-        self.decode = model if decode is None else decode  # the decode step's callable: the model, or its torch.compile'd twin
+        self.decode = model if decode is None else decode  # the decode step: the model, or its compiled twin
         cfg = model.config
         device = model.tok_embeddings.weight.device
         dtype = model.tok_embeddings.weight.dtype
