@@ -6,7 +6,7 @@ bandwidth. PyTorch's 16-bit CPU products reach about 60% of it here (benchmarks/
 Products of more rows (prefill) stay with F.linear, which is compute-bound there and faster. The module keeps
 nn.Linear's parameter, so state_dict, saving and quantization see a plain Linear.
 
-    use_cpu_gemv(model)    # swap, in place, every 16-bit CPU nn.Linear the kernel can take; returns the count
+    use_cpu_gemv(model)    # swap, in place, every 16-bit CPU nn.Linear the kernel can take
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
+from .model import swap_modules
 
 HALF = (torch.bfloat16, torch.float16)
 MAX_ROWS = 8  # beyond this the weight is reused enough for F.linear's blocked GEMM to win
@@ -42,19 +43,15 @@ class GemvLinear(nn.Linear):
 
 
 def eligible(module: nn.Module) -> bool:
-    w = getattr(module, "weight", None)
-    return (type(module) is nn.Linear and w.device.type == "cpu" and w.dtype in HALF and w.is_contiguous()
-            and module.in_features % 32 == 0 and kernel_works())
+    if type(module) is not nn.Linear:
+        return False
+    w = module.weight
+    return w.device.type == "cpu" and w.dtype in HALF and w.is_contiguous() and module.in_features % 32 == 0 \
+        and kernel_works()
 
 
-def use_cpu_gemv(model: nn.Module) -> int:
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        if eligible(module):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, GemvLinear(module))
-            swapped += 1
-    return swapped
+def use_cpu_gemv(model: nn.Module) -> nn.Module:
+    return swap_modules(model, lambda name, module: GemvLinear(module) if eligible(module) else module)
 
 
 @functools.cache

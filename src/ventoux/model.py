@@ -136,3 +136,13 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+
+def swap_modules(model: nn.Module, transform) -> nn.Module:
+    """Replace, in place, each submodule for which transform(name, module) returns another module."""
+    for name, module in list(model.named_modules()):
+        new = transform(name, module)
+        if new is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    return model

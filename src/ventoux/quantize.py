@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import VentouxError
+from .model import swap_modules
 from .qlinear import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear
 
 
@@ -100,13 +101,7 @@ def quantizer(scheme: str | Scheme, include_output: bool = False, kernel: str | 
 def quantize_model(model: nn.Module, scheme: str | Scheme, include_output: bool = False,
                    kernel: str | None = None) -> nn.Module:
     """Swap every block linear (and the output head if asked) for its quantized version, in place."""
-    transform = quantizer(scheme, include_output, kernel)
-    for name, module in list(model.named_modules()):
-        new = transform(name, module)
-        if new is not module:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-    return model
+    return swap_modules(model, quantizer(scheme, include_output, kernel))
 
 
 def _chain(first, then):
