@@ -1,7 +1,8 @@
-"""Microbenchmark: one (M x 4096) @ (4096 x 14336) product per weight format, in GB/s of weights read.
+"""Microbenchmark: one (M x 4096) @ (4096 x 14336) product per weight format, in GB/s of weights read
+(what bounds decoding) and GFLOP/s (what bounds prefill).
 
     python benchmarks/bench_linear.py                  # batch 1, 2 threads
-    python benchmarks/bench_linear.py --m 128 --only int4,bfloat16
+    python benchmarks/bench_linear.py --m 128 --only bfloat16,int4   # a prefill-sized product
 
 Copies of each weight, over twice the size of the last-level cache in all, are rotated so that no product
 finds its weights in the cache; GB/s is the bytes of one weight (quantized: with its scales and zeros) over the
@@ -58,9 +59,11 @@ def main():
     rows = []  # (name, build one weight copy, run(x, copy), activation dtype)
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         rows.append((f"F.linear {str(dt)[6:]}", lambda dt=dt: master.to(dt), F.linear, dt))
-    if cpu_kernels.library() is not None:  # ours (fastlinear.GemvLinear), float32 activations
+    if cpu_kernels.library() is not None:  # ours (fastlinear.HalfLinear), float32 activations
         for dt in (torch.bfloat16, torch.float16):
             rows.append((f"half_gemv {str(dt)[6:]}", lambda dt=dt: master.to(dt), cpu_kernels.half_gemv, torch.float32))
+        for dt in (torch.bfloat16, torch.float16):  # prefill-sized products (--m 128): 16-bit activations
+            rows.append((f"half_gemm {str(dt)[6:]}", lambda dt=dt: master.to(dt), cpu_kernels.half_gemm, dt))
     schemes = [("int8", lambda kernel: Int8Linear.from_float(master, kernel=kernel), Int8Linear)]
     for g in (32, 64, 128):
         schemes.append((f"int4-g{g}", lambda kernel, g=g: Int4Linear.from_float(master, g, kernel=kernel), Int4Linear))
@@ -71,7 +74,7 @@ def main():
                              lambda x, mod: mod(x), torch.bfloat16))
     only = set(args.only.split(",")) if args.only else None
     print(f"{args.m}x{k} @ {k}x{n}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'format':24s} {'MB':>7s} {'median':>8s} {'GB/s':>6s} {'best':>8s} {'GB/s':>6s}")
+    print(f"{'format':24s} {'MB':>7s} {'median':>8s} {'GB/s':>6s} {'best':>8s} {'GB/s':>6s} {'GFLOP/s':>8s}")
     with torch.inference_mode():
         for name, build, run, dt in rows:
             if only and not any(o in name for o in only):
@@ -83,7 +86,7 @@ def main():
             x = torch.randn(args.m, k).to(dt)
             med, best = timed(run, x, copies, args.repeats)
             print(f"{name:24s} {nbytes / 1e6:7.1f} {med * 1e3:8.3f} {nbytes / med / 1e9:6.1f} {best * 1e3:8.3f} "
-                  f"{nbytes / best / 1e9:6.1f}", flush=True)
+                  f"{nbytes / best / 1e9:6.1f} {2 * args.m * k * n / best / 1e9:8.1f}", flush=True)
             del copies, first
 
 

@@ -20,9 +20,9 @@ CORPUS = Path(os.environ.get("VENTOUX_CORPUS", ROOT.parent / "shared" / "corpus"
 
 PROMPT = "ROMEO:\nBut soft, what light"
 # fp32 CPU greedy continuation, recorded by running the shipped model (tokens after the prompt).
-GOLDEN = ("ners, and the king's death,\nThat we have made a pale to be a king.\n\n"
-          "KING RICHARD II:\nO, that I did, my lord, and I'll tell thee.\n\n"
-          "HENRY BOLINGBROKE:\nI'll be a king, and I'll tell thee what:\nI'll be")
+GOLDEN = ("ners, I have done,\nThat I may live, and I'll not be a word.\n\n"
+          "PARIS:\nO, I will not, sir, and I'll tell you well.\n"
+          "I'll be a bawd, and a little while:\nI'll be a bawd,")
 
 
 @pytest.fixture(scope="module")

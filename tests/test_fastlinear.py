@@ -1,4 +1,4 @@
-"""The 16-bit CPU GEMV kernel (cpu_kernels.half_gemv) and GemvLinear, against float32 products and nn.Linear."""
+"""The 16-bit CPU kernels (cpu_kernels.half_gemv, half_gemm) and HalfLinear, against float64 products and nn.Linear."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import TINY, hf_model, ventoux_from_hf
 from torch import nn
 
 from ventoux import cpu_kernels, fastlinear
-from ventoux.fastlinear import GemvLinear, use_cpu_gemv
+from ventoux.fastlinear import HalfLinear, use_cpu_kernels
 from ventoux.weights import load_model, save_hf
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="needs an x86 CPU with AVX-512 VNNI and cc")
@@ -31,25 +31,44 @@ def test_half_gemv_is_the_float32_product_of_the_16bit_weights(dtype, m, k, n):
 
 
 @needs_kernel
-def test_gemv_linear_runs_the_kernel_for_few_rows_only(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (16, 2048, 24), (37, 4096, 29), (300, 544, 100)])
+def test_half_gemm_is_the_rounded_float_product(dtype, m, k, n):
+    # every tile shape: full and partial 16-row blocks and 12-output groups, one and several input blocks,
+    # and (300 rows) two row chunks
+    gen = torch.Generator().manual_seed(m + k + n)
+    x, w = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
+    exact = x.double() @ w.double().T
+    y = cpu_kernels.half_gemm(x, w)
+    assert y.dtype == dtype and y.shape == (m, n)
+    # float32 sums in another order than float64's, then one rounding to 16 bits (relative 2^-9 / 2^-12)
+    torch.testing.assert_close(y.double(), exact, rtol=2**-8, atol=1e-5 * k)
+    assert (y == F.linear(x, w)).float().mean() > 0.95  # PyTorch's product rounds the same sums the same way
+    assert not torch.allclose(cpu_kernels.half_gemm(x, w.roll(1, dims=1)).double(), exact, rtol=0.05, atol=0.05)
+
+
+@needs_kernel
+def test_half_linear_runs_the_kernels_by_row_count(monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(128, 48, bias=True).to(torch.bfloat16).requires_grad_(False)
-    fast = GemvLinear(linear)
+    fast = HalfLinear(linear)
     assert fast.weight is linear.weight and list(fast.state_dict()) == ["weight", "bias"]
+    fastlinear.kernel_works()  # its own check runs the kernels: before the counting starts
     calls = []
-    kernel = cpu_kernels.half_gemv
-    monkeypatch.setattr(cpu_kernels, "half_gemv", lambda x, w: calls.append(len(x)) or kernel(x, w))
-    for shape in [(1, 1, 128), (2, 3, 128), (1, 40, 128)]:  # decode steps, then a prefill (F.linear)
+    gemv, gemm = cpu_kernels.half_gemv, cpu_kernels.half_gemm
+    monkeypatch.setattr(cpu_kernels, "half_gemv", lambda x, w: calls.append(("gemv", len(x))) or gemv(x, w))
+    monkeypatch.setattr(cpu_kernels, "half_gemm", lambda x, w: calls.append(("gemm", len(x))) or gemm(x, w))
+    for shape in [(1, 1, 128), (2, 3, 128), (1, 40, 128)]:  # decode steps, then a prefill
         x = torch.randn(shape).to(torch.bfloat16)
         expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
         torch.testing.assert_close(fast(x).float(), expected, rtol=0.02, atol=0.02)
-    assert calls == [1, 6]
+    assert calls == [("gemv", 1), ("gemv", 6), ("gemm", 40)]
 
 
 @needs_kernel
 def test_training_keeps_autograd():
     linear = nn.Linear(64, 32).to(torch.bfloat16)
-    fast = GemvLinear(linear)
+    fast = HalfLinear(linear)
     fast(torch.randn(1, 64).to(torch.bfloat16)).sum().backward()
     assert linear.weight.grad is not None
 
@@ -65,7 +84,7 @@ def tiny_dir(tmp_path_factory):
 @needs_kernel
 def test_loading_in_bfloat16_on_cpu_swaps_linears_and_keeps_logits(tiny_dir):
     fast = load_model(tiny_dir, TINY, torch.bfloat16, "cpu")
-    swapped = [n for n, m in fast.named_modules() if isinstance(m, GemvLinear)]
+    swapped = [n for n, m in fast.named_modules() if isinstance(m, HalfLinear)]
     assert len(swapped) == 7 * TINY.n_layers + 1  # every block linear and the output head
     plain = load_model(tiny_dir, TINY, torch.bfloat16, "cpu")
     for name in swapped:  # undo the swap: the same weights through F.linear
@@ -80,10 +99,12 @@ def test_loading_in_bfloat16_on_cpu_swaps_linears_and_keeps_logits(tiny_dir):
         for t in range(1, 12):  # one token at a time: the decode path
             a, b = fast(tokens[:, :t], last_only=True), plain(tokens[:, :t], last_only=True)
             torch.testing.assert_close(a, b, rtol=0.03, atol=0.03 * b.abs().max().item())
+        a, b = fast(tokens), plain(tokens)  # 12 rows at once: the prefill path (half_gemm)
+        torch.testing.assert_close(a, b, rtol=0.03, atol=0.03 * b.abs().max().item())
 
 
 def test_float32_and_unsupported_widths_stay_plain():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(40, 8).to(torch.bfloat16), nn.Linear(64, 8).to(torch.bfloat16))
-    use_cpu_gemv(model)
+    use_cpu_kernels(model)
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear  # float32; 40 inputs: not a multiple of 32
-    assert isinstance(model[2], GemvLinear) == fastlinear.kernel_works()
+    assert isinstance(model[2], HalfLinear) == fastlinear.kernel_works()

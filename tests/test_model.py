@@ -1,7 +1,9 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
 from ventoux.cache import KVCache
-from ventoux.model import banded_causal_mask
+from ventoux.model import banded_attention, banded_causal_mask
 
 
 def test_full_forward_matches_transformers(pair):
@@ -19,6 +21,22 @@ def test_banded_mask_is_window_tokens_including_self():
     assert m[5].tolist() == [False, False, False, True, True, True]
     assert m[0].tolist() == [True, False, False, False, False, False]
     assert banded_causal_mask(6, 6, "cpu") is None  # window covers everything: plain causal
+
+
+@pytest.mark.parametrize("t,window,heads,kv_heads", [(64, 8, 4, 2), (61, 8, 4, 4), (17, 8, 2, 1), (300, 32, 4, 2)])
+def test_banded_attention_equals_the_banded_mask_with_gradients(t, window, heads, kv_heads):
+    gen = torch.Generator().manual_seed(t)
+    q = torch.randn(2, heads, t, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, t, 16, generator=gen, requires_grad=True) for _ in range(2))
+    gqa = heads != kv_heads
+    out = banded_attention(q, k, v, window, gqa)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=banded_causal_mask(t, window, "cpu"), enable_gqa=gqa)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(ref.shape, generator=gen)  # a loss that weighs every output differently
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    refs = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_prefill_then_decode_equals_full_forward(pair):

@@ -1,12 +1,14 @@
 """ventoux's own CPU kernels (csrc/qgemv.c): int8 / int4 weights times int8-quantized activations with
 AVX-512 VNNI, computed as llama.cpp computes its Q8_0 / Q4 products, and bf16 / fp16 weights times float32
 activations. Faster than PyTorch's kernels at batch 1, where decoding is bound by the memory bandwidth (see
-benchmarks/bench_linear.py).
+benchmarks/bench_linear.py). And a register-tiled 16-bit matrix product for prefill (many rows), faster than
+PyTorch's there.
 
     lib = library()           # None: no x86 AVX-512 VNNI here, or no C compiler
     y = int8_gemv(x, qweight, scales)                  # (M, K) float -> (M, N) float32
     y = int4_gemv(x, qweight, scales, zeros, group)
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
+    y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
 
 Built at first use with the system C compiler (`$CC`, else cc; about a second) into
 ~/.cache/ventoux/kernels, keyed by the source, the flags and the CPU; loaded with ctypes. They are also
@@ -72,14 +74,16 @@ def library() -> ctypes.CDLL | None:
     lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
     lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
+    lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = lib.vx_half_gemv.restype = None
+    lib.vx_half_gemm.restype = None
     return lib
 
 
-def _check(x: torch.Tensor, *tensors: torch.Tensor, multiple: int = 128) -> torch.Tensor:
+def _check(x: torch.Tensor, *tensors: torch.Tensor, multiple: int = 128, dtype=torch.float32) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] % multiple or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError(f"the CPU kernels take (M, K) inputs with K % {multiple} == 0 and contiguous CPU weights")
-    return x.float().contiguous()
+    return x.to(dtype).contiguous()
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -119,10 +123,26 @@ def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def half_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T for a bfloat16 or float16 weight -> (M, N) in the weight's dtype: float32
+    sums of exact products, rounded once (x is first cast to the weight's dtype)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ventoux.half_gemm(x, weight)
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"half_gemm takes a bfloat16 or float16 weight, not {weight.dtype}")
+    x = _check(x, weight, multiple=32, dtype=weight.dtype)
+    (m, k), n = x.shape, weight.shape[0]
+    y = torch.empty(m, n, dtype=weight.dtype)
+    library().vx_half_gemm(x.data_ptr(), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16), n,
+                           y.data_ptr(), torch.get_num_threads())
+    return y
+
+
 # Registered as custom ops for torch.compile; eager calls skip the dispatcher (about 10 us a call).
 _int8_op = torch.library.custom_op("ventoux::int8_gemv", int8_gemv, mutates_args=())
 _int4_op = torch.library.custom_op("ventoux::int4_gemv", int4_gemv, mutates_args=())
 _half_op = torch.library.custom_op("ventoux::half_gemv", half_gemv, mutates_args=())
+_gemm_op = torch.library.custom_op("ventoux::half_gemm", half_gemm, mutates_args=())
 
 
 @_int8_op.register_fake
@@ -138,3 +158,8 @@ def _(x, qweight, scales, zeros, group):
 @_half_op.register_fake
 def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@_gemm_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=weight.dtype)

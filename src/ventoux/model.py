@@ -55,6 +55,30 @@ def banded_causal_mask(t: int, window: int | None, device) -> torch.Tensor | Non
     return (d >= 0) & (d < window)
 
 
+def banded_attention(q, k, v, window: int, gqa: bool) -> torch.Tensor:
+    """Causal attention within `window` for a sequence from position 0, block by block: each block of `window`
+    queries sees its own block and the one before (2W keys), not all T, so the cost grows with T, not T^2.
+    q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D); the same result as the (T, T) banded mask."""
+    b, h, t, d = q.shape
+    n = -(-t // window)  # blocks; the last one is padded at the end (its padding is only seen by padding)
+    q, k, v = (F.pad(x, (0, 0, 0, n * window - t)) for x in (q, k, v))
+
+    def blocks(x):  # (B, h, n*W, D) -> (B, n, h, W, D)
+        return x.view(b, x.shape[1], n, window, d).transpose(1, 2)
+
+    def with_previous(x):  # (B, n, h, W, D) -> (B*n, h, 2W, D): the block before (zeros for block 0), then this one
+        return torch.cat([F.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], x], dim=3).flatten(0, 1)
+
+    i = torch.arange(window, device=q.device)
+    j = torch.arange(2 * window, device=q.device)
+    mask = (j[None, :] > i[:, None]) & (j[None, :] <= i[:, None] + window)  # query i of a block, key j: W + i - j in [0, W)
+    mask = mask.expand(b, n, window, 2 * window).clone()
+    mask[:, 0, :, :window] = False  # block 0 has no block before it
+    out = F.scaled_dot_product_attention(blocks(q).flatten(0, 1), with_previous(blocks(k)), with_previous(blocks(v)),
+                                         attn_mask=mask.flatten(0, 1)[:, None], enable_gqa=gqa)  # (B*n, H, W, D)
+    return out.view(b, n, h, window, d).transpose(1, 2).reshape(b, h, n * window, d)[:, :, :t]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,7 +97,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, step)  # (B, Hkv, S, D)
         gqa = self.n_heads != self.n_kv_heads
-        if mask is None:
+        if isinstance(mask, int):  # a sliding window over a long sequence without a cache
+            out = banded_attention(q, k, v, mask, gqa)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -126,7 +152,9 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         step = None
         if cache is None:
-            mask = banded_causal_mask(t, self.config.sliding_window, tokens.device)
+            window = self.config.sliding_window
+            # long sequences: attention block by block (an int "mask"), cheaper than a (T, T) band
+            mask = window if window and t > 2 * window else banded_causal_mask(t, window, tokens.device)
         else:
             step = cache.prepare(positions)
             mask = step.mask

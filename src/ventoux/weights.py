@@ -191,15 +191,15 @@ def load_model(folder: str | Path, config: ModelConfig, dtype: torch.dtype | Non
 
     quantize ("int8", "int4", "int4-g64", ...) quantizes each block linear as it loads; a quantized checkpoint
     (its config.json has a "quantization" entry) loads quantized as it was saved (quantize.py). bfloat16 /
-    float16 linears on a CPU become fastlinear.GemvLinear (the same weights, a faster decode)."""
-    from .fastlinear import use_cpu_gemv
+    float16 linears on a CPU become fastlinear.HalfLinear (the same weights, faster products)."""
+    from .fastlinear import use_cpu_kernels
     from .quantize import prepare_load  # quantize.py builds on this module
 
     with torch.device("meta"):
         model = Transformer(config)
     model, transform = prepare_load(model, folder, quantize, transform)
     model = load_weights(model, folder, dtype, device, transform)
-    use_cpu_gemv(model)  # 16-bit linears on a CPU decode with ventoux's kernel
+    use_cpu_kernels(model)  # 16-bit linears on a CPU run on ventoux's kernels
     return model
 
 

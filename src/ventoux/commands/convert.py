@@ -101,8 +101,8 @@ def _kernels_line() -> str:
     from ..fastlinear import kernel_works
     from ..qlinear import Int4Linear, Int8Linear
 
-    gemv = "ventoux's (AVX-512)" if kernel_works() else "PyTorch's F.linear"
-    return (f"bf16/fp16 decode: {gemv}; int8: {Int8Linear.kernels('cpu')[0]}; "
+    half = "ventoux's (AVX-512)" if kernel_works() else "PyTorch's F.linear"
+    return (f"bf16/fp16: {half}; int8: {Int8Linear.kernels('cpu')[0]}; "
             f"int4: {Int4Linear.kernels('cpu')[0]}")
 
 

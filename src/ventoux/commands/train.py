@@ -5,6 +5,7 @@
         --steps 3000 --context 256 --dropout 0.1
     ventoux pretrain --out runs/demo --resume      # after an interruption, even kill -9
     ventoux plot runs/demo                         # redraw runs/demo/loss.png
+    ventoux plot runs/demo runs/demo/long --out curve.png   # a run and the run that continued it
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ def run_pretrain(args):
 
 def _plot_args(p):
     p.add_argument("run", metavar="RUN_DIR", help="a run folder written by `ventoux pretrain`")
+    p.add_argument("after", metavar="LATER_RUN", nargs="*",
+                   help="runs that continued it (pretrain --init RUN_DIR/model), drawn as later phases")
+    p.add_argument("--out", help="picture to write (default RUN_DIR/loss.png)")
 
 
 @command("plot", "Draw a training run's loss curve (RUN_DIR/loss.png).", _plot_args)
 def run_plot(args):
     from ..train.plot import plot_run
 
-    print(f"wrote {plot_run(args.run)}")
+    print(f"wrote {plot_run(args.run, args.out, args.after)}")

@@ -2,6 +2,7 @@
 
     plot_run("runs/demo")            # writes runs/demo/loss.png
     ventoux plot runs/demo           # the same, from the command line (or: kill -USR1 <pid>)
+    ventoux plot runs/demo runs/demo/long --out docs/demo-loss.png   # a run, then the run that continued it
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 from ..errors import VentouxError
 
 
-def plot_run(run, out=None) -> Path:
-    """Draw RUN/metrics.jsonl into RUN/loss.png (or `out`); returns the picture's path."""
+def plot_run(run, out=None, after=()) -> Path:
+    """Draw RUN/metrics.jsonl into RUN/loss.png (or `out`); returns the picture's path. `after`: runs that
+    continued this one (`ventoux pretrain --init RUN/model`), drawn as later phases of one curve."""
     try:
         import matplotlib
     except ImportError:
@@ -22,7 +24,36 @@ def plot_run(run, out=None) -> Path:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    run = Path(run)
+    runs = [Path(run), *map(Path, after)]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    offset, per_char = 0, []
+    for i, r in enumerate(runs):
+        rows = _rows(r)
+        phase = f" ({r.name})" if len(runs) > 1 else ""
+        train = [(offset + x["step"], x["loss"]) for x in rows if "loss" in x]
+        val = [(offset + x["step"], x["val_loss"]) for x in rows if "val_loss" in x]
+        if train:
+            ax.plot(*zip(*train), label="train" + phase, linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation" + phase, markersize=3)
+        per_char = [x["val_nats_per_char"] for x in rows if "val_nats_per_char" in x] or per_char
+        offset += max((x["step"] for x in rows), default=0)
+    name = runs[0].name if len(runs) == 1 else " + ".join(r.name for r in runs)
+    # the last phase's figure: an earlier phase may have been scored in other segments
+    title = f"{name}: validation {per_char[-1]:.4f} nats/char at the end" if per_char else name
+    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out) if out else runs[0] / "loss.png"
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _rows(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.exists():
         raise VentouxError(f"{path} does not exist; point at a run folder written by `ventoux pretrain`")
@@ -32,22 +63,4 @@ def plot_run(run, out=None) -> Path:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line being written right now
             pass
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", markersize=3)
-    per_char = [r["val_nats_per_char"] for r in rows if "val_nats_per_char" in r]
-    title = f"{run.name}: best validation {min(per_char):.3f} nats/char" if per_char else run.name
-    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(out) if out else run / "loss.png"
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return rows
