@@ -71,7 +71,8 @@ def banded_attention(q, k, v, window: int, gqa: bool) -> torch.Tensor:
 
     i = torch.arange(window, device=q.device)
     j = torch.arange(2 * window, device=q.device)
-    mask = (j[None, :] > i[:, None]) & (j[None, :] <= i[:, None] + window)  # query i of a block, key j: W + i - j in [0, W)
+    # query i of a block may see key j of its 2W when their distance W + i - j is in [0, W)
+    mask = (j[None, :] > i[:, None]) & (j[None, :] <= i[:, None] + window)
     mask = mask.expand(b, n, window, 2 * window).clone()
     mask[:, 0, :, :window] = False  # block 0 has no block before it
     out = F.scaled_dot_product_attention(blocks(q).flatten(0, 1), with_previous(blocks(k)), with_previous(blocks(v)),

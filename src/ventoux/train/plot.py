@@ -27,7 +27,7 @@ def plot_run(run, out=None, after=()) -> Path:
     runs = [Path(run), *map(Path, after)]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     offset, per_char = 0, []
-    for i, r in enumerate(runs):
+    for r in runs:
         rows = _rows(r)
         phase = f" ({r.name})" if len(runs) > 1 else ""
         train = [(offset + x["step"], x["loss"]) for x in rows if "loss" in x]
