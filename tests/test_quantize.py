@@ -37,10 +37,10 @@ CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, 
 BF16_EPS = 2.0**-8  # bfloat16 rounding, relative (packed kernels take bfloat16 activations)
 
 
-def _weights(n=64, k=256, seed=0):
+def _weights(n=64, k=256, seed=0, rows=(2, 3)):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))  # rows of varied scale
-    x = torch.randn(2, 3, k, generator=gen)
+    x = torch.randn(*rows, k, generator=gen)
     return w, x
 
 
@@ -117,10 +117,11 @@ def test_int8_linear_against_float(kernel):
     _check_linear(layer, w, x, _ref_int8(qweight, scales), step)
 
 
+@pytest.mark.parametrize("rows", [(2, 3), (1, 300)])  # decode-sized; prefill-sized (vnni: the tiled product)
 @pytest.mark.parametrize("kernel", Int4Linear.kernels("cpu"))
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_linear_against_float(group_size, kernel):
-    w, x = _weights()
+def test_int4_linear_against_float(group_size, kernel, rows):
+    w, x = _weights(rows=rows)
     layer = Int4Linear.from_float(w, group_size, kernel=kernel)
     assert layer.kernel == kernel and layer.group_size == group_size
     qweight, scales, zeros = layer.canonical()
@@ -131,8 +132,9 @@ def test_int4_linear_against_float(group_size, kernel):
 
 @pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}),
                                       (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
-def test_packed_kernel_agrees_with_fallback(cls, args):
-    w, x = _weights(n=96, k=384, seed=1)
+@pytest.mark.parametrize("rows", [(2, 3), (37,)])
+def test_packed_kernel_agrees_with_fallback(cls, args, rows):
+    w, x = _weights(n=96, k=384, seed=1, rows=rows)
     fallback = cls.from_float(w, kernel="fallback", **args)
     for kernel in cls.kernels("cpu"):
         packed = cls.from_float(w, kernel=kernel, **args)
@@ -141,6 +143,17 @@ def test_packed_kernel_agrees_with_fallback(cls, args):
         xb = x.to(torch.bfloat16).float()  # the activations PyTorch's packed kernels see
         w_hat = fallback(torch.eye(384, dtype=torch.float64).float()).T.to(torch.float64)  # (N, K)
         assert ((packed(xb) - fallback(xb)).abs() <= _kernel_error(packed, xb, w_hat)).all(), kernel
+
+
+@pytest.mark.skipif("vnni" not in Int4Linear.kernels("cpu"), reason="needs an x86 CPU with AVX-512 VNNI and cc")
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_vnni_prefill_product_equals_the_decode_product(group_size):
+    # More than 8 rows take the tiled product, up to 8 the row-by-row one: the same integer arithmetic,
+    # so they agree to float rounding (far tighter than the bound against float64 above)
+    w, x = _weights(n=100, k=640, seed=2, rows=(300,))
+    layer = Int4Linear.from_float(w, group_size, kernel="vnni")
+    by_rows = torch.cat([layer(x[i:i + 8]) for i in range(0, len(x), 8)])
+    torch.testing.assert_close(layer(x), by_rows, rtol=1e-5, atol=1e-5 * by_rows.abs().max().item())
 
 
 def test_kernel_choice_follows_shape():

@@ -22,6 +22,7 @@
 
 #define BLOCK 32  // activation quantization block
 #define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
+#define GEMV_MAX_ROWS 8  // more activation rows than this reuse each weight enough for a tiled product
 
 // Up to 16 bfloat16 values -> float32 lanes (a bfloat16 is the high half of a float32); masked lanes are 0.
 static inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
@@ -99,8 +100,15 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   free(dvec);
 }
 
+static void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                      const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
+
 void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+    int4_gemm(x, M, K, w, scales, zeros, group, N, y, nthreads);
+    return;
+  }
   const int64_t C = K / 128;  // 64-byte chunks of a packed row: 128 inputs
   const int64_t G = K / group, Gp = (G + 15) / 16 * 16;  // groups per row, padded to whole vectors
   const int64_t per_chunk = 128 / group;
@@ -307,5 +315,138 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
     }
   }
   free(xp);
+  free(yt);
+}
+
+// int4_gemm: vx_int4_gemv's product for many rows (prefill), where it is bound by arithmetic. The same
+// numbers as the row-by-row kernel: activations quantized to int8 per block of 32 (scale d), integer dot
+// products with the 4-bit codes, then per block sum * d * s plus, per group, (z - 8 s) * sum of x. Laid
+// out like half_gemm: 16 rows of x times 4 consecutive inputs fill a 64-byte vector ((MC/16, K/4, 16, 4)
+// int8), so one vpdpbusd with 4 codes of one output broadcast gives 16 rows of that output, 64 multiply-adds
+// an instruction. A tile of Q4_MB x 16 rows by Q4_NR outputs keeps its int32 block sums and float sums in
+// registers; the weight tile's codes are unpacked to bytes once per Q4_KC inputs (qs) for all row blocks.
+#define Q4_MC 256
+#define Q4_KC 256  // a multiple of every group size
+#define Q4_NR 4
+#define Q4_MB 3
+
+static inline __attribute__((always_inline)) void int4_tile(const int8_t* xq, const float* dx, const float* xs,
+                                                            int64_t K, int64_t G, int64_t group, int64_t k0,
+                                                            int64_t k1, const uint8_t* qs, const float* s,
+                                                            const float* off, int mb, int nr, float* yt,
+                                                            int64_t Mp) {
+  __m512 acc[Q4_NR][Q4_MB];
+  for (int n = 0; n < nr; ++n)
+    for (int b = 0; b < mb; ++b) acc[n][b] = k0 ? _mm512_loadu_ps(yt + n * Mp + b * 16) : _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; k += BLOCK) {
+    __m512i dot[Q4_NR][Q4_MB];
+    for (int n = 0; n < nr; ++n)
+      for (int b = 0; b < mb; ++b) dot[n][b] = _mm512_setzero_si512();
+    for (int64_t j = k; j < k + BLOCK; j += 4) {
+      __m512i xv[Q4_MB];
+      for (int b = 0; b < mb; ++b) xv[b] = _mm512_loadu_si512(xq + b * 16 * K + j * 16);
+      for (int n = 0; n < nr; ++n) {
+        int32_t codes;
+        memcpy(&codes, qs + n * Q4_KC + (j - k0), 4);
+        const __m512i wv = _mm512_set1_epi32(codes);
+        for (int b = 0; b < mb; ++b) dot[n][b] = _mm512_dpbusd_epi32(dot[n][b], wv, xv[b]);
+      }
+    }
+    const int64_t blk = k / BLOCK, g = k / group;
+    for (int b = 0; b < mb; ++b) {
+      const __m512 d = _mm512_loadu_ps(dx + b * 16 * (K / BLOCK) + blk * 16);
+      for (int n = 0; n < nr; ++n)
+        acc[n][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[n][b]), _mm512_mul_ps(d, _mm512_set1_ps(s[n * G + g])),
+                                    acc[n][b]);
+    }
+    if ((k + BLOCK) % group == 0)  // the group's zero term
+      for (int b = 0; b < mb; ++b) {
+        const __m512 sum = _mm512_loadu_ps(xs + b * 16 * G + g * 16);
+        for (int n = 0; n < nr; ++n) acc[n][b] = _mm512_fmadd_ps(_mm512_set1_ps(off[n * G + g]), sum, acc[n][b]);
+      }
+  }
+  for (int n = 0; n < nr; ++n)
+    for (int b = 0; b < mb; ++b) _mm512_storeu_ps(yt + n * Mp + b * 16, acc[n][b]);
+}
+
+static void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                      const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
+  const int64_t MC = M < Q4_MC ? (M + 15) / 16 * 16 : Q4_MC, G = K / group, B = K / BLOCK;
+  int8_t* xq = malloc(MC * K);                    // (MC/16, K/4, 16, 4)
+  float* dx = malloc(MC * B * sizeof(float));     // (MC/16, K/32, 16): each block's scale
+  float* xs = malloc(MC * G * sizeof(float));     // (MC/16, G, 16): each group's sum of the quantized x
+  float* yt = malloc(N * MC * sizeof(float));
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t rows = M - m0 < MC ? M - m0 : MC, Mp = (rows + 15) / 16 * 16, blocks = Mp / 16;
+#pragma omp parallel num_threads(nthreads)
+    {
+      uint8_t* qs = malloc(Q4_NR * Q4_KC);                  // the tile's codes, one byte each
+      float* s = malloc(Q4_NR * G * sizeof(float));         // its scales as float
+      float* off = malloc(Q4_NR * G * sizeof(float));       // and z - 8 s: w = (q - 8) s + z = q s + off
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < Mp; ++m) {  // rows past M are zero
+        int8_t* dst = xq + (m / 16) * 16 * K + (m % 16) * 4;
+        float* dm = dx + (m / 16) * 16 * B + m % 16;
+        float* sm = xs + (m / 16) * 16 * G + m % 16;
+        for (int64_t g = 0; g < G; ++g) sm[g * 16] = 0.f;
+        for (int64_t b = 0; b < B; ++b) {
+          int8_t q[BLOCK];
+          float d = 0.f;
+          if (m < rows) d = quantize_block(x + (m0 + m) * K + b * BLOCK, q);
+          else memset(q, 0, BLOCK);
+          int sum = 0;
+          for (int i = 0; i < BLOCK; ++i) sum += q[i];
+          for (int i = 0; i < BLOCK; i += 4) memcpy(dst + (b * BLOCK + i) * 16, q + i, 4);
+          dm[b * 16] = d;
+          sm[(b * BLOCK / group) * 16] += d * (float)sum;
+        }
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += Q4_KC) {  // the implicit barrier of each omp for orders the blocks
+        const int64_t k1 = k0 + Q4_KC < K ? k0 + Q4_KC : K;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n += Q4_NR) {
+          const int nr = N - n < Q4_NR ? (int)(N - n) : Q4_NR;
+          for (int r = 0; r < nr; ++r) {
+            const uint8_t* p = w + (n + r) * K / 2;
+            for (int64_t k = k0; k < k1; k += 2) {
+              qs[r * Q4_KC + k - k0] = p[k / 2] & 15;
+              qs[r * Q4_KC + k - k0 + 1] = p[k / 2] >> 4;
+            }
+            for (int64_t g = k0 / group; g < k1 / group; ++g) {
+              s[r * G + g] = bf16(scales[(n + r) * G + g]);
+              off[r * G + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * G + g];
+            }
+          }
+          float* yn = yt + n * Mp;
+          if (nr == Q4_NR) {
+            int64_t b = 0;
+            for (; b + Q4_MB <= blocks; b += Q4_MB)
+              int4_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs, s, off, Q4_MB,
+                        Q4_NR, yn + b * 16, Mp);
+            for (; b < blocks; ++b)
+              int4_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs, s, off, 1,
+                        Q4_NR, yn + b * 16, Mp);
+          } else {
+            for (int r = 0; r < nr; ++r)
+              for (int64_t b = 0; b < blocks; ++b)
+                int4_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs + r * Q4_KC,
+                          s + r * G, off + r * G, 1, 1, yn + r * Mp + b * 16, Mp);
+          }
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t n0 = 0; n0 < N; n0 += 16) {  // yt (N, Mp) -> y rows m0.. (M, N)
+        const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = n0; n < n1; ++n) y[(m0 + m) * N + n] = yt[n * Mp + m];
+      }
+      free(qs);
+      free(s);
+      free(off);
+    }
+  }
+  free(xq);
+  free(dx);
+  free(xs);
   free(yt);
 }
