@@ -105,9 +105,10 @@ def test_quantize_while_loading_can_include_the_output_head(tmp_path, spec, head
     assert isinstance(model.output, Int4Linear) == head and isinstance(model.layers[0].feed_forward.w2, Int4Linear)
 
 
+@pytest.mark.parametrize("rows", [(2, 3), (1, 300)])  # decode-sized; prefill-sized (vnni: the tiled product)
 @pytest.mark.parametrize("kernel", Int8Linear.kernels("cpu"))
-def test_int8_linear_against_float(kernel):
-    w, x = _weights()
+def test_int8_linear_against_float(kernel, rows):
+    w, x = _weights(rows=rows)
     layer = Int8Linear.from_float(w, kernel=kernel)
     assert layer.kernel == kernel
     qweight, scales = layer.canonical()
@@ -146,12 +147,13 @@ def test_packed_kernel_agrees_with_fallback(cls, args, rows):
 
 
 @pytest.mark.skipif("vnni" not in Int4Linear.kernels("cpu"), reason="needs an x86 CPU with AVX-512 VNNI and cc")
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_vnni_prefill_product_equals_the_decode_product(group_size):
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}),
+                                      (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
+def test_vnni_prefill_product_equals_the_decode_product(cls, args):
     # More than 8 rows take the tiled product, up to 8 the row-by-row one: the same integer arithmetic,
     # so they agree to float rounding (far tighter than the bound against float64 above)
     w, x = _weights(n=100, k=640, seed=2, rows=(300,))
-    layer = Int4Linear.from_float(w, group_size, kernel="vnni")
+    layer = cls.from_float(w, kernel="vnni", **args)
     by_rows = torch.cat([layer(x[i:i + 8]) for i in range(0, len(x), 8)])
     torch.testing.assert_close(layer(x), by_rows, rtol=1e-5, atol=1e-5 * by_rows.abs().max().item())
 

@@ -48,8 +48,15 @@ static inline float quantize_block(const float* x, int8_t* q) {
   return d;
 }
 
+static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                       const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
+
 void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
                   float* y, int nthreads) {
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, K, N, y, nthreads);
+    return;
+  }
   const int64_t C = K / 64;  // 64-byte chunks of a row: two activation blocks each
   // |q| as unsigned bytes, sign(q) as one bit mask per chunk, and each chunk's two block scales spread over the
   // 16 int32 lanes of its dot product (lanes 0-7 sum block 2c, lanes 8-15 block 2c+1)
@@ -100,13 +107,10 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   free(dvec);
 }
 
-static void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                      const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
-
 void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
-    int4_gemm(x, M, K, w, scales, zeros, group, N, y, nthreads);
+    quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
     return;
   }
   const int64_t C = K / 128;  // 64-byte chunks of a packed row: 128 inputs
@@ -318,36 +322,38 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
   free(yt);
 }
 
-// int4_gemm: vx_int4_gemv's product for many rows (prefill), where it is bound by arithmetic. The same
-// numbers as the row-by-row kernel: activations quantized to int8 per block of 32 (scale d), integer dot
-// products with the 4-bit codes, then per block sum * d * s plus, per group, (z - 8 s) * sum of x. Laid
-// out like half_gemm: 16 rows of x times 4 consecutive inputs fill a 64-byte vector ((MC/16, K/4, 16, 4)
-// int8), so one vpdpbusd with 4 codes of one output broadcast gives 16 rows of that output, 64 multiply-adds
-// an instruction. A tile of Q4_MB x 16 rows by Q4_NR outputs keeps its int32 block sums and float sums in
-// registers; the weight tile's codes are unpacked to bytes once per Q4_KC inputs (qs) for all row blocks.
-#define Q4_MC 256
-#define Q4_KC 256  // a multiple of every group size
-#define Q4_NR 4
-#define Q4_MB 3
+// quant_gemm: vx_int8_gemv's and vx_int4_gemv's product for many rows (prefill), where it is bound by
+// arithmetic. The same numbers as the row-by-row kernels: activations quantized to int8 per block of 32
+// (scale d), integer dot products with the weights' codes, then per block sum * d * s plus, per group,
+// off * (sum of x), with the weight w = code * s + off: int4 codes 0..15 and off = z - 8 s; int8 codes
+// q + 128 (vpdpbusd wants one unsigned side) and off = -128 s, one group a row. Laid out like half_gemm:
+// 16 rows of x times 4 consecutive inputs fill a 64-byte vector ((MC/16, K/4, 16, 4) int8), so one vpdpbusd
+// with 4 codes of one output broadcast gives 16 rows of that output, 64 multiply-adds an instruction. A tile
+// of Q_MB x 16 rows by Q_NR outputs keeps its int32 block sums and float sums in registers; the weight tile's
+// codes are unpacked to bytes once per Q_KC inputs (qs) for all row blocks.
+#define Q_MC 256
+#define Q_KC 256  // a multiple of every int4 group size
+#define Q_NR 4
+#define Q_MB 3
 
-static inline __attribute__((always_inline)) void int4_tile(const int8_t* xq, const float* dx, const float* xs,
+static inline __attribute__((always_inline)) void quant_tile(const int8_t* xq, const float* dx, const float* xs,
                                                             int64_t K, int64_t G, int64_t group, int64_t k0,
                                                             int64_t k1, const uint8_t* qs, const float* s,
                                                             const float* off, int mb, int nr, float* yt,
                                                             int64_t Mp) {
-  __m512 acc[Q4_NR][Q4_MB];
+  __m512 acc[Q_NR][Q_MB];
   for (int n = 0; n < nr; ++n)
     for (int b = 0; b < mb; ++b) acc[n][b] = k0 ? _mm512_loadu_ps(yt + n * Mp + b * 16) : _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; k += BLOCK) {
-    __m512i dot[Q4_NR][Q4_MB];
+    __m512i dot[Q_NR][Q_MB];
     for (int n = 0; n < nr; ++n)
       for (int b = 0; b < mb; ++b) dot[n][b] = _mm512_setzero_si512();
     for (int64_t j = k; j < k + BLOCK; j += 4) {
-      __m512i xv[Q4_MB];
+      __m512i xv[Q_MB];
       for (int b = 0; b < mb; ++b) xv[b] = _mm512_loadu_si512(xq + b * 16 * K + j * 16);
       for (int n = 0; n < nr; ++n) {
         int32_t codes;
-        memcpy(&codes, qs + n * Q4_KC + (j - k0), 4);
+        memcpy(&codes, qs + n * Q_KC + (j - k0), 4);
         const __m512i wv = _mm512_set1_epi32(codes);
         for (int b = 0; b < mb; ++b) dot[n][b] = _mm512_dpbusd_epi32(dot[n][b], wv, xv[b]);
       }
@@ -369,9 +375,9 @@ static inline __attribute__((always_inline)) void int4_tile(const int8_t* xq, co
     for (int b = 0; b < mb; ++b) _mm512_storeu_ps(yt + n * Mp + b * 16, acc[n][b]);
 }
 
-static void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                      const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
-  const int64_t MC = M < Q4_MC ? (M + 15) / 16 * 16 : Q4_MC, G = K / group, B = K / BLOCK;
+static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                       const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
+  const int64_t MC = M < Q_MC ? (M + 15) / 16 * 16 : Q_MC, G = K / group, B = K / BLOCK;
   int8_t* xq = malloc(MC * K);                    // (MC/16, K/4, 16, 4)
   float* dx = malloc(MC * B * sizeof(float));     // (MC/16, K/32, 16): each block's scale
   float* xs = malloc(MC * G * sizeof(float));     // (MC/16, G, 16): each group's sum of the quantized x
@@ -380,9 +386,9 @@ static void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, co
     const int64_t rows = M - m0 < MC ? M - m0 : MC, Mp = (rows + 15) / 16 * 16, blocks = Mp / 16;
 #pragma omp parallel num_threads(nthreads)
     {
-      uint8_t* qs = malloc(Q4_NR * Q4_KC);                  // the tile's codes, one byte each
-      float* s = malloc(Q4_NR * G * sizeof(float));         // its scales as float
-      float* off = malloc(Q4_NR * G * sizeof(float));       // and z - 8 s: w = (q - 8) s + z = q s + off
+      uint8_t* qs = malloc(Q_NR * Q_KC);                  // the tile's codes, one byte each
+      float* s = malloc(Q_NR * G * sizeof(float));         // its scales as float
+      float* off = malloc(Q_NR * G * sizeof(float));       // and the offsets: w = code * s + off
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < Mp; ++m) {  // rows past M are zero
         int8_t* dst = xq + (m / 16) * 16 * K + (m % 16) * 4;
@@ -401,35 +407,44 @@ static void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, co
           sm[(b * BLOCK / group) * 16] += d * (float)sum;
         }
       }
-      for (int64_t k0 = 0; k0 < K; k0 += Q4_KC) {  // the implicit barrier of each omp for orders the blocks
-        const int64_t k1 = k0 + Q4_KC < K ? k0 + Q4_KC : K;
+      for (int64_t k0 = 0; k0 < K; k0 += Q_KC) {  // the implicit barrier of each omp for orders the blocks
+        const int64_t k1 = k0 + Q_KC < K ? k0 + Q_KC : K;
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n += Q4_NR) {
-          const int nr = N - n < Q4_NR ? (int)(N - n) : Q4_NR;
+        for (int64_t n = 0; n < N; n += Q_NR) {
+          const int nr = N - n < Q_NR ? (int)(N - n) : Q_NR;
           for (int r = 0; r < nr; ++r) {
-            const uint8_t* p = w + (n + r) * K / 2;
-            for (int64_t k = k0; k < k1; k += 2) {
-              qs[r * Q4_KC + k - k0] = p[k / 2] & 15;
-              qs[r * Q4_KC + k - k0 + 1] = p[k / 2] >> 4;
-            }
-            for (int64_t g = k0 / group; g < k1 / group; ++g) {
-              s[r * G + g] = bf16(scales[(n + r) * G + g]);
-              off[r * G + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * G + g];
+            if (bits == 8) {
+              const uint8_t* p = w + (n + r) * K;
+              for (int64_t k = k0; k < k1; ++k) qs[r * Q_KC + k - k0] = p[k] ^ 0x80;  // q + 128 as a byte
+              s[r] = bf16(scales[n + r]);
+              off[r] = -128.f * s[r];
+            } else {
+              const uint8_t* p = w + (n + r) * K / 2;
+              for (int64_t k = k0; k < k1; k += 64) {  // 32 bytes -> 64 codes: low nibble first
+                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + k / 2)));
+                const __m512i codes = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi16(15)),
+                                                      _mm512_slli_epi16(_mm512_srli_epi16(v, 4), 8));
+                _mm512_storeu_si512(qs + r * Q_KC + k - k0, codes);
+              }
+              for (int64_t g = k0 / group; g < k1 / group; ++g) {
+                s[r * G + g] = bf16(scales[(n + r) * G + g]);
+                off[r * G + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * G + g];
+              }
             }
           }
           float* yn = yt + n * Mp;
-          if (nr == Q4_NR) {
+          if (nr == Q_NR) {
             int64_t b = 0;
-            for (; b + Q4_MB <= blocks; b += Q4_MB)
-              int4_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs, s, off, Q4_MB,
-                        Q4_NR, yn + b * 16, Mp);
+            for (; b + Q_MB <= blocks; b += Q_MB)
+              quant_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs, s, off, Q_MB,
+                        Q_NR, yn + b * 16, Mp);
             for (; b < blocks; ++b)
-              int4_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs, s, off, 1,
-                        Q4_NR, yn + b * 16, Mp);
+              quant_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs, s, off, 1,
+                        Q_NR, yn + b * 16, Mp);
           } else {
             for (int r = 0; r < nr; ++r)
               for (int64_t b = 0; b < blocks; ++b)
-                int4_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs + r * Q4_KC,
+                quant_tile(xq + b * 16 * K, dx + b * 16 * B, xs + b * 16 * G, K, G, group, k0, k1, qs + r * Q_KC,
                           s + r * G, off + r * G, 1, 1, yn + r * Mp + b * 16, Mp);
           }
         }
