@@ -1,4 +1,4 @@
-"""ventoux's own CPU kernels (csrc/qgemv.c): int8 / int4 weights times int8-quantized activations with
+"""ventoux's own CPU kernels (csrc/cpu_kernels.c): int8 / int4 weights times int8-quantized activations with
 AVX-512 VNNI, computed as llama.cpp computes its Q8_0 / Q4 products, and bf16 / fp16 weights times float32
 activations. Faster than PyTorch's kernels at batch 1, where decoding is bound by the memory bandwidth (see
 benchmarks/bench_linear.py). And a register-tiled 16-bit matrix product for prefill (many rows), faster than
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
@@ -55,7 +55,7 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(flags)]).encode()).hexdigest()
-    path = cache_dir() / f"qgemv-{key[:16]}.so"
+    path = cache_dir() / f"cpu_kernels-{key[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half-written

@@ -1,19 +1,24 @@
-// Quantized matrix products for decoding on x86 CPUs with AVX-512 VNNI, computed the way llama.cpp computes
-// its Q8_0 / Q4 products: the activations are quantized to int8 per block of 32 inputs (one float scale each),
-// multiplied with the int8 / int4 weights by integer dot products (vpdpbusd), one float multiply-add per block.
+// ventoux's CPU kernels, for x86 CPUs with AVX-512 VNNI (loaded by cpu_kernels.py, which builds this file with
+// -O3 -march=native -fopenmp). int8 / int4 products are computed the way llama.cpp computes its Q8_0 / Q4
+// products: the activations are quantized to int8 per block of 32 inputs (one float scale each), multiplied
+// with the int8 / int4 weights by integer dot products (vpdpbusd), one float multiply-add per block. 16-bit
+// products convert each weight to float32 exactly (a shift for bf16, vcvtph2ps for fp16) and multiply in
+// float32.
 //
 //   vx_int8_gemv: x (M, K) float32, w (N, K) int8, scales (N,) bf16                      -> y (M, N) float32
 //   vx_int4_gemv: x (M, K) float32, w (N, K/2) uint8, scales, zeros (N, K/g) bf16, g     -> y (M, N) float32
 //   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16                               -> y (M, N) float32
-//   vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16 (prefill; at the end)   -> y (M, N) the same
-// The 16-bit product converts each weight to float32 exactly (a shift for bf16, vcvtph2ps for fp16) and
-// multiplies in float32: PyTorch's own bf16 / fp16 products at batch 1 reach about 60% of the bandwidth here.
+//   vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16                         -> y (M, N) the same
+//
+// Decoding (a few rows) is bound by the memory bandwidth: the gemv kernels share weight rows among OpenMP
+// threads (the same runtime as PyTorch's), read ROWS at a time, prefetching the next ROWS, and reuse each row
+// from L1 for the M activation rows. PyTorch's own bf16 / fp16 products at batch 1 reach about 60% of the
+// bandwidth here. Prefill (more than GEMV_MAX_ROWS rows) is bound by arithmetic: vx_int8_gemv and
+// vx_int4_gemv pass it to quant_gemm, and vx_half_gemm is its 16-bit counterpart, both register-tiled
+// (at the end of the file).
 //
 // The weights are ventoux's device-independent layout (qlinear.py): int4 byte j of a row holds inputs 2j
-// (low nibble) and 2j+1 (high). Rows are shared among OpenMP threads (the same runtime as PyTorch's) and read
-// ROWS at a time, prefetching the next ROWS; each weight row is read from memory once and reused from L1 for
-// the M activation rows (so prefill, M in the hundreds, runs on the same code).
-// Requires K % 128 == 0 (the 16-bit product: K % 32 == 0). Built by cpu_kernels.py with -O3 -march=native -fopenmp.
+// (low nibble) and 2j+1 (high). Requires K % 128 == 0 (the 16-bit products: K % 32 == 0).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
