@@ -55,6 +55,11 @@ def banded_causal_mask(t: int, window: int | None, device) -> torch.Tensor | Non
     return (d >= 0) & (d < window)
 
 
+def attends_by_blocks(t: int, window: int | None) -> bool:
+    """Whether a T-token sequence without a cache is attended block by block (banded_attention)."""
+    return window is not None and t > 2 * window
+
+
 def banded_attention(q, k, v, window: int, gqa: bool) -> torch.Tensor:
     """Causal attention within `window` for a sequence from position 0, block by block: each block of `window`
     queries sees its own block and the one before (2W keys), not all T, so the cost grows with T, not T^2.
@@ -88,6 +93,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.window = cfg.sliding_window
 
     def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0):
         b, t, _ = x.shape
@@ -98,8 +104,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, step)  # (B, Hkv, S, D)
         gqa = self.n_heads != self.n_kv_heads
-        if isinstance(mask, int):  # a sliding window over a long sequence without a cache
-            out = banded_attention(q, k, v, mask, gqa)
+        if cache is None and attends_by_blocks(t, self.window):
+            out = banded_attention(q, k, v, self.window, gqa)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -153,9 +159,8 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         step = None
         if cache is None:
-            window = self.config.sliding_window
-            # long sequences: attention block by block (an int "mask"), cheaper than a (T, T) band
-            mask = window if window and t > 2 * window else banded_causal_mask(t, window, tokens.device)
+            window = self.config.sliding_window  # long sequences need no (T, T) mask: see banded_attention
+            mask = None if attends_by_blocks(t, window) else banded_causal_mask(t, window, tokens.device)
         else:
             step = cache.prepare(positions)
             mask = step.mask
