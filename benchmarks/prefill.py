@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/prefill.py                 # all three parts
     .venv/bin/python benchmarks/prefill.py --parts 16k --layers 1
+    .venv/bin/python benchmarks/prefill.py --parts 16k --prefill-chunk 2048   # ventoux's chunk (default: its own)
 
 1. 4K-token prompt: prefill tokens/s of ventoux against transformers (bf16, same weights).
 2. 16K-token prompt, window 4096: ventoux's chunked prefill against the same weights with full attention
@@ -62,7 +63,7 @@ def part_cache() -> None:
 def _settings(args, prompt_len: int) -> Settings:
     # Two new tokens: the first closes the prefill (time to first token), decode is not the point here.
     return Settings(prompt_len=prompt_len, new_tokens=2, threads=args.threads, repeats=args.repeats,
-                    quiet_wait_s=120.0)
+                    prefill_chunk=args.prefill_chunk, quiet_wait_s=120.0)
 
 
 def main() -> None:
@@ -71,6 +72,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1, help="layers of the Mistral-7B-shaped random model")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="ventoux's prefill chunk in tokens (default: generate.default_chunk)")
     args = p.parse_args()
     parts = args.parts.split(",")
     folder = random_checkpoint(n_layers=args.layers) if {"4k", "16k"} & set(parts) else None

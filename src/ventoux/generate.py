@@ -99,8 +99,8 @@ class _Row:
 
 def default_chunk(model) -> int:
     # A windowed chunk of C tokens attends over the W cached keys plus its own C, so a smaller chunk wastes
-    # less attention; 1024 rows still keep the matrix products at full speed (16K prompt, W = 4096: 11%
-    # faster than 2048-token chunks on 2 cores). Full attention sees every earlier key whatever the chunk.
+    # less attention; 1024 rows still keep the matrix products at full speed (benchmarks/prefill.py, 16K
+    # prompt, W = 4096: 11% faster than 2048-token chunks). Full attention sees every earlier key anyway.
     w = model.config.sliding_window
     return min(w, 1024) if w else 2048
 
