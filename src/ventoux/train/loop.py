@@ -33,7 +33,7 @@ from ..weights import find_checkpoint, load_model, save_hf
 from .checkpoint import checkpoints, rng_state, save_checkpoint, set_rng_state, trainer_state
 from .data import load_corpus
 from .evaluate import segment_loss
-from .plot import plot_run
+from .plot import plot_run, read_metrics
 
 
 @dataclass
@@ -270,22 +270,12 @@ class Metrics:
 
     def __init__(self, path: Path, after_step: int):
         self.path = path
-        kept = [r for r in _rows(path) if r["step"] <= after_step]
+        kept = [r for r in read_metrics(path) if r["step"] <= after_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, **row) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            pass
-    return rows
 
 
 def _on_sigusr1() -> threading.Event:

@@ -28,7 +28,10 @@ def plot_run(run, out=None, after=()) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     offset, per_char = 0, []
     for r in runs:
-        rows = _rows(r)
+        path = r / "metrics.jsonl"
+        if not path.exists():
+            raise VentouxError(f"{path} does not exist; point at a run folder written by `ventoux pretrain`")
+        rows = read_metrics(path)
         phase = f" ({r.name})" if len(runs) > 1 else ""
         train = [(offset + x["step"], x["loss"]) for x in rows if "loss" in x]
         val = [(offset + x["step"], x["val_loss"]) for x in rows if "val_loss" in x]
@@ -53,14 +56,12 @@ def plot_run(run, out=None, after=()) -> Path:
     return out
 
 
-def _rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        raise VentouxError(f"{path} does not exist; point at a run folder written by `ventoux pretrain`")
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] if there is none), skipping a line cut short by a kill or being written."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
+        except json.JSONDecodeError:
             pass
     return rows
