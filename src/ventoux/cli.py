@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import get_args, get_origin, get_type_hints
 
 from .errors import VentouxError
 
@@ -48,24 +49,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", "-t", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--prefill-chunk", type=int, default=None)
+    """One flag per SamplingParams field the CLI shows (params.py is the table, with the CLI's defaults)."""
+    from .params import SamplingParams
+
+    hints = get_type_hints(SamplingParams)
+    for f, default in SamplingParams.surface_fields("cli"):
+        kind = next(t for t in (get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
+        flags = ["--" + f.name.replace("_", "-")] + (["-t"] if f.name == "temperature" else [])
+        if get_origin(kind) is list:  # stop: repeat the flag
+            p.add_argument(*flags, action="append", type=get_args(kind)[0], default=default, help=f.metadata["help"])
+        else:
+            p.add_argument(*flags, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                seed=args.seed, stop=args.stop, prefill_chunk=args.prefill_chunk)
+    from .params import SamplingParams
+
+    return {f.name: getattr(args, f.name) for f, _ in SamplingParams.surface_fields("cli")}
 
 
 def load_from_args(args: argparse.Namespace):

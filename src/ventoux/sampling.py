@@ -2,74 +2,17 @@
 
 Every function works on the whole batch at once with per-row parameters (B,), so one decode step
 serves rows with different settings without a Python loop over sequences.
+
+SamplingParams lives in params.py (no torch import there, so the CLI can build its flags from it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 
-from .errors import VentouxError
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 -> greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 -> off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # HF-style, over prompt and output tokens
-    presence_penalty: float = 0.0  # OpenAI-style, over output tokens
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    logprobs: int | None = None  # None: off; n >= 0: chosen token's logprob and the top n alternatives
-    prefill_chunk: int | None = None
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0 (0 is greedy)"),
-            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
-            ("min_p", _finite(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0,
-             "a number > 0 (1 turns it off)"),
-            ("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-             "in [-2, 2]"),
-            ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-             "in [-2, 2]"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
-            ("stop", self.stop is None or all(isinstance(s, str) and s for s in self.stop),
-             "a non-empty string or a list of them"),
-            ("stop_token_ids", self.stop_token_ids is None or all(isinstance(t, int) for t in self.stop_token_ids),
-             "a list of token ids"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-             "None or an integer in [0, 20]"),
-            ("prefill_chunk", self.prefill_chunk is None or (isinstance(self.prefill_chunk, int)
-                                                              and self.prefill_chunk >= 1), "an integer >= 1"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise VentouxError(f"invalid sampling parameter {name}={getattr(self, name)!r}: it must be {want}")
-
-    @classmethod
-    def names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
-
-    @property
-    def needs_history(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+from .params import SamplingParams  # noqa: F401  (re-exported: its old home)
 
 
 def apply_penalties(logits, seen, counts, repetition, presence, frequency):
