@@ -34,7 +34,7 @@ def run_train_tokenizer(args):
 
 
 def _pretrain_args(p):
-    from ..train.loop import TrainArgs
+    from ..train.pretrain import TrainArgs
 
     d = TrainArgs()
     p.add_argument("--config", help="preset name, HF config.json, or a checkpoint folder (its architecture)")
@@ -43,7 +43,9 @@ def _pretrain_args(p):
     p.add_argument("--data", nargs="+", metavar="FILE", help="text or JSONL ({\"text\": ...}) files")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: final model, checkpoints, metrics")
     for name, kind, text in [
-        ("steps", int, "optimizer steps"), ("batch-size", int, "sequences per micro-batch"),
+        ("steps", int, "optimizer steps (with --resume: a larger number extends the run; the cosine then "
+                       "follows a run of the new length from the step reached)"),
+        ("batch-size", int, "sequences per micro-batch"),
         ("grad-accum", int, "micro-batches per step"), ("context", int, "training sequence length"),
         ("lr", float, "peak learning rate"), ("min-lr", float, "final learning rate of the cosine"),
         ("warmup", int, "linear warmup steps"), ("weight-decay", float, "AdamW decay of the matrices"),
@@ -60,7 +62,9 @@ def _pretrain_args(p):
     p.add_argument("--checkpointing", action="store_true", default=None, help="activation checkpointing")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the run in --out from its newest checkpoint, with the run's own settings")
+                   help="continue the run in --out from its newest checkpoint, with the run's own settings "
+                        "(other flags must equal them, except --steps, --device, --keep, --log-every, "
+                        "--eval-every, --save-every, --eval-tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -70,8 +74,14 @@ def run_pretrain(args):
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)
              if getattr(args, f.name, None) is not None}
-    model = pretrain(TrainArgs(**given), progress=not args.quiet)
-    print(f"wrote {model} (the model), with checkpoints/, metrics.jsonl and loss.png beside it")
+    model = pretrain(TrainArgs(**given), progress=not args.quiet, given=set(given))
+    print(f"wrote {model} (the model), with {beside(model.parent)} beside it")
+
+
+def beside(run) -> str:
+    """What a run folder holds next to its result (loss.png only when it was drawn)."""
+    names = ["checkpoints/", "metrics.jsonl"] + (["loss.png"] if (run / "loss.png").exists() else [])
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _plot_args(p):

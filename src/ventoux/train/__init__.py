@@ -1,18 +1,22 @@
-"""Training: a SentencePiece tokenizer and Mistral-architecture pretraining from scratch.
+"""Training: a SentencePiece tokenizer, Mistral-architecture pretraining, and LoRA fine-tuning.
 
-    from ventoux.train import train_tokenizer, pretrain, TrainArgs
+    from ventoux.train import train_tokenizer, pretrain, TrainArgs, finetune, FinetuneArgs
     train_tokenizer(["corpus.txt"], vocab_size=1024, out="runs/demo")
     model_dir = pretrain(TrainArgs(config="demo.json", tokenizer="runs/demo", data=["corpus.txt"], out="runs/demo"))
+    adapter_dir = finetune(FinetuneArgs(model="runs/demo/model", data=["chat.jsonl"], out="runs/chat"))
 
 tokenizer.py  SentencePiece BPE in Mistral's style (byte fallback, split digits, <unk>=0 <s>=1 </s>=2)
 data.py       documents (txt, JSONL {"text"}) -> a cached token memmap with BOS/EOS, held-out split
-loop.py       the training loop (AdamW, warmup + cosine, clipping, accumulation, dropout hooks)
-checkpoint.py atomic HF-layout checkpoints with optimizer/scheduler/RNG state beside them
+sft_data.py   mistral-finetune's data ({"text"}, {"messages"}, tools) -> tokens and loss masks; validation
+loop.py       the one training loop (AdamW over trainable tensors, warmup + cosine, clipping, resume)
+pretrain.py   pretraining on the loop (whole-model checkpoints, dropout hooks)
+finetune.py   LoRA fine-tuning on the loop (adapter-only checkpoints, PEFT-format adapter)
+checkpoint.py atomic checkpoints with optimizer/scheduler/RNG state beside them
 evaluate.py   validation loss and nats per character
 plot.py       the loss curve (PNG) from metrics.jsonl
 """
 
-from .loop import TrainArgs, pretrain
+from .pretrain import TrainArgs, pretrain
 from .tokenizer import train_tokenizer
 
 __all__ = ["TrainArgs", "pretrain", "train_tokenizer"]

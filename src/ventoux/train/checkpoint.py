@@ -1,13 +1,13 @@
-"""Training checkpoints: an HF-layout model folder with the trainer's state beside it.
+"""Training checkpoints: the trainable state with the trainer's state beside it.
 
     RUN/checkpoints/step-0000200/
-        config.json, model.safetensors   # float32; loads in ventoux and in transformers
-        tokenizer.model
+        config.json, model.safetensors   # pretraining: the whole model, float32; loads in ventoux and transformers
+        adapter_model.safetensors, ...   # fine-tuning: the adapter only (finetune.py)
         trainer.pt                       # step, optimizer, scheduler, RNG states, settings, clock
 
-weights.save_hf writes the folder under a temporary name and renames it into place, so a kill at
-any moment leaves either the complete folder or none. The data position is the step itself:
-batches are a pure function of (seed, step), see data.py.
+The job's writer (weights.save_hf, or the adapter's) writes the folder under a temporary name and renames
+it into place, so a kill at any moment leaves either the complete folder or none. The data position is
+the step itself: batches are a pure function of (seed, step).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from ..weights import save_hf
 
 _PREFIX = "step-"
 
@@ -36,8 +34,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run: Path, step: int, model, tokenizer: Path, trainer: dict, keep: int = 2) -> Path:
-    """Write RUN/checkpoints/step-N atomically; keep only the `keep` newest checkpoints."""
+def save_checkpoint(run: Path, step: int, write, trainer: dict, keep: int = 2) -> Path:
+    """Write RUN/checkpoints/step-N atomically with write(folder, extra_files) (it writes the weights and copies
+    the extra files, trainer.pt among them, into a temporary folder it renames); keep the `keep` newest."""
     root = Path(run) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for debris in root.glob(".*"):  # temporary folders and files of a process killed mid-save
@@ -45,8 +44,7 @@ def save_checkpoint(run: Path, step: int, model, tokenizer: Path, trainer: dict,
     state = root / f".state-{os.getpid()}" / "trainer.pt"
     state.parent.mkdir()
     torch.save(trainer, state)
-    final = save_hf(model, root / f"{_PREFIX}{step:07d}", dtype=torch.float32,  # exact weights to resume from
-                    extra_files=[tokenizer, state], overwrite=True)
+    final = write(root / f"{_PREFIX}{step:07d}", [state])
     shutil.rmtree(state.parent)
     for old in checkpoints(run)[:-keep]:
         shutil.rmtree(old)

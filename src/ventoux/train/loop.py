@@ -1,12 +1,14 @@
-"""Pretraining: AdamW, warmup + cosine, clipping, accumulation, periodic validation, checkpoints.
+"""The one training loop of pretraining and fine-tuning: AdamW over the trainable tensors only, warmup +
+cosine, clipping, accumulation, periodic validation, metrics.jsonl, atomic checkpoints, exact resume.
 
-    pretrain(TrainArgs(config="demo.json", tokenizer="runs/demo", data=["corpus.txt"], out="runs/demo",
-                       steps=3000, context=256, dropout=0.1))
+    job = Job(model, batch=lambda step, micro: (x, y, n_tokens), validate=lambda: {"val_loss": ...},
+              save=lambda folder, extra_files: ...)
+    train(job, args, out=Path("runs/x"), last=None)      # last: the checkpoint folder to resume from
 
-The run folder (`out`) ends up holding model/ (the trained model: config.json, model.safetensors,
-tokenizer.model; loads with ventoux.load and transformers), checkpoints/, data/ (the token cache),
-tokenizer.model, metrics.jsonl and loss.png. `resume=True` continues from the newest checkpoint with the settings
-the run started with; the result equals an uninterrupted run (same batches, same RNG, same state).
+A pretraining job trains every parameter and checkpoints the whole model (pretrain.py); a fine-tuning
+job trains the adapter and checkpoints only the adapter (finetune.py). Batches are a pure function of
+(step, micro), and a checkpoint holds the optimizer, scheduler, RNG and clock, so a resumed run ends
+exactly where an uninterrupted one does. Targets of -100 carry no loss (prompt turns, padding).
 Send SIGUSR1 to redraw loss.png during a run.
 """
 
@@ -15,104 +17,98 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import signal
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..api import pick_device
-from ..config import PRESETS, ModelConfig, read_config
 from ..errors import VentouxError
-from ..model import Transformer
-from ..weights import find_checkpoint, load_model, save_hf
-from .checkpoint import checkpoints, rng_state, save_checkpoint, set_rng_state, trainer_state
-from .data import load_corpus
-from .evaluate import segment_loss
+from .checkpoint import rng_state, save_checkpoint, set_rng_state, trainer_state
 from .plot import plot_run, read_metrics
 
 
 @dataclass
-class TrainArgs:
-    config: str | None = None  # preset name, config.json, or checkpoint folder (its architecture)
-    init: str | None = None  # checkpoint folder whose weights (and architecture) start the run
-    tokenizer: str | None = None  # folder holding tokenizer.model (or the file)
-    data: list[str] = field(default_factory=list)
-    out: str = "runs/pretrain"
+class LoopArgs:
+    """The loop's settings, shared by pretrain (TrainArgs) and finetune (FinetuneArgs)."""
+    out: str = "runs/train"
     steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
-    context: int = 256
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 100
     weight_decay: float = 0.1
-    dropout: float = 0.0
     clip: float = 1.0
     eval_every: int = 200
-    eval_tokens: int = 1 << 20  # cap on held-out tokens scored per evaluation
     save_every: int = 200
     keep: int = 2  # checkpoints kept
     log_every: int = 10
     seed: int = 0
-    val_fraction: float = 0.1
     bf16: bool | None = None  # None: on for CUDA (where it helps), off on CPU
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     resume: bool = False
     device: str = "auto"  # auto: cuda, then mps, then cpu
 
 
-def resolve_config(args: TrainArgs, vocab: int) -> ModelConfig:
-    src = args.config
-    if args.init:
-        if not Path(args.init).is_dir():
-            raise VentouxError(f"--init {args.init} is not a folder; point at a checkpoint folder "
-                               "(config.json + model.safetensors)")
-        cfg = read_config(Path(args.init))
-    elif src is None:
-        raise VentouxError("pass --config (a preset name or config.json) or --init (a checkpoint folder)")
-    elif src in PRESETS:
-        cfg = PRESETS[src].config
-    elif Path(src).is_dir():
-        cfg = read_config(Path(src))
-    elif Path(src).is_file():
-        try:
-            cfg = ModelConfig.from_hf(json.loads(Path(src).read_text()))
-        except json.JSONDecodeError as e:
-            raise VentouxError(f"{src} is not valid JSON ({e.msg}); give an HF config.json") from None
-    else:
-        raise VentouxError(f"--config {src} is neither a preset ({', '.join(PRESETS)}) nor a file or folder")
-    if cfg.vocab_size < vocab:
-        raise VentouxError(f"the config's vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab} "
-                           "pieces; set vocab_size to at least that in the config")
-    return cfg.replace(max_seq_len=args.context)
+# Settings a resumed run may change: they decide what is logged, kept and where it runs, not the weights.
+FREE_ON_RESUME = {"out", "resume", "device", "keep", "log_every", "eval_every", "save_every", "eval_tokens"}
 
 
-def init_weights(model: Transformer) -> None:
-    """GPT-2 style: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * layers) so depth keeps the
-    residual stream's variance; PyTorch's default init trains noticeably slower here."""
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            std = 0.02 / math.sqrt(2 * model.config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            torch.nn.init.normal_(p, 0.0, std)
+@dataclass
+class Job:
+    model: nn.Module  # its parameters with requires_grad are trained; the others stay frozen
+    batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, int]]  # (step, micro) -> inputs, targets, tokens
+    save: Callable[[Path, list[Path]], Path]  # write a checkpoint folder (atomically) with these extra files
+    validate: Callable[[], dict] | None = None  # held-out metrics, e.g. {"val_loss": 2.1}
 
 
-def add_dropout(model: Transformer, p: float) -> None:
-    """Residual dropout (GPT-2/nanoGPT) on the embedding and every attention and feed-forward output.
-    Forward hooks, not model flags: the model stays the pure inference module; the hooks do nothing
-    in eval mode and are not part of the saved weights."""
-    def hook(module, inputs, output):
-        return F.dropout(output, p, module.training)
+def resumed_args(args, saved: dict, given: set[str], done: int):
+    """The settings of a resumed run: the saved ones, plus the given flags that may change (FREE_ON_RESUME)
+    and a new --steps (the schedule becomes that of a run of the new length). Any other given flag that
+    differs from the saved run is refused, each one named."""
+    conflicts = []
+    for name in sorted(given - FREE_ON_RESUME - {"steps"}):
+        mine, theirs = getattr(args, name), saved.get(name)
+        if _normal(mine) != _normal(theirs):
+            conflicts.append(f"--{name.replace('_', '-')} {_show(mine)} (the run has {_show(theirs)})")
+    if conflicts:
+        raise VentouxError(f"--resume continues {args.out} with its own settings, but these flags differ: "
+                           f"{'; '.join(conflicts)}; drop them, or start a new run with another --out")
+    keep = {name: getattr(args, name) for name in given & FREE_ON_RESUME}
+    steps = args.steps if "steps" in given else saved["steps"]
+    if steps <= done:
+        hint = "" if "steps" in given else f"; pass --steps N (more than {done}) to train it further"
+        raise VentouxError(f"the run in {args.out} is at step {done}; --steps {steps} leaves nothing to train{hint}")
+    return type(args)(**{**saved, **keep, "steps": steps, "out": args.out, "resume": True})
 
-    for m in [model.tok_embeddings, *(b.attention for b in model.layers), *(b.feed_forward for b in model.layers)]:
-        m.register_forward_hook(hook)
+
+def _normal(value):
+    """Paths compare by where they point; lists element by element."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, str) and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
-def add_checkpointing(model: Transformer) -> None:
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def given_fields(args) -> set[str]:
+    """Without an explicit list of the flags a caller set: the fields that differ from the defaults."""
+    default = type(args)()
+    return {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != getattr(default, f.name)}
+
+
+def add_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward instead of storing them (less memory)."""
     from torch.utils.checkpoint import checkpoint
 
@@ -120,8 +116,8 @@ def add_checkpointing(model: Transformer) -> None:
         block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
 
 
-def schedule(args: TrainArgs):
-    """Learning-rate multiplier: linear warmup, then cosine from lr down to min_lr."""
+def schedule(args: LoopArgs):
+    """Learning-rate multiplier: linear warmup, then cosine from lr down to min_lr at args.steps."""
     def factor(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
@@ -130,61 +126,24 @@ def schedule(args: TrainArgs):
     return factor
 
 
-def optimizer(model: Transformer, args: TrainArgs) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norm gains do not
-    other = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+def optimizer(model: nn.Module, args: LoopArgs) -> torch.optim.AdamW:
+    """AdamW over the trainable tensors only: matrices decay, norm gains do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise VentouxError("the model has no trainable parameters")
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))
 
 
-def _setup(args: TrainArgs):
-    """Everything that can fail on bad input runs here, before anything is written to `out`."""
-    import sentencepiece as spm
-
-    out = Path(args.out)
-    found = checkpoints(out)
-    if found and not args.resume:
-        raise VentouxError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    last = found[-1] if found else None
-    if last is not None:  # the run's own settings win: the result must equal an uninterrupted run
-        saved = trainer_state(last)["args"]
-        args = TrainArgs(**{**saved, "out": args.out, "resume": True})
-    if args.tokenizer is None:
-        raise VentouxError("pass --tokenizer DIR (a folder with tokenizer.model; see `ventoux train-tokenizer`)")
-    tok = Path(args.tokenizer)
-    tok = tok / "tokenizer.model" if tok.is_dir() else tok
-    if not tok.is_file():
-        raise VentouxError(f"{tok} does not exist; train one with `ventoux train-tokenizer` or fix --tokenizer")
-    try:
-        vocab = spm.SentencePieceProcessor(model_file=str(tok)).get_piece_size()
-    except (RuntimeError, OSError):
-        raise VentouxError(f"{tok} is not a SentencePiece model; train one with `ventoux train-tokenizer`") from None
-    cfg = read_config(last) if last is not None else resolve_config(args, vocab)
-    if args.init and last is None:
-        find_checkpoint(args.init)  # its weights exist, before anything is written
-    device = pick_device(args.device)
-    corpus = load_corpus(args.data, tok, args.val_fraction, out / "data", args.context)
-    return args, out, tok, cfg, corpus, last, device
-
-
-def pretrain(args: TrainArgs, progress: bool = True) -> Path:
-    """Train (or resume) the run described by `args`; return the final model's folder (RUN/model)."""
+def train(job: Job, args: LoopArgs, out: Path, last: Path | None, device: torch.device, progress: bool = True) -> None:
+    """Run the steps left until args.steps; checkpoints go to out/checkpoints, metrics to out/metrics.jsonl."""
     from tqdm import tqdm
 
     replot = _on_sigusr1()
-    args, out, tok, cfg, corpus, last, device = _setup(args)
+    model = job.model
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    torch.manual_seed(args.seed)
-    if last is not None or args.init:
-        model = load_model(last or Path(args.init), cfg, torch.float32, device)
-    else:
-        model = Transformer(cfg).to(device)
-        init_weights(model)
-    model.train()
-    if args.dropout > 0:
-        add_dropout(model, args.dropout)
-    if args.checkpointing:
-        add_checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(model, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(args))
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
@@ -194,36 +153,35 @@ def pretrain(args: TrainArgs, progress: bool = True) -> Path:
         sched.load_state_dict(trainer["scheduler"])
         set_rng_state(trainer["rng"])
         state = trainer["clock"]
-    out.mkdir(parents=True, exist_ok=True)
-    if tok.resolve() != (out / "tokenizer.model").resolve():
-        shutil.copyfile(tok, out / "tokenizer.model")
     metrics = Metrics(out / "metrics.jsonl", after_step=state["step"])
 
     def save(step):
         trainer = dict(args=dataclasses.asdict(args), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                        rng=rng_state(), clock=dict(state))
-        save_checkpoint(out, step, model, out / "tokenizer.model", trainer, args.keep)
+        save_checkpoint(out, step, job.save, trainer, args.keep)
 
     bar = tqdm(total=args.steps, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True)
-    tokens_per_step = args.batch_size * args.grad_accum * args.context
     losses, t0, rate = [], time.perf_counter(), None
     while state["step"] < args.steps:
-        step = state["step"]
+        step, tokens = state["step"], 0
         for micro in range(args.grad_accum):
-            x, y = corpus.batch(args.seed, step, micro, args.batch_size, args.context)  # (B, T) each
+            x, y, n = job.batch(step, micro)  # (B, T) each
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x.to(device))  # (B, T, vocab), float32
-            loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()) / args.grad_accum
+            y = y.to(device).flatten()
+            summed = F.cross_entropy(logits.flatten(0, 1), y, ignore_index=-100, reduction="sum")
+            loss = summed / max(1, int((y != -100).sum())) / args.grad_accum  # no target: no loss, no gradient
             loss.backward()
             losses.append(loss.item() * args.grad_accum)
+            tokens += n
         if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         now = time.perf_counter()
-        state.update(step=step + 1, tokens=state["tokens"] + tokens_per_step, elapsed_s=state["elapsed_s"] + now - t0)
-        rate = tokens_per_step / (now - t0) if rate is None else 0.9 * rate + 0.1 * tokens_per_step / (now - t0)
+        state.update(step=step + 1, tokens=state["tokens"] + tokens, elapsed_s=state["elapsed_s"] + now - t0)
+        rate = tokens / (now - t0) if rate is None else 0.9 * rate + 0.1 * tokens / (now - t0)
         t0 = now
         step += 1
         bar.update(1)
@@ -232,8 +190,8 @@ def pretrain(args: TrainArgs, progress: bool = True) -> Path:
             metrics.write(step=step, loss=sum(losses) / len(losses), lr=sched.get_last_lr()[0],
                           tokens=state["tokens"], tokens_per_s=round(rate), elapsed_s=round(state["elapsed_s"], 1))
             losses = []
-        if len(corpus.val) and (step % args.eval_every == 0 or step == args.steps):
-            row = validate(model, corpus, args)
+        if job.validate is not None and (step % args.eval_every == 0 or step == args.steps):
+            row = job.validate()
             metrics.write(step=step, **row)
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
             t0 = time.perf_counter()  # evaluation time is not training throughput
@@ -242,27 +200,18 @@ def pretrain(args: TrainArgs, progress: bool = True) -> Path:
             t0 = time.perf_counter()
         if replot.is_set():
             replot.clear()
-            _plot(out, bar)
+            draw_plot(out, bar.write)
     bar.close()
-    final = save_hf(model, out / "model", dtype=torch.float32, extra_files=[out / "tokenizer.model"], overwrite=True)
-    _plot(out, bar)
-    return final
 
 
-def validate(model: Transformer, corpus, args: TrainArgs) -> dict:
-    """Held-out loss per token; per character too when the whole split was scored."""
-    total, n = segment_loss(model, corpus.val, args.context, args.batch_size, args.eval_tokens)
-    row = dict(val_loss=total / n)
-    if n == len(corpus.val) - 1:
-        row["val_nats_per_char"] = total / corpus.val_chars
-    return row
-
-
-def _plot(out: Path, bar) -> None:
+def draw_plot(out: Path, say=None) -> bool:
+    """Draw out/loss.png; False (and a line on stderr saying why) when it cannot be drawn."""
     try:
         plot_run(out)
+        return True
     except VentouxError as e:  # matplotlib is optional (the [train] extra): the run itself succeeded
-        bar.write(f"no loss.png: {e}")
+        (say or (lambda line: print(line, file=sys.stderr)))(f"no loss.png: {e}")
+        return False
 
 
 class Metrics:
