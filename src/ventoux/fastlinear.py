@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
+from .frozen import frozen_product
 from .model import swap_modules
 
 HALF = (torch.bfloat16, torch.float16)
@@ -35,18 +36,22 @@ class HalfLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         w = self.weight
-        if (x.device.type != "cpu" or w.device.type != "cpu" or w.dtype not in HALF
-                or (w.requires_grad and torch.is_grad_enabled())):  # the kernels have no backward
-            return F.linear(x, w, self.bias)
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in (w, self.bias) if p is not None)
+        if x.device.type != "cpu" or w.device.type != "cpu" or w.dtype not in HALF or trained:
+            return F.linear(x, w, self.bias)  # the kernels have no weight gradient (frozen_product: the input's)
+        x2 = x.reshape(rows, self.in_features)
         if rows <= MAX_GEMV_ROWS:
-            y = cpu_kernels.half_gemv(x.reshape(rows, self.in_features), w).to(x.dtype)
+            y = frozen_product(x2, lambda a: cpu_kernels.half_gemv(a, w).to(a.dtype), self._weight_rows)
         elif x.dtype == w.dtype == torch.bfloat16:
-            y = cpu_kernels.half_gemm(x.reshape(rows, self.in_features), w)
+            y = frozen_product(x2, lambda a: cpu_kernels.half_gemm(a, w), self._weight_rows)
         else:
             return F.linear(x, w, self.bias)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _weight_rows(self, dtype):  # for the backward to the input (LoRA on a frozen base): frozen.py
+        yield 0, self.weight.detach().to(dtype)
 
 
 def eligible(module: nn.Module) -> bool:

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .errors import VentouxError
+from .frozen import frozen_product
 
 SCALE_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128)
@@ -172,8 +173,14 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.stored_in != self.in_features:
             x2 = F.pad(x2, (0, self.stored_in - self.in_features))  # zeros meet the zero-padded columns
-        y = self._mm(x2)  # (M, N)
+        y = frozen_product(x2, self._mm, self._weight_rows)  # (M, N); gradients reach x (LoRA), never q
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _weight_rows(self, dtype: torch.dtype, chunk: int = 1024):
+        """The dequantized weight (N, stored_in), `chunk` rows at a time: the backward to the input."""
+        canonical = self.canonical()  # a packed kernel unpacks here (slow, see Int4Linear._unpack)
+        for i in range(0, self.out_features, chunk):
+            yield i, self.dequantize(*(t[i:i + chunk] for t in canonical)).to(dtype)
 
     # state_dict, load_state_dict and to() see the device-independent layout
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -212,6 +219,7 @@ class Int8Linear(QuantizedLinear):
     """y = x @ (q * scale)^T with q int8 (N, K) and one scale per output channel."""
 
     CANONICAL = (("qweight", torch.int8), ("scales", SCALE_DTYPE))
+    dequantize = staticmethod(dequantize_int8)
     KERNELS = ("vnni", "int8pack", "fallback")
 
     @classmethod
@@ -238,6 +246,7 @@ class Int4Linear(QuantizedLinear):
     """y = x @ ((q - 8) * scale + zero)^T with q in 0..15, one (scale, zero) per group of inputs."""
 
     CANONICAL = (("qweight", torch.uint8), ("scales", SCALE_DTYPE), ("zeros", SCALE_DTYPE))
+    dequantize = staticmethod(dequantize_int4)
     KERNELS = ("vnni", "int4pack", "fallback")
     PACKED = frozenset({"int4pack"})
 

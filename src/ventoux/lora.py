@@ -1,0 +1,279 @@
+"""LoRA adapters swapped into a loaded model: several per base, chosen per row of a batch, merged on demand.
+
+    add_adapter(model, LoraConfig(rank=16, alpha=32))       # fresh: A kaiming-uniform, B zeros (changes nothing)
+    opt = torch.optim.AdamW(trainable_parameters(model))     # the base is frozen: only adapter tensors train
+    torch.save(lora_state_dict(model), "step.pt"); load_lora_state_dict(model, torch.load("step.pt"))
+    lora_files.save_adapter(model, "out/adapter", base_model_name_or_path="mistralai/Mistral-7B-v0.3")  # PEFT's
+    lora_files.load_adapter(model, "out/adapter", name="math")   # a PEFT folder or mistral-finetune's file
+    set_rows(model, [0, -1, 1])   # per row of the next forwards: adapter_names(model)[i]; -1 the base alone
+    set_active(model, "math")     # every row (rows None): what training and a one-adapter load use
+    merge(model)                  # fold the one adapter into float base weights and unswap the layers
+
+A LoRA layer wraps its base linear whatever it is (nn.Linear, fastlinear.HalfLinear, qlinear's int8/int4: the
+QLoRA case, gradients reach the input through frozen.py) and adds scaling * B(A(dropout(x))) for the adapters
+that apply to each row. Adapter tensors live in float32 by default (as PEFT's autocast_adapter_dtype) whatever
+the base's dtype. ventoux's wq/wk rows are in HF's rotary layout, so PEFT's B matrices load as they are, and
+mistral-finetune's (consolidated layout) are permuted like the base weights (names.interleaved_to_halves);
+lora_files.py reads and writes both formats.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import VentouxError
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # mistral-finetune's default: every block linear
+_PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+_TARGET_RE = re.compile(r"^layers\.\d+\.(attention|feed_forward)\.(w[qkvo123])$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def check(self) -> LoraConfig:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise VentouxError(f"LoRA rank must be a positive integer, not {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise VentouxError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise VentouxError(f"LoRA targets {list(self.targets)} must be among {', '.join(TARGETS)}")
+        return self
+
+
+class Adapter(nn.Module):
+    """One adapter of one linear: delta(x) = scaling * B(A(dropout(x))), A (rank, in), B (out, rank)."""
+
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
+        self.scaling = float(scaling)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.lora_A.dtype))
+        return (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+
+class Selection:
+    """Which adapters the next forwards apply, shared by every LoRA layer of one model.
+
+    names: the adapters in index order; groups: (name, row indices, or None for every row) pairs, from
+    set_rows (rows None: the active adapters on every row); batch: the row count set_rows was given."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.active: list[str] = []
+        self.groups: list[tuple[str, torch.Tensor | None]] = []
+        self.batch: int | None = None
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, selection: Selection):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = nn.ModuleDict()
+        self.selection = selection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        sel = self.selection
+        if sel.batch is not None and x.shape[0] != sel.batch:
+            raise VentouxError(f"lora.set_rows was given {sel.batch} rows but the forward has {x.shape[0]}; "
+                               "call set_rows before each forward with one entry per row")
+        for name, rows in sel.groups:
+            if name not in self.adapters:
+                continue  # this adapter does not target this layer
+            adapter = self.adapters[name]
+            if rows is None:
+                y = y + adapter(x).to(y.dtype)
+            else:
+                y = y.index_add(0, rows, adapter(x.index_select(0, rows)).to(y.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: rank {a.rank}, scaling {a.scaling:g}" for n, a in self.adapters.items())
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _selection(model: nn.Module) -> Selection | None:
+    return next((m.selection for m in lora_layers(model).values()), None)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The adapters of the model in index order (the numbers set_rows takes)."""
+    sel = _selection(model)
+    return list(sel.names) if sel else []
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(t for t in [*module.parameters(), *module.buffers()]).device
+
+
+def install(model: nn.Module, name: str, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            scaling: float | dict[str, float], dropout: float = 0.0, activate: bool = True,
+            dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Add adapter `name` with the given (A, B) per target module (ventoux names: layers.0.attention.wq),
+    swapping LoRA layers in where needed and freezing every other tensor of the model."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise VentouxError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+    if name in adapter_names(model):
+        raise VentouxError(f"the model already has an adapter called {name!r}; choose another name")
+    sel = _selection(model) or Selection()
+    for module_name, (a, b) in tensors.items():
+        if not _TARGET_RE.match(module_name):
+            raise VentouxError(f"adapter {name!r} targets {module_name!r}: LoRA applies only to the block "
+                               f"linears {', '.join(TARGETS)} (never embeddings or the output head)")
+        try:
+            layer = model.get_submodule(module_name)
+        except AttributeError:
+            raise VentouxError(f"adapter {name!r} targets {module_name!r}, which this model does not have "
+                               "(the adapter was made for a deeper model)") from None
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer, sel)
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+        shape = (a.shape[0], layer.in_features, layer.out_features, a.shape[0])
+        if a.dim() != 2 or b.dim() != 2 or (*a.shape, *b.shape) != shape:
+            raise VentouxError(f"adapter {name!r} for {module_name} has A {list(a.shape)} and B {list(b.shape)}, "
+                               f"but the model's layer is {layer.out_features}x{layer.in_features}: the adapter "
+                               "was made for another model")
+        device = _device(layer.base)
+        s = scaling[module_name] if isinstance(scaling, dict) else scaling
+        layer.adapters[name] = Adapter(a.to(device, dtype), b.to(device, dtype), s, dropout)
+    for n, p in model.named_parameters():  # the base is frozen; adapters train
+        p.requires_grad_(".adapters." in n)
+    sel.names.append(name)
+    if activate:
+        sel.active = [name]
+    set_rows(model, None)
+    return model
+
+
+def add_adapter(model: nn.Module, config: LoraConfig = LoraConfig(), name: str = "default", activate: bool = True,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh adapter on config.targets of every block: A kaiming-uniform (as PEFT), B zeros."""
+    config.check()
+    tensors = {}
+    for layer in range(len(model.layers)):
+        for target in config.targets:
+            module_name = f"layers.{layer}.{_PARENT[target]}.{target}"
+            base = model.get_submodule(module_name)
+            a = torch.empty(config.rank, base.in_features, dtype=dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            tensors[module_name] = (a, torch.zeros(base.out_features, config.rank, dtype=dtype))
+    return install(model, name, tensors, config.scaling, config.dropout, activate, dtype)
+
+
+def set_active(model: nn.Module, names: str | list[str] | None) -> None:
+    """Apply these adapters (None or []: none) to every row of the next forwards."""
+    names = [names] if isinstance(names, str) else list(names or [])
+    sel = _selection(model)
+    unknown = [n for n in names if n not in (sel.names if sel else [])]
+    if unknown:
+        raise VentouxError(f"unknown adapter(s) {unknown}; this model has {adapter_names(model) or 'none'}")
+    if sel is not None:
+        sel.active = names
+        set_rows(model, None)
+
+
+def set_rows(model: nn.Module, rows: torch.Tensor | list[int] | None) -> None:
+    """Choose each row's adapter for the next forwards: rows[i] indexes adapter_names(model), -1 = the base
+    alone. None: the active adapters on every row (the default)."""
+    sel = _selection(model)
+    if sel is None:
+        if rows is not None and any(int(r) != -1 for r in rows):
+            raise VentouxError("adapter rows were given but the model has no LoRA adapters loaded")
+        return
+    if rows is None:
+        sel.groups, sel.batch = [(n, None) for n in sel.active], None
+        return
+    rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+    bad = rows[(rows < -1) | (rows >= len(sel.names))]
+    if len(bad):
+        raise VentouxError(f"adapter index {int(bad[0])} is out of range: this model has {len(sel.names)} "
+                           f"adapter(s) {sel.names} (-1: the base alone)")
+    device = _device(next(iter(lora_layers(model).values())).base)
+    sel.groups, sel.batch = [], len(rows)
+    for index, name in enumerate(sel.names):
+        picked = (rows == index).nonzero().flatten()
+        if len(picked) == len(rows):
+            sel.groups.append((name, None))
+        elif len(picked):
+            sel.groups.append((name, picked.to(device)))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The tensors an optimizer should hold: those that need a gradient (the adapters, after add_adapter)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors (all adapters, or just `name`) under the model's own names, e.g.
+    layers.0.attention.wq.adapters.default.lora_A: what a training checkpoint needs, not the frozen base."""
+    marker = ".adapters." + (f"{name}." if name else "")
+    return {k: v for k, v in model.state_dict().items() if marker in k}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put lora_state_dict's tensors back (the adapters must already be added, with the same shapes)."""
+    own = lora_state_dict(model)
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise VentouxError(f"the adapter state does not match the model's adapters (missing {missing[:2]}, "
+                           f"unexpected {extra[:2]}); was it saved with other --rank/--targets?")
+    for key, t in state.items():
+        if t.shape != own[key].shape:
+            raise VentouxError(f"adapter tensor {key} is {list(t.shape)}, the model's is {list(own[key].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold adapter `name` (default: the only one) into the base weights, in place, and unswap every LoRA
+    layer (other adapters are dropped). The bases must be float linears: a quantized weight cannot absorb it."""
+    names = adapter_names(model)
+    if name is None:
+        if len(names) > 1:
+            raise VentouxError(f"the model has several adapters {names}: say which one to merge")
+        name = names[0] if names else None
+    elif name not in names:
+        raise VentouxError(f"unknown adapter {name!r}; this model has {names or 'none'}")
+    for module_name, layer in lora_layers(model).items():
+        if name in layer.adapters:
+            if not isinstance(layer.base, nn.Linear):
+                raise VentouxError(f"cannot merge into {module_name}: its base is {type(layer.base).__name__}; "
+                                   "load the base model unquantized to merge an adapter")
+            w = layer.base.weight
+            with torch.no_grad():
+                w += layer.adapters[name].delta_weight().to(w.device, w.dtype)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    return model
+
