@@ -49,10 +49,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0 (0 is greedy)"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
+            ("top_k", _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)"),
             ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0,
              "a number > 0 (1 turns it off)"),
@@ -60,15 +60,19 @@ class SamplingParams:
              "in [-2, 2]"),
             ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "in [-2, 2]"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
-            ("stop", self.stop is None or all(isinstance(s, str) and s for s in self.stop),
+            ("seed", self.seed is None or (_int(self.seed) and -(2**63) <= self.seed < 2**64),
+             "None or an integer that fits in 64 bits"),
+            ("stop", self.stop is None or (isinstance(self.stop, (list, tuple))
+                                           and all(isinstance(s, str) and s for s in self.stop)),
              "a non-empty string or a list of them"),
-            ("stop_token_ids", self.stop_token_ids is None or all(isinstance(t, int) for t in self.stop_token_ids),
-             "a list of token ids"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            ("stop_token_ids", self.stop_token_ids is None or (
+                isinstance(self.stop_token_ids, (list, tuple)) and all(_int(t) and t >= 0 for t in self.stop_token_ids)
+            ),
+             "a list of token ids (integers >= 0)"),
+            ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "None or an integer in [0, 20]"),
-            ("prefill_chunk", self.prefill_chunk is None or (isinstance(self.prefill_chunk, int)
-                                                              and self.prefill_chunk >= 1), "an integer >= 1"),
+            ("prefill_chunk", self.prefill_chunk is None or (_int(self.prefill_chunk) and self.prefill_chunk >= 1),
+             "an integer >= 1"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -91,3 +95,7 @@ class SamplingParams:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not a count to a user

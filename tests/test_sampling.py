@@ -1,0 +1,226 @@
+"""Sampling pinned against independent references: transformers' logits processors (min_p, repetition
+penalty, top-k, top-p), OpenAI's definitions of presence / frequency penalties (counts over generated tokens
+only) and of logprobs (log-softmax of the raw logits, before any processor), through the public functions
+of sampling.py and through a real multi-step generation (ventoux.load + llm.generate) checked against a
+full forward of transformers' model on the same weights.
+"""
+
+import math
+import shutil
+from pathlib import Path
+
+import mistral_common
+import pytest
+import torch
+from conftest import TINY_FULL, hf_model
+
+import ventoux
+from ventoux.errors import VentouxError
+from ventoux.sampling import SamplingParams, apply_min_p, apply_penalties, apply_top_k, apply_top_p
+
+V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+VOCAB = 32000
+
+
+def col(values):
+    return torch.tensor([[float(v)] for v in values])
+
+
+def random_logits(rows=3, vocab=64, seed=0, scale=3.0):
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ---- the functions against transformers, per row ----------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_min_p_equals_transformers_per_row(seed):
+    from transformers import MinPLogitsWarper
+
+    logits = random_logits(seed=seed, scale=1.0)
+    values = [0.05, 0.3, 0.9]
+    ours = apply_min_p(logits, col(values))
+    for row, m in enumerate(values):
+        ref = MinPLogitsWarper(m)(None, logits[row:row + 1].clone())[0]
+        assert torch.equal(ours[row], ref), (row, m)
+    assert 1 < int((~torch.isinf(ours[0])).sum()) < 64  # the filter removed some tokens, not all
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_repetition_penalty_equals_transformers_per_row(seed):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = random_logits(seed=seed)
+    history = [[1, 5, 5, 7, 40], [2, 9], [0, 63, 30, 31]]
+    penalties = [1.3, 0.7, 2.0]
+    seen = torch.zeros(3, 64, dtype=torch.bool)
+    for row, ids in enumerate(history):
+        seen[row, ids] = True
+    ours = apply_penalties(logits, seen, torch.zeros(3, 64), col(penalties), col([0] * 3), col([0] * 3))
+    for row, (ids, pen) in enumerate(zip(history, penalties)):
+        ref = RepetitionPenaltyLogitsProcessor(pen)(torch.tensor([ids]), logits[row:row + 1].clone())[0]
+        torch.testing.assert_close(ours[row], ref, atol=0, rtol=0)
+    assert not torch.equal(ours, logits)
+
+
+def test_presence_and_frequency_follow_openais_formula():
+    """OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence, c = counts in the generated text only;
+    the repetition penalty (HF) is the only one that reads the prompt."""
+    logits = random_logits(rows=2, vocab=10, seed=4)
+    counts = torch.tensor([[0, 3, 1, 0, 0, 0, 0, 2, 0, 0], [5, 0, 0, 0, 1, 0, 0, 0, 0, 1]], dtype=torch.float)
+    prompt_seen = torch.zeros(2, 10, dtype=torch.bool)
+    prompt_seen[:, 5] = True  # a prompt token: untouched while the repetition penalty is 1
+    presence, frequency = [0.5, -1.25], [0.25, 1.5]
+    ours = apply_penalties(logits, prompt_seen | (counts > 0), counts, col([1, 1]), col(presence), col(frequency))
+    for row in range(2):
+        for j in range(10):
+            c = counts[row, j].item()
+            expected = logits[row, j].item() - c * frequency[row] - (c > 0) * presence[row]
+            assert math.isclose(ours[row, j].item(), expected, rel_tol=0, abs_tol=1e-6), (row, j)
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 0])
+def test_top_k_equals_transformers(k):
+    from transformers import TopKLogitsWarper
+
+    logits = random_logits(rows=1, seed=5)
+    ours = apply_top_k(logits, col([k]))
+    ref = logits if k == 0 else TopKLogitsWarper(k)(None, logits.clone())
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.95, 1.0])
+def test_top_p_equals_transformers(p):
+    from transformers import TopPLogitsWarper
+
+    logits = random_logits(rows=1, seed=6)
+    ours = apply_top_p(logits, col([p]))
+    ref = TopPLogitsWarper(p)(None, logits.clone()) if p < 1 else logits
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+
+
+# ---- through a multi-step generation ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(transformers' model, ventoux's LLM loaded from the folder it saved): equal weights."""
+    hf = hf_model(TINY_FULL.replace(vocab_size=VOCAB), seed=21)
+    folder = tmp_path_factory.mktemp("sampling") / "tiny"
+    hf.save_pretrained(folder)
+    shutil.copy(V1, folder / "tokenizer.model")
+    return hf, ventoux.load(str(folder), dtype="float32", device="cpu")
+
+
+PROMPT = [1, 1014, 2232, 3423, 907, 1014, 5]
+
+
+def raw_logits(hf, ids):
+    """The reference's raw next-token logits after every prefix of `ids` longer than the prompt."""
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].double()
+
+
+def test_repetition_penalty_over_steps_equals_transformers_generate(models):
+    hf, llm = models
+    out = llm.generate(PROMPT, max_tokens=24, repetition_penalty=1.5)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=len(out.tokens), do_sample=False,
+                          repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert out.tokens == ref
+    assert out.tokens != llm.generate(PROMPT, max_tokens=24).tokens  # the penalty changed the text
+
+
+def openai_penalised_greedy(hf, prompt, n, presence, frequency, count_prompt=False):
+    """Greedy decoding with OpenAI's penalties, one full forward per step: the reference loop."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = raw_logits(hf, ids)[-1]
+        counted = ids if count_prompt else ids[len(prompt):]
+        c = torch.bincount(torch.tensor(counted, dtype=torch.long), minlength=VOCAB).double()
+        ids.append(int((logits - c * frequency - (c > 0) * presence).argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.0, 0.7), (1.5, 0.0), (0.5, 0.4)])
+def test_presence_frequency_over_steps_follow_openai(models, presence, frequency):
+    hf, llm = models
+    n = 24
+    out = llm.generate(PROMPT, max_tokens=n, presence_penalty=presence, frequency_penalty=frequency)
+    assert out.tokens == openai_penalised_greedy(hf, PROMPT, n, presence, frequency)
+    # The comparison can tell: unpenalised, or counting the prompt, gives other tokens.
+    assert out.tokens != llm.generate(PROMPT, max_tokens=n).tokens
+    assert out.tokens != openai_penalised_greedy(hf, PROMPT, n, presence, frequency, count_prompt=True)
+
+
+def test_logprobs_are_the_raw_log_softmax_whatever_the_processors(models):
+    """We chose OpenAI's definition: logprobs / top_logprobs are the log-softmax of the model's raw logits,
+    before penalties, temperature and filters; the chosen token's entry is there even when it is not in the
+    top n. Checked against transformers' full forward, to 1e-4 (an offset of 0.01 fails)."""
+    hf, llm = models
+    out = llm.generate(PROMPT, max_tokens=12, logprobs=5, temperature=1.3, top_k=40, min_p=0.02,
+                       repetition_penalty=1.2, frequency_penalty=0.5, seed=3)
+    ref = raw_logits(hf, PROMPT + out.tokens)[len(PROMPT) - 1:-1].log_softmax(-1)
+    chosen = ref.gather(-1, torch.tensor(out.tokens)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(out.logprobs, dtype=torch.double), chosen, atol=1e-4, rtol=0)
+    assert len(out.top_logprobs) == len(out.tokens)
+    for top, row in zip(out.top_logprobs, ref):
+        values, indices = row.topk(5)
+        assert list(top) == indices.tolist()
+        torch.testing.assert_close(torch.tensor(list(top.values()), dtype=torch.double), values, atol=1e-4, rtol=0)
+
+
+def test_logprobs_zero_gives_the_chosen_token_only(models):
+    hf, llm = models
+    out = llm.generate(PROMPT, max_tokens=4, logprobs=0)
+    assert out.top_logprobs == [{}] * 4
+    ref = raw_logits(hf, PROMPT + out.tokens)[len(PROMPT) - 1:-1].log_softmax(-1)
+    torch.testing.assert_close(torch.tensor(out.logprobs, dtype=torch.double), ref.max(-1).values, atol=1e-4,
+                               rtol=0)
+    assert llm.generate(PROMPT, max_tokens=4).logprobs is None
+
+
+def test_min_p_filters_every_sampled_token(models):
+    """Each token drawn with min_p has a (temperature-scaled) probability >= min_p * the top one's; drawn
+    without the filter, the same seeds pick tokens below that floor."""
+    hf, llm = models
+    temperature, min_p = 1.0, 0.5
+
+    def below_floor(tokens):
+        lp = (raw_logits(hf, PROMPT + tokens)[len(PROMPT) - 1:-1] / temperature).log_softmax(-1)
+        chosen = lp.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+        return int((chosen < math.log(min_p) + lp.max(-1).values - 1e-6).sum())
+
+    filtered = [llm.generate(PROMPT, max_tokens=16, temperature=temperature, min_p=min_p, seed=s).tokens
+                for s in range(3)]
+    unfiltered = [llm.generate(PROMPT, max_tokens=16, temperature=temperature, seed=s).tokens for s in range(3)]
+    assert sum(below_floor(t) for t in filtered) == 0
+    assert sum(below_floor(t) for t in unfiltered) > 10
+
+
+# ---- parameters: the exact edges of each range ---------------------------------------------------------
+@pytest.mark.parametrize("name, ok, bad", [
+    ("max_tokens", [1, 10**6], [0, -1, 1.5, True, "3"]),
+    ("temperature", [0, 0.0, 1e-3, 2, 100.0], [-1e-9, math.nan, math.inf, "0.7", None]),
+    ("top_p", [1e-9, 0.5, 1.0], [0, 0.0, 1.0000001, -0.5, math.nan]),
+    ("top_k", [0, 1, 10**9], [-1, 2.0, True]),
+    ("min_p", [0, 0.0, 0.999], [1.0, -0.1, math.nan]),
+    ("repetition_penalty", [1e-6, 1, 10], [0, -1, math.inf]),
+    ("presence_penalty", [-2, 0, 2.0], [-2.001, 2.001, math.nan]),
+    ("frequency_penalty", [-2.0, 0, 2], [-2.001, 2.001, math.inf]),
+    ("seed", [None, 0, 2**63 - 1, 2**64 - 1, -(2**63)], [2**64, -(2**63) - 1, 1.5, "1", True]),
+    ("stop", [None, "x", ["a", "bc"]], [[""], [1], ""]),
+    ("stop_token_ids", [None, [], [0, 5]], [[1.5], [-1], "5", [True]]),
+    ("logprobs", [None, 0, 20], [-1, 21, 1.0, True]),
+    ("prefill_chunk", [None, 1, 4096], [0, -5, 2.5]),
+])
+def test_each_parameter_accepts_its_range_and_names_itself_outside(name, ok, bad):
+    for value in ok:
+        SamplingParams(**{name: value})
+    for value in bad:
+        with pytest.raises(VentouxError, match=f"invalid sampling parameter {name}="):
+            SamplingParams(**{name: value})
+
+
+def test_needs_history_only_with_a_penalty():
+    assert not SamplingParams().needs_history
+    assert SamplingParams(repetition_penalty=1.1).needs_history
+    assert SamplingParams(presence_penalty=-0.1).needs_history
+    assert SamplingParams(frequency_penalty=0.1).needs_history
+    assert SamplingParams(stop="x").stop == ["x"]
