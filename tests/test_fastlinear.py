@@ -1,24 +1,23 @@
-"""The 16-bit CPU kernels (cpu_kernels.half_gemv, half_gemm) and HalfLinear, against float64 products and nn.Linear."""
+"""The 16-bit CPU kernels (cpu_kernels.half_gemv, half_gemm) and HalfLinear, against float64 products and nn.Linear,
+under every kernel build this CPU runs (the kernel_isa fixture: AVX-512 and AVX2 on an AVX-512 machine)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, hf_model, ventoux_from_hf
+from conftest import KERNEL_ISAS, TINY, hf_model, ventoux_from_hf
 from torch import nn
 
 from ventoux import cpu_kernels, fastlinear
+from ventoux.api import load_model  # the pipeline: quantize, read, kernels
 from ventoux.fastlinear import HalfLinear, use_cpu_kernels
-from ventoux.weights import load_model, save_hf
-
-needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="needs an x86 CPU with AVX-512 VNNI and cc")
+from ventoux.weights import save_hf
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 37), (3, 96, 130), (8, 1024, 64)])
-def test_half_gemv_is_the_float32_product_of_the_16bit_weights(dtype, m, k, n):
+def test_half_gemv_is_the_float32_product_of_the_16bit_weights(kernel_isa, dtype, m, k, n):
     gen = torch.Generator().manual_seed(m + k + n)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen).to(dtype)
     expected = (x.double() @ w.double().T).float()  # the stored 16-bit values, exactly
@@ -30,10 +29,9 @@ def test_half_gemv_is_the_float32_product_of_the_16bit_weights(dtype, m, k, n):
     assert not torch.allclose(cpu_kernels.half_gemv(x, w.view(other)), expected, rtol=0.01, atol=0.01)
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n", [(1, 64, 5), (16, 2048, 24), (37, 4096, 29), (300, 544, 100)])
-def test_half_gemm_is_the_rounded_float_product(dtype, m, k, n):
+def test_half_gemm_is_the_rounded_float_product(kernel_isa, dtype, m, k, n):
     # every tile shape: full and partial 16-row blocks and 12-output groups, one and several input blocks,
     # and (300 rows) two row chunks
     gen = torch.Generator().manual_seed(m + k + n)
@@ -47,8 +45,7 @@ def test_half_gemm_is_the_rounded_float_product(dtype, m, k, n):
     assert not torch.allclose(cpu_kernels.half_gemm(x, w.roll(1, dims=1)).double(), exact, rtol=0.05, atol=0.05)
 
 
-@needs_kernel
-def test_half_linear_runs_the_kernels_by_row_count(monkeypatch):
+def test_half_linear_runs_the_kernels_by_row_count(kernel_isa, monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(128, 48, bias=True).to(torch.bfloat16).requires_grad_(False)
     fast = HalfLinear(linear)
@@ -65,8 +62,7 @@ def test_half_linear_runs_the_kernels_by_row_count(monkeypatch):
     assert calls == [("gemv", 1), ("gemv", 6), ("gemm", 40)]
 
 
-@needs_kernel
-def test_training_keeps_autograd():
+def test_training_keeps_autograd(kernel_isa):
     linear = nn.Linear(64, 32).to(torch.bfloat16)
     fast = HalfLinear(linear)
     fast(torch.randn(1, 64).to(torch.bfloat16)).sum().backward()
@@ -81,8 +77,7 @@ def tiny_dir(tmp_path_factory):
     return folder
 
 
-@needs_kernel
-def test_loading_in_bfloat16_on_cpu_swaps_linears_and_keeps_logits(tiny_dir):
+def test_loading_in_bfloat16_on_cpu_swaps_linears_and_keeps_logits(kernel_isa, tiny_dir):
     fast = load_model(tiny_dir, TINY, torch.bfloat16, "cpu")
     swapped = [n for n, m in fast.named_modules() if isinstance(m, HalfLinear)]
     assert len(swapped) == 7 * TINY.n_layers + 1  # every block linear and the output head
@@ -107,4 +102,4 @@ def test_float32_and_unsupported_widths_stay_plain():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(40, 8).to(torch.bfloat16), nn.Linear(64, 8).to(torch.bfloat16))
     use_cpu_kernels(model)
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear  # float32; 40 inputs: not a multiple of 32
-    assert isinstance(model[2], HalfLinear) == fastlinear.kernel_works()
+    assert isinstance(model[2], HalfLinear) == bool(KERNEL_ISAS)  # where the kernels build, they are used

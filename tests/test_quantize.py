@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import TINY
 
+from ventoux.api import load_model  # the pipeline: quantize, read, kernels
 from ventoux.config import ModelConfig
 from ventoux.errors import VentouxError
 from ventoux.model import Transformer
@@ -28,7 +29,7 @@ from ventoux.quantize import (
     read_quantization,
     save_quantized,
 )
-from ventoux.weights import load_model, save_hf
+from ventoux.weights import save_hf
 
 # Dimensions every kernel takes (K % 128, N % 16); the vocabulary (211 rows) is one PyTorch's int4 packers
 # refuse, so a quantized output head exercises the automatic choice of another kernel.

@@ -94,11 +94,13 @@ class LLM:
         return self.stream(self.tokenizer.encode_chat(messages, safe_prompt=safe_prompt), **kwargs)
 
 
-def load(source=None, dtype=None, device=None, quantize=None, compile: bool = False) -> LLM:
+def load(source=None, dtype=None, device=None, quantize=None, compile: bool = False, lora=None) -> LLM:
+    """lora: an adapter folder (PEFT's, or mistral-finetune's lora.safetensors), always on; or {name: path},
+    several adapters on one base, each request choosing one (generate(..., adapter=name))."""
     from .config import PRESETS, read_config
     from .hub import resolve
     from .tokenizer import load_tokenizer
-    from .weights import load_model, parse_dtype
+    from .weights import parse_dtype
 
     if source is None:
         if not (DEMO_MODEL / "config.json").exists():
@@ -109,6 +111,28 @@ def load(source=None, dtype=None, device=None, quantize=None, compile: bool = Fa
         folder = resolve(PRESETS[source].repo_id if source in PRESETS else source)
     dev = pick_device(device)
     config = read_config(folder)
-    model = load_model(folder, config, parse_dtype(dtype, dev), dev, quantize=quantize)
+    model = load_model(folder, config, parse_dtype(dtype, dev), dev, quantize=quantize, lora=lora)
     model.eval()
     return LLM(model, load_tokenizer(folder), str(source or folder), compile=compile)
+
+
+def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize=None, lora=None,
+               transform=None) -> torch.nn.Module:
+    """The loading pipeline, one step a call (as gpt-fast's _load_model). quantize: "int8", "int4-g64",
+    "int4+output", ... (a quantized checkpoint loads as saved); lora: see load(); transform(name, module):
+    a per-module hook while reading (weights.load_weights)."""
+    from .fastlinear import use_cpu_kernels
+    from .lora_files import load_adapter
+    from .model import Transformer
+    from .quantize import prepare_load
+    from .weights import load_weights
+
+    with torch.device("meta"):  # 1. the skeleton: shapes only, no memory
+        model = Transformer(config)
+    model, transform = prepare_load(model, folder, quantize, transform)  # 2. quantized layers, or a hook per linear
+    model = load_weights(model, folder, dtype, device, transform)  # 3. the weights, streamed module by module
+    use_cpu_kernels(model)  # 4. 16-bit linears on a CPU run on ventoux's kernels
+    adapters = {"default": lora} if isinstance(lora, (str, Path)) else dict(lora or {})
+    for name, path in adapters.items():  # 5. LoRA: one adapter always on, or several chosen per request
+        load_adapter(model, path, name=name, activate=len(adapters) == 1 and name == "default")
+    return model

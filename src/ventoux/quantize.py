@@ -2,7 +2,7 @@
 
     quantize_model(model, "int4")                    # every block linear -> Int4Linear (group 32), in place
     quantize_model(model, "int8", include_output=True)
-    model = load_model(folder, cfg, dtype, device, quantize="int4-g64")   # weights.py: quantize while loading
+    model = load_model(folder, cfg, dtype, device, quantize="int4-g64")   # api.py: quantize while loading
     model = load_model(folder, cfg, dtype, device, quantize="int4+output")  # ... and the output head too
     save_quantized(model, "out-int4", "int4")        # config.json records {"quantization": {...}}
     model = load_quantized("out-int4")
@@ -196,7 +196,7 @@ def _check_tensors(folder, scheme: Scheme) -> None:
 
 
 def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None, transform=None):
-    """For weights.load_model: (model, transform) that load `folder` quantized. A quantized checkpoint turns
+    """For api.load_model: (model, transform) that load `folder` quantized. A quantized checkpoint turns
     the meta skeleton's linears into quantized ones (the file's tensors then load into them); a float one
     with `quantize` gets a hook that quantizes each linear as soon as it is loaded."""
     stored = read_quantization(folder)
@@ -233,9 +233,9 @@ def save_quantized(model: nn.Module, folder, scheme: str | Scheme | None = None,
 
 
 def load_quantized(folder, dtype=None, device="cpu") -> nn.Module:
-    """A model from a quantized checkpoint (what weights.load_model does for any checkpoint, checked here)."""
+    """A model from a quantized checkpoint (what api.load_model does for any checkpoint, checked here)."""
+    from .api import load_model  # the loading pipeline, above this module
     from .config import read_config
-    from .weights import load_model
 
     if read_quantization(folder) is None:
         raise VentouxError(f"{folder} is not a quantized checkpoint (its config.json has no quantization entry)")

@@ -1,7 +1,7 @@
 """Reading and writing checkpoints: HF safetensors (single file or shards) and Mistral's consolidated layout.
 
     cfg = read_config(folder)
-    model = load_model(folder, cfg, parse_dtype("bfloat16", "cuda"), "cuda")
+    model = load_model(folder, cfg, parse_dtype("bfloat16", "cuda"), "cuda")   # api.load_model also quantizes
     save_hf(model, "out-hf")                 # config.json + model.safetensors (or shards + index)
     save_consolidated(model, "out-mistral")  # params.json + consolidated.safetensors
 
@@ -20,9 +20,11 @@ must hold; floating tensors are cast to `dtype`, integer ones keep their own.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ TOKENIZER_FILES = ("tokenizer.model*", "*.model.v*", "*tekken*.json", "tokenizer
                    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 HF_INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I8": "int8", "U8": "uint8", "I32": "int32"}
+_FLOAT_DTYPES = {"float32", "bfloat16", "float16", "float64", "F64", "F8_E4M3", "F8_E5M2"}
+_LAYER_INDEX = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
@@ -99,6 +103,9 @@ def find_checkpoint(folder: str | Path) -> tuple[str, list[Path], Path]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise VentouxError(f"{index} is not a valid safetensors index (no weight_map); re-download it") from None
         for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise VentouxError(f"{index} names the weight file {shard!r}, which is not a file name inside "
+                                   f"{folder}; an index may only name files beside it (re-download the checkpoint)")
             if not (folder / shard).is_file():
                 raise VentouxError(f"{index} refers to {shard}, which is not in {folder}; re-download the checkpoint")
         return "hf", [folder / s for s in shards], index
@@ -160,6 +167,7 @@ def open_checkpoint(folder: str | Path) -> tuple[str, list[WeightFile], Path]:
 def _plan(model: nn.Module, layout: str, files: list[WeightFile], index: Path) -> dict[str, tuple[str, WeightFile]]:
     """ventoux name -> (name in the file, its file), after checking names and shapes against the model."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     found: dict[str, tuple[str, WeightFile]] = {}
     for file in files:
         for fname in file.header:
@@ -181,26 +189,38 @@ def _plan(model: nn.Module, layout: str, files: list[WeightFile], index: Path) -
             raise VentouxError(
                 f"tensor {fname!r} in {file.path} has shape {list(file.header[fname][0])} but the config expects "
                 f"{list(shape)}; the config contradicts the weights (check dim, heads, head_dim, hidden_dim, vocab)")
+        stored = file.header[fname][1]
+        if dtypes[vx].is_floating_point != (stored in _FLOAT_DTYPES):
+            want = "a floating-point" if dtypes[vx].is_floating_point else f"an {dtypes[vx]}".replace("torch.", "")
+            raise VentouxError(f"tensor {fname!r} in {file.path} is stored as {stored} but the model needs {want} "
+                               "tensor there; the file is not a (float or ventoux-quantized) Mistral checkpoint")
     return found
+
+
+def check_config(folder: str | Path, config: ModelConfig, config_path: Path) -> None:
+    """Before anything is built from a config: the layers it asks for are the layers the weights of `folder`
+    hold (read from the file headers), so a wrong or absurd n_layers is one line, not a model that is built
+    until memory runs out. A folder without weights (a config-only download) is not checked."""
+    try:
+        find_checkpoint(folder)
+    except VentouxError:
+        return
+    _, files, _ = open_checkpoint(folder)
+    layers = {int(m.group(1)) for f in files for name in f.header if (m := _LAYER_INDEX.match(name))}
+    if layers != set(range(config.n_layers)):
+        held = f"{len(layers)} ({min(layers)}..{max(layers)})" if layers else "none"
+        raise VentouxError(f"{config_path} asks for {config.n_layers} layers but the weights in {folder} hold "
+                           f"layers {held}; fix the layer count (num_hidden_layers / n_layers) in the config")
 
 
 # ---- loading ---------------------------------------------------------------------------------------
 def load_model(folder: str | Path, config: ModelConfig, dtype: torch.dtype | None, device="cpu",
-               transform: Transform | None = None, quantize: str | None = None) -> Transformer:
-    """A Transformer with the weights of `folder` (HF or consolidated layout). dtype None keeps the stored one.
-
-    quantize ("int8", "int4", "int4-g64", ...) quantizes each block linear as it loads; a quantized checkpoint
-    (its config.json has a "quantization" entry) loads quantized as it was saved (quantize.py). bfloat16 /
-    float16 linears on a CPU become fastlinear.HalfLinear (the same weights, faster products)."""
-    from .fastlinear import use_cpu_kernels
-    from .quantize import prepare_load  # quantize.py builds on this module
-
+               transform: Transform | None = None) -> Transformer:
+    """A Transformer with the float weights of `folder` (HF or consolidated layout), as stored: no quantization,
+    no kernel swap (api.load_model composes those). dtype None keeps the stored one."""
     with torch.device("meta"):
         model = Transformer(config)
-    model, transform = prepare_load(model, folder, quantize, transform)
-    model = load_weights(model, folder, dtype, device, transform)
-    use_cpu_kernels(model)  # 16-bit linears on a CPU run on ventoux's kernels
-    return model
+    return load_weights(model, folder, dtype, device, transform)
 
 
 def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None, device="cpu",
@@ -221,7 +241,9 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None
             for suffix, n_heads in heads.items():  # consolidated q/k rotate interleaved pairs: permute
                 if layout == "consolidated" and key.endswith(suffix):
                     t = names.interleaved_to_halves(t, n_heads)
-            tensors[key.rpartition(".")[2]] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+            _check_finite(t, fname, file.path)
+            tensors[key.rpartition(".")[2]] = t
         module.load_state_dict(tensors, strict=False, assign=True)
         if transform is not None:
             new = transform(mod_name, module)
@@ -233,6 +255,18 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None
     if left:
         raise RuntimeError(f"tensors left on the meta device after loading: {left[:3]}")
     return model
+
+
+def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:
+    """NaN or inf in a weight would generate garbage silently: one float32 sum per tensor finds them (an inf
+    sum can also be an overflow of finite values, so the exact test then decides)."""
+    if not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float32)):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise VentouxError(f"tensor {name!r} in {path} holds {bad} NaN or infinite value(s) (as {t.dtype}); the "
+                           "checkpoint is corrupt (re-download it), or its values overflow this dtype (load as "
+                           "float32 or bfloat16)")
 
 
 def _own_keys(mod_name: str, module: nn.Module) -> list[str]:
@@ -252,6 +286,8 @@ def save_hf(model: Transformer, folder: str | Path, dtype: torch.dtype | None = 
     """config.json + model.safetensors (or model-0000k-of-0000n shards and their index) in the HF layout.
 
     extra_config entries are merged into config.json (a quantized model records its scheme there)."""
+    if "quantization" not in (extra_config or {}):
+        _refuse_quantized(model, "quantize.save_quantized, which records the scheme in config.json")
     tensors = []  # (HF name, tensor as the model holds it): each is cast only when its shard is written
     for name, t in model.state_dict().items():
         hf = _vx_to_hf(name)
@@ -288,6 +324,7 @@ def save_hf(model: Transformer, folder: str | Path, dtype: torch.dtype | None = 
 def save_consolidated(model: Transformer, folder: str | Path, dtype: torch.dtype | None = None,
                       extra_files: Iterable[Path] = (), overwrite: bool = False) -> Path:
     """params.json + consolidated.safetensors in Mistral's layout (q/k rows back to interleaved pairs)."""
+    _refuse_quantized(model, "the HF layout (quantize.save_quantized): Mistral's layout has no quantized form")
     cfg = model.config
     heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
     tensors = []
@@ -304,6 +341,14 @@ def save_consolidated(model: Transformer, folder: str | Path, dtype: torch.dtype
     return _write_atomically(Path(folder), write, extra_files, overwrite)
 
 
+def _refuse_quantized(model: nn.Module, instead: str) -> None:
+    """Quantized tensors written without their scheme make a checkpoint nothing can load."""
+    quantized = next((n for n, _ in model.state_dict().items() if n.endswith(".qweight")), None)
+    if quantized is not None:
+        raise VentouxError(f"the model has quantized layers ({quantized.removesuffix('.qweight')}, ...): save it "
+                           f"with {instead}, or dequantize it first")
+
+
 def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a tensor is written in: `dtype` for floating tensors, its own for integer ones."""
     return dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -314,12 +359,39 @@ def _save(items, path: Path, dtype: torch.dtype | None) -> None:
               metadata={"format": "pt"})
 
 
+def check_output_folder(folder: str | Path, overwrite: bool = False) -> None:
+    """An output folder can be written: it does not exist (unless overwrite), its parent is (or can be made) a
+    folder. Temporary folders that killed writers left beside it (.NAME.tmp-PID, PID gone) are removed."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise VentouxError(f"{folder} already exists; choose a new output folder or remove it")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be, no permission, read-only disk
+        raise VentouxError(f"cannot create the output folder {folder}: {e.strerror or e} "
+                           f"({e.filename or folder.parent}); choose another output path") from None
+    if not os.access(folder.parent, os.W_OK):
+        raise VentouxError(f"cannot write into {folder.parent} (no permission); choose another output path")
+    for stale in folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or a pid we cannot ask about): leave its folder alone
+    return True
+
+
 def _write_atomically(folder: Path, write: Callable[[Path], None], extra_files: Iterable[Path],
                       overwrite: bool) -> Path:
     """Write into a temporary folder beside `folder`, then rename: a crash leaves no half-written checkpoint."""
-    if folder.exists() and not overwrite:
-        raise VentouxError(f"{folder} already exists; choose a new output folder or remove it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(folder, overwrite)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of this same pid
     tmp.mkdir()
