@@ -1,0 +1,107 @@
+"""`ventoux serve`: the OpenAI-compatible HTTP server and chat page (ventoux/server), on FastAPI + uvicorn.
+
+    ventoux serve                                   # the demo model on http://127.0.0.1:8000 (open / to chat)
+    ventoux serve --model ./Mistral-7B-Instruct-v0.3 --quantize int4 --api-key-file key.txt --max-batch 8
+
+The URL is printed at once; the model loads in the background (GET /health: 503, then 200).
+
+Defaults of the three surfaces (one table, ventoux/params.py): the Python API samples greedily
+(temperature 0), the CLI's generate/chat at temperature 0.7, HTTP requests at OpenAI's 1.0; a request
+without max_tokens may generate up to --max-tokens-cap tokens, the CLI and Python API 256. Every
+other sampling field has the same default everywhere. n is at most --max-batch; choice i of a seeded
+request samples with seed + i.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..cli import add_model_args, command, load_from_args
+from ..errors import VentouxError
+
+
+def _serve_args(p):
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as `model` (default: ventoux-demo, or the --model name)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=os.environ.get("VENTOUX_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+                          "(default: $VENTOUX_API_KEY; --api-key-file keeps it out of the process list)")
+    key.add_argument("--api-key-file", default=None, help="file holding the API key")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a row; more get 429 with Retry-After (default 64)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget (default: the engine's)")
+    p.add_argument("--max-tokens-cap", type=int, default=4096,
+                   help="most tokens one request may ask for, and the default max_tokens (default 4096)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow browser pages of this origin (repeatable; default: no cross-origin access)")
+
+
+def _api_key(args) -> str | None:
+    if args.api_key_file is None:
+        return args.api_key or None
+    try:
+        key = Path(args.api_key_file).read_text().strip()
+    except OSError as e:
+        raise VentouxError(f"--api-key-file {args.api_key_file} cannot be read ({e.strerror})") from None
+    if not key:
+        raise VentouxError(f"--api-key-file {args.api_key_file} is empty: write the key in it")
+    return key
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading, so a taken port fails at once and --port 0 can print the port it got."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise VentouxError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
+    return sock
+
+
+@command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page.", _serve_args)
+def run_serve(args):
+    import uvicorn
+
+    from ..server import Settings, create_app
+
+    for name in ("max_batch", "max_queue", "max_tokens_cap", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise VentouxError(f"--{name.replace('_', '-')}={getattr(args, name)}: it must be >= 1")
+    served = args.served_model_name or ("ventoux-demo" if args.model is None else Path(args.model).name)
+    settings = Settings(served_name=served, api_key=_api_key(args), cors_origins=tuple(args.cors_origin),
+                        max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_batch)
+    sock = _listen(args.host, args.port)
+    failed = []
+
+    def load():
+        start = time.perf_counter()
+        llm = load_from_args(args)
+        engine = llm.engine(max_batch=args.max_batch, kv_cache_bytes=args.kv_cache_bytes, max_queue=args.max_queue)
+        print(f"ventoux serve: {served} ready ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+        return llm, engine
+
+    def on_load_error(e):
+        failed.append(e)
+        server.should_exit = True
+
+    app = create_app(settings, load, on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    print(f"ventoux serve: {url} (chat page at /, OpenAI API at /v1; loading {served} ...)", flush=True)
+    server.run(sockets=[sock])
+    return 1 if failed else 0

@@ -1,0 +1,143 @@
+"""Request bodies of the OpenAI endpoints (pydantic, strict: wrong types are 400s naming the field).
+
+    req = parse(ChatRequest, await request.body())
+    params = sampling_params(req, max_tokens_cap=4096, logprobs=req.top_logprobs or 0)
+
+The sampling fields come from SamplingParams' table (params.py), with the HTTP defaults written there;
+each may be null, which means that default. Unknown fields are refused: a typo is not silently ignored,
+and no field names a file or a model path (`model` only picks a served name).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import MISSING
+from typing import Literal, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from ..errors import VentouxError
+from ..params import SamplingParams
+from .errors import APIError
+
+HTTP_FIELDS = SamplingParams.surface_fields("http")
+HTTP_DEFAULTS = {f.name: default for f, default in HTTP_FIELDS}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _sampling_model() -> type[BaseModel]:
+    hints = get_type_hints(SamplingParams)
+    fields = {}
+    for f, _ in HTTP_FIELDS:
+        kind = str | list[str] if f.name == "stop" else hints[f.name]  # OpenAI: one stop string or a list
+        fields[f.name] = (kind | None, None)  # null or absent: the HTTP default (applied in sampling_params)
+    return create_model("SamplingFields", __base__=Strict, **fields)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Common(_sampling_model()):
+    model: str | None = None  # a served model name, nothing else
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted, unused
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Common):
+    messages: list[Message]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    safe_prompt: bool = False
+
+
+class CompletionRequest(Common):
+    prompt: str | list[int]
+    logprobs: int | None = None
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse(model: type[BaseModel], body: bytes):
+    """A request body -> the model, or a 400 naming the first wrong field."""
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"the request body is not valid JSON ({err['msg']})", code="invalid_json") from None
+        param = _param_name(err["loc"])
+        if err["type"] == "model_type":
+            raise APIError(400, "the request body must be a JSON object") from None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"unknown parameter {param!r}", param=param) from None
+        if err["type"] == "missing":
+            raise APIError(400, f"missing required parameter {param!r}", param=param) from None
+        raise APIError(400, f"invalid {param}: {err['msg']}", param=param) from None
+
+
+def _param_name(loc: tuple) -> str:
+    """("messages", 0, "role") -> "messages[0].role"; union tags such as "str" or "list[int]" dropped."""
+    out = ""
+    for x in loc:
+        if isinstance(x, int):
+            out += f"[{x}]"
+        elif x.isidentifier() and x not in {"str", "int", "float", "bool", "TextPart"}:
+            out += f".{x}" if out else x
+    return out
+
+
+def sampling_params(req: Common, max_tokens_cap: int, logprobs: int | None = None) -> SamplingParams:
+    """The request's SamplingParams: nulls are the HTTP defaults; max_tokens at most the server's cap."""
+    values = {}
+    for name, default in HTTP_DEFAULTS.items():
+        value = getattr(req, name)
+        values[name] = default if value is None else value
+    param = "max_tokens"
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        values["max_tokens"], param = req.max_completion_tokens, "max_completion_tokens"
+    if values["max_tokens"] is None:
+        values["max_tokens"] = max_tokens_cap
+    if isinstance(values["max_tokens"], int) and values["max_tokens"] > max_tokens_cap:
+        raise APIError(400, f"{param}={values['max_tokens']} is over this server's cap of {max_tokens_cap} "
+                       "(--max-tokens-cap)", param=param)
+    try:
+        params = SamplingParams(**values, logprobs=logprobs)
+    except VentouxError as e:
+        named = re.match(r"invalid sampling parameter (\w+)=", str(e))
+        raise APIError(400, str(e), param=named and named.group(1)) from None
+    return params
+
+
+assert all(f.default is not MISSING for f, _ in HTTP_FIELDS)  # every request field may be left out
