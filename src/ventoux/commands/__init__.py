@@ -5,5 +5,6 @@ from . import (
     convert,  # noqa: F401
     generate,  # noqa: F401
     quantize,  # noqa: F401
+    serve,  # noqa: F401
     train,  # noqa: F401
 )
