@@ -5,8 +5,9 @@
     torch.save(lora_state_dict(model), "step.pt"); load_lora_state_dict(model, torch.load("step.pt"))
     lora_files.save_adapter(model, "out/adapter", base_model_name_or_path="mistralai/Mistral-7B-v0.3")  # PEFT's
     lora_files.load_adapter(model, "out/adapter", name="math")   # a PEFT folder or mistral-finetune's file
-    set_rows(model, [0, -1, 1])   # per row of the next forwards: adapter_names(model)[i]; -1 the base alone
-    set_active(model, "math")     # every row (rows None): what training and a one-adapter load use
+    set_rows(model, ["math", None, -1])   # per row of the next forwards: a name (or its index), None for the
+                                          # active adapters, -1 for the base alone
+    set_active(model, "math")     # the active adapters: what training and a one-adapter load use
     merge(model)                  # fold the one adapter into float base weights and unswap the layers
 
 A LoRA layer wraps its base linear whatever it is (nn.Linear, fastlinear.HalfLinear, qlinear's int8/int4: the
@@ -124,7 +125,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def _selection(model: nn.Module) -> Selection | None:
-    return next((m.selection for m in lora_layers(model).values()), None)
+    """The model's Selection (install puts it on the model too: set_rows runs before every forward)."""
+    return getattr(model, "lora_selection", None)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -170,6 +172,7 @@ def install(model: nn.Module, name: str, tensors: dict[str, tuple[torch.Tensor, 
         layer.adapters[name] = Adapter(a.to(device, dtype), b.to(device, dtype), s, dropout)
     for n, p in model.named_parameters():  # the base is frozen; adapters train
         p.requires_grad_(".adapters." in n)
+    model.lora_selection = sel  # a plain attribute (not a module): found without walking the modules
     sel.names.append(name)
     if activate:
         sel.active = [name]
@@ -192,42 +195,62 @@ def add_adapter(model: nn.Module, config: LoraConfig = LoraConfig(), name: str =
     return install(model, name, tensors, config.scaling, config.dropout, activate, dtype)
 
 
+def check_adapter(model: nn.Module, name: str | None) -> None:
+    """Raise VentouxError unless `name` is None or one of the model's adapters (for a request's adapter)."""
+    if name is not None and name not in adapter_names(model):
+        raise VentouxError(f"unknown adapter {name!r}; this model has {adapter_names(model) or 'no adapters'} "
+                           "(load them with ventoux.load(..., lora={name: path}))")
+
+
 def set_active(model: nn.Module, names: str | list[str] | None) -> None:
-    """Apply these adapters (None or []: none) to every row of the next forwards."""
+    """Apply these adapters (None or []: none) to every row whose choice is None (and to every row after
+    set_rows(model, None)): what training and a one-adapter load use."""
     names = [names] if isinstance(names, str) else list(names or [])
+    for name in names:
+        check_adapter(model, name)
     sel = _selection(model)
-    unknown = [n for n in names if n not in (sel.names if sel else [])]
-    if unknown:
-        raise VentouxError(f"unknown adapter(s) {unknown}; this model has {adapter_names(model) or 'none'}")
     if sel is not None:
         sel.active = names
         set_rows(model, None)
 
 
-def set_rows(model: nn.Module, rows: torch.Tensor | list[int] | None) -> None:
-    """Choose each row's adapter for the next forwards: rows[i] indexes adapter_names(model), -1 = the base
-    alone. None: the active adapters on every row (the default)."""
+def set_rows(model: nn.Module, rows: list[str | int | None] | torch.Tensor | None) -> None:
+    """Choose each row's adapter for the next forwards (call it before each forward whose rows differ).
+    rows[i]: an adapter name, its index in adapter_names(model), -1 for the base alone, or None for the active
+    adapters (set_active; what load(lora=path) turns on). rows None: the active adapters on every row."""
     sel = _selection(model)
-    if sel is None:
-        if rows is not None and any(int(r) != -1 for r in rows):
-            raise VentouxError("adapter rows were given but the model has no LoRA adapters loaded")
+    if sel is None:  # no adapters: a row may only ask for none
+        for r in [] if rows is None else list(rows):
+            if isinstance(r, str):
+                check_adapter(model, r)
+            elif r is not None and int(r) != -1:
+                raise VentouxError(f"adapter index {int(r)} is out of range: this model has no adapters")
         return
     if rows is None:
         sel.groups, sel.batch = [(n, None) for n in sel.active], None
         return
-    rows = torch.as_tensor(rows, dtype=torch.long).flatten()
-    bad = rows[(rows < -1) | (rows >= len(sel.names))]
-    if len(bad):
-        raise VentouxError(f"adapter index {int(bad[0])} is out of range: this model has {len(sel.names)} "
+    chosen = [_chosen(sel, r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+    device = next(iter(model.parameters())).device
+    sel.groups, sel.batch = [], len(chosen)
+    for name in sel.names:
+        picked = [i for i, names in enumerate(chosen) if name in names]
+        if len(picked) == len(chosen):
+            sel.groups.append((name, None))  # every row: no gather
+        elif picked:
+            sel.groups.append((name, torch.tensor(picked, device=device)))
+
+
+def _chosen(sel: Selection, row: str | int | None) -> list[str]:
+    if row is None:
+        return sel.active
+    if isinstance(row, str):
+        if row not in sel.names:
+            raise VentouxError(f"unknown adapter {row!r}; this model has {sel.names}")
+        return [row]
+    if not -1 <= int(row) < len(sel.names):
+        raise VentouxError(f"adapter index {int(row)} is out of range: this model has {len(sel.names)} "
                            f"adapter(s) {sel.names} (-1: the base alone)")
-    device = _device(next(iter(lora_layers(model).values())).base)
-    sel.groups, sel.batch = [], len(rows)
-    for index, name in enumerate(sel.names):
-        picked = (rows == index).nonzero().flatten()
-        if len(picked) == len(rows):
-            sel.groups.append((name, None))
-        elif len(picked):
-            sel.groups.append((name, picked.to(device)))
+    return [] if int(row) == -1 else [sel.names[int(row)]]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -271,9 +294,10 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
                 raise VentouxError(f"cannot merge into {module_name}: its base is {type(layer.base).__name__}; "
                                    "load the base model unquantized to merge an adapter")
             w = layer.base.weight
-            with torch.no_grad():
-                w += layer.adapters[name].delta_weight().to(w.device, w.dtype)
+            with torch.no_grad():  # summed in float32, rounded once to the weight's dtype
+                w.copy_(w.float() + layer.adapters[name].delta_weight().to(w.device, torch.float32))
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
+    model.__dict__.pop("lora_selection", None)
     return model
 

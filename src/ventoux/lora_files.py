@@ -60,6 +60,12 @@ def _pairs(tensors: dict[str, torch.Tensor], pattern: re.Pattern, to_ventoux, pa
     return {module: (ab["A"], ab["B"]) for module, ab in found.items()}
 
 
+def _from_hf(module: str) -> str | None:
+    """model.layers.0.self_attn.q_proj -> layers.0.attention.wq."""
+    name = names.from_hf(module + ".weight")
+    return name and name.removesuffix(".weight")
+
+
 def _peft_config(folder: Path) -> dict:
     path = folder / PEFT_CONFIG
     try:
@@ -92,7 +98,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
         if not weights.is_file():
             raise VentouxError(f"{path} has {PEFT_CONFIG} but no {PEFT_WEIGHTS} (adapter_model.bin is not read: "
                                "re-save it with safe_serialization=True)")
-        pairs = _pairs(_read(weights), _PEFT_RE, lambda hf: names.from_hf(hf + ".weight"), weights)
+        pairs = _pairs(_read(weights), _PEFT_RE, _from_hf, weights)
         root = (lambda r: math.sqrt(r)) if cfg.get("use_rslora") else (lambda r: r)
         # each module's rank from its shape: a rank_pattern (r differing per module) needs nothing more
         scales = {m: scaling or cfg["lora_alpha"] / root(a.shape[0]) for m, (a, _) in pairs.items()}

@@ -4,6 +4,7 @@ from . import (
     bench,  # noqa: F401
     convert,  # noqa: F401
     generate,  # noqa: F401
+    merge,  # noqa: F401
     quantize,  # noqa: F401
     serve,  # noqa: F401
     train,  # noqa: F401
