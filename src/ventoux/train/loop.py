@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VentouxError
-from .checkpoint import rng_state, save_checkpoint, set_rng_state, trainer_state
+from .checkpoint import checkpoints, rng_state, save_checkpoint, set_rng_state, trainer_state
 from .plot import plot_run, read_metrics
 
 
@@ -87,6 +87,22 @@ def resumed_args(args, saved: dict, given: set[str], done: int):
         hint = "" if "steps" in given else f"; pass --steps N (more than {done}) to train it further"
         raise VentouxError(f"the run in {args.out} is at step {done}; --steps {steps} leaves nothing to train{hint}")
     return type(args)(**{**saved, **keep, "steps": steps, "out": args.out, "resume": True})
+
+
+def resume_point(args, given: set[str]):
+    """(settings, newest checkpoint or None) of the run in args.out: a run there needs --resume, --resume
+    needs a run there (a mistyped --out must not start a new run), and a resumed run keeps its settings."""
+    out = Path(args.out)
+    found = checkpoints(out)
+    if found and not args.resume:
+        raise VentouxError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if args.resume and not found:
+        raise VentouxError(f"--resume: {out} holds no checkpoint to resume; check --out, or drop --resume "
+                           "to start a new run")
+    if not found:
+        return args, None
+    trainer = trainer_state(found[-1])
+    return resumed_args(args, trainer["args"], given, trainer["clock"]["step"]), found[-1]
 
 
 def _normal(value):

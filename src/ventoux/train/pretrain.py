@@ -27,10 +27,9 @@ from ..config import PRESETS, ModelConfig, read_config
 from ..errors import VentouxError
 from ..model import Transformer
 from ..weights import find_checkpoint, load_model, save_hf
-from .checkpoint import checkpoints, trainer_state
 from .data import load_corpus
 from .evaluate import segment_loss
-from .loop import Job, LoopArgs, add_checkpointing, draw_plot, given_fields, resumed_args, train
+from .loop import Job, LoopArgs, add_checkpointing, draw_plot, given_fields, resume_point, train
 
 
 @dataclass
@@ -96,17 +95,8 @@ def _setup(args: TrainArgs, given: set[str]):
     """Everything that can fail on bad input runs here, before anything is written to `out`."""
     import sentencepiece as spm
 
+    args, last = resume_point(args, given)  # the run's own settings win: the result must equal an uninterrupted run
     out = Path(args.out)
-    found = checkpoints(out)
-    if found and not args.resume:
-        raise VentouxError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    if args.resume and not found:
-        raise VentouxError(f"--resume: {out} holds no checkpoint to resume; check --out, or drop --resume "
-                           "to start a new run")
-    last = found[-1] if found else None
-    if last is not None:  # the run's own settings win: the result must equal an uninterrupted run
-        trainer = trainer_state(last)
-        args = resumed_args(args, trainer["args"], given, trainer["clock"]["step"])
     if args.tokenizer is None:
         raise VentouxError("pass --tokenizer DIR (a folder with tokenizer.model; see `ventoux train-tokenizer`)")
     tok = Path(args.tokenizer)

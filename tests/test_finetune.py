@@ -1,0 +1,267 @@
+"""Fine-tuning: conversations encoded exactly as mistral-common encodes them, the loss on assistant turns
+only, every bad data line reported, resume after a real kill -9 ending with the same adapter bytes, and
+a short run on the demonstration task that lowers the held-out loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ventoux.api import DEMO_MODEL
+from ventoux.config import ModelConfig
+from ventoux.errors import VentouxError
+from ventoux.model import Transformer
+from ventoux.train.finetune import FinetuneArgs, finetune
+from ventoux.train.sft_data import Sample, collate, encode_line
+from ventoux.weights import save_hf
+
+DATA = files("mistral_common") / "data"
+TOKENIZERS = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3",
+              "tekken-v3": "tekken_240718.json", "tekken-240911": "tekken_240911.json"}
+CLI = [sys.executable, "-c", "import sys; from ventoux.cli import main; sys.exit(main())"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+CHAT = {"messages": [
+    {"role": "system", "content": "Answer with a number."},
+    {"role": "user", "content": "How many legs has a cat?"},
+    {"role": "assistant", "content": "Four, I think.", "weight": 0},
+    {"role": "user", "content": "Just the number?"},
+    {"role": "assistant", "content": "4"},
+]}
+TOOLS = {
+    "tools": [{"type": "function", "function": {
+        "name": "add", "description": "Add two integers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}],
+    "messages": [
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "abcDEF123", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "5"},
+        {"role": "assistant", "content": "It is 5."},
+    ],
+}
+
+
+def mistral(name: str):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(str(DATA / TOKENIZERS[name]))
+
+
+def reference(tok, sample: dict) -> list[int]:
+    """mistral-common's own encoding of the whole conversation (finetuning validation: it ends with the
+    assistant). Weights are ours, not a field of its request."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+
+    request = ChatCompletionRequest.model_validate(
+        {**sample, "messages": [{k: v for k, v in m.items() if k != "weight"} for m in sample["messages"]]})
+    version = tok.instruct_tokenizer.tokenizer.version
+    tok._chat_completion_request_validator = get_validator(version, ValidationMode.finetuning)
+    return tok.encode_chat_completion(request).tokens
+
+
+def trained_text(tok, tokens, trained) -> str:
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    text = tok.instruct_tokenizer.tokenizer.decode([t for t, m in zip(tokens, trained) if m],
+                                                   special_token_policy=SpecialTokenPolicy.KEEP)
+    return text.replace("\u2581", " ")  # sentencepiece keeps its word marker when special tokens are kept
+
+
+# ---- encoding and loss masks -------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+def test_conversation_equals_mistral_common_and_trains_only_assistant_turns(name):
+    tok = mistral(name)
+    eos = tok.instruct_tokenizer.tokenizer.eos_id
+    samples = [CHAT] if name == "v1" else [CHAT, TOOLS]  # v1 has no tool tokens
+    for sample in samples:
+        tokens, trained = encode_line(json.dumps(sample), tok)
+        assert tokens == reference(tok, sample)
+        text = trained_text(tok, tokens, trained)
+        assert tokens[[i for i, m in enumerate(trained) if m][-1]] == eos  # </s> ends each trained turn
+        if sample is CHAT:  # the weight-0 turn, the system prompt and the user turns are not trained
+            assert text.replace("</s>", "").strip() == "4", text
+        else:  # the tool call (as [TOOL_CALLS] + JSON) and the final answer
+            assert "[TOOL_CALLS]" in text and '"name": "add"' in text and text.endswith("It is 5.</s>"), text
+            assert "What is 2 plus 3" not in text and "[TOOL_RESULTS]" not in text
+
+
+def test_labels_are_minus_100_off_the_assistant_turns():
+    tok = mistral("v3")
+    tokens, trained = encode_line(json.dumps(CHAT), tok)
+    text_tokens, _ = encode_line(json.dumps({"text": "Hello there."}), tok)
+    x, y, n = collate([Sample("a:1", tokens, trained), Sample("a:2", text_tokens, [True] * len(text_tokens))])
+    assert x.shape == y.shape == (2, len(tokens) - 1) and n == len(tokens) + len(text_tokens) - 2
+    labelled = [int(t) for t in y[0] if t != -100]
+    assert labelled == [t for t, m in zip(tokens[1:], trained[1:]) if m]
+    assert tok.instruct_tokenizer.tokenizer.decode(labelled) == "4"
+    assert y[1, : len(text_tokens) - 1].tolist() == text_tokens[1:]  # text: every token is a target
+    assert (y[1, len(text_tokens) - 1:] == -100).all()  # padding is not
+
+
+BAD_LINES = [
+    (2, "{not json", "not valid JSON"),
+    (3, '{"prompt": "x"}', '"text"'),
+    (4, '{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "'bot'"),
+    (5, '{"messages": [{"role": "user", "content": "hi"}]}', "must end with the assistant"),
+    (6, '{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', '"content"'),
+    (7, '{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, '
+        '{"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}]}', "system messages"),
+    (8, '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "tool_calls": [{"id": "abcDEF123", '
+        '"function": {"arguments": "{}"}}]}]}', "tool_calls"),
+    (9, '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "x", "weight": 0.5}]}',
+     "weight"),
+    (10, json.dumps({"text": "word " * 200}), "longer than --seq-len 64"),
+    (12, '{"messages": [{"role": "user", "content": "u"}, {"role": "tool", "content": "5"}, '
+         '{"role": "assistant", "content": "x"}]}', "tool_call_id"),
+]
+
+
+def bad_file(tmp_path: Path) -> Path:
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    lines = {1: good, 11: good, **{n: text for n, text, _ in BAD_LINES}}
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines[i] for i in range(1, 13)) + "\n")
+    return path
+
+
+def test_every_bad_line_is_reported_and_nothing_trains(tmp_path):
+    path = bad_file(tmp_path)
+    run = subprocess.run([*CLI, "finetune", "--data", str(path), "--seq-len", "64", "--validate-only"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 1, run.stderr
+    report = run.stdout.splitlines()
+    assert len(report) == len(BAD_LINES) + 1 and "Traceback" not in run.stderr
+    for (n, _, why), line in zip(BAD_LINES, report):
+        assert line.startswith(f"{path}:{n}: ") and why in line, (n, line)
+    assert report[-1].startswith(f"{len(BAD_LINES)} bad lines; valid: 2 samples")
+    out = tmp_path / "run"  # training refuses with the same report and writes nothing
+    run = subprocess.run([*CLI, "finetune", "--data", str(path), "--seq-len", "64", "--out", str(out), "--quiet"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 1 and not out.exists()
+    assert run.stderr.splitlines()[:-1] == report and run.stderr.splitlines()[-1].startswith("ventoux: error: 10 bad")
+
+
+def test_validate_only_summary(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(10)) + json.dumps({"text": "Hello."}) + "\n")
+    run = subprocess.run([*CLI, "finetune", "--data", str(path), "--batch-size", "4", "--validate-only"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("11 samples, ") and "3 steps per epoch" in run.stdout
+
+
+# ---- training ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny random model with the demo model's tokenizer (2048 pieces, v1 chat format)."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=2048, max_seq_len=128)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.05) if p.dim() == 2 else None
+    save_hf(model, folder, dtype=torch.float32, extra_files=[DEMO_MODEL / "tokenizer.model"])
+    return folder
+
+
+def additions(path: Path, n: int, seed: int) -> Path:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from make_addition_task import line, pairs
+
+    rng = random.Random(seed)
+    path.write_text("".join(line(rng, a, b) + "\n" for a, b in pairs(rng, n, set())))
+    return path
+
+
+def test_weight_zero_trains_nothing(tiny, tmp_path):
+    """The only assistant turn has weight 0: no token is a target, so the adapter stays the fresh one."""
+    from ventoux.api import load_model
+    from ventoux.config import read_config
+    from ventoux.lora import LoraConfig, add_adapter, lora_state_dict
+
+    sample = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no", "weight": 0}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(sample) + "\n")
+    args = FinetuneArgs(model=str(tiny), data=[str(tmp_path / "d.jsonl")], out=str(tmp_path / "run"), steps=3,
+                        lr=1e-2, warmup=1, seed=5, device="cpu")
+    finetune(args, progress=False)
+    trained = load_file(tmp_path / "run" / "checkpoints" / "step-0000003" / "adapter_state.safetensors")
+    model = load_model(tiny, read_config(tiny), torch.float32, "cpu")
+    torch.manual_seed(5)
+    fresh = lora_state_dict(add_adapter(model, LoraConfig()))
+    assert trained.keys() == fresh.keys() and len(fresh) == 2 * 7 * 2
+    for key, value in fresh.items():
+        assert torch.equal(trained[key], value), key
+
+
+def test_resume_after_kill_9_gives_the_same_adapter_bytes(tiny, tmp_path):
+    data = additions(tmp_path / "train.jsonl", 200, seed=1)
+    flags = ["--model", str(tiny), "--data", str(data), "--steps", "16", "--batch-size", "4", "--lr", "3e-3",
+             "--dropout", "0.1", "--save-every", "2", "--eval-every", "100", "--seed", "2", "--device", "cpu",
+             "--quiet"]
+    whole = subprocess.run([*CLI, "finetune", *flags, "--out", str(tmp_path / "whole")], env=ENV, timeout=300,
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*CLI, "finetune", *flags, "--out", str(cut)], env=ENV, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (cut / "checkpoints" / "step-0000006").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {proc.stderr.read()[-2000:]}"
+    assert not (cut / "adapter").exists()
+
+    conflict = subprocess.run([*CLI, "finetune", "--out", str(cut), "--resume", "--lr", "1e-3", "--rank", "8"],
+                              env=ENV, capture_output=True, text=True, timeout=120)
+    assert conflict.returncode == 1 and "--lr 0.001 (the run has 0.003)" in conflict.stderr
+    assert "--rank 8 (the run has 16)" in conflict.stderr and len(conflict.stderr.strip().splitlines()) == 1
+    resumed = subprocess.run([*CLI, "finetune", "--out", str(cut), "--resume", "--quiet"], env=ENV, timeout=300,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (cut / "adapter" / name).read_bytes() == (tmp_path / "whole" / "adapter" / name).read_bytes(), name
+
+
+def test_resume_needs_a_run(tmp_path):
+    run = subprocess.run([*CLI, "finetune", "--out", str(tmp_path / "typo"), "--resume"], env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "holds no checkpoint to resume" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "typo").exists()
+
+
+def test_short_run_on_the_addition_task_lowers_eval_loss(tmp_path):
+    """The shipped demo model, 12 steps of LoRA on the demonstration task."""
+    train = additions(tmp_path / "train.jsonl", 200, seed=1)
+    held = additions(tmp_path / "eval.jsonl", 24, seed=2)
+    args = FinetuneArgs(data=[str(train)], eval_data=[str(held)], out=str(tmp_path / "run"), steps=12,
+                        batch_size=8, lr=2e-3, warmup=2, eval_every=6, device="cpu")
+    adapter = finetune(args, progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0] - 0.5, val
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32 and len(config["target_modules"]) == 7
+
+
+def test_bad_settings_are_one_line_errors(tiny, tmp_path):
+    data = additions(tmp_path / "train.jsonl", 10, seed=1)
+    base = dict(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), device="cpu")
+    for kw, match in [(dict(steps=3, epochs=1), "not both"), (dict(rank=0), "--rank"),
+                      (dict(targets=("wq", "embed")), "targets"), (dict(data=[str(tmp_path / "none.jsonl")]),
+                                                                   "does not exist")]:
+        with pytest.raises(VentouxError, match=match):
+            finetune(FinetuneArgs(**{**base, **kw}), progress=False)
+    assert not (tmp_path / "run").exists()
