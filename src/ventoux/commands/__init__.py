@@ -3,6 +3,7 @@
 from . import (
     bench,  # noqa: F401
     convert,  # noqa: F401
+    eval,  # noqa: F401
     finetune,  # noqa: F401
     generate,  # noqa: F401
     merge,  # noqa: F401
