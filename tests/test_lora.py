@@ -327,7 +327,7 @@ def test_two_adapters_in_one_batch_give_each_row_what_it_gets_alone():
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A float32 HF checkpoint of a tiny model (with the demo tokenizer, for ventoux.load) and an adapter."""
-    hf, model = _adapted(TINY_FULL)
+    hf, model = _adapted(TINY_FULL.replace(vocab_size=2048))  # the demo tokenizer's size
     save_adapter(model, tmp_path / "adapter")
     save_hf(ventoux_from_hf(hf), tmp_path / "base", extra_files=[DEMO_MODEL / "tokenizer.model"])
     with torch.no_grad():
@@ -336,20 +336,28 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_load_with_adapters_and_generate_per_adapter(tiny_checkpoint):
+    from ventoux.params import SamplingParams
+
     tmp_path, expected = tiny_checkpoint
     llm = ventoux.load(str(tmp_path / "base"), dtype="float32", device="cpu", lora=str(tmp_path / "adapter"))
     with torch.no_grad():
         torch.testing.assert_close(llm.model(_tokens()), expected, rtol=1e-5, atol=1e-5)
     several = ventoux.load(str(tmp_path / "base"), dtype="float32", device="cpu",
                            lora={"tuned": tmp_path / "adapter", "again": tmp_path / "adapter"})
-    prompt = [1, 5, 9, 33, 7]
-    tuned = llm.generate(prompt, max_tokens=8, temperature=0).token_ids
-    assert several.generate(prompt, max_tokens=8, temperature=0, adapter="tuned").token_ids == tuned
     base = ventoux.load(str(tmp_path / "base"), dtype="float32", device="cpu")
-    assert several.generate(prompt, max_tokens=8, temperature=0).token_ids == \
-        base.generate(prompt, max_tokens=8, temperature=0).token_ids
+    prompts, greedy = [[1, 5, 9, 33, 7], [1, 40, 2, 17]], {"max_tokens": 8, "temperature": 0}
+    tuned = [c.tokens for c in llm.generate(prompts, **greedy)]
+    plain = [c.tokens for c in base.generate(prompts, **greedy)]
+    assert tuned != plain  # the adapter changes the greedy continuation of these prompts
+    assert [c.tokens for c in several.generate(prompts, adapter="tuned", **greedy)] == tuned
+    assert [c.tokens for c in several.generate(prompts, **greedy)] == plain  # several: none unless asked
+    with several.engine(max_batch=4) as engine:  # rows of one decode batch on different adapters
+        handles = [engine.submit(p, SamplingParams(**greedy), adapter=a)
+                   for p in prompts for a in ("tuned", None)]
+        got = [[ev.token for ev in h if ev.token is not None] for h in handles]
+    assert got == [tuned[0], plain[0], tuned[1], plain[1]]
     with pytest.raises(VentouxError, match="unknown adapter"):
-        several.generate(prompt, max_tokens=2, adapter="nope")
+        several.generate(prompts[0], max_tokens=2, adapter="nope")
 
 
 def test_merge_cli_output_loads_in_transformers_with_the_unmerged_logits(tiny_checkpoint):

@@ -13,10 +13,11 @@ __all__ = ["VentouxError", "load"]
 __version__ = "0.1.0"
 
 
-def load(source=None, dtype=None, device=None, quantize=None, compile=False):
+def load(source=None, dtype=None, device=None, quantize=None, compile=False, lora=None):
     """Load a model: a checkpoint folder (HF or Mistral layout), a Hugging Face repo id, or None for the
     shipped demonstration model. quantize: "int8", "int4", "int4-g64", ... (+output: the head too);
-    compile: torch.compile the decode step. Returns an LLM (see api.py)."""
+    compile: torch.compile the decode step; lora: a LoRA adapter folder (always on) or {name: folder}
+    (chosen per request: generate(..., adapter=name)). Returns an LLM (see api.py)."""
     from .api import load as _load
 
-    return _load(source, dtype=dtype, device=device, quantize=quantize, compile=compile)
+    return _load(source, dtype=dtype, device=device, quantize=quantize, compile=compile, lora=lora)
