@@ -376,6 +376,22 @@ def test_merge_cli_output_loads_in_transformers_with_the_unmerged_logits(tiny_ch
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "m2")]) == 1
 
 
+def test_generate_cli_applies_the_adapter(tiny_checkpoint, capsys):
+    from ventoux.cli import main
+
+    tmp_path, _ = tiny_checkpoint
+    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+    llm = ventoux.load(base, dtype="float32", device="cpu", lora=adapter)
+    expected = llm.generate("To be", max_tokens=6, temperature=0).text
+    assert expected != ventoux.load(base, dtype="float32", device="cpu").generate("To be", max_tokens=6,
+                                                                                  temperature=0).text
+    flags = ["--model", base, "--dtype", "float32", "--device", "cpu", "--max-tokens", "6", "--temperature", "0"]
+    assert main(["generate", *flags, "--lora", adapter, "To be"]) == 0
+    assert capsys.readouterr().out == "To be" + expected + "\n"
+    assert main(["generate", *flags, "--lora", str(tmp_path / "missing"), "To be"]) == 1
+    assert "is not an adapter" in capsys.readouterr().err
+
+
 def test_rotary_permutation_is_what_consolidated_b_needs():
     """names.interleaved_to_halves on B (out, r) is the same row move as on the weight (out, in)."""
     w, b, a = torch.randn(64, 64), torch.randn(64, 3), torch.randn(3, 64)

@@ -36,7 +36,7 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 # ---- shared argument groups ----------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, lora: bool = False) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint folder or Hugging Face repo id (default: the shipped demo model)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the device's best)")
@@ -46,6 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (compiles for tens of seconds first; helps small models "
                         "on a CPU, and any model on CUDA)")
+    if lora:
+        p.add_argument("--lora", default=None, metavar="PATH",
+                       help="a LoRA adapter to apply: a PEFT folder or mistral-finetune's lora.safetensors")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +74,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load_from_args(args: argparse.Namespace):
     from . import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
+                lora=getattr(args, "lora", None))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ class Engine:
     dtype: str | None = None
     quantize: str | None = None
     compile: bool = False  # ventoux: torch.compile the decode step
+    lora: str | None = None  # ventoux: a LoRA adapter applied (always on)
 
     @property
     def label(self) -> str:

@@ -65,7 +65,8 @@ class VentouxRunner:
         import ventoux
 
         self.llm = ventoux.load(engine["path"], dtype=engine["dtype"], device=settings["device"],
-                                quantize=engine["quantize"], compile=engine.get("compile", False))
+                                quantize=engine["quantize"], compile=engine.get("compile", False),
+                                lora=engine.get("lora"))
         self.chunk = settings["prefill_chunk"]
         model = self.llm.model
         # Bytes read per decode step: every tensor but the embedding table, which is only indexed.

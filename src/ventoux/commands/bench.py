@@ -12,7 +12,7 @@ from ..cli import add_model_args, command
 
 
 def _bench_args(p):
-    add_model_args(p)
+    add_model_args(p, lora=True)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (random ids)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
@@ -49,7 +49,9 @@ def run_bench(args):
                         prefill_chunk=args.prefill_chunk, quiet_wait_s=args.wait_quiet)
     settings.check()
     technique = (args.quantize or dtype) + (" compiled" if args.compile else "")
-    ours = Engine("ventoux", technique, str(folder), dtype=dtype, quantize=args.quantize, compile=args.compile)
+    technique += " + LoRA" if args.lora else ""
+    ours = Engine("ventoux", technique, str(folder), dtype=dtype, quantize=args.quantize, compile=args.compile,
+                  lora=str(Path(args.lora).resolve()) if args.lora else None)  # the worker's cwd may differ
     engines = [ours, *peer_engines(folder, dtype, args.quantize, args.compare, args.cache_dir)]
     result = run(engines, settings, vocab_size=read_config(folder).vocab_size)
     if args.out:

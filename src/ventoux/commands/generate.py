@@ -9,7 +9,7 @@ from ..errors import VentouxError
 
 
 def _generate_args(p):
-    add_model_args(p)
+    add_model_args(p, lora=True)
     add_sampling_args(p)
     p.add_argument("prompt", help="text to continue ('-' reads standard input)")
     p.add_argument("--chat-template", action="store_true",
@@ -35,7 +35,7 @@ def run_generate(args):
 
 
 def _chat_args(p):
-    add_model_args(p)
+    add_model_args(p, lora=True)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--safe-prompt", action="store_true", help="prepend Mistral's guardrail system prompt")
