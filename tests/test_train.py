@@ -262,3 +262,42 @@ def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path):
     pretrain(_args(corpus, tmp_path / "run", steps=4, save_every=4, eval_every=4), progress=False)
     with pytest.raises(VentouxError, match="--resume"):
         pretrain(_args(corpus, tmp_path / "run", steps=4), progress=False)
+
+
+# ---- --resume through the CLI: flags are honoured or refused, never ignored -----------------------
+def _cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    script = "import sys; from ventoux.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_resume_flags_through_the_cli(corpus, tmp_path):
+    run = tmp_path / "run"
+    pretrain(_args(corpus, run, steps=4, save_every=2, eval_every=2, log_every=1), progress=False)
+
+    missing = _cli("pretrain", "--out", str(tmp_path / "typo"), "--resume")
+    assert missing.returncode == 1 and "holds no checkpoint to resume" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "typo").exists()
+
+    conflict = _cli("pretrain", "--out", str(run), "--resume", "--lr", "0.5", "--context", "16",
+                    "--data", str(corpus / "text.txt"), "--steps", "6")  # the same --data is no conflict
+    assert conflict.returncode == 1 and len(conflict.stderr.strip().splitlines()) == 1, conflict.stderr
+    assert "--context 16 (the run has 32)" in conflict.stderr and "--lr 0.5 (the run has 0.003)" in conflict.stderr
+    assert "--data" not in conflict.stderr and "Traceback" not in conflict.stderr
+
+    finished = _cli("pretrain", "--out", str(run), "--resume")
+    assert finished.returncode == 1 and "is at step 4" in finished.stderr and "--steps" in finished.stderr
+
+    # a longer --steps extends the run; without matplotlib no picture is drawn, and none is announced
+    fake = tmp_path / "no-matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib is hidden by the test')\n")
+    longer = _cli("pretrain", "--out", str(run), "--resume", "--steps", "6", "--quiet",
+                  env={"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert longer.returncode == 0, longer.stderr
+    assert "no loss.png" in longer.stderr and "loss.png" not in longer.stdout, longer.stdout
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert lrs[6] == pytest.approx(3e-4) and lrs[5] > lrs[6]  # the cosine of a 6-step run ends at min_lr

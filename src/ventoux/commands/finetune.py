@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from ..cli import command
+from .train import beside
 
 
 def _finetune_args(p):
@@ -77,6 +77,4 @@ def run_finetune(args):
     if args.out is None:
         raise VentouxError("pass --out DIR, the run folder (or --validate-only to check the data alone)")
     adapter = finetune(settings, progress=not args.quiet, given=set(given))
-    extra = " and loss.png" if (adapter.parent / "loss.png").exists() else ""
-    print(f"wrote {adapter} (the adapter, PEFT format), with checkpoints/, metrics.jsonl{extra} beside it",
-          file=sys.stdout)
+    print(f"wrote {adapter} (the adapter, PEFT format), with {beside(adapter.parent)} beside it")

@@ -79,8 +79,11 @@ def run_pretrain(args):
 
 
 def beside(run) -> str:
-    """What a run folder holds next to its result (loss.png only when it was drawn)."""
-    names = ["checkpoints/", "metrics.jsonl"] + (["loss.png"] if (run / "loss.png").exists() else [])
+    """What a run folder holds next to its result: loss.png only when this run drew it (it is newer than
+    the metrics it shows; an older one stays behind when matplotlib is missing)."""
+    plot, metrics = run / "loss.png", run / "metrics.jsonl"
+    drawn = plot.exists() and metrics.exists() and plot.stat().st_mtime_ns >= metrics.stat().st_mtime_ns
+    names = ["checkpoints/", "metrics.jsonl"] + (["loss.png"] if drawn else [])
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
