@@ -40,3 +40,24 @@ def pair(request):
     cfg = TINY if request.param == "windowed" else TINY_FULL
     hf = hf_model(cfg)
     return hf, ventoux_from_hf(hf)
+
+
+# ---- ventoux's CPU kernels -----------------------------------------------------------------------------
+def _kernel_isas() -> list[str]:
+    from ventoux import cpu_kernels
+
+    return cpu_kernels.supported_isas() if cpu_kernels.compiler() else []
+
+
+KERNEL_ISAS = _kernel_isas()  # every build of ventoux's CPU kernels this machine must run (cpu_kernels.py)
+NO_KERNELS = pytest.mark.skip(reason="no x86 CPU with AVX2 or AVX-512 VNNI, or no C compiler: the kernels cannot build")
+
+
+@pytest.fixture(params=KERNEL_ISAS or [pytest.param(None, marks=NO_KERNELS)])
+def kernel_isa(request, monkeypatch):
+    """Runs the test under each kernel build (VENTOUX_CPU_ISA); where a build should work, it must."""
+    from ventoux import cpu_kernels
+
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, request.param)
+    assert cpu_kernels.library() is not None, f"the {request.param} CPU kernels must build and load on this CPU"
+    return request.param

@@ -12,11 +12,14 @@ import weakref
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import KERNEL_ISAS, TINY
+from torch import nn
 
+from ventoux import cpu_kernels
 from ventoux.api import load_model  # the pipeline: quantize, read, kernels
 from ventoux.config import ModelConfig
 from ventoux.errors import VentouxError
+from ventoux.fastlinear import HalfLinear
 from ventoux.model import Transformer
 from ventoux.qlinear import Int4Linear, Int8Linear, QuantizedLinear
 from ventoux.quantize import (
@@ -86,6 +89,18 @@ def _check_linear(layer: QuantizedLinear, w, x, w_hat, step):
     assert ((y - x64 @ w64.T).abs() <= x64.abs() @ (0.5 * step * (1 + 1e-2)).T + bound).all()
 
 
+def _cases(cls) -> list[tuple[str, str | None]]:
+    """(kernel, kernel build) pairs: ours under every build this machine must run (a failing one fails its
+    tests instead of dropping out), PyTorch's kernels where they run here, and the fallback."""
+    ours = [("vnni", isa) for isa in KERNEL_ISAS]
+    return ours + [(k, None) for k in cls.KERNELS if k != "vnni" and k in cls.kernels("cpu")]
+
+
+def _use(monkeypatch, isa):
+    if isa:
+        monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, isa)
+
+
 def test_parse_scheme():
     assert parse_scheme("int8") == Scheme(8)
     assert parse_scheme("int4") == Scheme(4, 32)
@@ -93,22 +108,60 @@ def test_parse_scheme():
         assert parse_scheme(f"INT4-g{g}") == Scheme(4, g)
     with pytest.raises(VentouxError, match="int4-g64"):
         parse_scheme("int3")
-    assert parse_quantize("int4-g64") == (Scheme(4, 64), False)
-    assert parse_quantize("int8+output") == (Scheme(8), True)
+    assert parse_quantize("int4-g64") == (Scheme(4, 64), Scheme(8))  # the head in int8 by default
+    assert parse_quantize("int8+output") == (Scheme(8), Scheme(8))
+    assert parse_quantize("int4+output") == (Scheme(4, 32), Scheme(4, 32))  # "+output": the blocks' scheme
+    assert parse_quantize("int4+output=float") == (Scheme(4, 32), None)
+    assert parse_quantize("int8+output=int4-g128") == (Scheme(8), Scheme(4, 128))
     with pytest.raises(VentouxError, match="int3"):
         parse_quantize("int3+output")
+    with pytest.raises(VentouxError, match="int5"):
+        parse_quantize("int4+output=int5")
+    with pytest.raises(VentouxError, match=r"\+output=SCHEME"):
+        parse_quantize("int4+outputs")
 
 
-@pytest.mark.parametrize("spec,head", [("int4-g64", False), ("int4-g64+output", True)])
-def test_quantize_while_loading_can_include_the_output_head(tmp_path, spec, head):
+@pytest.mark.parametrize("spec,head", [("int4-g64", Int8Linear), ("int4-g64+output", Int4Linear),
+                                       ("int4-g64+output=float", nn.Linear)])
+def test_quantize_while_loading_chooses_the_output_head(tmp_path, spec, head):
     save_hf(_model(), tmp_path / "float")
     model = load_model(tmp_path / "float", CFG, None, quantize=spec)
-    assert isinstance(model.output, Int4Linear) == head and isinstance(model.layers[0].feed_forward.w2, Int4Linear)
+    assert type(model.output) is head and isinstance(model.layers[0].feed_forward.w2, Int4Linear)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("spec", [None, "int8", "int4", "int4-g64+output", "int4+output=float"])
+def test_every_linear_of_a_loaded_model_runs_on_a_fast_kernel(tmp_path, kernel_isa, spec):
+    # Issue 12: no linear of a decode step, the head included, falls back to PyTorch's bf16 product; each
+    # decode step's products agree with the plain dequantize-and-matmul fallback
+    save_hf(_model(), tmp_path / "float")
+    model = load_model(tmp_path / "float", CFG, torch.bfloat16, quantize=spec)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
+    assert len(linears) == 7 * CFG.n_layers + 1
+    assert [n for n, m in linears.items() if type(m) is nn.Linear] == []
+    assert all(m.kernel == "vnni" for m in linears.values() if isinstance(m, QuantizedLinear))
+    head = {None: HalfLinear, "int8": Int8Linear, "int4": Int8Linear, "int4-g64+output": Int4Linear,
+            "int4+output=float": HalfLinear}[spec]
+    assert type(model.output) is head
+    plain = copy.deepcopy(model)
+    for name, m in linears.items():  # the same weights through the fallbacks
+        parent, _, child = name.rpartition(".")
+        if isinstance(m, QuantizedLinear):
+            plain.get_submodule(name)._store("fallback", *m.canonical())
+        else:
+            linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+            linear.weight = m.weight
+            setattr(plain.get_submodule(parent) if parent else plain, child, linear)
+    tokens = _tokens()[:1]
+    for t in range(1, 8):  # one token at a time: the decode path
+        a, b = model(tokens[:, :t], last_only=True).float(), plain(tokens[:, :t], last_only=True).float()
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("rows", [(2, 3), (1, 300)])  # decode-sized; prefill-sized (vnni: the tiled product)
-@pytest.mark.parametrize("kernel", Int8Linear.kernels("cpu"))
-def test_int8_linear_against_float(kernel, rows):
+@pytest.mark.parametrize("kernel,isa", _cases(Int8Linear))
+def test_int8_linear_against_float(monkeypatch, kernel, isa, rows):
+    _use(monkeypatch, isa)
     w, x = _weights(rows=rows)
     layer = Int8Linear.from_float(w, kernel=kernel)
     assert layer.kernel == kernel
@@ -120,9 +173,10 @@ def test_int8_linear_against_float(kernel, rows):
 
 
 @pytest.mark.parametrize("rows", [(2, 3), (1, 300)])  # decode-sized; prefill-sized (vnni: the tiled product)
-@pytest.mark.parametrize("kernel", Int4Linear.kernels("cpu"))
+@pytest.mark.parametrize("kernel,isa", _cases(Int4Linear))
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_linear_against_float(group_size, kernel, rows):
+def test_int4_linear_against_float(monkeypatch, group_size, kernel, isa, rows):
+    _use(monkeypatch, isa)
     w, x = _weights(rows=rows)
     layer = Int4Linear.from_float(w, group_size, kernel=kernel)
     assert layer.kernel == kernel and layer.group_size == group_size
@@ -135,9 +189,12 @@ def test_int4_linear_against_float(group_size, kernel, rows):
 @pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}),
                                       (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
 @pytest.mark.parametrize("rows", [(2, 3), (37,)])
-def test_packed_kernel_agrees_with_fallback(cls, args, rows):
+@pytest.mark.parametrize("isa", KERNEL_ISAS or [None])
+def test_packed_kernel_agrees_with_fallback(monkeypatch, isa, cls, args, rows):
+    _use(monkeypatch, isa)
     w, x = _weights(n=96, k=384, seed=1, rows=rows)
     fallback = cls.from_float(w, kernel="fallback", **args)
+    assert cls.kernels("cpu")[0] == ("vnni" if isa else cls.kernels("cpu")[0])  # ours present where they build
     for kernel in cls.kernels("cpu"):
         packed = cls.from_float(w, kernel=kernel, **args)
         for a, b in zip(packed.state_dict().values(), fallback.state_dict().values()):
@@ -147,10 +204,9 @@ def test_packed_kernel_agrees_with_fallback(cls, args, rows):
         assert ((packed(xb) - fallback(xb)).abs() <= _kernel_error(packed, xb, w_hat)).all(), kernel
 
 
-@pytest.mark.skipif("vnni" not in Int4Linear.kernels("cpu"), reason="needs an x86 CPU with AVX-512 VNNI and cc")
 @pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}),
                                       (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
-def test_vnni_prefill_product_equals_the_decode_product(cls, args):
+def test_vnni_prefill_product_equals_the_decode_product(kernel_isa, cls, args):
     # More than 8 rows take the tiled product, up to 8 the row-by-row one: the same integer arithmetic,
     # so they agree to float rounding (far tighter than the bound against float64 above)
     w, x = _weights(n=100, k=640, seed=2, rows=(300,))
@@ -212,7 +268,8 @@ def test_quantized_model_logits_close_to_float():
     assert max(errors.values()) < 0.2
     assert errors["int8"] < errors["int4-g32"] / 4
     assert errors["int4-g32"] < errors["int4-g128"]  # smaller groups fit better
-    assert isinstance(quantize_model(copy.deepcopy(model), "int4").output, torch.nn.Linear)  # head kept by default
+    assert isinstance(quantize_model(copy.deepcopy(model), "int4").output, Int8Linear)  # the default head
+    assert type(quantize_model(copy.deepcopy(model), "int4", include_output=False).output) is nn.Linear
 
 
 @torch.no_grad()
@@ -228,21 +285,22 @@ def test_model_dtype_change_keeps_quantized_tensors():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("scheme,include_output", [("int8", True), ("int4-g64", False)])
-def test_save_load_gives_identical_logits(tmp_path, scheme, include_output):
+@pytest.mark.parametrize("scheme,include_output,suffix,head",
+                         [("int8", True, "+output", "int8"), ("int4-g64", False, "+output=float", None),
+                          ("int4-g64", None, "", "int8"), ("int4", "int4-g128", "+output=int4-g128", "int4-g128")])
+def test_save_load_gives_identical_logits(tmp_path, scheme, include_output, suffix, head):
     model, tokens = _model(), _tokens()
     save_hf(model, tmp_path / "float")
     quantized = quantize_model(copy.deepcopy(model), scheme, include_output)
     expected = quantized(tokens)
     # quantizing while loading gives the same model as quantizing after
-    loaded = load_model(tmp_path / "float", CFG, None, quantize=scheme)
-    if not include_output:
-        torch.testing.assert_close(loaded(tokens), expected, rtol=0, atol=0)
+    loaded = load_model(tmp_path / "float", CFG, None, quantize=scheme + suffix)
+    torch.testing.assert_close(loaded(tokens), expected, rtol=0, atol=0)
 
     save_quantized(quantized, tmp_path / "q", scheme)
     entry = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
     assert entry == {"scheme": scheme[:4], "group_size": parse_scheme(scheme).group_size,
-                     "include_output": include_output, "format_version": 1}
+                     "include_output": head is not None, "output_scheme": head, "format_version": 1}
     back = load_quantized(tmp_path / "q")
     assert back.layers[1].feed_forward.w2.kernel == quantized.layers[1].feed_forward.w2.kernel
     torch.testing.assert_close(back(tokens), expected, rtol=0, atol=0)
@@ -261,7 +319,7 @@ def test_quantizing_while_loading_frees_each_float_layer(tmp_path):
         return new
 
     load_model(tmp_path / "float", CFG, None, transform=transform)
-    assert len(replaced) == 2 * 7
+    assert len(replaced) == 2 * 7 + 1  # and the output head (int8 by default)
 
 
 def _saved(tmp_path, scheme="int4"):
@@ -299,6 +357,26 @@ def test_wrong_group_size_in_checkpoint_fails(tmp_path):
     _edit_config(folder, group_size=48)
     with pytest.raises(VentouxError, match="group_size 48"):
         load_quantized(folder)
+
+
+def test_output_scheme_of_the_checkpoint(tmp_path):
+    folder = _saved(tmp_path, "int4")  # the default head: int8
+    assert read_quantization(folder) == (Scheme(4, 32), Scheme(8))
+    assert isinstance(load_quantized(folder).output, Int8Linear)
+    _edit_config(folder, output_scheme="int5")
+    with pytest.raises(VentouxError, match="output_scheme 'int5'"):
+        load_quantized(folder)
+    _edit_config(folder, output_scheme="int4-g32")  # the head's tensors are int8
+    with pytest.raises(VentouxError, match="lm_head.qweight' is int8"):
+        load_quantized(folder)
+    # files written before output_scheme existed: include_output means the blocks' scheme, or a float head
+    save_quantized(_model(), tmp_path / "old", "int4-g64", include_output=True)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["quantization"]["output_scheme"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert read_quantization(tmp_path / "old") == (Scheme(4, 64), Scheme(4, 64))
+    _edit_config(tmp_path / "old", include_output=False)
+    assert read_quantization(tmp_path / "old") == (Scheme(4, 64), None)
 
 
 def test_scheme_contradicting_the_tensors_fails(tmp_path):

@@ -1,10 +1,17 @@
-"""ventoux's own CPU kernels (csrc/cpu_kernels.c): int8 / int4 weights times int8-quantized activations with
-AVX-512 VNNI, computed as llama.cpp computes its Q8_0 / Q4 products, and bf16 / fp16 weights times float32
-activations. Faster than PyTorch's kernels at batch 1, where decoding is bound by the memory bandwidth (see
-benchmarks/bench_linear.py). And a register-tiled 16-bit matrix product for prefill (many rows), faster than
+"""ventoux's own CPU kernels: int8 / int4 weights times int8-quantized activations in integer dot products,
+computed as llama.cpp computes its Q8_0 / Q4 products, and bf16 / fp16 weights times float32 activations.
+Faster than PyTorch's kernels at batch 1, where decoding is bound by the memory bandwidth (see
+benchmarks/bench_linear.py). And register-tiled matrix products for prefill (many rows), faster than
 PyTorch's there.
 
-    lib = library()           # None: no x86 AVX-512 VNNI here, or no C compiler
+Two builds of the same functions and numbers, chosen by the CPU's flags (isa()):
+  avx512   csrc/cpu_kernels.c, x86 CPUs with AVX-512 VNNI (-march=native)
+  avx2     csrc/cpu_kernels_avx2.c, x86 CPUs with AVX2 + FMA + F16C (-march=x86-64-v3, and AVX-VNNI's 256-bit
+           vpdpbusd where the CPU has it): most laptops and desktops
+VENTOUX_CPU_ISA=avx2|avx512|none overrides the choice (the AVX2 build runs on an AVX-512 CPU too; none: PyTorch's
+products only).
+
+    lib = library()           # None: no x86 CPU with either ISA here, no C compiler, or VENTOUX_CPU_ISA=none
     y = int8_gemv(x, qweight, scales)                  # (M, K) float -> (M, N) float32
     y = int4_gemv(x, qweight, scales, zeros, group)
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
@@ -22,6 +29,7 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -29,12 +37,25 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+from .errors import VentouxError
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = {"avx512": CSRC / "cpu_kernels.c", "avx2": CSRC / "cpu_kernels_avx2.c"}
+NEEDED = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avx2": ("avx2", "fma", "f16c")}
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+ISA_VARIABLE = "VENTOUX_CPU_ISA"
 
 
-def _cpu_flags() -> set[str]:
+def isa_flags(isa: str) -> list[str]:
+    """The compiler's target flags for a build: this CPU for avx512; AVX2 CPUs (x86-64-v3) for avx2, so no
+    AVX-512 instruction slips in, with AVX-VNNI where this CPU has it."""
+    if isa == "avx512":
+        return ["-march=native"]
+    return ["-march=x86-64-v3", "-mtune=native", *(["-mavxvnni"] if "avx_vnni" in cpu_flags() else [])]
+
+
+@functools.cache
+def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -47,21 +68,52 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ventoux" / "kernels"
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built now if needed; None where they cannot run."""
-    flags = _cpu_flags()
-    if platform.machine() not in ("x86_64", "AMD64") or not all(f in flags for f in NEEDED):
+def supported_isas() -> list[str]:
+    """The builds this CPU can run, best first."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return [isa for isa in SOURCES if all(f in cpu_flags() for f in NEEDED[isa])]
+
+
+def compiler() -> str | None:
+    """The C compiler's path ($CC, else cc); None if there is none."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def isa() -> str | None:
+    """The build the kernels run: VENTOUX_CPU_ISA if set, else the best this CPU supports; None for none."""
+    wanted = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    if not wanted:
+        return next(iter(supported_isas()), None)
+    if wanted == "none":
         return None
-    compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(flags)]).encode()).hexdigest()
-    path = cache_dir() / f"cpu_kernels-{key[:16]}.so"
+    if wanted not in SOURCES:
+        raise VentouxError(f"{ISA_VARIABLE}={wanted!r} is not a kernel build: use avx2, avx512 or none")
+    if wanted not in supported_isas():
+        raise VentouxError(f"{ISA_VARIABLE}={wanted}: this CPU lacks {', '.join(NEEDED[wanted])}; use "
+                           f"{' or '.join([*supported_isas(), 'none'])}")
+    return wanted
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels of the selected build (isa()), built now if needed; None where they cannot run."""
+    chosen = isa()
+    return build(chosen) if chosen else None
+
+
+@functools.cache
+def build(which: str) -> ctypes.CDLL | None:
+    """The kernels of one build (see SOURCES), compiled on first use; None if that fails."""
+    source, flags = SOURCES[which], [*FLAGS, *isa_flags(which)]
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags, *sorted(cpu_flags())]).encode()).hexdigest()
+    path = cache_dir() / f"cpu_kernels-{which}-{key[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half-written
             out = Path(tmp) / path.name
             try:
-                subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], check=True, capture_output=True,
+                subprocess.run([cc, *flags, "-o", str(out), str(source)], check=True, capture_output=True,
                                text=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", None) or str(e)

@@ -66,9 +66,14 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     return swap_modules(model, lambda name, module: HalfLinear(module) if eligible(module) else module)
 
 
-@functools.cache
 def kernel_works() -> bool:
-    """Whether the kernels run here and agree with F.linear on small random cases (once per process)."""
+    """Whether the kernels run here and agree with F.linear on small random cases (once per process and
+    kernel build: VENTOUX_CPU_ISA may change it)."""
+    return _kernel_check(cpu_kernels.isa())
+
+
+@functools.cache
+def _kernel_check(isa: str | None) -> bool:
     if cpu_kernels.library() is None:
         return False
     gen = torch.Generator().manual_seed(0)

@@ -12,8 +12,9 @@ A module's state_dict is the device-independent layout (int8 qweight; int4 nibbl
 input index in the low nibble; scales; zeros; the input width zero-padded to a multiple of 128, a no-op for
 Mistral's dimensions) whatever kernel it runs: any device packing happens when tensors
 are loaded or moved (`to()`), never per call. Kernels, in order of preference:
-  vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI: int8-quantized activations (blocks of 32, as
-             llama.cpp does) times the weights in integer dot products; reads the device-independent layout
+  vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI or AVX2 (named for the first): int8-quantized
+             activations (blocks of 32, as llama.cpp does) times the weights in integer dot products; reads the
+             device-independent layout
   int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations
   int4pack   CPU: aten._weight_int4pack_mm_for_cpu; CUDA: aten._weight_int4pack_mm (tinygemm), bfloat16
   fallback   dequantize and F.linear in the input's dtype, any device: the reference the others are tested on
@@ -321,9 +322,14 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-@functools.cache
 def _kernel_works(cls, kernel: str, device_type: str) -> bool:
-    """Whether `kernel` runs on this device type and agrees with the fallback on a small random case."""
+    """Whether `kernel` runs on this device type and agrees with the fallback on a small random case (checked
+    once per process and, for ours, per kernel build: VENTOUX_CPU_ISA may change it)."""
+    return _kernel_check(cls, kernel, device_type, cpu_kernels.isa() if kernel == "vnni" else None)
+
+
+@functools.cache
+def _kernel_check(cls, kernel: str, device_type: str, isa: str | None) -> bool:
     if kernel == "vnni" and (device_type != "cpu" or cpu_kernels.library() is None):
         return False
     gen = torch.Generator().manual_seed(0)

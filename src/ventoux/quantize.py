@@ -1,16 +1,26 @@
 """Weight-only quantization as a module swap, and the self-describing quantized checkpoint.
 
-    quantize_model(model, "int4")                    # every block linear -> Int4Linear (group 32), in place
-    quantize_model(model, "int8", include_output=True)
+    quantize_model(model, "int4")                    # block linears -> Int4Linear (group 32), head -> int8
+    quantize_model(model, "int4", include_output=True)   # the head in the blocks' scheme (int4) too
+    quantize_model(model, "int4", include_output=False)  # the head stays float
     model = load_model(folder, cfg, dtype, device, quantize="int4-g64")   # api.py: quantize while loading
-    model = load_model(folder, cfg, dtype, device, quantize="int4+output")  # ... and the output head too
+    model = load_model(folder, cfg, dtype, device, quantize="int4+output")  # ... the head in int4 too
+    model = load_model(folder, cfg, dtype, device, quantize="int4+output=float")  # ... the head kept float
     save_quantized(model, "out-int4", "int4")        # config.json records {"quantization": {...}}
     model = load_quantized("out-int4")
 
+The output head's format: by default int8 whatever the blocks' scheme (DEFAULT_HEAD), as llama.cpp keeps
+the head of its Q4_0 files at higher precision (Q6_K). Measured on the demo model (benchmarks/eval_demo.py,
+docs/benchmarks.md): an int4 head costs perplexity the blocks' int4 does not, an int8 head costs nothing
+measurable, and the head is then read at half a bfloat16 head's bytes on the fast int8 kernel. A load spec
+names another head with a suffix: "+output" (the blocks' scheme, as before), "+output=float" (kept in the
+model's dtype: HalfLinear's kernels on a CPU), "+output=int4-g64" (any scheme).
+
 The layers and their kernels live in qlinear.py. A quantized checkpoint is an HF-layout checkpoint whose
-config.json has a "quantization" entry ({"scheme": "int4", "group_size": 32, "include_output": false,
-"format_version": 1}) and whose quantized linears hold qweight/scales(/zeros) in place of weight, in the
-device-independent layout: the device packing happens at load.
+config.json has a "quantization" entry ({"scheme": "int4", "group_size": 32, "include_output": true,
+"output_scheme": "int8", "format_version": 1}) and whose quantized linears hold qweight/scales(/zeros) in
+place of weight, in the device-independent layout: the device packing happens at load. Without
+"output_scheme" (older files), include_output true means the head is in the blocks' scheme.
 """
 
 from __future__ import annotations
@@ -52,16 +62,33 @@ def parse_scheme(scheme: str | Scheme) -> Scheme:
 
 
 OUTPUT_SUFFIX = "+output"
+DEFAULT_HEAD = Scheme(8)  # the output head's scheme unless told otherwise (see the module docstring)
 
 
-def parse_quantize(spec: str | Scheme) -> tuple[Scheme, bool]:
-    """A load-time quantize option -> (scheme, include_output): "int4" or "int4-g64+output" (the output head
-    quantized too, as llama.cpp's quantized files do)."""
+def head_scheme(scheme: str | Scheme, include_output: bool | str | Scheme | None = None) -> Scheme | None:
+    """The output head's scheme (None: kept float) for blocks in `scheme`: include_output None is the default
+    head (DEFAULT_HEAD), True the blocks' scheme, False or "float" a float head, else a scheme."""
+    if include_output is None:
+        return DEFAULT_HEAD
+    if include_output is True:
+        return parse_scheme(scheme)
+    if include_output is False or include_output == "float":
+        return None
+    return parse_scheme(include_output)
+
+
+def parse_quantize(spec: str | Scheme) -> tuple[Scheme, Scheme | None]:
+    """A load-time quantize option -> (blocks' scheme, head's scheme or None for float): "int4" (head int8),
+    "int4-g64+output" (head int4-g64, as before), "int4+output=float", "int4+output=int4-g128"."""
     if isinstance(spec, Scheme):
-        return spec, False
-    key = str(spec).strip().lower()
-    include_output = key.endswith(OUTPUT_SUFFIX)
-    return parse_scheme(key.removesuffix(OUTPUT_SUFFIX)), include_output
+        return spec, head_scheme(spec)
+    blocks, plus, head = str(spec).strip().lower().partition(OUTPUT_SUFFIX)
+    scheme = parse_scheme(blocks)
+    if not plus:
+        return scheme, head_scheme(scheme)
+    if head and not head.startswith("="):
+        raise VentouxError(f"quantize {spec!r}: write the head's format as +output=SCHEME (int8, int4-g64, float)")
+    return scheme, head_scheme(scheme, head[1:] or True)
 
 
 # ---- the swap ------------------------------------------------------------------------------------
@@ -86,21 +113,25 @@ def quantize_module(module: nn.Module, scheme: str | Scheme, kernel: str | None 
     return Int4Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
 
 
-def quantizer(scheme: str | Scheme, include_output: bool = False, kernel: str | None = None):
-    """A per-module hook for weights.load_model(transform=...): quantizes each target linear as it loads."""
+def quantizer(scheme: str | Scheme, include_output: bool | str | Scheme | None = None, kernel: str | None = None):
+    """A per-module hook for weights.load_model(transform=...): quantizes each target linear as it loads, the
+    output head as head_scheme(scheme, include_output) says."""
     scheme = parse_scheme(scheme)
+    head = head_scheme(scheme, include_output)
 
     def transform(name: str, module: nn.Module) -> nn.Module:
-        if isinstance(module, nn.Linear) and is_target(name, include_output):
-            return quantize_module(module, scheme, kernel)
-        return module
+        if not isinstance(module, nn.Linear) or not is_target(name, head is not None):
+            return module
+        if name == "output" and head.bits != scheme.bits:  # a kernel asked for the blocks may not exist here
+            return quantize_module(module, head, kernel if kernel == "fallback" else None)
+        return quantize_module(module, head if name == "output" else scheme, kernel)
 
     return transform
 
 
-def quantize_model(model: nn.Module, scheme: str | Scheme, include_output: bool = False,
+def quantize_model(model: nn.Module, scheme: str | Scheme, include_output: bool | str | Scheme | None = None,
                    kernel: str | None = None) -> nn.Module:
-    """Swap every block linear (and the output head if asked) for its quantized version, in place."""
+    """Swap every block linear and the output head (see head_scheme) for their quantized versions, in place."""
     return swap_modules(model, quantizer(scheme, include_output, kernel))
 
 
@@ -108,14 +139,18 @@ def _chain(first, then):
     return lambda name, module: then(name, first(name, module))
 
 
-def _model_scheme(model: nn.Module) -> tuple[Scheme, bool] | None:
-    """(scheme, include_output) of a quantized model; None if no linear is quantized."""
+def _module_scheme(module: nn.Module) -> Scheme | None:
+    if isinstance(module, Int8Linear):
+        return Scheme(8)
+    return Scheme(4, module.group_size) if isinstance(module, Int4Linear) else None
+
+
+def _model_scheme(model: nn.Module) -> tuple[Scheme, Scheme | None] | None:
+    """(blocks' scheme, head's scheme or None) of a quantized model; None if no block linear is quantized."""
     schemes, floats = set(), []
     for name, module in model.named_modules():
-        if isinstance(module, Int8Linear):
-            schemes.add(Scheme(8))
-        elif isinstance(module, Int4Linear):
-            schemes.add(Scheme(4, module.group_size))
+        if name != "output" and _module_scheme(module) is not None:
+            schemes.add(_module_scheme(module))
         elif isinstance(module, nn.Linear) and is_target(name):
             floats.append(name)
     if not schemes:
@@ -123,22 +158,24 @@ def _model_scheme(model: nn.Module) -> tuple[Scheme, bool] | None:
     if len(schemes) > 1 or floats:
         raise VentouxError(f"the model mixes quantization schemes ({sorted(s.name for s in schemes)}"
                            f"{' and float layers ' + floats[0] if floats else ''}); one config cannot describe it")
-    return schemes.pop(), isinstance(model.get_submodule("output"), QuantizedLinear)
+    return schemes.pop(), _module_scheme(model.get_submodule("output"))
 
 
 # ---- the quantized checkpoint ---------------------------------------------------------------------
 FORMAT_VERSION = 1
 
 
-def config_entry(scheme: str | Scheme, include_output: bool) -> dict:
-    """The "quantization" entry of a quantized checkpoint's config.json."""
+def config_entry(scheme: str | Scheme, include_output: bool | str | Scheme | None = None) -> dict:
+    """The "quantization" entry of a quantized checkpoint's config.json (include_output: see head_scheme)."""
     scheme = parse_scheme(scheme)
-    return {"scheme": f"int{scheme.bits}", "group_size": scheme.group_size, "include_output": include_output,
-            "format_version": FORMAT_VERSION}
+    head = head_scheme(scheme, include_output)
+    return {"scheme": f"int{scheme.bits}", "group_size": scheme.group_size, "include_output": head is not None,
+            "output_scheme": head.name if head else None, "format_version": FORMAT_VERSION}
 
 
-def read_quantization(folder) -> tuple[Scheme, bool] | None:
-    """(scheme, include_output) from folder/config.json's "quantization" entry; None for a float checkpoint."""
+def read_quantization(folder) -> tuple[Scheme, Scheme | None] | None:
+    """(blocks' scheme, head's scheme or None) from folder/config.json's "quantization" entry; None for a float
+    checkpoint."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         return None
@@ -167,18 +204,25 @@ def read_quantization(folder) -> tuple[Scheme, bool] | None:
     include_output = entry.get("include_output", False)
     if not isinstance(include_output, bool):
         raise VentouxError(f"{path}: quantization.include_output must be true or false, not {include_output!r}")
-    return scheme, include_output
+    head = entry.get("output_scheme")
+    if not include_output or head is None:  # older files: the head in the blocks' scheme, or float
+        return scheme, scheme if include_output else None
+    if head not in SCHEMES:
+        raise VentouxError(f"{path}: quantization.output_scheme {head!r} is unknown; valid: {', '.join(SCHEMES)}")
+    return scheme, SCHEMES[head]
 
 
-def _check_tensors(folder, scheme: Scheme) -> None:
+def _check_tensors(folder, scheme: Scheme, head: Scheme | None = None) -> None:
     """The files' quantized tensors must have the dtypes and scale shapes the config's scheme implies (checked
     from the headers, to name the tensor and the config field at fault)."""
     from .weights import open_checkpoint
 
     _, files, _ = open_checkpoint(folder)
     header = {name: entry for f in files for name, entry in f.header.items()}
-    qdtype = "int8" if scheme.bits == 8 else "uint8"
+    blocks = scheme
     for name, (shape, dtype) in header.items():
+        scheme = head if name.startswith("lm_head.") and head is not None else blocks
+        qdtype = "int8" if scheme.bits == 8 else "uint8"
         if name.endswith(".qweight") and dtype != qdtype:
             raise VentouxError(f"tensor {name!r} is {dtype}, but config.json's quantization.scheme "
                                f"'int{scheme.bits}' stores {qdtype}; fix the config or re-quantize")
@@ -203,20 +247,22 @@ def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None,
     if stored is None:
         if quantize is None:
             return model, transform
-        hook = quantizer(*parse_quantize(quantize))
+        scheme, head = parse_quantize(quantize)
+        hook = quantizer(scheme, head or False)  # a float head: False (None would be the default head)
         return model, hook if transform is None else _chain(hook, transform)
-    scheme, include_output = stored
+    scheme, head = stored
     if quantize is not None and parse_quantize(quantize)[0] != scheme:
         raise VentouxError(f"{folder} is already quantized as {scheme.name}; drop quantize={quantize!r} "
                            f"or pass {scheme.name!r}")
-    _check_tensors(folder, scheme)
-    return quantize_model(model, scheme, include_output), transform
+    _check_tensors(folder, scheme, head)
+    return quantize_model(model, scheme, head or False), transform
 
 
-def save_quantized(model: nn.Module, folder, scheme: str | Scheme | None = None, include_output: bool = False,
-                   extra_files=(), overwrite: bool = False) -> Path:
+def save_quantized(model: nn.Module, folder, scheme: str | Scheme | None = None,
+                   include_output: bool | str | Scheme | None = None, extra_files=(), overwrite: bool = False) -> Path:
     """Write a quantized checkpoint (HF layout + config "quantization" entry). A float model is quantized in
-    place first with `scheme` (and include_output); a quantized one must already match `scheme` if given."""
+    place first with `scheme` (and include_output, see head_scheme); a quantized one must already match
+    `scheme` if given."""
     from .weights import save_hf
 
     found = _model_scheme(model)
@@ -229,7 +275,7 @@ def save_quantized(model: nn.Module, folder, scheme: str | Scheme | None = None,
         raise VentouxError(f"the model is quantized as {found[0].name}, not {parse_scheme(scheme).name}; "
                            "load the float weights to quantize them another way")
     return save_hf(model, folder, extra_files=extra_files, overwrite=overwrite,
-                   extra_config={"quantization": config_entry(*found)})
+                   extra_config={"quantization": config_entry(found[0], found[1] or False)})
 
 
 def load_quantized(folder, dtype=None, device="cpu") -> nn.Module:
@@ -242,8 +288,8 @@ def load_quantized(folder, dtype=None, device="cpu") -> nn.Module:
     return load_model(folder, read_config(folder), dtype, device)
 
 
-def quantize_checkpoint(src, dst, scheme: str | Scheme, include_output: bool = False, dtype=None,
-                        overwrite: bool = False) -> Path:
+def quantize_checkpoint(src, dst, scheme: str | Scheme, include_output: bool | str | Scheme | None = None,
+                        dtype=None, overwrite: bool = False) -> Path:
     """src (float checkpoint) -> dst (quantized), one linear at a time; no kernel packing on the way."""
     from .config import read_config
     from .weights import load_model, tokenizer_files

@@ -11,7 +11,8 @@ def _args(p):
     p.add_argument("dst", help="output folder (must not exist)")
     p.add_argument("--scheme", default="int4", help="int8 or int4 (default int4)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
-    p.add_argument("--include-output", action="store_true", help="quantize the output head too")
+    p.add_argument("--include-output", action="store_true", default=None,
+                   help="quantize the output head in the blocks' scheme (default: the head in int8)")
     p.add_argument("--dtype", default=None, help="dtype of the unquantized tensors (default: as stored)")
 
 

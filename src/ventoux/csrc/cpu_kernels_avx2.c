@@ -1,0 +1,458 @@
+// ventoux's CPU kernels for x86 CPUs with AVX2, FMA and F16C but no AVX-512 (most laptops and desktops): the
+// same functions, layouts and numbers as cpu_kernels.c (read its header first), on 256-bit registers.
+// cpu_kernels.py builds this file with -march=x86-64-v3 (plus -mavxvnni where the CPU has AVX-VNNI) and picks
+// it by the CPU's flags, or by VENTOUX_CPU_ISA=avx2.
+//
+// Integer dot products: with AVX-VNNI, vpdpbusd on 256-bit registers; without, vpmaddubsw (unsigned x signed
+// bytes -> pairs summed in int16) then vpmaddwd (pairs of int16 -> int32), as llama.cpp's AVX2 path does. The
+// int16 pair sums cannot overflow: one side is at most 127 (|q| of the activations, or int8 weights in
+// [-127, 127] times the activations' signs) or 15 (int4 codes). The activations are quantized exactly as
+// cpu_kernels.c does, and integer sums are exact, so only the float sums' order differs from the AVX-512 path.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32  // activation quantization block
+#define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
+#define GEMV_MAX_ROWS 8  // more activation rows than this reuse each weight enough for a tiled product
+
+// acc + the dot products of unsigned bytes u with signed bytes s, 4 bytes per int32 lane.
+static inline __m256i dot_us(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float bf16(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// 8 bfloat16 or float16 values -> float32 lanes.
+static inline __m256 half8(const uint16_t* p, int is_bf16) {
+  const __m128i h = _mm_loadu_si128((const __m128i*)p);
+  return is_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+// One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (returned): cpu_kernels.c's numbers.
+static inline float quantize_block(const float* x, int8_t* q) {
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+  }
+  const float d = hmax(mx) / 127.f;
+  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i i[4];
+  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+  // saturating packs work within 128-bit halves: the permute puts the 32 bytes back in order
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return d;
+}
+
+static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                       const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
+
+void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
+                  float* y, int nthreads) {
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, K, N, y, nthreads);
+    return;
+  }
+  const int64_t B = K / BLOCK;
+  int8_t* q = malloc(M * K);  // the quantized activations, and their block scales
+  float* d = malloc(M * B * sizeof(float));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) d[m * B + b] = quantize_block(x + m * K + b * BLOCK, q + m * K + b * BLOCK);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+    for (int64_t n = n0; n < n1; n += ROWS) {
+      const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
+      const int8_t* wr = w + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* qm = q + m * K;
+        const float* dm = d + m * B;
+        __m256 acc[ROWS];
+        for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < B; ++b) {
+          const __m256i qv = _mm256_loadu_si256((const __m256i*)(qm + b * BLOCK));
+          const __m256i aq = _mm256_abs_epi8(qv);
+          const __m256 db = _mm256_broadcast_ss(dm + b);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* p = wr + r * K + b * BLOCK;
+            if (!(b & 1)) _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+            // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form the products take
+            const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)p), qv);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(_mm256_setzero_si256(), aq, sw)), db, acc[r]);
+          }
+        }
+        for (int r = 0; r < R; ++r) y[m * N + n + r] = bf16(scales[n + r]) * hsum(acc[r]);
+      }
+    }
+  }
+  free(q);
+  free(d);
+}
+
+void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+    quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
+    return;
+  }
+  const int64_t C = K / 64;  // 32-byte chunks of a packed row: 64 inputs, two activation blocks
+  const int64_t G = K / group, Gp = (G + 7) / 8 * 8 + 8;  // groups per row, padded (and one spare vector)
+  // The activations split by parity to meet the low and high nibbles; each int32 lane l of a chunk's dot
+  // product sums 8 consecutive inputs: block 2c + l/4, group (64 c + 8 l) / g.
+  int8_t* xe = malloc(M * K / 2);
+  int8_t* xo = malloc(M * K / 2);
+  float* dvec = malloc(M * C * 8 * sizeof(float));
+  float* xsum = calloc(M * Gp, sizeof(float));  // per group: sum of the quantized x (the zeros' term)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < K / BLOCK; ++b) {
+      int8_t q[BLOCK];
+      const float d = quantize_block(x + m * K + b * BLOCK, q);
+      int sum = 0;
+      for (int i = 0; i < BLOCK; i += 2) {
+        xe[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i];
+        xo[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i + 1];
+        sum += q[i] + q[i + 1];
+      }
+      for (int i = 0; i < 4; ++i) dvec[m * C * 8 + b * 4 + i] = d;
+      xsum[m * Gp + b * BLOCK / group] += d * (float)sum;
+    }
+  }
+  // lane l's scale: s[(64 c + 8 l) / g], from the two scales at s + 64 c / g
+  const __m256i lane_group = group == 32 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256();
+#pragma omp parallel num_threads(nthreads)
+  {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    float* s = calloc(ROWS * Gp, sizeof(float));    // the rows' scales, as float
+    float* off = calloc(ROWS * Gp, sizeof(float));  // and z - 8 s: w = (q - 8) s + z = q s + off
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+      const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+      for (int64_t n = n0; n < n1; n += ROWS) {
+        const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
+        const uint8_t* wr = w + n * K / 2;
+        for (int r = 0; r < R; ++r)
+          for (int64_t g = 0; g < G; ++g) {
+            s[r * Gp + g] = bf16(scales[(n + r) * G + g]);
+            off[r * Gp + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * Gp + g];
+          }
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* e = xe + m * K / 2;
+          const int8_t* o = xo + m * K / 2;
+          const float* dv = dvec + m * C * 8;
+          const float* xs = xsum + m * Gp;
+          __m256 acc[ROWS];
+          for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+          for (int64_t c = 0; c < C; ++c) {
+            const __m256i ev = _mm256_loadu_si256((const __m256i*)(e + c * 32));
+            const __m256i ov = _mm256_loadu_si256((const __m256i*)(o + c * 32));
+            const __m256 d = _mm256_loadu_ps(dv + c * 8);
+            for (int r = 0; r < R; ++r) {
+              const uint8_t* p = wr + r * K / 2 + c * 32;
+              if (!(c & 1)) _mm_prefetch((const char*)(p + ROWS * K / 2), _MM_HINT_T0);  // the next rows
+              const __m256i pv = _mm256_loadu_si256((const __m256i*)p);
+              const __m256i lo = _mm256_and_si256(pv, low4), hi = _mm256_and_si256(_mm256_srli_epi16(pv, 4), low4);
+#if defined(__AVXVNNI__)
+              const __m256i dot = dot_us(dot_us(_mm256_setzero_si256(), lo, ev), hi, ov);
+#else  // the two halves' int16 pair sums (each at most 2 * 15 * 127) added before widening: one vpmaddwd
+              const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ev), _mm256_maddubs_epi16(hi, ov));
+              const __m256i dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+              const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)(s + r * Gp + c * 64 / group)));
+              const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), lane_group);
+              acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, d), acc[r]);
+            }
+          }
+          for (int r = 0; r < R; ++r) {  // plus the sum over groups of (z - 8 s) times the group's sum of x
+            __m256 zacc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < Gp; g += 8)
+              zacc = _mm256_fmadd_ps(_mm256_loadu_ps(off + r * Gp + g), _mm256_loadu_ps(xs + g), zacc);
+            y[m * N + n + r] = hsum(_mm256_add_ps(acc[r], zacc));
+          }
+        }
+      }
+    }
+    free(s);
+    free(off);
+  }
+  free(xe);
+  free(xo);
+  free(dvec);
+  free(xsum);
+}
+
+void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int is_bf16, int64_t N, float* y,
+                  int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+    for (int64_t n = n0; n < n1; n += ROWS) {
+      const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
+      const uint16_t* wr = w + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K;
+        __m256 acc[ROWS][2];  // two sums a row: the multiply-adds of one row do not wait on each other
+        for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
+          const __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
+          const __m256 x2 = _mm256_loadu_ps(xm + k + 16), x3 = _mm256_loadu_ps(xm + k + 24);
+          for (int r = 0; r < R; ++r) {
+            const uint16_t* p = wr + r * K + k;
+            _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+            acc[r][0] = _mm256_fmadd_ps(half8(p, is_bf16), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(half8(p + 8, is_bf16), x1, acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(half8(p + 16, is_bf16), x2, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(half8(p + 24, is_bf16), x3, acc[r][1]);
+          }
+        }
+        for (int r = 0; r < R; ++r) y[m * N + n + r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+      }
+    }
+  }
+}
+
+// vx_half_gemm: cpu_kernels.c's tiled 16-bit product with 8-lane vectors: rows transposed into xp (MC/8, K, 8)
+// float32, a tile of GEMM_MB x 8 rows by GEMM_NR outputs in 12 of the 16 registers, weights converted once
+// per GEMM_KC inputs (ws), sums in yt (N, MC) between input blocks, rounded to 16 bits at the end.
+#define GEMM_MC 256
+#define GEMM_KC 256
+#define GEMM_NR 6
+#define GEMM_MB 2
+
+static inline __attribute__((always_inline)) void half_tile(const float* xp, int64_t K, int64_t k0, int64_t k1,
+                                                            const float* ws, int mb, int nr, float* yt, int64_t Mp) {
+  __m256 acc[GEMM_NR][GEMM_MB];
+  for (int n = 0; n < nr; ++n)
+    for (int b = 0; b < mb; ++b) acc[n][b] = k0 ? _mm256_loadu_ps(yt + n * Mp + b * 8) : _mm256_setzero_ps();
+  for (int64_t k = k0; k < k1; ++k) {
+    __m256 xv[GEMM_MB];
+    for (int b = 0; b < mb; ++b) xv[b] = _mm256_loadu_ps(xp + b * 8 * K + k * 8);
+    for (int n = 0; n < nr; ++n) {
+      const __m256 wv = _mm256_broadcast_ss(ws + n * GEMM_KC + (k - k0));
+      for (int b = 0; b < mb; ++b) acc[n][b] = _mm256_fmadd_ps(xv[b], wv, acc[n][b]);
+    }
+  }
+  for (int n = 0; n < nr; ++n)
+    for (int b = 0; b < mb; ++b) _mm256_storeu_ps(yt + n * Mp + b * 8, acc[n][b]);
+}
+
+static inline float half_to_float(uint16_t h, int is_bf16) { return is_bf16 ? bf16(h) : _cvtsh_ss(h); }
+
+static inline uint16_t float_to_half(float f, int is_bf16) {  // round to nearest even, as PyTorch rounds
+  if (!is_bf16) return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays a (quiet) NaN
+  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int is_bf16, int64_t N, uint16_t* y,
+                  int nthreads) {
+  const int64_t MC = M < GEMM_MC ? (M + 7) / 8 * 8 : GEMM_MC;
+  float* xp = malloc(MC * K * sizeof(float));
+  float* yt = malloc(N * MC * sizeof(float));
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t rows = M - m0 < MC ? M - m0 : MC, Mp = (rows + 7) / 8 * 8, blocks = Mp / 8;
+#pragma omp parallel num_threads(nthreads)
+    {
+      float* ws = malloc(GEMM_NR * GEMM_KC * sizeof(float));
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < Mp; ++m) {  // rows past M are zero
+        float* dst = xp + (m / 8) * 8 * K + m % 8;
+        const uint16_t* src = x + (m0 + m) * K;
+        for (int64_t k = 0; k < K; ++k) dst[k * 8] = m < rows ? half_to_float(src[k], is_bf16) : 0.f;
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {  // the implicit barrier of each omp for orders the blocks
+        const int64_t k1 = k0 + GEMM_KC < K ? k0 + GEMM_KC : K;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n += GEMM_NR) {
+          const int nr = N - n < GEMM_NR ? (int)(N - n) : GEMM_NR;
+          for (int r = 0; r < nr; ++r)
+            for (int64_t k = k0; k < k1; k += 8) _mm256_storeu_ps(ws + r * GEMM_KC + k - k0, half8(w + (n + r) * K + k, is_bf16));
+          float* yn = yt + n * Mp;
+          if (nr == GEMM_NR) {
+            int64_t b = 0;
+            for (; b + GEMM_MB <= blocks; b += GEMM_MB)
+              half_tile(xp + b * 8 * K, K, k0, k1, ws, GEMM_MB, GEMM_NR, yn + b * 8, Mp);
+            for (; b < blocks; ++b) half_tile(xp + b * 8 * K, K, k0, k1, ws, 1, GEMM_NR, yn + b * 8, Mp);
+          } else {
+            for (int r = 0; r < nr; ++r)
+              for (int64_t b = 0; b < blocks; ++b)
+                half_tile(xp + b * 8 * K, K, k0, k1, ws + r * GEMM_KC, 1, 1, yn + r * Mp + b * 8, Mp);
+          }
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t n0 = 0; n0 < N; n0 += 16) {  // yt (N, Mp) float32 -> y rows m0.. (M, N), 16 columns at a time
+        const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = n0; n < n1; ++n) y[(m0 + m) * N + n] = float_to_half(yt[n * Mp + m], is_bf16);
+      }
+      free(ws);
+    }
+  }
+  free(xp);
+  free(yt);
+}
+
+// quant_gemm: cpu_kernels.c's tiled product for many rows with 8-lane vectors: 8 rows of x times 4 consecutive
+// inputs fill a 32-byte vector ((MC/8, K/4, 8, 4) int8); 4 codes of one output broadcast give 8 rows of that
+// output per dot product. int4 codes are unsigned (0..15) and multiply x as they are; int8 codes are signed
+// q (no +128: vpmaddubsw wants the unsigned side at most 127 to stay exact), so they multiply |x| after taking
+// x's signs. A tile of Q_MB x 8 rows by Q_NR outputs keeps its int32 block sums in registers; its float sums
+// live in yt (in L1), updated once per block of 32 inputs.
+#define Q_MC 256
+#define Q_KC 256  // a multiple of every int4 group size
+#define Q_NR 4
+#define Q_MB 2
+
+static inline __attribute__((always_inline)) void quant_tile(const int8_t* xq, const float* dx, const float* xs,
+                                                            int64_t K, int64_t G, int64_t group, int64_t k0,
+                                                            int64_t k1, const int8_t* qs, int bits, const float* s,
+                                                            const float* off, int mb, int nr, float* yt,
+                                                            int64_t Mp) {
+  for (int64_t k = k0; k < k1; k += BLOCK) {
+    __m256i dot[Q_NR][Q_MB];
+    for (int n = 0; n < nr; ++n)
+      for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_setzero_si256();
+    for (int64_t j = k; j < k + BLOCK; j += 4) {
+      __m256i xv[Q_MB], ax[Q_MB];
+      for (int b = 0; b < mb; ++b) {
+        xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
+        ax[b] = _mm256_abs_epi8(xv[b]);
+      }
+      for (int n = 0; n < nr; ++n) {
+        int32_t codes;
+        memcpy(&codes, qs + n * Q_KC + (j - k0), 4);
+        const __m256i wv = _mm256_set1_epi32(codes);
+        for (int b = 0; b < mb; ++b)
+          dot[n][b] = bits == 4 ? dot_us(dot[n][b], wv, xv[b]) : dot_us(dot[n][b], ax[b], _mm256_sign_epi8(wv, xv[b]));
+      }
+    }
+    const int64_t blk = k / BLOCK, g = k / group;
+    const int zero_term = (k + BLOCK) % group == 0;
+    for (int b = 0; b < mb; ++b) {
+      const __m256 d = _mm256_loadu_ps(dx + b * 8 * (K / BLOCK) + blk * 8);
+      const __m256 sum = _mm256_loadu_ps(xs + b * 8 * G + g * 8);
+      for (int n = 0; n < nr; ++n) {
+        float* yp = yt + n * Mp + b * 8;
+        __m256 acc = k ? _mm256_loadu_ps(yp) : _mm256_setzero_ps();
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[n][b]), _mm256_mul_ps(d, _mm256_set1_ps(s[n * G + g])), acc);
+        if (zero_term) acc = _mm256_fmadd_ps(_mm256_set1_ps(off[n * G + g]), sum, acc);  // the group's zero term
+        _mm256_storeu_ps(yp, acc);
+      }
+    }
+  }
+}
+
+static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                       const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
+  const int64_t MC = M < Q_MC ? (M + 7) / 8 * 8 : Q_MC, G = K / group, B = K / BLOCK;
+  int8_t* xq = malloc(MC * K);                    // (MC/8, K/4, 8, 4)
+  float* dx = malloc(MC * B * sizeof(float));     // (MC/8, K/32, 8): each block's scale
+  float* xs = malloc(MC * G * sizeof(float));     // (MC/8, G, 8): each group's sum of the quantized x
+  float* yt = malloc(N * MC * sizeof(float));
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t rows = M - m0 < MC ? M - m0 : MC, Mp = (rows + 7) / 8 * 8, blocks = Mp / 8;
+#pragma omp parallel num_threads(nthreads)
+    {
+      int8_t* qs = malloc(Q_NR * Q_KC);                    // the tile's codes, one byte each
+      float* s = malloc(Q_NR * G * sizeof(float));         // its scales as float
+      float* off = malloc(Q_NR * G * sizeof(float));       // and the offsets: w = code * s + off
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < Mp; ++m) {  // rows past M are zero
+        int8_t* dst = xq + (m / 8) * 8 * K + (m % 8) * 4;
+        float* dm = dx + (m / 8) * 8 * B + m % 8;
+        float* sm = xs + (m / 8) * 8 * G + m % 8;
+        for (int64_t g = 0; g < G; ++g) sm[g * 8] = 0.f;
+        for (int64_t b = 0; b < B; ++b) {
+          int8_t q[BLOCK];
+          float d = 0.f;
+          if (m < rows) d = quantize_block(x + (m0 + m) * K + b * BLOCK, q);
+          else memset(q, 0, BLOCK);
+          int sum = 0;
+          for (int i = 0; i < BLOCK; ++i) sum += q[i];
+          for (int i = 0; i < BLOCK; i += 4) memcpy(dst + (b * BLOCK + i) * 8, q + i, 4);
+          dm[b * 8] = d;
+          sm[(b * BLOCK / group) * 8] += d * (float)sum;
+        }
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += Q_KC) {  // the implicit barrier of each omp for orders the blocks
+        const int64_t k1 = k0 + Q_KC < K ? k0 + Q_KC : K;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n += Q_NR) {
+          const int nr = N - n < Q_NR ? (int)(N - n) : Q_NR;
+          for (int r = 0; r < nr; ++r) {
+            if (bits == 8) {
+              memcpy(qs + r * Q_KC, w + (n + r) * K + k0, k1 - k0);
+              s[r] = bf16(scales[n + r]);
+              off[r] = 0.f;
+            } else {
+              const uint8_t* p = w + (n + r) * K / 2;
+              for (int64_t k = k0; k < k1; k += 2) {  // low nibble first
+                qs[r * Q_KC + k - k0] = (int8_t)(p[k / 2] & 15);
+                qs[r * Q_KC + k - k0 + 1] = (int8_t)(p[k / 2] >> 4);
+              }
+              for (int64_t g = k0 / group; g < k1 / group; ++g) {
+                s[r * G + g] = bf16(scales[(n + r) * G + g]);
+                off[r * G + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * G + g];
+              }
+            }
+          }
+          float* yn = yt + n * Mp;
+          if (nr == Q_NR) {
+            int64_t b = 0;
+            for (; b + Q_MB <= blocks; b += Q_MB)
+              quant_tile(xq + b * 8 * K, dx + b * 8 * B, xs + b * 8 * G, K, G, group, k0, k1, qs, bits, s, off,
+                         Q_MB, Q_NR, yn + b * 8, Mp);
+            for (; b < blocks; ++b)
+              quant_tile(xq + b * 8 * K, dx + b * 8 * B, xs + b * 8 * G, K, G, group, k0, k1, qs, bits, s, off, 1,
+                         Q_NR, yn + b * 8, Mp);
+          } else {
+            for (int r = 0; r < nr; ++r)
+              for (int64_t b = 0; b < blocks; ++b)
+                quant_tile(xq + b * 8 * K, dx + b * 8 * B, xs + b * 8 * G, K, G, group, k0, k1, qs + r * Q_KC, bits,
+                           s + r * G, off + r * G, 1, 1, yn + r * Mp + b * 8, Mp);
+          }
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t n0 = 0; n0 < N; n0 += 16) {  // yt (N, Mp) -> y rows m0.. (M, N)
+        const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = n0; n < n1; ++n) y[(m0 + m) * N + n] = yt[n * Mp + m];
+      }
+      free(qs);
+      free(s);
+      free(off);
+    }
+  }
+  free(xq);
+  free(dx);
+  free(xs);
+  free(yt);
+}

@@ -1,0 +1,82 @@
+"""The builds of ventoux's CPU kernels (cpu_kernels.py): present wherever they can build, chosen by the CPU's
+flags or VENTOUX_CPU_ISA, and giving the same numbers as each other (AVX2 against AVX-512). Each build is also
+pinned to float references and the plain fallback in test_fastlinear.py and test_quantize.py."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import KERNEL_ISAS
+
+from ventoux import cpu_kernels, fastlinear
+from ventoux.errors import VentouxError
+from ventoux.qlinear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+
+def test_kernels_are_present_wherever_they_build(monkeypatch):
+    # A kernel that fails to build or to pass its self-check must fail here, not drop out and skip its tests
+    for isa in KERNEL_ISAS:
+        monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, isa)
+        assert cpu_kernels.library() is cpu_kernels.build(isa) is not None, isa
+        assert fastlinear.kernel_works(), isa
+        assert Int8Linear.kernels("cpu")[0] == Int4Linear.kernels("cpu")[0] == "vnni", isa
+    x86 = cpu_kernels.platform.machine() in ("x86_64", "AMD64")
+    if x86 and cpu_kernels.compiler() and {"avx2", "fma", "f16c"} <= cpu_kernels.cpu_flags():
+        assert "avx2" in KERNEL_ISAS
+
+
+def test_the_build_follows_the_cpu_and_the_override(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    assert cpu_kernels.isa() == next(iter(cpu_kernels.supported_isas()), None)  # the best first
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "none")
+    assert cpu_kernels.isa() is None and cpu_kernels.library() is None
+    assert Int8Linear.kernels("cpu")[0] != "vnni" and not fastlinear.kernel_works()
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "avx3")
+    with pytest.raises(VentouxError, match="VENTOUX_CPU_ISA='avx3'.*avx2, avx512 or none"):
+        cpu_kernels.isa()
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, isa.upper())
+        if isa in cpu_kernels.supported_isas():
+            assert cpu_kernels.isa() == isa
+        else:
+            with pytest.raises(VentouxError, match="this CPU lacks"):
+                cpu_kernels.isa()
+
+
+@pytest.mark.skipif("avx2" not in KERNEL_ISAS or not shutil.which("objdump"), reason="needs the AVX2 build, objdump")
+def test_the_avx2_build_holds_no_avx512_instruction():
+    # It must run on CPUs without AVX-512, though it is built and tested on one: no zmm nor mask register
+    path = cpu_kernels.build("avx2")._name
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True).stdout
+    assert "vpmaddubsw" in text or "vpdpbusd" in text  # the integer dot products are there
+    assert "zmm" not in text and "%k1" not in text
+
+
+def _products(x: torch.Tensor, w: torch.Tensor) -> dict:
+    out = {"int8": cpu_kernels.int8_gemv(x, *quantize_int8(w))}
+    for g in (32, 64, 128):
+        out[f"int4-g{g}"] = cpu_kernels.int4_gemv(x, *quantize_int4(w, g), g)
+    for dtype in (torch.bfloat16, torch.float16):
+        out[f"gemv {dtype}"] = cpu_kernels.half_gemv(x, w.to(dtype))
+        out[f"gemm {dtype}"] = cpu_kernels.half_gemm(x, w.to(dtype)).float()
+    return out
+
+
+@pytest.mark.skipif(len(KERNEL_ISAS) < 2, reason="needs a CPU that runs both builds (AVX-512 VNNI)")
+@pytest.mark.parametrize("m,k,n", [(1, 1024, 37), (5, 384, 130), (40, 256, 29), (300, 640, 21)])
+def test_avx2_and_avx512_builds_give_the_same_numbers(monkeypatch, m, k, n):
+    # The same quantized activations and exact integer sums: only the order of float sums differs. Decode
+    # (<= 8 rows) and prefill (tiled) shapes, with partial tiles.
+    gen = torch.Generator().manual_seed(m + k + n)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    results = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, isa)
+        results[isa] = _products(x, w)
+    for name, a in results["avx512"].items():
+        b = results["avx2"][name]
+        rounding = 2**-8 if "gemm torch.bfloat16" in name else 2**-11 if "gemm" in name else 0  # 16-bit outputs
+        torch.testing.assert_close(b, a, rtol=1e-5 + rounding, atol=1e-5 * a.abs().max().item(), msg=name)
