@@ -32,8 +32,9 @@ class RequireKey:
 
 
 def too_large(max_bytes: int):
+    # Connection: close, so the server drops the connection instead of reading the rest of the body
     return error_response(413, f"the request body is over this server's limit of {max_bytes} bytes "
-                          "(--max-body-bytes)", code="request_too_large")
+                          "(--max-body-bytes)", code="request_too_large", headers={"Connection": "close"})
 
 
 class BodyTooLarge(Exception):

@@ -136,7 +136,8 @@ def sampling_params(req: Common, max_tokens_cap: int, logprobs: int | None = Non
         params = SamplingParams(**values, logprobs=logprobs)
     except VentouxError as e:
         named = re.match(r"invalid sampling parameter (\w+)=", str(e))
-        raise APIError(400, str(e), param=named and named.group(1)) from None
+        name = named and named.group(1)
+        raise APIError(400, str(e), param=param if name == "max_tokens" else name) from None
     return params
 
 
