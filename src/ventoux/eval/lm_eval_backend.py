@@ -23,6 +23,7 @@ own command line with the arguments unchanged.
 
 from __future__ import annotations
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -49,6 +50,8 @@ class VentouxLM(TemplateLM):
         import ventoux
 
         extra = {"lora": str(lora)} if lora else {}
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = None  # lm-eval's command line defaults to cuda:0; like its hf model, fall back here
         self.llm = ventoux.load(None if pretrained is None else str(pretrained), dtype=dtype, device=device,
                                 quantize=quantize, **extra)
         self.vtok = self.llm.tokenizer  # not self.tokenizer: lm-eval reads that one as a HF tokenizer
