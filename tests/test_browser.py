@@ -1,0 +1,95 @@
+"""The chat page in a real headless browser: Debian's chromium driven by Playwright for Python.
+
+`make test` (and `make test-browser`) install chromium with apt-get when /usr/bin/chromium is missing;
+Playwright cannot download its own browsers here, so it is pointed at the system one. Outside CI a
+machine without chromium skips this file; in CI (CI set) a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import ventoux
+from ventoux.server import Settings, create_app
+from ventoux.server.background import BackgroundServer
+
+CHROMIUM = Path(os.environ.get("VENTOUX_CHROMIUM", "/usr/bin/chromium"))
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+         "--disable-extensions", "--no-first-run"]
+KEY = "sk-browser"
+
+if not CHROMIUM.exists():
+    reason = f"{CHROMIUM} is missing: `make test-browser` installs it (apt-get install chromium)"
+    if os.environ.get("CI"):
+        raise RuntimeError(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    llm = ventoux.load(dtype="float32")
+    app = create_app(Settings(served_name="demo", api_key=KEY), load=lambda: (llm, llm.engine(max_batch=4)))
+    with BackgroundServer(app) as s:
+        s.wait_ready()
+        yield s
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server.url + "/")
+        page.fill("#api-key", KEY)
+        page.dispatch_event("#api-key", "change")
+        yield page
+        browser.close()
+
+
+def test_type_send_and_watch_the_reply_stream_in(server, page):
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "24")
+    page.evaluate("""() => {  // every text the reply bubble shows on its way
+        window.seen = new Set();
+        new MutationObserver(() => {
+            const replies = document.querySelectorAll('.assistant');
+            if (replies.length) window.seen.add(replies[replies.length - 1].textContent);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+    page.fill("#prompt", "Speak, good sir.")
+    page.press("#prompt", "Enter")
+    reply = page.locator(".assistant").last
+    page.wait_for_selector(".assistant[data-state=done]")
+    expected = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"messages": [{"role": "user", "content": "Speak, good sir."}], "max_tokens": 24,
+                                "temperature": 0}).json()["choices"][0]["message"]["content"]
+    assert reply.text_content() == expected
+    shown = [t for t in page.evaluate("() => [...window.seen]") if t]
+    assert len(shown) >= 3 and all(expected.startswith(t) for t in shown)  # grew piece by piece
+    assert page.locator(".user").last.text_content() == "Speak, good sir."
+
+
+def test_stop_ends_the_reply_and_frees_the_server_row(server, page):
+    page.fill("#max-tokens", "3000")
+    page.fill("#prompt", "Tell me a very long story.")
+    page.click("#send")
+    reply = page.locator(".assistant").last
+    page.wait_for_function("() => { const r = [...document.querySelectorAll('.assistant')].pop();"
+                           " return r.dataset.state === 'streaming' && r.textContent.length > 10; }")
+    assert page.is_enabled("#stop") and page.is_disabled("#send")
+    page.click("#stop")
+    page.wait_for_selector(".assistant[data-state=stopped]")
+    assert len(reply.text_content()) > 10 and page.is_enabled("#send")
+    engine = server.app.state.ventoux.engine
+    deadline = time.monotonic() + 10
+    while engine.stats().running:
+        assert time.monotonic() < deadline, "the stopped reply still holds its row"
+        time.sleep(0.05)
