@@ -113,7 +113,7 @@ def test_rolling_cache_memory_is_flat_past_the_window(windowed):
             vx(torch.tensor([[p % 100 + 3]]), torch.tensor([[p]]), cache=cache)
             if p + 1 in (w, 10 * w):
                 sizes[p + 1] = cache.nbytes
-    assert sizes[w] == sizes[10 * w] == 2 * vx.config.n_layers * w * vx.config.n_kv_heads * vx.config.head_dim * 4
+    assert sizes[w] == sizes[10 * w] == 2 * vx.config.n_layers * (w + 1) * vx.config.n_kv_heads * vx.config.head_dim * 4
 
 
 def test_released_row_is_reused_by_a_new_sequence(windowed):
@@ -144,7 +144,7 @@ def test_sampling_processors_match_transformers():
     logits = torch.randn(2, 50) * 3
     prompts = [[1, 5, 7], [2, 9]]
     p = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3)
-    ours = Sampler([p, p], prompts, 50, "cpu").process(logits)
+    ours = Sampler.for_batch([p, p], prompts, 50, "cpu").process(logits)
     ids = torch.tensor([[1, 5, 7], [2, 9, 9]])
     ref = logits.clone()
     for proc in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20),
@@ -156,7 +156,7 @@ def test_sampling_processors_match_transformers():
 
 def test_presence_and_frequency_penalties_follow_openai():
     logits = torch.zeros(1, 6)
-    s = Sampler([SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)], [[0]], 6, "cpu")
+    s = Sampler.for_batch([SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)], [[0]], 6, "cpu")
     s.counts[0, 2], s.counts[0, 3] = 2, 1  # token 2 generated twice, token 3 once
     out = s.process(logits)[0].tolist()
     assert out == [0, 0, -(0.5 + 0.5), -(0.5 + 0.25), 0, 0]
@@ -174,7 +174,7 @@ def test_seed_repeats_and_top_k_1_is_greedy(windowed, tokenizer):
 def test_sampling_follows_the_distribution():
     """The exponential race draws from softmax: frequencies over many draws match the probabilities."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
-    s = Sampler([SamplingParams(temperature=1.0, seed=0)] * 20000, [[0]] * 20000, 4, "cpu")
+    s = Sampler.for_batch([SamplingParams(temperature=1.0, seed=i) for i in range(20000)], [[0]] * 20000, 4, "cpu")
     freq = torch.bincount(s(logits), minlength=4).float() / 20000
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.015, rtol=0)
 

@@ -7,8 +7,13 @@ context length. Keys are stored after rotary, so slot order never matters, only 
 position each slot holds, and that is derived from the row's positions: nothing needs clearing
 when a finished sequence's row is reused by a new one that starts at position 0.
 
+Each row has one more slot, after the `capacity` ring slots: a scratch slot. A row given a negative
+position in a one-token step (an idle row in the engine's batched decode step: free, prefilling, or
+kept for its prefix) writes its key there and attends only to it, so its ring slots stay untouched.
+
     cache = KVCache(cfg, batch_size=4, dtype=torch.float32, device="cpu")
     cache.reserve(prompt_len + max_tokens)        # preallocate: decode shapes never change
+    cache.relayout(rows=2, capacity=64, moves=[(3, 0, 40)])   # row 3's first 40 slots become row 0's
     logits = model(tokens, positions, cache=cache)               # every row
     logits = model(tokens, positions, cache=cache.rows(slice(2, 3)))  # prefill row 2 alone
 """
@@ -63,13 +68,32 @@ class KVCache:
         b, h, _, d = self._shape
         for store in (self.k, self.v):
             for i in range(self._n_layers):
-                new = torch.zeros(b, h, new_cap, d, dtype=self._dtype, device=self._device)
+                new = torch.zeros(b, h, new_cap + 1, d, dtype=self._dtype, device=self._device)  # + scratch
                 if i < len(store):
-                    new[:, :, : self.capacity] = store[i]
+                    new[:, :, : self.capacity] = store[i][:, :, : self.capacity]
                     store[i] = new
                 else:
                     store.append(new)
         self.capacity = new_cap
+
+    def relayout(self, rows: int, capacity: int, moves: list[tuple[int, int, int]]) -> None:
+        """New buffers of `rows` rows x `capacity` slots; moves (old_row, new_row, n) copy slots [0, n) of
+        rows that have not wrapped (n <= both capacities). Old and new buffers coexist during the copy."""
+        b, h, _, d = self._shape
+        assert capacity <= self.limit and all(n <= min(capacity, self.capacity) for _, _, n in moves)
+        for store in (self.k, self.v):
+            for i in range(self._n_layers):
+                new = torch.zeros(rows, h, capacity + 1, d, dtype=self._dtype, device=self._device)
+                for old, row, n in moves:
+                    new[row, :, :n] = store[i][old, :, :n]
+                store[i] = new
+        self._shape = (rows, h, 0, d)
+        self.batch_size, self.capacity, self.final = rows, capacity, True
+
+    def bytes_per_slot(self) -> int:
+        """Keys and values of one position of one row, over every layer."""
+        _, h, _, d = self._shape
+        return 2 * self._n_layers * h * d * torch.empty(0, dtype=self._dtype).element_size()
 
     @property
     def nbytes(self) -> int:
@@ -91,14 +115,20 @@ class KVCache:
         cap = self.capacity
         write_first = t == 1 or no_wrap  # nothing the chunk still needs gets overwritten
         q = positions[:, None, :, None]  # (B, 1, T, 1)
+        scratch = torch.full_like(positions[:, :1], -1)  # (B, 1) the scratch slot holds no position
         if write_first:
             last = positions[:, -1:] + 1  # (B, 1) tokens held after the write
-            held = _slot_positions(last, cap)  # (B, cap)
+            held = torch.cat([_slot_positions(last, cap), scratch], dim=1)  # (B, cap + 1)
             mask = self._allowed(q, held[:, None, None, :])
-            slots = positions % cap
+            if t == 1:  # idle rows (position < 0) write to the scratch slot and attend to it alone
+                idle = positions < 0  # (B, 1)
+                mask = torch.cat([mask[..., :cap], mask[..., cap:] | idle[:, None, :, None]], dim=-1)
+                slots = torch.where(idle, cap, positions % cap)
+            else:
+                slots = positions % cap
         else:
             held = _slot_positions(positions[:, :1], cap)  # (B, cap) before the chunk's writes
-            keys = torch.cat([held, positions], dim=1)  # (B, cap + T)
+            keys = torch.cat([held, scratch, positions], dim=1)  # (B, cap + 1 + T)
             mask = self._allowed(q, keys[:, None, None, :])
             keep = min(t, cap)  # only the chunk's last `cap` tokens survive in the buffer
             slots = positions[:, t - keep:] % cap

@@ -47,58 +47,119 @@ def apply_min_p(logits, min_p):
 
 
 class Sampler:
-    """Per-row sampling state for one batch: parameter tensors built once, token history kept on device.
+    """Per-row sampling state for rows that requests take and give back (the engine's slots): parameter
+    columns (R, 1), token history (R, V) and one torch.Generator per row, so a seeded request draws the
+    same tokens whatever else shares its batch.
 
-        sampler = Sampler(params, prompts, vocab_size, device)
-        tokens = sampler(logits)        # (B, V) -> (B,)
+        sampler = Sampler(rows=4, vocab_size=V, device="cpu")
+        sampler.take(2, params, prompt_ids)     # row 2 now serves this request
+        tokens = sampler(logits, rows=[2, 0])    # (n, V) logits of those rows -> (n,) tokens
+        sampler = Sampler.for_batch(params, prompts, V, device)  # rows 0..B-1 taken at once
     """
 
-    def __init__(self, params: list[SamplingParams], prompts: list[list[int]], vocab_size: int, device):
-        self.params = params
-        col = lambda name: torch.tensor([[float(getattr(p, name))] for p in params], device=device)  # noqa: E731
-        self.temperature = col("temperature")
-        self.all_greedy = all(p.temperature == 0 for p in params)
-        self.top_k = col("top_k") if any(p.top_k for p in params) else None
-        self.top_p = col("top_p") if any(p.top_p < 1 for p in params) else None
-        self.min_p = col("min_p") if any(p.min_p > 0 for p in params) else None
-        self.penalties = None
-        if any(p.needs_history for p in params):
-            self.penalties = [col(n) for n in ("repetition_penalty", "presence_penalty", "frequency_penalty")]
-            self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
-            for row, prompt in enumerate(prompts):
-                self.seen[row, torch.tensor(prompt, device=device)] = True
-            self.counts = torch.zeros(len(params), vocab_size, device=device)
-        seeds = {p.seed for p in params}
-        # One generator per batch: a seeded call draws the same tokens every time it runs.
-        self.generator = None
-        if seeds != {None}:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(next(s for s in seeds if s is not None))
+    COLUMNS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+               "frequency_penalty")
 
-    def process(self, logits: torch.Tensor) -> torch.Tensor:
+    def __init__(self, rows: int, vocab_size: int, device):
+        self.vocab_size, self.device = vocab_size, torch.device(device)
+        default = SamplingParams()
+        self.params = [default] * rows
+        self.generators: list[torch.Generator | None] = [None] * rows
+        self.columns = {n: torch.full((rows, 1), float(getattr(default, n)), device=self.device)
+                        for n in self.COLUMNS}
+        self.seen = self.counts = None  # (R, V) prompt + output tokens, output counts: once a row needs them
+        self._flags()
+
+    @classmethod
+    def for_batch(cls, params: list[SamplingParams], prompts: list[list[int]], vocab_size: int, device) -> Sampler:
+        sampler = cls(len(params), vocab_size, device)
+        for row, (p, ids) in enumerate(zip(params, prompts)):
+            sampler.take(row, p, ids)
+        return sampler
+
+    def take(self, row: int, params: SamplingParams, prompt: list[int]) -> None:
+        """Row `row` now serves a request: its parameters, a fresh history and its own generator."""
+        self.params[row] = params
+        for n in self.COLUMNS:
+            self.columns[n][row] = float(getattr(params, n))
+        if params.needs_history:
+            if self.seen is None:
+                self.seen = torch.zeros(len(self.params), self.vocab_size, dtype=torch.bool, device=self.device)
+                self.counts = torch.zeros(len(self.params), self.vocab_size, device=self.device)
+            self.seen[row] = False
+            self.seen[row, torch.tensor(prompt, device=self.device)] = True
+            self.counts[row] = 0
+        self.generators[row] = None
+        if params.temperature > 0:
+            g = torch.Generator(device=self.device)
+            if params.seed is None:
+                g.seed()  # a fresh nondeterministic seed
+            else:
+                g.manual_seed(params.seed)
+            self.generators[row] = g
+        self._flags()
+
+    def moved(self, rows: int, moves: list[tuple[int, int]]) -> Sampler:
+        """A sampler of `rows` rows where row new holds what row old held, for each (old, new) in moves."""
+        out = Sampler(rows, self.vocab_size, self.device)
+        for old, new in moves:
+            out.params[new], out.generators[new] = self.params[old], self.generators[old]
+            for n in self.COLUMNS:
+                out.columns[n][new] = self.columns[n][old]
+        if self.seen is not None:
+            out.seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=self.device)
+            out.counts = torch.zeros(rows, self.vocab_size, device=self.device)
+            for old, new in moves:
+                out.seen[new], out.counts[new] = self.seen[old], self.counts[old]
+        out._flags()
+        return out
+
+    def _flags(self):
+        """Which filters any row uses (the others are skipped for the whole batch)."""
+        ps = self.params
+        self.use_top_k = any(p.top_k for p in ps)
+        self.use_top_p = any(p.top_p < 1 for p in ps)
+        self.use_min_p = any(p.min_p > 0 for p in ps)
+        self.use_penalties = any(p.needs_history for p in ps)
+
+    def _index(self, rows):
+        rows = range(len(self.params)) if rows is None else rows
+        if list(rows) == list(range(len(rows))):
+            return slice(0, len(rows))
+        return torch.tensor(list(rows), device=self.device)
+
+    def process(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
         """Penalties, temperature, then top-k / top-p / min-p, as transformers orders them."""
-        if self.penalties is not None:
-            logits = apply_penalties(logits, self.seen, self.counts, *self.penalties)
-        logits = logits / torch.where(self.temperature > 0, self.temperature, 1.0)
-        if self.top_k is not None:
-            logits = apply_top_k(logits, self.top_k)
-        if self.top_p is not None:
-            logits = apply_top_p(logits, self.top_p)
-        if self.min_p is not None:
-            logits = apply_min_p(logits, self.min_p)
+        idx = self._index(rows)
+        col = {n: c[idx] for n, c in self.columns.items()}
+        if self.use_penalties:
+            logits = apply_penalties(logits, self.seen[idx], self.counts[idx], col["repetition_penalty"],
+                                     col["presence_penalty"], col["frequency_penalty"])
+        t = col["temperature"]
+        logits = logits / torch.where(t > 0, t, 1.0)
+        if self.use_top_k:
+            logits = apply_top_k(logits, col["top_k"])
+        if self.use_top_p:
+            logits = apply_top_p(logits, col["top_p"])
+        if self.use_min_p:
+            logits = apply_min_p(logits, col["min_p"])
         return logits
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = self.process(logits)
-        greedy = logits.argmax(-1)
-        if self.all_greedy:
-            tokens = greedy
-        else:
-            # Exponential race: argmax(p / E), E ~ Exp(1), is a draw from p and needs one generator.
-            probs = logits.softmax(-1)
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            tokens = torch.where(self.temperature[:, 0] == 0, greedy, (probs / noise).argmax(-1))
-        if self.penalties is not None:
-            self.seen[torch.arange(len(tokens)), tokens] = True
-            self.counts[torch.arange(len(tokens)), tokens] += 1
+    def __call__(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
+        """(n, V) logits of `rows` (default: every row, in order) -> (n,) tokens."""
+        rows = list(range(len(self.params)) if rows is None else rows)
+        logits = self.process(logits, rows)
+        tokens = logits.argmax(-1)
+        sampled = [i for i, r in enumerate(rows) if self.generators[r] is not None]
+        if sampled:
+            # Exponential race: argmax(p / E), E ~ Exp(1), is a draw from p; each row's E from its own generator.
+            probs = logits[sampled].softmax(-1)
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(sampled):
+                noise[j].exponential_(generator=self.generators[rows[i]])
+            tokens[sampled] = (probs / noise).argmax(-1)
+        if self.use_penalties:
+            idx = torch.tensor(rows, device=self.device)
+            self.seen[idx, tokens] = True
+            self.counts[idx, tokens] += 1
         return tokens

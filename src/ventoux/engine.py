@@ -1,0 +1,252 @@
+"""The serving engine: one thread owns the model and its cache; requests join and leave between steps.
+
+    engine = llm.engine(max_batch=8, kv_cache_bytes=2**30)      # starts the engine thread
+    handle = engine.submit(prompt_ids, SamplingParams(max_tokens=50, seed=1))
+    for ev in handle: print(ev.text, end="")                      # or: async for ev in handle
+    handle.cancel()                                               # frees its row within a step
+    engine.stats()                                                # running, waiting, cache use, prefix hits
+    engine.close()                                                # or: with llm.engine() as engine: ...
+
+submit() checks a request at once: an empty prompt, a token id outside the vocabulary, or a prompt that can
+never fit (a full-attention model's context, or more cache than kv_cache_bytes holds for one row) raises
+RequestError; a full queue (max_queue waiting requests) raises QueueFull. Admitted requests share one
+batch (batch.py: rows, chunked prefill under `prefill_budget` tokens per step, batched decode, prefix
+cache); a request that does not fit yet waits, first come first served. A handle yields the Events of
+generate.stream() (index 0); its last event has a finish_reason: "stop", "length", or "cancelled" after
+cancel(). If a step fails, every request it was running gets an EngineError on iteration; the engine goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .batch import Batch, Request
+from .errors import VentouxError
+from .events import Event
+from .lora import check_adapter
+from .params import SamplingParams
+
+
+class RequestError(VentouxError):
+    """A request that can never run as given (HTTP 400)."""
+
+
+class QueueFull(VentouxError):
+    """Too many requests waiting (HTTP 429); retry later."""
+
+
+class EngineError(VentouxError):
+    """The engine failed while running this request."""
+
+
+def check_request(config, ids, params: SamplingParams, name: str = "the prompt") -> tuple[int, int]:
+    """Raise RequestError unless the prompt can run; return (cache positions it can use, tokens it may make)."""
+    if not ids:
+        raise RequestError(f"{name} is empty: give at least one token of text")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids) or max(ids) >= config.vocab_size \
+            or min(ids) < 0:
+        raise RequestError(f"{name} has a token id outside the vocabulary [0, {config.vocab_size})")
+    if config.sliding_window is None and len(ids) >= config.max_seq_len:
+        raise RequestError(f"{name} has {len(ids)} tokens but the model's context is {config.max_seq_len} "
+                           "(full attention): shorten the prompt")
+    max_new = params.max_tokens if config.sliding_window else min(params.max_tokens, config.max_seq_len - len(ids))
+    limit = min(config.sliding_window or config.max_seq_len, config.max_seq_len)
+    return min(len(ids) + max_new, limit), max_new
+
+
+@dataclass
+class EngineStats:
+    running: int  # requests holding a row (prefilling or decoding)
+    waiting: int  # submitted, not yet admitted
+    kv_cache_used_bytes: int  # what the running requests can use (their prompt + max new tokens)
+    kv_cache_total_bytes: int  # the budget (kv_cache_bytes)
+    usage_ratio: float  # used / total, in [0, 1]
+    kv_cache_allocated_bytes: int  # the buffers allocated now (<= total)
+    prefix_hits: int  # requests that reused a cached prefix
+    prefix_tokens: int  # prompt tokens not recomputed thanks to it
+    max_batch: int
+
+
+class Handle:
+    """One request's events, for a plain or an async for loop; cancel() to stop it."""
+
+    def __init__(self, engine: Engine, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self._engine = engine
+        self._items: deque = deque()  # Events, or an exception to raise
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_ready: asyncio.Event | None = None
+        self._finished = False
+        self.request: Request | None = None
+
+    def _push(self, item) -> None:  # engine thread
+        with self._lock:
+            self._items.append(item)
+            self._ready.notify_all()
+            loop, ready = self._loop, self._async_ready
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                pass
+
+    def _next(self):
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if item.finish_reason is not None:
+            self._finished = True
+        return item
+
+    def __iter__(self):
+        while not self._finished:
+            with self._lock:
+                while not self._items:
+                    self._ready.wait()
+                ev = self._next()
+            yield ev
+
+    async def __aiter__(self):
+        with self._lock:
+            self._loop, self._async_ready = asyncio.get_running_loop(), asyncio.Event()
+        while not self._finished:
+            with self._lock:
+                ev = self._next() if self._items else None
+                if ev is None:
+                    self._async_ready.clear()
+            if ev is None:
+                await self._async_ready.wait()
+            else:
+                yield ev
+
+    def cancel(self) -> None:
+        """Stop generating: the row is free within a step; iteration ends with finish_reason "cancelled"."""
+        self._engine._cancel(self)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 8, kv_cache_bytes: int | None = None,
+                 max_queue: int | None = None, prefill_budget: int | None = None, decode=None,
+                 prefix_cache: bool = True):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise VentouxError(f"max_batch={max_batch!r}: it must be an integer >= 1")
+        from .batch import default_chunk
+
+        self.config = model.config
+        self._batch = Batch(model, tokenizer, max_batch, kv_cache_bytes,
+                            prefill_budget or default_chunk(model), decode, prefix_cache)
+        if not self._batch.fits_ever(1):
+            raise VentouxError(f"kv_cache_bytes={kv_cache_bytes} holds not even one position "
+                               f"({self._batch.slot_bytes * 2} bytes): give more")
+        self.max_queue = max_queue
+        self._waiting: deque[Handle] = deque()
+        self._cancelled: list[Handle] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="ventoux-engine", daemon=True)
+        self._thread.start()
+
+    # ---- clients (any thread) ----------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Handle:
+        ids = list(prompt_ids)
+        need, max_new = check_request(self.config, ids, params)
+        if adapter is not None:
+            try:
+                check_adapter(self._batch.model, adapter)
+            except VentouxError as e:
+                raise RequestError(str(e)) from None
+        if not self._batch.fits_ever(need):
+            raise RequestError(f"the prompt and max_tokens need {need} cache positions, more than "
+                               f"kv_cache_bytes={self._batch.budget_bytes} holds: lower max_tokens or shorten it")
+        handle = Handle(self, len(ids))
+        handle.request = Request(ids, params, need, max_new, emit=handle._push, adapter=adapter)
+        with self._lock:
+            if self._closed:
+                raise VentouxError("the engine is closed: start a new one with llm.engine()")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue}): "
+                                "retry later")
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def _cancel(self, handle: Handle) -> None:
+        with self._lock:
+            self._cancelled.append(handle)
+            self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = self._stats
+            s.waiting = len(self._waiting)
+            return EngineStats(**vars(s))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():  # per thread: this one runs every forward
+            while True:
+                with self._lock:
+                    while not (self._closed or self._waiting or self._cancelled or self._batch.active()):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    cancelled, self._cancelled = self._cancelled, []
+                    for h in cancelled:
+                        if h in self._waiting:
+                            self._waiting.remove(h)
+                            h._push(Event(0, "", None, finish_reason="cancelled"))
+                    while self._waiting and self._batch.admit(self._waiting[0].request):
+                        self._waiting.popleft()
+                    self._stats = self._snapshot()
+                for h in cancelled:
+                    self._batch.cancel(h.request)
+                try:
+                    self._batch.step()
+                except Exception as e:  # fail what was running, keep serving the others
+                    err = EngineError(f"generation failed: {type(e).__name__}: {e}")
+                    err.__cause__ = e
+                    for req in self._batch.reset():
+                        req.emit(err)
+                with self._lock:
+                    self._stats = self._snapshot()
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        err = VentouxError("the engine was closed before this request finished")
+        for req in self._batch.reset():
+            req.emit(err)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for h in waiting:
+            h._push(err)
+
+    def _snapshot(self) -> EngineStats:
+        b = self._batch
+        used = b.used_bytes()
+        return EngineStats(running=len(b.active()), waiting=len(self._waiting), kv_cache_used_bytes=used,
+                           kv_cache_total_bytes=b.budget_bytes, usage_ratio=min(1.0, used / b.budget_bytes),
+                           kv_cache_allocated_bytes=b.cache.nbytes, prefix_hits=b.prefix_hits,
+                           prefix_tokens=b.prefix_tokens, max_batch=b.max_batch)

@@ -1,0 +1,266 @@
+"""The serving engine: continuous batching gives every request the tokens it gets alone (greedy, and seeded
+sampling), however requests arrive and leave; the cache budget; prefix reuse; cancel; errors; async use."""
+
+import asyncio
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import mistral_common
+import pytest
+import torch
+from conftest import TINY, TINY_FULL
+
+from ventoux.batch import Batch, Request
+from ventoux.engine import Engine, EngineError, QueueFull, RequestError, check_request
+from ventoux.generate import generate
+from ventoux.model import Transformer
+from ventoux.sampling import SamplingParams
+from ventoux.tokenizer import load_tokenizer
+
+V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    shutil.copy(V1, folder / "tokenizer.model.v1")
+    return load_tokenizer(folder)
+
+
+def tiny(cfg, seed):
+    torch.manual_seed(seed)
+    model = Transformer(cfg.replace(vocab_size=32000)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def windowed():  # window 8: every sequence here outgrows it, the ring wraps
+    return tiny(TINY, 3)
+
+
+@pytest.fixture(scope="module")
+def full():  # full attention, context 96
+    return tiny(TINY_FULL, 4)
+
+
+def ids(seed, n):
+    return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(model, tok, prompt, params):
+    return generate(model, tok, [prompt], [params])[0].tokens
+
+
+def schedule(model, tok, jobs, seed, cancel_some=False, **batch_kw):
+    """Drive a Batch by hand: requests arrive at random steps in a random order (some cancelled at random);
+    returns each job's tokens and finish reason. The cache never holds more than the budget."""
+    rng = random.Random(seed)
+    batch = Batch(model, tok, **batch_kw)
+    pending = list(range(len(jobs)))
+    rng.shuffle(pending)
+    out = {i: [[], None] for i in range(len(jobs))}
+
+    def emit(i):
+        def on(ev):
+            if ev.token is not None:
+                out[i][0].append(ev.token)
+            out[i][1] = ev.finish_reason or out[i][1]
+        return on
+
+    reqs = {}
+    with torch.inference_mode():
+        while pending or batch.active():
+            while pending and rng.random() < 0.5:
+                i = pending[0]
+                need, max_new = check_request(model.config, jobs[i][0], jobs[i][1])
+                reqs[i] = Request(jobs[i][0], jobs[i][1], need, max_new, emit=emit(i), index=i)
+                if not batch.admit(reqs[i]):
+                    break
+                pending.pop(0)
+            if cancel_some and batch.active() and rng.random() < 0.1:
+                batch.cancel(rng.choice(batch.active()))
+            batch.step()
+            assert batch.cache.nbytes <= batch.budget_bytes
+    return out, batch
+
+
+@pytest.mark.parametrize("which", ["windowed", "full"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_arrivals_give_the_tokens_of_each_request_alone(which, seed, windowed, full, tok):
+    model = windowed if which == "windowed" else full
+    rng = random.Random(seed)
+    jobs = [(ids(100 * seed + i, rng.choice([1, 3, 9, 17, 40])), SamplingParams(max_tokens=rng.choice([1, 6, 20])))
+            for i in range(7)]
+    want = [alone(model, tok, p, sp) for p, sp in jobs]
+    out, _ = schedule(model, tok, jobs, seed, max_batch=3, prefill_budget=8)
+    assert [out[i][0] for i in range(len(jobs))] == want
+
+
+def test_cancelled_requests_leave_and_the_others_are_unchanged(windowed, tok):
+    jobs = [(ids(200 + i, 5 + 3 * i), SamplingParams(max_tokens=25)) for i in range(6)]
+    want = [alone(windowed, tok, p, sp) for p, sp in jobs]
+    out, batch = schedule(windowed, tok, jobs, 5, cancel_some=True, max_batch=3)
+    reasons = [out[i][1] for i in range(len(jobs))]
+    assert "cancelled" in reasons
+    for i, (tokens, reason) in out.items():
+        assert tokens == (want[i] if reason != "cancelled" else want[i][: len(tokens)])
+    assert not batch.active()
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(windowed, tok):
+    sampled = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=7)
+    prompt = ids(300, 6)
+    want = alone(windowed, tok, prompt, sampled)
+    others = [(ids(301 + i, 4 + i), SamplingParams(max_tokens=12, temperature=0.8, seed=i)) for i in range(3)]
+    jobs = others[:1] + [(prompt, sampled)] + others[1:] + [(ids(310, 9), SamplingParams(max_tokens=5))]
+    out, _ = schedule(windowed, tok, jobs, 3, max_batch=4)
+    assert out[1][0] == want
+    assert want != alone(windowed, tok, prompt, SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9,
+                                                                 repetition_penalty=1.2, seed=8))
+
+
+def test_cache_budget_bounds_the_buffers_and_requests_wait_for_room(full, tok):
+    slot = Batch(full, tok, 1).slot_bytes
+    budget = 2 * (40 + 1) * slot  # two rows of 40 positions
+    jobs = [(ids(400 + i, 10 + i), SamplingParams(max_tokens=20)) for i in range(5)]
+    want = [alone(full, tok, p, sp) for p, sp in jobs]
+    out, batch = schedule(full, tok, jobs, 2, max_batch=8, kv_cache_bytes=budget)
+    assert [out[i][0] for i in range(5)] == want
+    assert batch.cache.batch_size <= 2
+    with Engine(full, tok, max_batch=8, kv_cache_bytes=budget) as engine:
+        with pytest.raises(RequestError, match="kv_cache_bytes"):
+            engine.submit(ids(1, 30), SamplingParams(max_tokens=60))  # 90 positions: never fits
+        handles = [engine.submit(p, sp) for p, sp in jobs]
+        assert max(engine.stats().running for _ in range(3)) <= 2
+        assert [[e.token for e in h if e.token is not None] for h in handles] == want
+        s = engine.stats()
+        assert s.kv_cache_allocated_bytes <= s.kv_cache_total_bytes == budget and 0 <= s.usage_ratio <= 1
+
+
+@pytest.mark.parametrize("which", ["windowed", "full"])
+def test_prefix_reuse_gives_the_same_tokens(which, windowed, full, tok):
+    model = windowed if which == "windowed" else full
+    system = ids(500, 24)
+    first = (system + ids(501, 6), SamplingParams(max_tokens=8))
+    out_first = alone(model, tok, *first)
+    jobs = [first,
+            (system + ids(502, 5), SamplingParams(max_tokens=8)),  # shares the system prompt only
+            (first[0] + out_first[:-1] + ids(503, 4), SamplingParams(max_tokens=8)),  # continues the first
+            (system[:10] + ids(504, 7), SamplingParams(max_tokens=8))]  # a shorter shared prefix
+    want = [alone(model, tok, p, sp) for p, sp in jobs]
+    for cache_on in (False, True):
+        got = []
+        with Engine(model, tok, max_batch=2, prefix_cache=cache_on) as engine:
+            for p, sp in jobs:  # one after another: each finds the previous ones' rows kept
+                got.append([e.token for e in engine.submit(p, sp) if e.token is not None])
+            hits = engine.stats().prefix_hits
+        assert got == want
+        assert (hits > 0) == cache_on
+    if which == "full":  # no ring: every later request reuses something
+        assert hits == 3
+
+
+def test_prefix_copied_from_a_running_request(full, tok):
+    system = ids(600, 30)
+    jobs = [(system + ids(601, 3), SamplingParams(max_tokens=40)), (system + ids(602, 4), SamplingParams(max_tokens=5))]
+    want = [alone(full, tok, p, sp) for p, sp in jobs]
+    out = {0: [], 1: []}
+    batch = Batch(full, tok, max_batch=2)
+    with torch.inference_mode():
+        for i, (p, sp) in enumerate(jobs):
+            need, max_new = check_request(full.config, p, sp)
+            assert batch.admit(Request(p, sp, need, max_new, emit=lambda ev, i=i: out[i].append(ev.token), index=i))
+            batch.step()
+        while batch.active():
+            batch.step()
+    assert batch.prefix_tokens == 30
+    assert [[t for t in out[i] if t is not None] for i in (0, 1)] == want
+
+
+def test_engine_streams_cancels_and_counts(windowed, tok):
+    with Engine(windowed, tok, max_batch=2) as engine:
+        long = engine.submit(ids(700, 5), SamplingParams(max_tokens=100000))
+        first = next(iter(long))
+        assert first.token is not None and long.prompt_tokens == 5
+        assert engine.stats().running == 1
+        long.cancel()
+        rest = list(long)
+        assert rest[-1].finish_reason == "cancelled"
+        deadline = time.time() + 10
+        while engine.stats().running and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats().running == 0
+        short = engine.submit(ids(701, 4), SamplingParams(max_tokens=6))
+        assert [e.token for e in short if e.token is not None] == alone(windowed, tok, ids(701, 4),
+                                                                         SamplingParams(max_tokens=6))
+
+
+def test_bad_requests_and_a_full_queue(full, tok):
+    with Engine(full, tok, max_batch=1, max_queue=1) as engine:
+        for bad, words in (([], "empty"), ([5, 32000], "vocabulary"), (ids(1, 96), "context")):
+            with pytest.raises(RequestError, match=words):
+                engine.submit(bad, SamplingParams())
+        busy = engine.submit(ids(800, 3), SamplingParams(max_tokens=10**6))
+        next(iter(busy))  # admitted: it holds the only row
+        engine.submit(ids(801, 3), SamplingParams(max_tokens=2))  # waits
+        with pytest.raises(QueueFull, match="max_queue"):
+            engine.submit(ids(802, 3), SamplingParams(max_tokens=2))
+        busy.cancel()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(windowed, tok, monkeypatch):
+    with Engine(windowed, tok, max_batch=2) as engine:
+        real = windowed.forward
+        monkeypatch.setattr(windowed, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(EngineError, match="boom"):
+            list(engine.submit(ids(900, 4), SamplingParams(max_tokens=5)))
+        monkeypatch.setattr(windowed, "forward", real)
+        assert len([e for e in engine.submit(ids(901, 4), SamplingParams(max_tokens=5)) if e.token]) >= 1
+
+
+def test_async_iteration_does_not_block_the_event_loop(windowed, tok):
+    prompts = [ids(1000 + i, 3 + i) for i in range(4)]
+    want = [alone(windowed, tok, p, SamplingParams(max_tokens=20)) for p in prompts]
+
+    async def main(engine):
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        async def collect(p):
+            return [e.token async for e in engine.submit(p, SamplingParams(max_tokens=20)) if e.token is not None]
+
+        t = asyncio.create_task(ticker())
+        got = await asyncio.gather(*(collect(p) for p in prompts))
+        t.cancel()
+        return got, ticks
+
+    with Engine(windowed, tok, max_batch=4) as engine:
+        got, ticks = asyncio.run(main(engine))
+    assert got == want and ticks > 10
+
+
+def test_threads_submitting_at_once(windowed, tok):
+    jobs = [(ids(1100 + i, 2 + 3 * i), SamplingParams(max_tokens=4 + i)) for i in range(6)]
+    want = [alone(windowed, tok, p, sp) for p, sp in jobs]
+    got = [None] * len(jobs)
+    with Engine(windowed, tok, max_batch=3, prefill_budget=4) as engine:
+        def client(i):
+            got[i] = [e.token for e in engine.submit(*jobs[i]) if e.token is not None]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got == want
