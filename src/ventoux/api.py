@@ -6,6 +6,8 @@
     for ev in llm.stream("Hello"): print(ev.text, end="")
     llm.chat([{"role": "user", "content": "Hi!"}], safe_prompt=True).text
     llm = ventoux.load(compile=True)                    # torch.compile the decode step (see compile_decode)
+    with llm.engine(max_batch=8) as engine:             # continuous batching for many callers (engine.py)
+        for ev in engine.submit(ids, SamplingParams(max_tokens=20)): ...
 """
 
 from __future__ import annotations
@@ -92,6 +94,16 @@ class LLM:
 
     def chat_stream(self, messages: list[dict], safe_prompt: bool = False, **kwargs) -> Iterator[gen.Event]:
         return self.stream(self.tokenizer.encode_chat(messages, safe_prompt=safe_prompt), **kwargs)
+
+    def engine(self, max_batch: int = 8, kv_cache_bytes: int | None = None, max_queue: int | None = None,
+               prefill_budget: int | None = None, prefix_cache: bool = True):
+        """A serving engine on this model (its own thread; see engine.py): submit() requests, iterate handles.
+        Run one engine per model at a time: generate()/stream() meanwhile would run the model in two threads."""
+        from .engine import Engine
+
+        return Engine(self.model, self.tokenizer, max_batch=max_batch, kv_cache_bytes=kv_cache_bytes,
+                      max_queue=max_queue, prefill_budget=prefill_budget, decode=self.decode,
+                      prefix_cache=prefix_cache)
 
 
 def load(source=None, dtype=None, device=None, quantize=None, compile: bool = False, lora=None) -> LLM:
