@@ -142,11 +142,15 @@ def openai_penalised_greedy(hf, prompt, n, presence, frequency, count_prompt=Fal
 def test_presence_frequency_over_steps_follow_openai(models, presence, frequency):
     hf, llm = models
     n = 24
-    out = llm.generate(PROMPT, max_tokens=n, presence_penalty=presence, frequency_penalty=frequency)
+    penalties = dict(presence_penalty=presence, frequency_penalty=frequency)
+    out = llm.generate(PROMPT, max_tokens=n, **penalties)
     assert out.tokens == openai_penalised_greedy(hf, PROMPT, n, presence, frequency)
-    # The comparison can tell: unpenalised, or counting the prompt, gives other tokens.
-    assert out.tokens != llm.generate(PROMPT, max_tokens=n).tokens
-    assert out.tokens != openai_penalised_greedy(hf, PROMPT, n, presence, frequency, count_prompt=True)
+    assert out.tokens != llm.generate(PROMPT, max_tokens=n).tokens  # this model repeats itself unpenalised
+    # A prompt holding the tokens the model likes next: counting the prompt would give other tokens.
+    prompt = PROMPT + raw_logits(hf, PROMPT)[-1].topk(40).indices.tolist()
+    out = llm.generate(prompt, max_tokens=n, **penalties)
+    assert out.tokens == openai_penalised_greedy(hf, prompt, n, presence, frequency)
+    assert out.tokens != openai_penalised_greedy(hf, prompt, n, presence, frequency, count_prompt=True)
 
 
 def test_logprobs_are_the_raw_log_softmax_whatever_the_processors(models):

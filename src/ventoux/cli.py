@@ -71,9 +71,23 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f, _ in SamplingParams.surface_fields("cli")}
 
 
-def load_from_args(args: argparse.Namespace):
-    from . import load
+def sampling_params(args: argparse.Namespace):
+    """The sampling flags as SamplingParams: checked before anything is loaded (a typo costs no model load)."""
+    from .params import SamplingParams
 
+    return SamplingParams(**sampling_kwargs(args))
+
+
+def load_from_args(args: argparse.Namespace):
+    """The model of add_model_args' flags; the flags are all checked before the (long) load starts."""
+    from . import load
+    from .api import pick_device
+    from .quantize import parse_quantize
+    from .weights import parse_dtype
+
+    parse_dtype(args.dtype, pick_device(args.device))
+    if args.quantize is not None:
+        parse_quantize(args.quantize)
     return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
                 lora=getattr(args, "lora", None))
 
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args) or 0
     except VentouxError as e:
-        print(f"ventoux: error: {e}", file=sys.stderr)
+        print(f"ventoux: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -97,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `ventoux info X | head`: the reader left, nothing more to say
         sys.stderr.close()
         return 0
+    except OSError as e:  # the system refused (disk full, permission, a file where a folder should be): say so
+        print(f"ventoux: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":  # `python -m ventoux.cli`: run the imported module, where commands register

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +33,33 @@ class ModelConfig:
     eos_id: int = 2
 
     def __post_init__(self):
+        for name in ("dim", "n_heads"):  # head_dim derives from these two
+            _check_size(name, getattr(self, name))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise VentouxError(f"config field {name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("n_layers", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim", "max_seq_len"):
+            _check_size(name, getattr(self, name))
         if self.n_heads % self.n_kv_heads:
             raise VentouxError(
                 f"config n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
             )
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise VentouxError(f"config sliding_window={self.sliding_window} must be positive or null")
+        if self.sliding_window is not None:
+            _check_size("sliding_window", self.sliding_window, "a positive integer or null")
+        if not (_number(self.norm_eps) and 0 < self.norm_eps < 1):
+            raise VentouxError(f"config norm_eps (rms_norm_eps)={self.norm_eps!r} must be a number in (0, 1), "
+                               "e.g. 1e-5")
+        if not (_number(self.rope_theta) and self.rope_theta > 1):
+            raise VentouxError(f"config rope_theta={self.rope_theta!r} must be a finite number > 1, e.g. 10000.0 "
+                               "(Mistral 7B v0.1) or 1000000.0 (v0.2, v0.3)")
+        object.__setattr__(self, "rope_theta", float(self.rope_theta))
+        for name in ("bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not (_integer(value) and 0 <= value < self.vocab_size):
+                raise VentouxError(f"config {name} (token id)={value!r} must be an integer in [0, vocab_size="
+                                   f"{self.vocab_size})")
+        if self.n_params > MAX_PARAMS:
+            raise VentouxError(f"config describes {self.n_params / 1e9:.0f} B parameters, more than ventoux's "
+                               f"limit of {MAX_PARAMS / 1e9:.0f} B; check n_layers, dim and hidden_dim")
 
     # ---- derived facts -------------------------------------------------------------------
     @property
@@ -59,6 +76,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict) -> ModelConfig:
         """From a transformers MistralConfig dict; unknown keys are ignored."""
+        _check_object(d, "config.json")
         arch = d.get("model_type") or ""
         archs = d.get("architectures") or []
         if arch not in ("mistral", "") or any(a != "MistralForCausalLM" for a in archs):
@@ -78,7 +96,7 @@ class ModelConfig:
                 vocab_size=d["vocab_size"],
                 head_dim=d.get("head_dim"),
                 norm_eps=d.get("rms_norm_eps", 1e-6),
-                rope_theta=float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+                rope_theta=d.get("rope_theta", _rope_parameters(d).get("rope_theta", 10000.0)),
                 sliding_window=d.get("sliding_window"),
                 max_seq_len=d.get("max_position_embeddings", 32768),
                 bos_id=d.get("bos_token_id", 1) if d.get("bos_token_id") is not None else 1,
@@ -90,6 +108,7 @@ class ModelConfig:
     @classmethod
     def from_params(cls, d: dict) -> ModelConfig:
         """From Mistral's params.json. A missing rope_theta means 10000 (the v0.1 pitfall)."""
+        _check_object(d, "params.json")
         if d.get("moe"):
             raise VentouxError("params.json describes a mixture-of-experts model; ventoux runs dense Mistral only")
         try:
@@ -102,7 +121,7 @@ class ModelConfig:
                 vocab_size=d["vocab_size"],
                 head_dim=d.get("head_dim"),
                 norm_eps=d.get("norm_eps", 1e-5),
-                rope_theta=float(d.get("rope_theta", 10000.0)),
+                rope_theta=d.get("rope_theta", 10000.0),
                 sliding_window=d.get("sliding_window"),
                 max_seq_len=d.get("max_seq_len", 32768),
             )
@@ -151,8 +170,40 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _check_object(d, name: str) -> None:
+    if not isinstance(d, dict):
+        raise VentouxError(f"{name} must hold a JSON object of config fields, not {type(d).__name__}")
+
+
+def _rope_parameters(d: dict) -> dict:
+    rope = d.get("rope_parameters")
+    return rope if isinstance(rope, dict) else {}
+
+
 def _first(x):
-    return x[0] if isinstance(x, list) else x
+    if isinstance(x, list):
+        return x[0] if x else None
+    return x
+
+
+# What a config may ask for: far above any Mistral model (7B: 32 layers, dim 4096, vocab 32768, 32K context;
+# Nemo: vocab 131072, 128K context), far below what would exhaust a machine before the weights are checked.
+LIMITS = {"dim": 2**16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "hidden_dim": 2**18,
+          "vocab_size": 2**22, "head_dim": 2**11, "max_seq_len": 2**24, "sliding_window": 2**24}
+MAX_PARAMS = 2 * 10**12
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_size(name: str, value, want: str = "a positive integer") -> None:
+    if not (_integer(value) and 0 < value <= LIMITS[name]):
+        raise VentouxError(f"config field {name}={value!r} must be {want} (at most {LIMITS[name]})")
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -165,7 +216,14 @@ def read_config(folder: Path) -> ModelConfig:
                 d = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise VentouxError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
-            return reader(d)
+            try:
+                config = reader(d)
+            except VentouxError as e:
+                raise VentouxError(f"{path}: {e}") from None
+            from .weights import check_config  # weights.py builds on this module
+
+            check_config(folder, config, path)  # before anything is built from it
+            return config
     raise VentouxError(f"{folder} has neither config.json nor params.json; point at a model checkpoint folder")
 
 

@@ -29,6 +29,8 @@ def looks_like_repo_id(source: str) -> bool:
 
 def resolve(source: str | Path, weights: bool = True) -> Path:
     """A local checkpoint folder for `source`; weights=False fetches only the config and tokenizer files."""
+    if not isinstance(source, (str, Path)) or not str(source).strip():
+        raise VentouxError(f"model source {source!r} is not a checkpoint folder or a Hugging Face repo id (org/name)")
     path = Path(source).expanduser()
     if path.is_dir():
         return path

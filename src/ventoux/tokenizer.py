@@ -12,6 +12,8 @@ format: mistral-common itself reads an unversioned `.model` file as v1.
 
 from __future__ import annotations
 
+import json
+import operator
 import re
 from pathlib import Path
 
@@ -25,31 +27,68 @@ SAFE_PROMPT = (
 _VERSIONED = re.compile(r"\.model\.v(\d+)(m\d+)?$")  # tokenizer.model.v3, *_240323.model.v3, *.model.v7m1
 
 
-def find_tokenizer_file(folder: Path) -> Path:
-    """The tokenizer file of a checkpoint folder: tekken json, else the newest versioned sentencepiece
-    model, else a plain sentencepiece tokenizer.model."""
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files of a checkpoint folder, preferred first: tekken json, then versioned sentencepiece
+    models (newest version first), then a plain sentencepiece tokenizer.model."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    tekken = [p for p in files if "tekken" in p.name and p.suffix == ".json"]
-    if tekken:
-        return next((p for p in tekken if p.name == "tekken.json"), tekken[-1])
-    versioned = [p for p in files if _VERSIONED.search(p.name)]
-    if versioned:  # HF repos of v0.3 ship both tokenizer.model and tokenizer.model.v3: the version wins
-        return max(versioned, key=lambda p: int(_VERSIONED.search(p.name).group(1)))
-    if (folder / "tokenizer.model").is_file():
-        return folder / "tokenizer.model"
-    raise VentouxError(
-        f"no tokenizer in {folder}: expected tekken.json, tokenizer.model.v1/v2/v3 or tokenizer.model; "
-        "copy the tokenizer file of the checkpoint into that folder"
-    )
+    tekken = [p for p in reversed(files) if "tekken" in p.name and p.suffix == ".json"]  # newest date first
+    tekken.sort(key=lambda p: p.name != "tekken.json")  # stable: tekken.json itself, then the others
+    # HF repos of v0.3 ship both tokenizer.model and tokenizer.model.v3: the version wins
+    versioned = sorted((p for p in files if _VERSIONED.search(p.name)),
+                       key=lambda p: -int(_VERSIONED.search(p.name).group(1)))
+    plain = [folder / "tokenizer.model"] if (folder / "tokenizer.model").is_file() else []
+    return tekken + versioned + plain
 
 
-def load_tokenizer(folder: Path) -> Tokenizer:
-    """Load the tokenizer of a checkpoint folder (see find_tokenizer_file)."""
+def find_tokenizer_file(folder: Path) -> Path:
+    """The preferred tokenizer file of a checkpoint folder (see tokenizer_files)."""
+    files = tokenizer_files(folder)
+    if not files:
+        raise VentouxError(
+            f"no tokenizer in {folder}: expected tekken.json, tokenizer.model.v1/v2/v3 or tokenizer.model; "
+            "copy the tokenizer file of the checkpoint into that folder"
+        )
+    return files[0]
+
+
+def load_tokenizer(folder: Path, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder that fits its model: when the folder holds several (tekken.json with
+    131K pieces beside a 32K tokenizer.model), the one whose size is the model's vocab_size (read from the
+    folder's config unless given); else the preferred one, if no larger than the model's vocabulary (a model
+    may pad its embeddings). A tokenizer larger than the model is refused, naming both sizes."""
+    candidates = [find_tokenizer_file(folder)] + tokenizer_files(folder)[1:]
+    vocab = vocab_size if vocab_size is not None else _model_vocab(Path(folder))
+    loaded = []
+    for path in candidates:
+        tokenizer = _load(path)
+        if vocab is None or tokenizer.vocab_size == vocab:
+            return tokenizer
+        loaded.append((path, tokenizer))
+    fitting = [t for _, t in loaded if t.vocab_size < vocab]
+    if fitting:
+        return fitting[0]
+    sizes = ", ".join(f"{p.name} has {t.vocab_size}" for p, t in loaded)
+    raise VentouxError(f"the tokenizer does not fit the model in {folder}: {sizes} pieces but the model's "
+                       f"vocabulary (vocab_size in its config) is {vocab}; put the model's own tokenizer there")
+
+
+def _model_vocab(folder: Path) -> int | None:
+    """vocab_size from the folder's config.json or params.json; None without one (the config reader reports
+    a broken config)."""
+    for name in ("config.json", "params.json"):
+        try:
+            vocab = json.loads((folder / name).read_text()).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
+    return None
+
+
+def _load(path: Path) -> Tokenizer:
     from mistral_common.exceptions import MistralCommonException
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    path = find_tokenizer_file(folder)
     try:
         return Tokenizer(MistralTokenizer.from_file(str(path)))
     except (MistralCommonException, OSError, RuntimeError, ValueError, KeyError, AssertionError) as e:
@@ -80,11 +119,19 @@ class Tokenizer:
         """Plain text to ids; text that looks like a control token ("</s>", "[INST]") stays text."""
         if not isinstance(text, str):
             raise VentouxError(f"text to encode must be a string, not {type(text).__name__}")
+        _check_unicode(text, "text to encode")
         return self._raw.encode(text, bos=bos, eos=eos)
 
     def decode(self, ids) -> str:
         """Ids to text, control tokens dropped."""
-        return self._raw.decode([int(i) for i in ids])
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise VentouxError("token ids to decode must be a list of integers") from None
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise VentouxError(f"token id {bad!r} is not in this tokenizer's vocabulary [0, {self.vocab_size})")
+        return self._raw.decode(ids)
 
     def encode_chat(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
         """A conversation to prompt ids, exactly as mistral-common's encode_chat_completion.
@@ -102,11 +149,12 @@ class Tokenizer:
         objs = [SystemMessage(content=SAFE_PROMPT)] if safe_prompt else []
         for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, dict) else None
-            if role not in kinds:
+            if not isinstance(role, str) or role not in kinds:
                 raise VentouxError(f"messages[{i}].role={role!r} is invalid: use one of {', '.join(kinds)}")
             if not isinstance(m.get("content"), str):
                 kind = type(m.get("content")).__name__
                 raise VentouxError(f"messages[{i}].content must be a string, not {kind}")
+            _check_unicode(m["content"], f"messages[{i}].content")
             objs.append(kinds[role](content=m["content"]))
         try:
             return self.mistral.encode_chat_completion(ChatCompletionRequest(messages=objs)).tokens
@@ -116,6 +164,14 @@ class Tokenizer:
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self.decode, self.is_control)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, decoded leniently
+        raise VentouxError(f"{what} is not valid Unicode (a lone surrogate at character {e.start}, from bytes "
+                           "that were not UTF-8); decode the input as UTF-8 first") from None
 
 
 def _one_line(error: Exception) -> str:

@@ -38,24 +38,56 @@ def _parse_size(text: str) -> int:
 
 @command("convert", "Convert a checkpoint between the HF and Mistral (consolidated) layouts.", _convert_args)
 def convert(args: argparse.Namespace) -> None:
+    """A quantized source (`ventoux quantize` output) keeps its scheme in the HF layout, or is dequantized to
+    --dtype; Mistral's layout has no quantized form, so it needs --dtype there."""
+    from ..api import load_model
     from ..config import read_config
     from ..hub import resolve
-    from ..weights import load_model, parse_dtype, save_consolidated, save_hf, tokenizer_files
+    from ..quantize import config_entry, read_quantization
+    from ..weights import check_output_folder, parse_dtype, save_consolidated, save_hf, tokenizer_files
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
     shard_bytes = _parse_size(args.max_shard_size)
     dst = Path(args.dst)
-    if dst.exists():  # checked before the (long) load, not only when writing
-        raise VentouxError(f"{dst} already exists; choose a new output folder or remove it")
+    check_output_folder(dst)  # before the (long) load, not only when writing
     src = resolve(args.src)
+    stored = read_quantization(src)
+    if stored is not None and dtype is None and args.format == "consolidated":
+        raise VentouxError(f"{src} is quantized ({stored[0].name}) and Mistral's consolidated layout has no "
+                           "quantized form: pass --dtype bfloat16 (or float16, float32) to dequantize it, or "
+                           "--format hf to keep the quantization")
     model = load_model(src, read_config(src), dtype, "cpu")
+    note, quantization = "", None
+    if stored is not None and dtype is not None:
+        dequantize(model, dtype)
+        note = f", dequantized from {stored[0].name}"
+    elif stored is not None:
+        note, quantization = f", still {stored[0].name}", {"quantization": config_entry(*stored)}
     extra = tokenizer_files(src)
     if args.format == "hf":
-        save_hf(model, dst, dtype, max_shard_bytes=shard_bytes, extra_files=extra)
+        save_hf(model, dst, dtype, max_shard_bytes=shard_bytes, extra_files=extra, extra_config=quantization)
     else:
         save_consolidated(model, dst, dtype, extra_files=extra)
     copied = f", with {', '.join(p.name for p in extra)}" if extra else ""
-    print(f"wrote {dst} ({args.format} layout{copied})")
+    print(f"wrote {dst} ({args.format} layout{note}{copied})")
+
+
+def dequantize(model, dtype) -> None:
+    """Every quantized linear back to an nn.Linear holding its dequantized weights in `dtype`, in place."""
+    from torch import nn
+
+    from ..model import swap_modules
+    from ..qlinear import QuantizedLinear
+
+    def swap(name, module):
+        if not isinstance(module, QuantizedLinear):
+            return module
+        weight = module.dequantize(*module.canonical())[:, : module.in_features].to(dtype)
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        return linear
+
+    swap_modules(model, swap)
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:

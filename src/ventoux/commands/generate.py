@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import add_model_args, add_sampling_args, command, load_from_args, sampling_kwargs
+from ..cli import add_model_args, add_sampling_args, command, load_from_args, sampling_kwargs, sampling_params
 from ..errors import VentouxError
 
 
@@ -18,9 +18,10 @@ def _generate_args(p):
 
 @command("generate", "Continue a prompt, streaming tokens to stdout.", _generate_args)
 def run_generate(args):
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     if not prompt:
         raise VentouxError("the prompt is empty: give some text to continue")
+    sampling_params(args)  # every flag is checked before the model loads and the prompt is echoed
     llm = load_from_args(args)
     kwargs = sampling_kwargs(args)
     if args.chat_template:
@@ -32,6 +33,26 @@ def run_generate(args):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def read_prompt(arg: str) -> str:
+    """The prompt argument, or standard input for '-'; text that is not UTF-8 is refused, not guessed at."""
+    if arg == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise VentouxError(f"standard input is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                               "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    _check_utf8(arg, "the prompt argument")
+    return arg
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach argv (and our stdin) as lone surrogates
+        raise VentouxError(f"{what} is not valid UTF-8 (at character {e.start}); type or pass UTF-8 text") from None
 
 
 def _chat_args(p):
@@ -46,10 +67,15 @@ HELP = "Commands: /reset clears the conversation, /system TEXT sets the system p
 
 @command("chat", "Talk with a model in the terminal (multi-turn, streaming).", _chat_args)
 def run_chat(args):
+    sampling_params(args)  # checked before the model loads
+    if args.system is not None:
+        _check_utf8(args.system, "--system")
     llm = load_from_args(args)
     kwargs = sampling_kwargs(args)
     system, history = args.system, []
     print(f"ventoux chat with {llm.source}. {HELP}", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused below, not fatal
     while True:
         try:
             line = input("> ")
@@ -57,6 +83,11 @@ def run_chat(args):
             print(file=sys.stderr)
             return 0
         if not line.strip():
+            continue
+        try:
+            _check_utf8(line, "that line")
+        except VentouxError as e:
+            print(f"({e})", file=sys.stderr)
             continue
         if line.strip() == "/reset":
             history = []
