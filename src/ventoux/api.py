@@ -33,7 +33,7 @@ def pick_device(device: str | None) -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise VentouxError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise VentouxError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
@@ -72,6 +72,9 @@ class LLM:
         if unknown:
             raise VentouxError(f"unknown generation parameter(s) {sorted(unknown)}; valid: "
                                f"{sorted(SamplingParams.names())}")
+        if not isinstance(prompt, (str, list, tuple)):
+            raise VentouxError(f"prompt must be a string, a list of token ids, or a list of those; not "
+                               f"{type(prompt).__name__}")
         single = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                              and all(isinstance(t, int) for t in prompt))
         prompts = [prompt] if single else list(prompt)
