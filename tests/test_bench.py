@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,63 @@ def test_bench_cli_writes_json_and_chart(tiny_folder, tmp_path, capsys):
 def test_bench_rejects_bad_settings(tiny_folder, capsys):
     assert main(["bench", "--model", str(tiny_folder), "--new-tokens", "1"]) == 1
     assert "--new-tokens=1" in capsys.readouterr().err
+
+
+def test_llama_cpp_is_built_from_source_for_this_cpu_or_for_avx2(tmp_path, monkeypatch):
+    # Never a wheel built elsewhere: pip compiles it (--no-binary, --no-cache-dir) with the build's flags, into a
+    # folder keyed by the build and this CPU; the AVX2 build lives apart from the native one
+    from ventoux.bench import llamacpp
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_pip(cmd, env, **kwargs):
+        calls.append((cmd, env["CMAKE_ARGS"]))
+        target = Path(cmd[cmd.index("--target") + 1])
+        (target / "llama_cpp").mkdir(parents=True)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(llamacpp.subprocess, "run", fake_pip)
+    quiet = lambda s: None  # noqa: E731
+    native, avx2 = llamacpp.ensure_installed("native", quiet), llamacpp.ensure_installed("avx2", quiet)
+    assert native != avx2 and native.parent == avx2.parent == tmp_path / "ventoux" / "llama-cpp"
+    assert str(native) in sys.path and str(avx2) in sys.path
+    for (cmd, cmake), build in zip(calls, ("native", "avx2")):
+        assert "--no-binary" in cmd and cmd[cmd.index("--no-binary") + 1] == "llama-cpp-python"
+        assert "--no-cache-dir" in cmd and cmake == llamacpp.BUILDS[build]
+    assert "-DGGML_NATIVE=ON" in calls[0][1]
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=OFF"} <= set(calls[1][1].split())
+    assert llamacpp.ensure_installed("avx2", quiet) == avx2 and len(calls) == 2  # built once
+    sys.path.remove(str(native))
+    sys.path.remove(str(avx2))
+
+
+def test_peer_notes_print_llama_cpp_build_and_warn_on_a_slow_q4_0():
+    from ventoux.bench import Engine, peer_notes
+
+    engines = [Engine("ventoux", "int4", "m"), Engine("llama.cpp", "Q4_0", "m.gguf"), Engine("llama.cpp", "Q8_0", "x")]
+    raws = [[{}], [{"system_info": "CPU : AVX2 = 1 | AVX512 = 1"}], [{"system_info": "CPU : AVX2 = 1 | AVX512 = 1"}]]
+    rows = [{"gb_s": 30.0, "bandwidth_fraction": 0.6}, {"gb_s": 20.0, "bandwidth_fraction": 0.5},
+            {"gb_s": 20.0, "bandwidth_fraction": 0.5}]
+    notes = peer_notes(engines, raws, rows)
+    assert notes[0] == "llama.cpp (native build) system info: CPU : AVX2 = 1 | AVX512 = 1"  # printed once
+    assert len(notes) == 2 and notes[1].startswith("warning: llama.cpp Q4_0 reads 20.0 GB/s, 50%")
+    rows[1]["bandwidth_fraction"] = 0.8
+    assert len(peer_notes(engines, raws, rows)) == 1  # a Q4_0 at 80% of the bandwidth is believed
+
+
+def test_the_avx2_run_holds_every_engine_to_avx2(monkeypatch):
+    import ventoux.bench as bench
+
+    seen = []
+
+    def fake_run(cmd, input, env, **kwargs):
+        seen.append({k: env.get(k) for k in ("VENTOUX_CPU_ISA", "ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA")})
+        return subprocess.CompletedProcess(cmd, 0, bench.RESULT_MARK + "{}", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.delenv("VENTOUX_CPU_ISA", raising=False)
+    bench.run_worker(bench.Engine("ventoux", "int4", "m", isa="avx2"), bench.Settings(), [[1]])
+    bench.run_worker(bench.Engine("ventoux", "int4", "m"), bench.Settings(), [[1]])
+    assert seen[0] == {"VENTOUX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
+    assert seen[1]["VENTOUX_CPU_ISA"] is None

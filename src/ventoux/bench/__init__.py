@@ -32,6 +32,9 @@ from ..errors import VentouxError
 
 PEERS = ("transformers", "llama.cpp")
 RESULT_MARK = "VENTOUX_BENCH_RESULT "
+PEER_BANDWIDTH_WARNING = 0.75  # a llama.cpp Q4_0 row reading less than this share of the bandwidth is suspect
+# What a CPU without AVX-512 sees (--isa avx2): ventoux's AVX2 kernels, and PyTorch's own products held to AVX2.
+ISA_ENVIRONMENT = {"avx2": {"VENTOUX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Engine:
     quantize: str | None = None
     compile: bool = False  # ventoux: torch.compile the decode step
     lora: str | None = None  # ventoux: a LoRA adapter applied (always on)
+    isa: str | None = None  # "avx2": ventoux's AVX2 kernels (PyTorch held to AVX2), llama.cpp built for AVX2 only
 
     @property
     def label(self) -> str:
@@ -114,21 +118,23 @@ def describe_machine(threads: int | None) -> dict:
 
 # ---- the engines to compare --------------------------------------------------------------------------
 def peer_engines(folder: str | Path, dtype: str, quantize: str | None, compare: list[str],
-                 cache_dir: str | Path, log: Callable[[str], None] = print) -> list[Engine]:
+                 cache_dir: str | Path, log: Callable[[str], None] = print, isa: str | None = None) -> list[Engine]:
     """The peer rows for a ventoux run in `dtype` (a torch dtype name) or quantized with `quantize`:
     transformers in the same dtype (bfloat16 when ventoux is quantized: transformers has no such
-    kernels on CPU), llama.cpp in the GGUF types of the same precision (converted once, cached)."""
+    kernels on CPU), llama.cpp in the GGUF types of the same precision (converted once, cached), built
+    from source for this CPU, or for AVX2 only with isa "avx2" (llamacpp.ensure_installed)."""
     engines = []
     for peer in dict.fromkeys(compare):
         if peer == "transformers":
             engines.append(Engine("transformers", "bfloat16" if quantize else dtype, str(folder),
-                                  dtype="bfloat16" if quantize else dtype))
+                                  dtype="bfloat16" if quantize else dtype, isa=isa))
         elif peer == "llama.cpp":
             from . import llamacpp
 
+            llamacpp.ensure_installed(llamacpp.build_for(isa), log)
             for gguf_type in llamacpp.gguf_types(dtype, quantize):
                 path = llamacpp.gguf_file(folder, gguf_type, cache_dir, log)
-                engines.append(Engine("llama.cpp", gguf_type, str(path)))
+                engines.append(Engine("llama.cpp", gguf_type, str(path), isa=isa))
         else:
             raise VentouxError(f"--compare {peer!r} is not a known peer: use {' or '.join(PEERS)}")
     return engines
@@ -153,6 +159,26 @@ def wait_for_quiet(max_wait_s: float, log: Callable[[str], None], busy_cores: fl
             said = True
 
 
+def peer_notes(engines: list[Engine], raws: list[list[dict]], rows: list[dict]) -> list[str]:
+    """llama.cpp's account of its build (which instruction sets it uses), and a warning for each of its Q4_0
+    rows that reads under PEER_BANDWIDTH_WARNING of the measured bandwidth: a ratio against a peer built
+    without this CPU's instruction set means nothing."""
+    lines, seen = [], set()
+    for engine, raw, row in zip(engines, raws, rows):
+        if engine.name != "llama.cpp" or not raw:
+            continue
+        info = raw[0].get("system_info", "")
+        if info and (engine.isa, info) not in seen:
+            seen.add((engine.isa, info))
+            lines.append(f"llama.cpp ({engine.isa or 'native'} build) system info: {info}")
+        share = row.get("bandwidth_fraction", 1.0)
+        if engine.technique == "Q4_0" and share < PEER_BANDWIDTH_WARNING:
+            lines.append(f"warning: llama.cpp Q4_0 reads {row['gb_s']:.1f} GB/s, {100 * share:.0f}% of the measured "
+                         f"bandwidth (under {100 * PEER_BANDWIDTH_WARNING:.0f}%): it may be built without this CPU's "
+                         "instruction set, or the machine was busy; its ratios are suspect")
+    return lines
+
+
 # ---- running -------------------------------------------------------------------------------------
 def random_prompts(settings: Settings, vocab_size: int) -> list[list[int]]:
     """batch_size prompts of prompt_len token ids; ids 0-2 (unk, bos, eos) are avoided."""
@@ -164,7 +190,7 @@ def random_prompts(settings: Settings, vocab_size: int) -> list[list[int]]:
 def run_worker(engine: Engine, settings: Settings, prompts: list[list[int]]) -> dict:
     """Run one engine in a fresh Python process; returns its raw timings (see worker.py)."""
     spec = {"engine": asdict(engine), "settings": asdict(settings), "prompts": prompts}
-    env = dict(os.environ)
+    env = {**os.environ, **ISA_ENVIRONMENT.get(engine.isa, {})}
     if settings.threads:
         env["OMP_NUM_THREADS"] = str(settings.threads)
     proc = subprocess.run([sys.executable, "-m", "ventoux.bench.worker"], input=json.dumps(spec),
@@ -255,6 +281,8 @@ def run(engines: list[Engine], settings: Settings, vocab_size: int, log: Callabl
     machine = {**describe_machine(settings.threads), "read_bandwidth_gb_s": bandwidth}
     result = {"machine": machine, "settings": asdict(settings), "results": rows, "ratios": ratios(rows)}
     log("")
+    for line in peer_notes(engines, raws, rows):
+        log(line)
     log(report.table(result))
     if result["ratios"]:
         log("")

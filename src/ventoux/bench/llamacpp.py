@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -38,33 +39,80 @@ def gguf_types(dtype: str, quantize: str | None) -> list[str]:
     return {"bfloat16": ["BF16", "F16"], "float16": ["F16", "BF16"], "float32": ["F32"]}[dtype]
 
 
-def ensure_installed(log: Callable[[str], None] = print) -> str:
-    """The installed llama-cpp-python version, installing it (and gguf) with pip first if needed."""
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp
+# How llama.cpp is compiled for each --isa of the benchmarks: for this CPU, or for AVX2 CPUs only.
+BUILDS = {"native": "-DGGML_NATIVE=ON",
+          "avx2": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"}
+VERSION = "0.3.*"
 
-        return llama_cpp.__version__
-    except ImportError:
+
+def install_dir(isa: str = "native") -> Path:
+    """Where llama-cpp-python built for `isa` on this CPU lives: one folder per build and CPU, so a
+    build is never reused on another machine (nor a native build as the AVX2 one)."""
+    from ..cpu_kernels import cache_dir, cpu_flags
+
+    if isa not in BUILDS:
+        raise VentouxError(f"unknown llama.cpp build {isa!r}: use one of {', '.join(BUILDS)}")
+    key = hashlib.sha1(f"{cpu_model()}|{' '.join(sorted(cpu_flags()))}|{BUILDS[isa]}".encode()).hexdigest()
+    return cache_dir().parent / "llama-cpp" / f"{isa}-{key[:10]}"
+
+
+def build_for(isa: str | None) -> str:
+    """The llama.cpp build to compare with ventoux running its `isa` kernels: AVX2-only for avx2, else native."""
+    return "avx2" if isa == "avx2" else "native"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
         pass
-    env = dict(os.environ)
-    env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")  # build for this CPU's instruction set
-    log("installing llama-cpp-python and gguf with pip (llama.cpp is compiled from source: this can take "
-        "10 minutes or more) ...")
-    cmd = [sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.*", "gguf"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if proc.returncode:
-        last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise VentouxError(f"installing llama-cpp-python failed ({last}); install it yourself with "
-                           "`pip install llama-cpp-python gguf` or drop --compare llama.cpp")
+    return platform.processor() or platform.machine()
+
+
+def ensure_installed(isa: str = "native", log: Callable[[str], None] = print) -> Path:
+    """The folder of llama-cpp-python (and gguf) compiled from source for this CPU (`isa` "native") or for
+    AVX2 only; built with pip on first use (10 minutes or more), never from a wheel built elsewhere.
+    The folder is appended to sys.path (after the environment's own packages) and returned."""
+    target = install_dir(isa)
+    if not (target / "llama_cpp").is_dir():
+        env = {**os.environ, "CMAKE_ARGS": BUILDS[isa], "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+        log(f"building llama-cpp-python {VERSION} from source ({BUILDS[isa]}) into {target}: this can take "
+            "10 minutes or more ...")
+        tmp = target.with_name(target.name + ".tmp")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-binary", "llama-cpp-python", "--no-cache-dir",
+               "--target", str(tmp), "--upgrade", f"llama-cpp-python=={VERSION}", "gguf"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise VentouxError(f"building llama-cpp-python failed ({last}); run `{' '.join(cmd)}` with "
+                               f"CMAKE_ARGS='{BUILDS[isa]}' to see why, or drop --compare llama.cpp")
+        tmp.rename(target)
+    use(target)
+    return target
+
+
+def use(folder: str | Path) -> None:
+    """Make a build folder importable; appended, so the environment's own numpy etc. still win."""
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+
+
+def system_info() -> str:
+    """llama.cpp's own account of the instruction sets it was compiled with (AVX2 = 1, AVX512 = 1, ...)."""
     import llama_cpp
 
-    return llama_cpp.__version__
+    return llama_cpp.llama_print_system_info().decode().strip()
 
 
 def converter(cache_dir: Path, log: Callable[[str], None] = print) -> Path:
     """llama.cpp's convert_hf_to_gguf.py, from the sdist of the installed llama-cpp-python."""
-    version = ensure_installed(log)
+    ensure_installed("native", log)
+    import llama_cpp
+
+    version = llama_cpp.__version__
     root = cache_dir / f"llama-cpp-python-{version}"
     script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
     if script.exists():
@@ -143,6 +191,7 @@ def _quantize(source: Path, dest: Path, gguf_type: str) -> None:
 
 
 def _quantize_here(source: str, dest: str, gguf_type: str) -> int:
+    use(install_dir("native"))
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()

@@ -134,9 +134,14 @@ class _Clock:
 # ---- llama.cpp -------------------------------------------------------------------------------------
 class LlamaCppRunner:
     def __init__(self, engine: dict, settings: dict):
+        from . import llamacpp
+
+        llamacpp.use(llamacpp.install_dir(llamacpp.build_for(engine.get("isa"))))
         from llama_cpp import Llama
 
         from .llamacpp import gguf_weight_bytes
+
+        self.system_info = llamacpp.system_info()
 
         threads = settings["threads"]
         n_ctx = settings["prompt_len"] + settings["new_tokens"] + 8
@@ -171,7 +176,8 @@ def main() -> None:
         runner.generate([p[:512] for p in prompts], 4)
     runs = [_timed_run(runner, prompts, settings["new_tokens"]) for _ in range(settings["repeats"])]
     print(RESULT_MARK + json.dumps({"load_s": load_s, "weight_bytes": runner.weight_bytes,
-                                    "peak_rss_bytes": peak_rss(), "runs": runs}), flush=True)
+                                    "peak_rss_bytes": peak_rss(), "runs": runs,
+                                    "system_info": getattr(runner, "system_info", "")}), flush=True)
 
 
 def peak_rss() -> int:
