@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ventoux.api import DEMO_MODEL
+from ventoux.cli import main
 from ventoux.config import ModelConfig
 from ventoux.errors import VentouxError
 from ventoux.model import Transformer
@@ -80,6 +81,15 @@ def trained_text(tok, tokens, trained) -> str:
     return text.replace("\u2581", " ")  # sentencepiece keeps its word marker when special tokens are kept
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every process of the resume test must compute alike: one thread, as the subprocesses (ENV)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # ---- encoding and loss masks -------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(TOKENIZERS))
 def test_conversation_equals_mistral_common_and_trains_only_assistant_turns(name):
@@ -137,7 +147,7 @@ def bad_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_every_bad_line_is_reported_and_nothing_trains(tmp_path):
+def test_every_bad_line_is_reported_and_nothing_trains(tmp_path, capsys):
     path = bad_file(tmp_path)
     run = subprocess.run([*CLI, "finetune", "--data", str(path), "--seq-len", "64", "--validate-only"],
                          capture_output=True, text=True, env=ENV, timeout=120)
@@ -148,19 +158,17 @@ def test_every_bad_line_is_reported_and_nothing_trains(tmp_path):
         assert line.startswith(f"{path}:{n}: ") and why in line, (n, line)
     assert report[-1].startswith(f"{len(BAD_LINES)} bad lines; valid: 2 samples")
     out = tmp_path / "run"  # training refuses with the same report and writes nothing
-    run = subprocess.run([*CLI, "finetune", "--data", str(path), "--seq-len", "64", "--out", str(out), "--quiet"],
-                         capture_output=True, text=True, env=ENV, timeout=120)
-    assert run.returncode == 1 and not out.exists()
-    assert run.stderr.splitlines()[:-1] == report and run.stderr.splitlines()[-1].startswith("ventoux: error: 10 bad")
+    assert main(["finetune", "--data", str(path), "--seq-len", "64", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[:-1] == report and err[-1].startswith("ventoux: error: 10 bad data lines") and not out.exists()
 
 
-def test_validate_only_summary(tmp_path):
+def test_validate_only_summary(tmp_path, capsys):
     path = tmp_path / "ok.jsonl"
     path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(10)) + json.dumps({"text": "Hello."}) + "\n")
-    run = subprocess.run([*CLI, "finetune", "--data", str(path), "--batch-size", "4", "--validate-only"],
-                         capture_output=True, text=True, env=ENV, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("11 samples, ") and "3 steps per epoch" in run.stdout
+    assert main(["finetune", "--data", str(path), "--batch-size", "4", "--validate-only"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("11 samples, ") and "3 steps per epoch" in out and "padding" in out
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -177,12 +185,12 @@ def tiny(tmp_path_factory) -> Path:
     return folder
 
 
-def additions(path: Path, n: int, seed: int) -> Path:
+def reversals(path: Path, n: int, seed: int) -> Path:
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    from make_addition_task import line, pairs
+    from make_reverse_task import line, lists
 
     rng = random.Random(seed)
-    path.write_text("".join(line(rng, a, b) + "\n" for a, b in pairs(rng, n, set())))
+    path.write_text("".join(line(rng, words) + "\n" for words in lists(rng, n, set())))
     return path
 
 
@@ -207,17 +215,17 @@ def test_weight_zero_trains_nothing(tiny, tmp_path):
 
 
 def test_resume_after_kill_9_gives_the_same_adapter_bytes(tiny, tmp_path):
-    data = additions(tmp_path / "train.jsonl", 200, seed=1)
-    flags = ["--model", str(tiny), "--data", str(data), "--steps", "16", "--batch-size", "4", "--lr", "3e-3",
-             "--dropout", "0.1", "--save-every", "2", "--eval-every", "100", "--seed", "2", "--device", "cpu",
-             "--quiet"]
-    whole = subprocess.run([*CLI, "finetune", *flags, "--out", str(tmp_path / "whole")], env=ENV, timeout=300,
-                           capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
+    """A real process is killed (SIGKILL) after a checkpoint; resuming ends with the uninterrupted run's bytes."""
+    data = reversals(tmp_path / "train.jsonl", 200, seed=1)
+    kw = dict(model=str(tiny), data=[str(data)], steps=10, batch_size=4, lr=3e-3, dropout=0.1, save_every=2,
+              eval_every=100, seed=2, device="cpu")
+    whole = finetune(FinetuneArgs(out=str(tmp_path / "whole"), **kw), progress=False)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items() if k != "data"]
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*CLI, "finetune", *flags, "--out", str(cut)], env=ENV, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*CLI, "finetune", *flags, "--data", str(data), "--out", str(cut), "--quiet"], env=ENV,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not (cut / "checkpoints" / "step-0000006").exists() and time.time() < deadline:
+    while not (cut / "checkpoints" / "step-0000004").exists() and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -228,24 +236,22 @@ def test_resume_after_kill_9_gives_the_same_adapter_bytes(tiny, tmp_path):
                               env=ENV, capture_output=True, text=True, timeout=120)
     assert conflict.returncode == 1 and "--lr 0.001 (the run has 0.003)" in conflict.stderr
     assert "--rank 8 (the run has 16)" in conflict.stderr and len(conflict.stderr.strip().splitlines()) == 1
-    resumed = subprocess.run([*CLI, "finetune", "--out", str(cut), "--resume", "--quiet"], env=ENV, timeout=300,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = finetune(FinetuneArgs(out=str(cut), resume=True), progress=False)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (cut / "adapter" / name).read_bytes() == (tmp_path / "whole" / "adapter" / name).read_bytes(), name
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
 
 
-def test_resume_needs_a_run(tmp_path):
-    run = subprocess.run([*CLI, "finetune", "--out", str(tmp_path / "typo"), "--resume"], env=ENV,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "holds no checkpoint to resume" in run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "typo").exists()
+def test_resume_needs_a_run(tmp_path, capsys):
+    assert main(["finetune", "--out", str(tmp_path / "typo"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no checkpoint to resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "typo").exists()
 
 
-def test_short_run_on_the_addition_task_lowers_eval_loss(tmp_path):
-    """The shipped demo model, 12 steps of LoRA on the demonstration task."""
-    train = additions(tmp_path / "train.jsonl", 200, seed=1)
-    held = additions(tmp_path / "eval.jsonl", 24, seed=2)
+def test_short_run_on_the_reversal_task_lowers_eval_loss(tmp_path):
+    """The shipped demo model, 12 steps of LoRA on the demonstration task (scripts/make_reverse_task.py)."""
+    train = reversals(tmp_path / "train.jsonl", 200, seed=1)
+    held = reversals(tmp_path / "eval.jsonl", 24, seed=2)
     args = FinetuneArgs(data=[str(train)], eval_data=[str(held)], out=str(tmp_path / "run"), steps=12,
                         batch_size=8, lr=2e-3, warmup=2, eval_every=6, device="cpu")
     adapter = finetune(args, progress=False)
@@ -257,7 +263,7 @@ def test_short_run_on_the_addition_task_lowers_eval_loss(tmp_path):
 
 
 def test_bad_settings_are_one_line_errors(tiny, tmp_path):
-    data = additions(tmp_path / "train.jsonl", 10, seed=1)
+    data = reversals(tmp_path / "train.jsonl", 10, seed=1)
     base = dict(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), device="cpu")
     for kw, match in [(dict(steps=3, epochs=1), "not both"), (dict(rank=0), "--rank"),
                       (dict(targets=("wq", "embed")), "targets"), (dict(data=[str(tmp_path / "none.jsonl")]),

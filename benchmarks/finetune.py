@@ -1,0 +1,127 @@
+"""LoRA training steps: tokens/s and peak memory, ventoux (bf16 base, int4 base) against transformers + peft.
+
+    python benchmarks/finetune.py                                   # the issue's settings (slow on a CPU)
+    python benchmarks/finetune.py --layers 1 --seq-len 128 --steps 2    # a smaller run with the same shape
+
+Every variant runs in its own process on the same random 7B-shaped checkpoint (benchmarks/common.py), so
+each peak resident memory (ru_maxrss) is its own: load, LoRA rank 16 on all seven block linears (alpha 32),
+AdamW over the adapter only, one warm-up step, then --steps timed steps of --batch-size x --seq-len random
+tokens, with activation checkpointing off and on. Ratios are against transformers + peft (bf16) with the
+same checkpointing setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import log, random_checkpoint  # noqa: E402
+
+VARIANTS = ("ventoux-bf16", "ventoux-int4", "transformers-peft-bf16")
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def ventoux_model(folder: Path, variant: str, checkpointing: bool):
+    import torch
+
+    from ventoux.api import load_model
+    from ventoux.config import read_config
+    from ventoux.lora import LoraConfig, add_adapter
+    from ventoux.train.loop import add_checkpointing
+
+    model = load_model(folder, read_config(folder), torch.bfloat16, "cpu",
+                       quantize="int4" if variant == "ventoux-int4" else None)
+    add_adapter(model, LoraConfig(rank=16, alpha=32))
+    if checkpointing:
+        add_checkpointing(model)
+    return model, lambda x: model(x)
+
+
+def peft_model(folder: Path, checkpointing: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEFT_TARGETS))
+    return model, lambda x: model(input_ids=x).logits
+
+
+def worker(args) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    folder = Path(args.folder)
+    if args.variant.startswith("ventoux"):
+        model, forward = ventoux_model(folder, args.variant, args.checkpointing)
+    else:
+        model, forward = peft_model(folder, args.checkpointing)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    vocab = 32000
+
+    def step():
+        x = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=gen)
+        logits = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: first-use costs stay out of the timing
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - t0
+    print(json.dumps(dict(variant=args.variant, checkpointing=args.checkpointing,
+                          trainable=sum(p.numel() for p in params),
+                          tokens_per_s=args.steps * args.batch_size * args.seq_len / seconds,
+                          peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one measurement (a worker process)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return worker(args)
+    folder = random_checkpoint(args.layers)
+    rows = []
+    for checkpointing in (False, True):
+        for variant in VARIANTS:
+            log(f"{variant}, checkpointing {'on' if checkpointing else 'off'} ...")
+            cmd = [sys.executable, __file__, "--variant", variant, "--folder", str(folder), "--seq-len",
+                   str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+            out = subprocess.run(cmd + (["--checkpointing"] if checkpointing else []), capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\nLoRA r16 on 7 targets, {args.layers}-layer Mistral-7B shape, batch {args.batch_size} x {args.seq_len}, "
+          f"{args.steps} timed steps")
+    print(f"{'variant':<24}{'ckpt':>5}{'tokens/s':>10}{'peak GiB':>10}{'speed x':>9}{'memory x':>10}")
+    for r in rows:
+        ref = next(x for x in rows if x["variant"] == VARIANTS[-1] and x["checkpointing"] == r["checkpointing"])
+        print(f"{r['variant']:<24}{'on' if r['checkpointing'] else 'off':>5}{r['tokens_per_s']:>10.1f}"
+              f"{r['peak_rss_gib']:>10.2f}{r['tokens_per_s'] / ref['tokens_per_s']:>9.2f}"
+              f"{r['peak_rss_gib'] / ref['peak_rss_gib']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
