@@ -428,6 +428,59 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_bigram_text(5)
 
 
+class FailingEngine:
+    """The real engine, except that a request whose prompt is "fail" breaks after five events ("😀 ok")."""
+
+    def __init__(self, llm):
+        self.engine, self.fail_ids = llm.engine(max_batch=2), llm.tokenizer.encode("fail", bos=True)
+
+    def submit(self, ids, params, adapter=None):
+        handle = self.engine.submit(ids, params)
+        return FailAfterFive(handle) if ids == self.fail_ids else handle
+
+    def stats(self):
+        return self.engine.stats()
+
+    def close(self):
+        self.engine.close()
+
+
+class FailAfterFive:
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def __aiter__(self):
+        from ventoux.engine import EngineError
+
+        n = 0
+        async for ev in self.handle:
+            if n == 5:
+                self.handle.cancel()
+                raise EngineError("generation failed: injected")
+            n += 1
+            yield ev
+
+    def cancel(self):
+        self.handle.cancel()
+
+
+def test_an_engine_failure_ends_that_request_with_an_error_and_serving_goes_on(tmp_path):
+    llm = bigram_llm(tmp_path)
+    app = create_app(Settings(served_name="m"), load=lambda: (llm, FailingEngine(llm)))
+    with BackgroundServer(app) as server:
+        server.wait_ready()
+        body = {"prompt": "fail", "max_tokens": 50, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        stream = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}).text
+        lines = [x for x in stream.split("\n\n") if x]
+        error = json.loads(lines[-1][len("data: "):])["error"]
+        assert "[DONE]" not in stream and error["message"] == "generation failed: injected"
+        assert [json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1]] == ["😀", " ok"]
+        ok = httpx.post(server.url + "/v1/completions", json={**body, "prompt": "Hello", "max_tokens": 5})
+        assert ok.json()["choices"][0]["text"] == expected_bigram_text(5)
+
+
 def test_health_is_503_while_loading_then_200_and_says_why_a_load_failed(tmp_path):
     release = threading.Event()
     llm = bigram_llm(tmp_path)

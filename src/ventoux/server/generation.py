@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from ..errors import VentouxError
-from .errors import APIError
+from .errors import APIError, error_body
 from .logprobs import chat_logprobs, completion_logprobs
 from .schemas import ChatRequest, CompletionRequest, parse, sampling_params
 
@@ -135,8 +135,8 @@ class Run:
                     i, ev = await queue.get()
                     if ev is None:
                         break
-                    if isinstance(ev, Exception):
-                        raise ev
+                    if isinstance(ev, Exception):  # the engine failed this request (it serves the others on)
+                        raise APIError(500, str(ev), code="engine_error") from ev
                     self._record(i, ev)
                     yield i, ev
         finally:
@@ -239,8 +239,12 @@ class EventStream(Response):
         chunks = self.run.chunks()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for text in chunks:
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            try:
+                async for text in chunks:
+                    await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            except APIError as e:  # the engine failed mid-stream: say so in the stream, which is already 200
+                body = _sse(error_body(e.status, e.message, code=e.code)).encode()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client left (ASGI 2.4 servers raise from send)
             pass
