@@ -14,31 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
-@torch.no_grad()
 def segment_loss(model, ids, context: int, batch_size: int = 16, max_tokens: int | None = None) -> tuple[float, int]:
-    """(summed loss in nats, number of predicted tokens) over the 1-D id sequence `ids`."""
+    """(summed loss in nats, number of predicted tokens) over the 1-D id sequence `ids`: ventoux.eval's
+    strided windows with the stride equal to the context."""
+    from ..eval.perplexity import strided_loss
+
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
-    device = next(model.parameters()).device
-    n = (len(ids) - 1) // context  # whole segments
-    x = ids[: n * context].view(n, context)  # (N, T)
-    y = ids[1: n * context + 1].view(n, context)  # (N, T)
-    batches = [(x[i: i + batch_size], y[i: i + batch_size]) for i in range(0, n, batch_size)]
-    if len(ids) - 1 > n * context:  # the shorter last segment
-        batches.append((ids[n * context: -1][None], ids[n * context + 1:][None]))
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for xb, yb in batches:
-        logits = model(xb.to(device))  # (B, T, vocab), float32
-        total += F.cross_entropy(logits.flatten(0, 1), yb.to(device).flatten(), reduction="sum").item()
-        count += yb.numel()
-    model.train(was_training)
-    return total, count
+    try:
+        return strided_loss(model, ids, context, context, batch_size)
+    finally:
+        model.train(was_training)
 
 
 def nats_per_char(model, tokenizer, text: str, context: int, batch_size: int = 16) -> float:
