@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import VentouxError
 
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")  # --outtype of convert_hf_to_gguf.py, lower-cased
-QUANTIZER_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made from the BF16 file
+QUANTIZER_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # made from the BF16 file
 
 
 def gguf_types(dtype: str, quantize: str | None) -> list[str]:
