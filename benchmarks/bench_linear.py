@@ -3,10 +3,15 @@
 
     python benchmarks/bench_linear.py                  # batch 1, 2 threads
     python benchmarks/bench_linear.py --m 128 --only bfloat16,int4   # a prefill-sized product
+    python benchmarks/bench_linear.py --isa avx2           # ventoux's AVX2 kernels (VENTOUX_CPU_ISA)
+    python benchmarks/bench_linear.py --hot --n 2048       # the compute ceiling: one copy, kept in the caches
 
 Copies of each weight, over twice the size of the last-level cache in all, are rotated so that no product
 finds its weights in the cache; GB/s is the bytes of one weight (quantized: with its scales and zeros) over the
-median (and best) time of one product: the figure a memory-bound decode step is held to.
+median (and best) time of one product: the figure a memory-bound decode step is held to. With --hot one copy
+is read again and again, so it stays in L2/L3 (pick --n so that it fits: 4096 x 2048 int4 is 4.7 MB): the
+kernel's arithmetic ceiling, which should be well above the DRAM figure for decode to stay bandwidth-bound on a
+machine with faster memory (issue 12).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import time
 
@@ -50,7 +56,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated parts of the row names to run (default: all)")
     ap.add_argument("--fallback", action="store_true", help="also time the (slow) dequantize-and-matmul fallback")
+    ap.add_argument("--hot", action="store_true", help="one copy, read again and again: weights hot in cache")
+    ap.add_argument("--isa", choices=["avx512", "avx2", "none"], default=None,
+                    help="ventoux's kernel build (default: the best this CPU runs)")
     args = ap.parse_args()
+    if args.isa:
+        os.environ[cpu_kernels.ISA_VARIABLE] = args.isa
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     k, n = args.k, args.n
@@ -73,7 +84,8 @@ def main():
                 rows.append((f"{name} {kernel}", lambda build=build, kernel=kernel: build(kernel),
                              lambda x, mod: mod(x), torch.bfloat16))
     only = set(args.only.split(",")) if args.only else None
-    print(f"{args.m}x{k} @ {k}x{n}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.m}x{k} @ {k}x{n}, {torch.get_num_threads()} threads, torch {torch.__version__}, ventoux kernels: "
+          f"{cpu_kernels.isa()}, weights {'hot in cache' if args.hot else 'from memory (rotated copies)'}")
     print(f"{'format':24s} {'MB':>7s} {'median':>8s} {'GB/s':>6s} {'best':>8s} {'GB/s':>6s} {'GFLOP/s':>8s}")
     with torch.inference_mode():
         for name, build, run, dt in rows:
@@ -81,7 +93,7 @@ def main():
                 continue
             first = build()
             nbytes = _nbytes(first)
-            n_copies = max(1, math.ceil(args.rotate_mb * 1e6 / nbytes))
+            n_copies = 1 if args.hot else max(1, math.ceil(args.rotate_mb * 1e6 / nbytes))
             copies = [first] + [copy.deepcopy(first) for _ in range(n_copies - 1)]
             x = torch.randn(args.m, k).to(dt)
             med, best = timed(run, x, copies, args.repeats)

@@ -65,18 +65,30 @@ def _products(x: torch.Tensor, w: torch.Tensor) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def avx_vnni_form(tmp_path_factory):
+    """The AVX2 file's AVX-VNNI form (256-bit vpdpbusd instead of vpmaddubsw + vpmaddwd), compiled with that
+    instruction's AVX-512 encoding: this CPU may lack AVX-VNNI's own, the arithmetic is the same."""
+    so = tmp_path_factory.mktemp("vnni256") / "kernels.so"
+    subprocess.run([cpu_kernels.compiler(), *cpu_kernels.FLAGS, *cpu_kernels.isa_flags("avx2"), "-mavx512vnni",
+                    "-mavx512vl", "-DVX_EVEX_VNNI", "-o", str(so), str(cpu_kernels.SOURCES["avx2"])], check=True)
+    return cpu_kernels.load(so)
+
+
 @pytest.mark.skipif(len(KERNEL_ISAS) < 2, reason="needs a CPU that runs both builds (AVX-512 VNNI)")
 @pytest.mark.parametrize("m,k,n", [(1, 1024, 37), (5, 384, 130), (40, 256, 29), (300, 640, 21)])
-def test_avx2_and_avx512_builds_give_the_same_numbers(monkeypatch, m, k, n):
+def test_avx2_and_avx512_builds_give_the_same_numbers(monkeypatch, avx_vnni_form, m, k, n):
     # The same quantized activations and exact integer sums: only the order of float sums differs. Decode
-    # (<= 8 rows) and prefill (tiled) shapes, with partial tiles.
+    # (<= 8 rows) and prefill (tiled) shapes, with partial tiles; the AVX2 build with and without AVX-VNNI.
     gen = torch.Generator().manual_seed(m + k + n)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     results = {}
     for isa in ("avx512", "avx2"):
         monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, isa)
         results[isa] = _products(x, w)
-    for name, a in results["avx512"].items():
+    monkeypatch.setattr(cpu_kernels, "library", lambda: avx_vnni_form)
+    results["avx-vnni"] = _products(x, w)
+    for name, a in [*results["avx512"].items(), *results["avx-vnni"].items()]:
         b = results["avx2"][name]
         rounding = 2**-8 if "gemm torch.bfloat16" in name else 2**-11 if "gemm" in name else 0  # 16-bit outputs
         torch.testing.assert_close(b, a, rtol=1e-5 + rounding, atol=1e-5 * a.abs().max().item(), msg=name)

@@ -121,6 +121,11 @@ def build(which: str) -> ctypes.CDLL | None:
                               "using PyTorch's", stacklevel=2)
                 return None
             out.replace(path)
+    return load(path)
+
+
+def load(path: str | Path) -> ctypes.CDLL:
+    """A compiled kernel library, its functions typed."""
     lib = ctypes.CDLL(str(path))
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]

@@ -18,9 +18,17 @@
 #define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
 #define GEMV_MAX_ROWS 8  // more activation rows than this reuse each weight enough for a tiled product
 
+// VX_EVEX_VNNI (tests only, on AVX-512 VNNI CPUs): the 256-bit vpdpbusd in its AVX-512 encoding, so that the
+// AVX-VNNI form of this file is tested on CPUs that lack AVX-VNNI's own encoding.
+#if defined(__AVXVNNI__) || defined(VX_EVEX_VNNI)
+#define VNNI256 1
+#endif
+
 // acc + the dot products of unsigned bytes u with signed bytes s, 4 bytes per int32 lane.
 static inline __m256i dot_us(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
+#if defined(VX_EVEX_VNNI)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
@@ -176,7 +184,7 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
               if (!(c & 1)) _mm_prefetch((const char*)(p + ROWS * K / 2), _MM_HINT_T0);  // the next rows
               const __m256i pv = _mm256_loadu_si256((const __m256i*)p);
               const __m256i lo = _mm256_and_si256(pv, low4), hi = _mm256_and_si256(_mm256_srli_epi16(pv, 4), low4);
-#if defined(__AVXVNNI__)
+#if defined(VNNI256)
               const __m256i dot = dot_us(dot_us(_mm256_setzero_si256(), lo, ev), hi, ov);
 #else  // the two halves' int16 pair sums (each at most 2 * 15 * 127) added before widening: one vpmaddwd
               const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ev), _mm256_maddubs_epi16(hi, ov));
