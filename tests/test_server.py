@@ -25,7 +25,7 @@ import openai
 import pytest
 import torch
 from conftest import TINY_FULL
-from mistral_common.protocol.instruct.messages import UserMessage
+from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -35,7 +35,7 @@ from ventoux.model import Transformer
 from ventoux.server import Settings, create_app, generation
 from ventoux.server import routes as small_routes
 from ventoux.server.background import BackgroundServer
-from ventoux.tokenizer import load_tokenizer
+from ventoux.tokenizer import SAFE_PROMPT, load_tokenizer
 
 V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 CHAIN = [243, 162, 155, 131, 3614]  # v1 ids of <0xF0> <0x9F> <0x98> <0x80> "▁ok": "😀 ok"
@@ -212,6 +212,11 @@ def test_seeded_sampling_is_reproducible_and_n_choices_differ(demo):
     assert [ch.index for ch in two.choices] == [0, 1]
     assert two.choices[0].message.content == a  # choice i samples with seed + i
     assert two.choices[1].message.content == c.chat.completions.create(seed=8, **kw).choices[0].message.content
+    streamed = ["", ""]
+    for chunk in c.chat.completions.create(seed=7, n=2, stream=True, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [ch.message.content for ch in two.choices]
 
 
 # ---- continuous batching through HTTP --------------------------------------------------------------
@@ -341,6 +346,9 @@ def test_multibyte_characters_are_never_split_across_deltas(bigram):
         ChatCompletionRequest(messages=[UserMessage(content="Hi")])).tokens)
     assert whole.usage.completion_tokens == 20
     content = whole.choices[0].logprobs.content
+    safe = c.chat.completions.create(model="test-model", messages=HI, max_tokens=5, extra_body={"safe_prompt": True})
+    assert safe.usage.prompt_tokens == len(reference.encode_chat_completion(ChatCompletionRequest(
+        messages=[SystemMessage(content=SAFE_PROMPT), UserMessage(content="Hi")])).tokens)
     assert [e.bytes for e in content[:5]] == [[0xF0], [0x9F], [0x98], [0x80], list(b" ok")]
     assert content[0].token == "bytes:\\xf0" and content[4].token == " ok"
 
