@@ -45,11 +45,12 @@ def _batch_size(value) -> int:
 @register_model("ventoux")
 class VentouxLM(TemplateLM):
     def __init__(self, pretrained=None, dtype=None, device=None, quantize=None, lora=None, batch_size=8,
-                 max_length=None, max_gen_toks=256, **ignored):
-        super().__init__()
+                 max_length=None, max_gen_toks=256, max_batch_size=None):
+        super().__init__()  # a misspelt model_arg is a TypeError naming it; max_batch_size: lm-eval's, unused
         import ventoux
 
         extra = {"lora": str(lora)} if lora else {}
+        dtype = None if dtype == "auto" else dtype  # "auto" as for the hf model: the device's best
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = None  # lm-eval's command line defaults to cuda:0; like its hf model, fall back here
         self.llm = ventoux.load(None if pretrained is None else str(pretrained), dtype=dtype, device=device,
