@@ -50,30 +50,19 @@ async def completions(request: Request):
     req = parse(CompletionRequest, await request.body())
     state.check_model(req.model)
     params = sampling_params(req, state.settings.max_tokens_cap, logprobs=req.logprobs)
-    vocab = state.llm.config.vocab_size
-    if isinstance(req.prompt, str):
-        if not req.prompt:
-            raise APIError(400, "prompt is empty: give some text to continue", param="prompt")
-        ids = state.llm.tokenizer.encode(req.prompt, bos=True)
-    else:
-        if not req.prompt:
-            raise APIError(400, "prompt is an empty list of token ids", param="prompt")
-        bad = next((t for t in req.prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        ids = req.prompt
+    if req.prompt == "":
+        raise APIError(400, "prompt is empty: give some text to continue", param="prompt")
+    # token ids are checked by engine.submit (vocabulary, context), whose RequestError becomes a 400
+    ids = state.llm.tokenizer.encode(req.prompt, bos=True) if isinstance(req.prompt, str) else req.prompt
     return await _respond(request, state, Run(state, "text", req, ids), params, "prompt")
 
 
 async def _respond(request: Request, state, run: Run, params, prompt_param: str) -> Response:
-    req, cfg = run.req, state.llm.config
+    req = run.req
     if not 1 <= req.n <= state.settings.max_n:
         raise APIError(400, f"n={req.n} must be in [1, {state.settings.max_n}] on this server", param="n")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    if cfg.sliding_window is None and len(run.ids) >= cfg.max_seq_len:
-        raise APIError(400, f"the prompt has {len(run.ids)} tokens but the model's context is {cfg.max_seq_len} "
-                       "(full attention): shorten it", param=prompt_param, code="context_length_exceeded")
     run.submit(params, prompt_param)
     if req.stream:
         return EventStream(run)
@@ -130,15 +119,16 @@ class Run:
 
         tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
         try:
-            for _ in range(len(tasks)):
-                while True:
-                    i, ev = await queue.get()
-                    if ev is None:
-                        break
-                    if isinstance(ev, Exception):  # the engine failed this request (it serves the others on)
-                        raise APIError(500, str(ev), code="engine_error") from ev
-                    self._record(i, ev)
-                    yield i, ev
+            running = len(tasks)
+            while running:
+                i, ev = await queue.get()
+                if ev is None:
+                    running -= 1
+                    continue
+                if isinstance(ev, Exception):  # the engine failed this request (it serves the others on)
+                    raise APIError(500, str(ev), code="engine_error") from ev
+                self._record(i, ev)
+                yield i, ev
         finally:
             for t in tasks:
                 t.cancel()
