@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..errors import VentouxError
 from . import data
 from .scoring import score
@@ -101,8 +103,6 @@ def multiple_choice(llm, task: Task, batch_size: int, chat: bool, progress: bool
 
 def generation(llm, task: Task, batch_size: int, chat: bool, max_tokens: int, stop: list[str] | None,
                progress: bool) -> dict:
-    from tqdm import tqdm
-
     prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": item["prompt"]}]) if chat
                else llm.tokenizer.encode(item["prompt"], bos=True) for item in task.items]
     for item, ids in zip(task.items, prompts):
