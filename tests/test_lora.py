@@ -351,6 +351,9 @@ def test_load_with_adapters_and_generate_per_adapter(tiny_checkpoint):
     assert tuned != plain  # the adapter changes the greedy continuation of these prompts
     assert [c.tokens for c in several.generate(prompts, adapter="tuned", **greedy)] == tuned
     assert [c.tokens for c in several.generate(prompts, **greedy)] == plain  # several: none unless asked
+    several.generate(prompts, adapter="tuned", max_tokens=1)
+    with torch.no_grad():  # the request's choice ended with it: a plain forward sees the base, any batch size
+        torch.testing.assert_close(several.model(_tokens(3)), base.model(_tokens(3)), rtol=1e-5, atol=1e-5)
     with several.engine(max_batch=4) as engine:  # rows of one decode batch on different adapters
         handles = [engine.submit(p, SamplingParams(**greedy), adapter=a)
                    for p in prompts for a in ("tuned", None)]

@@ -231,13 +231,15 @@ def set_rows(model: nn.Module, rows: list[str | int | None] | torch.Tensor | Non
         return
     chosen = [_chosen(sel, r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
     device = next(iter(model.parameters())).device
-    sel.groups, sel.batch = [], len(chosen)
+    sel.groups = []
     for name in sel.names:
         picked = [i for i, names in enumerate(chosen) if name in names]
         if len(picked) == len(chosen):
             sel.groups.append((name, None))  # every row: no gather
         elif picked:
             sel.groups.append((name, torch.tensor(picked, device=device)))
+    # row indices only fit forwards of this many rows; a choice the same for every row fits any batch
+    sel.batch = len(chosen) if any(rows is not None for _, rows in sel.groups) else None
 
 
 def _chosen(sel: Selection, row: str | int | None) -> list[str]:
