@@ -217,9 +217,11 @@ def test_integer_tensor_where_a_float_is_expected(model_dir, tmp_path):
         load_model(bad, CFG, torch.float32)
 
 
-def test_output_folder_whose_parent_is_a_file(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", [["convert", "--format", "hf"], ["quantize", "--scheme", "int8"]])
+def test_output_folder_whose_parent_is_a_file(model_dir, tmp_path, capsys, command):
     (tmp_path / "afile").write_text("x")
-    fails(capsys, ["convert", model_dir, tmp_path / "afile" / "out", "--format", "hf"], "afile", "output")
+    name, *flags = command
+    fails(capsys, [name, model_dir, tmp_path / "afile" / "out", *flags], "afile", "output")
     assert (tmp_path / "afile").read_text() == "x"
 
 
@@ -257,6 +259,7 @@ def test_other_entry_points_refuse_junk_in_one_line(llm, tmp_path):
 @pytest.mark.parametrize("flags, word", [
     (["--top-p", "1.5"], "top_p"), (["--min-p", "nan"], "min_p"), (["--max-tokens", "0"], "max_tokens"),
     (["--dtype", "float8"], "float8"), (["--quantize", "int3"], "int3"), (["--device", "tpu"], "tpu"),
+    (["--temperature", "1e300"], "temperature"), (["--repetition-penalty", "1e-300"], "repetition_penalty"),
 ])
 def test_flags_are_checked_before_the_model_is_loaded(tmp_path, capsys, flags, word):
     """The model folder does not exist: the error names the flag, so nothing was loaded first."""

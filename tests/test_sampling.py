@@ -97,6 +97,13 @@ def test_top_p_equals_transformers(p):
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
 
 
+def test_a_vanishing_top_p_keeps_the_top_token():
+    """1e-46 is 0 in a float32 column: the top token must still stay (as transformers keeps one)."""
+    logits = random_logits(rows=2, seed=7)
+    kept = ~torch.isinf(apply_top_p(logits, col([1e-46, 1e-46])))
+    assert kept.sum(-1).tolist() == [1, 1] and torch.equal(kept.float().argmax(-1), logits.argmax(-1))
+
+
 # ---- through a multi-step generation ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -201,11 +208,11 @@ def test_min_p_filters_every_sampled_token(models):
 # ---- parameters: the exact edges of each range ---------------------------------------------------------
 @pytest.mark.parametrize("name, ok, bad", [
     ("max_tokens", [1, 10**6], [0, -1, 1.5, True, "3"]),
-    ("temperature", [0, 0.0, 1e-3, 2, 100.0], [-1e-9, math.nan, math.inf, "0.7", None]),
+    ("temperature", [0, 0.0, 1e-4, 2, 100.0], [-1e-9, 1e-5, 100.5, 1e300, math.nan, math.inf, "0.7", None]),
     ("top_p", [1e-9, 0.5, 1.0], [0, 0.0, 1.0000001, -0.5, math.nan]),
     ("top_k", [0, 1, 10**9], [-1, 2.0, True]),
     ("min_p", [0, 0.0, 0.999], [1.0, -0.1, math.nan]),
-    ("repetition_penalty", [1e-6, 1, 10], [0, -1, math.inf]),
+    ("repetition_penalty", [0.01, 1, 100], [0, 0.0099, 100.5, -1, 1e300, math.inf]),
     ("presence_penalty", [-2, 0, 2.0], [-2.001, 2.001, math.nan]),
     ("frequency_penalty", [-2.0, 0, 2], [-2.001, 2.001, math.inf]),
     ("seed", [None, 0, 2**63 - 1, 2**64 - 1, -(2**63)], [2**64, -(2**63) - 1, 1.5, "1", True]),

@@ -48,14 +48,16 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        # Bounds keep every value finite and nonzero in the float32 columns the sampler divides by.
         checks = [
             ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0 (0 is greedy)"),
+            ("temperature", _finite(self.temperature) and (self.temperature == 0 or 1e-4 <= self.temperature <= 100),
+             "0 (greedy) or a number in [0.0001, 100]"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0,
-             "a number > 0 (1 turns it off)"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
+             "a number in [0.01, 100] (1 turns it off)"),
             ("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "in [-2, 2]"),
             ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,

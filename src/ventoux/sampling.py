@@ -36,6 +36,7 @@ def apply_top_p(logits, top_p):
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
     drop_sorted = before >= top_p
+    drop_sorted[..., 0] = False  # the most likely token always stays (a tiny top_p keeps it alone)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 

@@ -20,7 +20,7 @@ def _args(p):
 def run(args):
     from ..hub import resolve
     from ..quantize import quantize_checkpoint
-    from ..weights import parse_dtype
+    from ..weights import check_output_folder, parse_dtype
 
     scheme = args.scheme
     if args.group_size is not None:
@@ -28,5 +28,6 @@ def run(args):
             raise VentouxError(f"--group-size applies to --scheme int4 only, not {scheme!r}")
         scheme = f"int4-g{args.group_size}"
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    check_output_folder(args.dst)  # before the (long) load, not only when writing
     out = quantize_checkpoint(resolve(args.src), args.dst, scheme, args.include_output, dtype)
     print(f"wrote {out} ({scheme})")
