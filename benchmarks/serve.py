@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py                                   # demo + 7B-shaped int8/int4, 1/4/8/16 clients
     python benchmarks/serve.py --models demo --clients 1,4 --requests 2 --max-tokens 16 --peer none  # quick
-    python benchmarks/serve.py --soak 1000                       # 1,000 requests, random disconnects, RSS growth
+    python benchmarks/serve.py --soak 1000 --clients 8           # 1,000 requests, random disconnects, RSS growth
     python benchmarks/serve.py --llama-server /path/to/llama-server   # llama.cpp's C++ server (--parallel N)
 
 Each concurrency level runs C streaming clients, each sending --requests completions one after another
@@ -169,10 +169,11 @@ async def level(url: str, clients: int, args, seed: int) -> dict:
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
-async def soak(server: Server, n: int, concurrency: int, seed: int) -> dict:
-    """n requests of random lengths, about a third left mid-stream; RSS at request 100 and at the end."""
+async def soak(server: Server, n: int, concurrency: int, max_tokens: int, seed: int) -> dict:
+    """n requests of random lengths (prompts of 1-300 words, 1-max_tokens tokens), about a third left
+    mid-stream; the server's resident memory at request 100 and at the end."""
     rng = random.Random(seed)
-    jobs = [(p, rng.randint(1, 128), rng.randint(1, 20) if rng.random() < 0.35 else None)
+    jobs = [(p, rng.randint(1, max_tokens), rng.randint(1, max_tokens) if rng.random() < 0.35 else None)
             for p in prompts(n, seed, 1, 300)]
     failures, done, rss = [], 0, {}
 
@@ -238,7 +239,7 @@ def main() -> None:
     if args.soak:
         server = ventoux_server(MODELS["demo"], args)
         try:
-            result["soak"] = asyncio.run(soak(server, args.soak, max(args.clients), seed=0))
+            result["soak"] = asyncio.run(soak(server, args.soak, max(args.clients), args.max_tokens, seed=0))
         finally:
             server.stop()
         print(json.dumps(result["soak"], indent=1))
