@@ -347,18 +347,38 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xq, c
     __m256i dot[Q_NR][Q_MB];
     for (int n = 0; n < nr; ++n)
       for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_setzero_si256();
-    for (int64_t j = k; j < k + BLOCK; j += 4) {
-      __m256i xv[Q_MB], ax[Q_MB];
-      for (int b = 0; b < mb; ++b) {
-        xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
-        ax[b] = _mm256_abs_epi8(xv[b]);
+    if (bits == 4) {
+      for (int64_t j = k; j < k + BLOCK; j += 4) {
+        __m256i xv[Q_MB];
+        for (int b = 0; b < mb; ++b) xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
+        for (int n = 0; n < nr; ++n) {
+          int32_t codes;
+          memcpy(&codes, qs + n * Q_KC + (j - k0), 4);
+          const __m256i wv = _mm256_set1_epi32(codes);
+#if defined(VNNI256)
+          for (int b = 0; b < mb; ++b) dot[n][b] = dot_us(dot[n][b], wv, xv[b]);
+#else  // int16 pair sums, at most 8 * 2 * 15 * 127 over a block: widened once, below
+          for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_add_epi16(dot[n][b], _mm256_maddubs_epi16(wv, xv[b]));
+#endif
+        }
       }
-      for (int n = 0; n < nr; ++n) {
-        int32_t codes;
-        memcpy(&codes, qs + n * Q_KC + (j - k0), 4);
-        const __m256i wv = _mm256_set1_epi32(codes);
-        for (int b = 0; b < mb; ++b)
-          dot[n][b] = bits == 4 ? dot_us(dot[n][b], wv, xv[b]) : dot_us(dot[n][b], ax[b], _mm256_sign_epi8(wv, xv[b]));
+#if !defined(VNNI256)
+      for (int n = 0; n < nr; ++n)
+        for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_madd_epi16(dot[n][b], _mm256_set1_epi16(1));
+#endif
+    } else {
+      for (int64_t j = k; j < k + BLOCK; j += 4) {
+        __m256i xv[Q_MB], ax[Q_MB];
+        for (int b = 0; b < mb; ++b) {
+          xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
+          ax[b] = _mm256_abs_epi8(xv[b]);
+        }
+        for (int n = 0; n < nr; ++n) {
+          int32_t codes;
+          memcpy(&codes, qs + n * Q_KC + (j - k0), 4);
+          const __m256i wv = _mm256_set1_epi32(codes);
+          for (int b = 0; b < mb; ++b) dot[n][b] = dot_us(dot[n][b], ax[b], _mm256_sign_epi8(wv, xv[b]));
+        }
       }
     }
     const int64_t blk = k / BLOCK, g = k / group;
