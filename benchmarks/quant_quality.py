@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--model", default=str(DEMO_MODEL))
     p.add_argument("--corpus", default=os.environ.get("VENTOUX_CORPUS", str(DEFAULT_CORPUS)))
     p.add_argument("--context", type=int, default=None, help="default: the model's sliding window (or context)")
-    p.add_argument("--stride", type=int, default=None, help="default: half the context")
+    p.add_argument("--stride", type=int, default=None, help="default: the context (consecutive windows)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-llama-cpp", action="store_true")
     args = p.parse_args()
@@ -105,7 +105,7 @@ def main() -> None:
     base = ventoux.load(args.model, dtype="bfloat16", device="cpu")
     cfg = base.config
     context = args.context or min(cfg.sliding_window or cfg.max_seq_len, cfg.max_seq_len)
-    stride = args.stride or max(1, context // 2)
+    stride = args.stride or context
     text = split_heldout([Path(args.corpus).read_text(encoding="utf-8")], 0.1)[1][0]
     ids = base.tokenizer.encode(text, bos=True)
     requests = windows(ids, context, stride)
