@@ -94,10 +94,11 @@ def schedule(model, tok, jobs, seed, cancel_some=False, **batch_kw):
 @pytest.mark.parametrize("which", ["windowed", "full"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_arrivals_give_the_tokens_of_each_request_alone(which, seed, windowed, full, tok):
+    """Rows free up in any order, so a prefilling or idle row often sits below decoding ones."""
     model = windowed if which == "windowed" else full
     rng = random.Random(seed)
-    jobs = [(ids(100 * seed + i, rng.choice([1, 3, 9, 17, 40])), SamplingParams(max_tokens=rng.choice([1, 6, 20])))
-            for i in range(7)]
+    jobs = [(ids(100 * seed + i, rng.choice([1, 3, 9, 17, 40])), SamplingParams(max_tokens=rng.choice([1, 4, 12, 30])))
+            for i in range(10)]
     want = [alone(model, tok, p, sp) for p, sp in jobs]
     out, _ = schedule(model, tok, jobs, seed, max_batch=3, prefill_budget=8)
     assert [out[i][0] for i in range(len(jobs))] == want
@@ -145,26 +146,26 @@ def test_cache_budget_bounds_the_buffers_and_requests_wait_for_room(full, tok):
 
 
 @pytest.mark.parametrize("which", ["windowed", "full"])
-def test_prefix_reuse_gives_the_same_tokens(which, windowed, full, tok):
+def test_prefix_reuse_gives_the_same_tokens_and_logprobs(which, windowed, full, tok):
     model = windowed if which == "windowed" else full
     system = ids(500, 24)
-    first = (system + ids(501, 6), SamplingParams(max_tokens=8))
-    out_first = alone(model, tok, *first)
-    jobs = [first,
-            (system + ids(502, 5), SamplingParams(max_tokens=8)),  # shares the system prompt only
-            (first[0] + out_first[:-1] + ids(503, 4), SamplingParams(max_tokens=8)),  # continues the first
-            (system[:10] + ids(504, 7), SamplingParams(max_tokens=8))]  # a shorter shared prefix
-    want = [alone(model, tok, p, sp) for p, sp in jobs]
+    sp = SamplingParams(max_tokens=8, logprobs=0)
+    out_first = alone(model, tok, system + ids(501, 6), sp)
+    prompts = [system + ids(501, 6),
+               system + ids(502, 5),  # shares the system prompt only
+               system + ids(501, 6) + out_first[:-1] + ids(503, 4),  # continues the first
+               system[:10] + ids(504, 7),  # a shorter shared prefix
+               system + ids(505, 3)]  # windowed: from the snapshot the second one left
+    want = [generate(model, tok, [p], [sp])[0] for p in prompts]
     for cache_on in (False, True):
-        got = []
         with Engine(model, tok, max_batch=2, prefix_cache=cache_on) as engine:
-            for p, sp in jobs:  # one after another: each finds the previous ones' rows kept
-                got.append([e.token for e in engine.submit(p, sp) if e.token is not None])
+            for p, ref in zip(prompts, want):  # one after another: each finds the previous ones' rows kept
+                events = [e for e in engine.submit(p, sp) if e.token is not None]
+                assert [e.token for e in events] == ref.tokens
+                torch.testing.assert_close(torch.tensor([e.logprob for e in events]), torch.tensor(ref.logprobs),
+                                           atol=1e-5, rtol=0)
             hits = engine.stats().prefix_hits
-        assert got == want
-        assert (hits > 0) == cache_on
-    if which == "full":  # no ring: every later request reuses something
-        assert hits == 3
+        assert hits == (0 if not cache_on else 4 if which == "full" else 2)  # the ring: the continuation, the snapshot
 
 
 def test_prefix_copied_from_a_running_request(full, tok):

@@ -18,10 +18,12 @@ budget bounds the buffers actually allocated; a request that needs more room wai
 (a copy into new buffers: running rows first, then kept rows) can take it.
 
 Prefix caching: a finished request's row keeps its keys (and its tokens) until the row is taken again.
-A new request whose prompt starts with the tokens a row holds (finished or still running) starts its
-prefill after that prefix: in the same row when it is free, else after copying those slots into its row.
-A rolling buffer that has wrapped holds only its last C positions, so it serves only a prefix ending
-where it ends; stale slots past the prefix are masked by the cache's slot-position rule.
+A new request whose prompt starts with the tokens a row holds (finished or still running, same adapter)
+starts its prefill after that prefix: in the same row when it is free, else after copying those slots into
+its row. A rolling buffer that has wrapped holds only its last C positions, so it serves only a prefix
+ending where it ends (a chat that continues); stale slots past the prefix are masked by the cache's
+slot-position rule. For a prefix shared further back (a system prompt), prefix.py keeps snapshots; they
+count against kv_cache_bytes and are evicted (least recently used) when the rows need the room.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .cache import KVCache
 from .events import Event, TextState
 from .lora import set_rows
 from .params import SamplingParams
+from .prefix import PrefixStore
 from .sampling import Sampler
 
 
@@ -67,6 +70,7 @@ class Request:
     chunk: int = 0
     stop_ids: frozenset = frozenset()
     order: int = 0
+    checkpoint: int = 0  # a prefix length to snapshot during prefill (0: none)
 
 
 class Batch:
@@ -81,10 +85,12 @@ class Batch:
         self.cache.relayout(0, 1, [])
         self.slot_bytes = self.cache.bytes_per_slot()
         self.limit = self.cache.limit
+        # Default: max_batch rows at the model's limit, and as much again for prefix snapshots.
         self.budget_bytes = (kv_cache_bytes if kv_cache_bytes is not None
-                             else max_batch * (self.limit + 1) * self.slot_bytes)
+                             else 2 * max_batch * (self.limit + 1) * self.slot_bytes)
         self.prefill_budget = prefill_budget
         self.prefix_cache = prefix_cache
+        self.store = PrefixStore(model.config.sliding_window)
         self.sampler = Sampler(0, model.config.vocab_size, self.device)
         self.rows: list[Request | None] = []  # the request holding each row; a done one: kept for its prefix
         self.prefix_hits = self.prefix_tokens = 0
@@ -108,6 +114,7 @@ class Batch:
                 return False
             self._relayout(*layout)
         row, m = self._place(req)
+        self.store.evict_to(self.budget_bytes - self.cache.nbytes)
         p = req.params
         req.row, req.fed, req.reused = row, req.prompt[:m], m
         req.text = TextState(self.tokenizer.stream_decoder(), p.stop or [])
@@ -138,6 +145,7 @@ class Batch:
         kept = sorted((r for r in self.rows if r is not None and r.done and (len(r.fed) <= cap or cap == old_cap)),
                       key=lambda r: -r.order)
         keep = (running + kept)[:rows]
+        self.store.evict_to(self.budget_bytes - rows * (cap + 1) * self.slot_bytes)
         moves = [(r.row, i, min(len(r.fed), old_cap)) for i, r in enumerate(keep)]
         self.cache.relayout(rows, cap, moves)
         self.sampler = self.sampler.moved(rows, [(r.row, i) for i, r in enumerate(running)])
@@ -148,16 +156,30 @@ class Batch:
     def _place(self, req: Request) -> tuple[int, int]:
         """The row for `req` and how many prompt tokens it reuses (their keys copied in if needed)."""
         free = self._free()
-        best, src = 0, None
+        best, src, shared = 0, None, 0
         if self.prefix_cache:
             for other in self.rows:
-                m = self._reusable(other, req.prompt) if other is not None else 0
+                if other is None or other.adapter != req.adapter:
+                    continue
+                m = self._reusable(other, req.prompt)
+                shared = max(shared, min(len(os.path.commonprefix([other.fed, req.prompt])), len(req.prompt) - 1))
                 if m > best or (m == best and m and other.done):
                     best, src = m, other
-        if src is not None and src.done:
+            for sn in self.store.snapshots:
+                if sn.adapter == req.adapter:
+                    shared = max(shared, min(len(os.path.commonprefix([sn.tokens, req.prompt])), len(req.prompt) - 1))
+            snap = self.store.find(req.prompt, req.adapter)
+            if snap is not None and len(snap.tokens) > best:
+                best, src = len(snap.tokens), snap
+            # A longer shared prefix that nothing holds any more: snapshot it on the way (a system prompt)
+            if shared > max(best, 15) and not self.store.covers(req.prompt[:shared], req.adapter):
+                req.checkpoint = shared
+        if isinstance(src, Request) and src.done:
             return src.row, best
         row = min(free, key=lambda i: (self.rows[i] is not None, self.rows[i].order if self.rows[i] else 0))
-        if src is not None:
+        if src is not None and not isinstance(src, Request):
+            self.store.restore(self.cache, row, src)
+        elif src is not None:
             n = best if len(src.fed) <= self.cache.capacity else self.cache.capacity  # a wrapped ring: all of it
             for store in (self.cache.k, self.cache.v):
                 for t in store:
@@ -178,15 +200,25 @@ class Batch:
         for req in self.active():
             while len(req.fed) < len(req.prompt):
                 n = min(req.chunk, len(req.prompt) - len(req.fed))
+                if len(req.fed) < req.checkpoint < len(req.fed) + n:
+                    n = req.checkpoint - len(req.fed)  # a chunk boundary where the snapshot goes
                 if n > budget:
                     break
                 budget -= n
                 logits = self._prefill(req, n)
+                if len(req.fed) == req.checkpoint:
+                    self._snapshot(req)
                 if len(req.fed) == len(req.prompt):
                     self._deliver([req], logits[None])
         decoding = [r for r in self.active() if r.next_token is not None]
         if decoding:
             self._decode(decoding)
+
+    def _snapshot(self, req: Request) -> None:
+        nbytes = (min(req.checkpoint, self.store.window or req.checkpoint)) * self.slot_bytes
+        self.store.evict_to(self.budget_bytes - self.cache.nbytes - nbytes)
+        if self.cache.nbytes + self.store.nbytes + nbytes <= self.budget_bytes:
+            self.store.save(self.cache, req.row, req.fed, req.adapter)
 
     def _prefill(self, req: Request, n: int) -> torch.Tensor:
         start = len(req.fed)
@@ -265,6 +297,7 @@ class Batch:
         for r in running:
             r.done = True
         self.rows = [None] * len(self.rows)
+        self.store.evict_to(0)
         return running
 
     def used_bytes(self) -> int:

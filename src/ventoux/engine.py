@@ -66,7 +66,7 @@ class EngineStats:
     kv_cache_used_bytes: int  # what the running requests can use (their prompt + max new tokens)
     kv_cache_total_bytes: int  # the budget (kv_cache_bytes)
     usage_ratio: float  # used / total, in [0, 1]
-    kv_cache_allocated_bytes: int  # the buffers allocated now (<= total)
+    kv_cache_allocated_bytes: int  # the row buffers and prefix snapshots allocated now (<= total)
     prefix_hits: int  # requests that reused a cached prefix
     prefix_tokens: int  # prompt tokens not recomputed thanks to it
     max_batch: int
@@ -248,5 +248,5 @@ class Engine:
         used = b.used_bytes()
         return EngineStats(running=len(b.active()), waiting=len(self._waiting), kv_cache_used_bytes=used,
                            kv_cache_total_bytes=b.budget_bytes, usage_ratio=min(1.0, used / b.budget_bytes),
-                           kv_cache_allocated_bytes=b.cache.nbytes, prefix_hits=b.prefix_hits,
+                           kv_cache_allocated_bytes=b.cache.nbytes + b.store.nbytes, prefix_hits=b.prefix_hits,
                            prefix_tokens=b.prefix_tokens, max_batch=b.max_batch)

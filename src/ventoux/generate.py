@@ -19,6 +19,7 @@ import torch
 from .batch import Batch, Request, default_chunk  # noqa: F401  (default_chunk: re-exported)
 from .engine import check_request
 from .events import Completion, Event
+from .lora import set_rows
 from .sampling import SamplingParams
 
 
@@ -37,13 +38,16 @@ def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingPara
         adapter = adapters[i] if adapters else None
         admitted = batch.admit(Request(list(ids), p, need, max_new, emit=events.append, index=i, adapter=adapter))
         assert admitted  # the budget is max_batch rows of the largest need
-    while True:
-        with torch.inference_mode():
-            batch.step()
-        yield from events
-        events.clear()
-        if not batch.active():
-            return
+    try:
+        while True:
+            with torch.inference_mode():
+                batch.step()
+            yield from events
+            events.clear()
+            if not batch.active():
+                return
+    finally:
+        set_rows(model, None)  # the rows' adapter choice ends with them (lora.py)
 
 
 def generate(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams],
