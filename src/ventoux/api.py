@@ -19,6 +19,7 @@ import torch
 
 from . import generate as gen
 from .errors import VentouxError
+from .lora import check_adapter
 from .sampling import SamplingParams
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo"
@@ -82,15 +83,18 @@ class LLM:
         return [self._ids(p) for p in prompts], [params] * len(prompts), single
 
     # ---- generation ----------------------------------------------------------------------------
-    def generate(self, prompt, **kwargs):
-        """A str or token list -> Completion; a list of prompts -> list[Completion] (one batch)."""
+    def generate(self, prompt, adapter: str | None = None, **kwargs):
+        """A str or token list -> Completion; a list of prompts -> list[Completion] (one batch).
+        adapter: a LoRA adapter loaded with load(..., lora={name: path}) (None: the always-on one, if any)."""
         ids, params, single = self._batch(prompt, kwargs)
-        out = gen.generate(self.model, self.tokenizer, ids, params, self.decode)
+        check_adapter(self.model, adapter)
+        out = gen.generate(self.model, self.tokenizer, ids, params, self.decode, [adapter] * len(ids))
         return out[0] if single else out
 
-    def stream(self, prompt, **kwargs) -> Iterator[gen.Event]:
+    def stream(self, prompt, adapter: str | None = None, **kwargs) -> Iterator[gen.Event]:
         ids, params, _ = self._batch(prompt, kwargs)
-        return gen.stream(self.model, self.tokenizer, ids, params, self.decode)
+        check_adapter(self.model, adapter)
+        return gen.stream(self.model, self.tokenizer, ids, params, self.decode, [adapter] * len(ids))
 
     def chat(self, messages: list[dict], safe_prompt: bool = False, **kwargs) -> gen.Completion:
         return self.generate(self.tokenizer.encode_chat(messages, safe_prompt=safe_prompt), **kwargs)
