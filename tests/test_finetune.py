@@ -271,3 +271,14 @@ def test_bad_settings_are_one_line_errors(tiny, tmp_path):
         with pytest.raises(VentouxError, match=match):
             finetune(FinetuneArgs(**{**base, **kw}), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_base_trains_every_adapter(tiny, tmp_path, quantize):
+    """QLoRA: gradients reach the adapters of every layer through the frozen quantized linears."""
+    data = reversals(tmp_path / "train.jsonl", 20, seed=1)
+    args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=2, batch_size=4,
+                        quantize=quantize, checkpointing=True, device="cpu")
+    tensors = load_file(finetune(args, progress=False) / "adapter_model.safetensors")
+    b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    assert len(b) == 2 * 7 and all(v.abs().sum() > 0 for v in b.values()), [k for k, v in b.items() if not v.any()]
