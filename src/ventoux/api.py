@@ -151,7 +151,8 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     model, transform = prepare_load(model, folder, quantize, transform)  # 2. quantized layers, or a hook per linear
     model = load_weights(model, folder, dtype, device, transform)  # 3. the weights, streamed module by module
     use_cpu_kernels(model)  # 4. 16-bit linears on a CPU run on ventoux's kernels
-    adapters = {"default": lora} if isinstance(lora, (str, Path)) else dict(lora or {})
+    always_on = isinstance(lora, (str, Path))
+    adapters = {"default": lora} if always_on else dict(lora or {})
     for name, path in adapters.items():  # 5. LoRA: one adapter always on, or several chosen per request
-        load_adapter(model, path, name=name, activate=len(adapters) == 1 and name == "default")
+        load_adapter(model, path, name=name, activate=always_on)
     return model
