@@ -90,6 +90,18 @@ def test_merged_equals_unmerged():
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_merge_into_a_16_bit_kernel_base_rounds_once():
+    _, model = _adapted(TINY)
+    model.to(torch.bfloat16)
+    for layer in lora.lora_layers(model).values():
+        layer.base = HalfLinear(layer.base)
+    wq = model.layers[0].attention.wq
+    expected = (wq.base.weight.float() + wq.adapters["default"].delta_weight().float()).to(torch.bfloat16)
+    lora.merge(model)
+    assert isinstance(model.layers[0].attention.wq, HalfLinear)
+    assert torch.equal(model.layers[0].attention.wq.weight, expected)
+
+
 def test_state_dict_round_trip_restores_the_adapter():
     _, model = _adapted(TINY)
     state = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
@@ -377,6 +389,30 @@ def test_merge_cli_output_loads_in_transformers_with_the_unmerged_logits(tiny_ch
     with torch.no_grad():
         torch.testing.assert_close(hf(_tokens()).logits, expected, rtol=1e-4, atol=1e-4)
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "m2")]) == 1
+
+
+def test_loading_pipeline_quantizes_then_applies_the_adapter(tiny_checkpoint):
+    from ventoux.api import load_model
+
+    tmp_path, expected = tiny_checkpoint
+    cfg = TINY_FULL.replace(vocab_size=2048)
+    model = load_model(tmp_path / "base", cfg, torch.float32, quantize="int8", lora=tmp_path / "adapter")
+    wq = model.layers[0].attention.wq
+    assert isinstance(wq, lora.LoRALinear) and isinstance(wq.base, Int8Linear)
+    with torch.no_grad():
+        got = model(_tokens())
+    assert (got - expected).norm() / expected.norm() < 0.05  # int8 weights (and activations, vnni) round
+
+
+def test_weights_module_only_reads_and_writes_checkpoints():
+    """weights.py neither quantizes, swaps kernels nor applies adapters (api.load_model composes those)."""
+    import ast
+
+    import ventoux.weights
+
+    tree = ast.parse(open(ventoux.weights.__file__).read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"quantize", "fastlinear", "lora", "lora_files", "api", "qlinear"}
 
 
 def test_generate_cli_applies_the_adapter(tiny_checkpoint, capsys):
