@@ -1,27 +1,20 @@
-"""LoRA (lora.py, lora_files.py): adapters on float, 16-bit-kernel and quantized bases, against the real PEFT
-package on transformers' Mistral, mistral-finetune's file layout, merging, and several adapters per batch."""
+"""LoRA layers (lora.py): a fresh adapter changes nothing, merging, gradients through frozen float, 16-bit-kernel
+and quantized bases (frozen.py) against the float product, QLoRA, and several adapters in one batch.
+Adapter files and the places adapters enter (load, generate, CLI): test_lora_files.py."""
 
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 
 import pytest
 import torch
 from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
 from torch import nn
 
-import ventoux
-from ventoux import lora, names
-from ventoux.api import DEMO_MODEL
+from ventoux import lora
 from ventoux.errors import VentouxError
 from ventoux.fastlinear import HalfLinear, kernel_works
-from ventoux.lora_files import load_adapter, save_adapter
 from ventoux.qlinear import Int4Linear, Int8Linear
-from ventoux.weights import load_model, save_consolidated, save_hf
-
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _tokens(b=2, t=12, seed=0):
@@ -113,90 +106,6 @@ def test_state_dict_round_trip_restores_the_adapter():
         torch.testing.assert_close(model(_tokens()), expected, rtol=0, atol=0)
     with pytest.raises(VentouxError, match="does not match"):
         lora.load_lora_state_dict(model, dict(list(state.items())[1:]))
-
-
-# ---- PEFT, both ways ---------------------------------------------------------------------------------------
-def test_ventoux_adapter_loads_in_peft_with_the_same_logits(tmp_path):
-    from peft import PeftModel
-
-    hf, model = _adapted(rank=4, alpha=8, dropout=0.1)
-    model.eval()
-    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias")} == \
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "bias": "none"}
-    assert sorted(config["target_modules"]) == sorted(HF_TARGETS)
-    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    tokens = _tokens()
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens), peft_model(tokens).logits, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("rslora,targets", [(False, HF_TARGETS), (True, ["q_proj", "v_proj", "down_proj"])])
-def test_peft_adapter_loads_in_ventoux_with_the_same_logits(tmp_path, rslora, targets):
-    from peft import LoraConfig, get_peft_model
-
-    hf = hf_model(TINY_FULL)
-    model = ventoux_from_hf(hf)
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=rslora,
-                                               task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for key, p in peft_model.named_parameters():
-            if "lora_" in key:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    peft_model.save_pretrained(tmp_path / "peft")
-    load_adapter(model, tmp_path / "peft")
-    assert len(lora.lora_layers(model)) == len(targets) * TINY_FULL.n_layers
-    tokens = _tokens()
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens), peft_model.eval()(tokens).logits, rtol=1e-4, atol=1e-4)
-
-
-def test_mistral_finetune_lora_file_loads(tmp_path):
-    """mistral-finetune trains on the consolidated layout: merge there (its own arithmetic, scaling 2.0), load
-    the merged consolidated checkpoint as the reference, and compare with base + its lora.safetensors."""
-    from safetensors.torch import load_file, save_file
-
-    base = ventoux_from_hf(hf_model(TINY_FULL))
-    save_consolidated(base, tmp_path / "base")
-    consolidated = load_file(tmp_path / "base" / "consolidated.safetensors")
-    gen = torch.Generator().manual_seed(5)
-    adapter, merged = {}, dict(consolidated)
-    for i in range(TINY_FULL.n_layers):
-        for module in ("attention.wq", "attention.wk", "attention.wo", "feed_forward.w2"):
-            w = consolidated[f"layers.{i}.{module}.weight"]
-            a, b = 0.1 * torch.randn(3, w.shape[1], generator=gen), 0.1 * torch.randn(w.shape[0], 3, generator=gen)
-            adapter[f"layers.{i}.{module}.lora_A.weight"], adapter[f"layers.{i}.{module}.lora_B.weight"] = a, b
-            merged[f"layers.{i}.{module}.weight"] = w + 2.0 * b @ a
-    save_file(adapter, tmp_path / "lora.safetensors")
-    (tmp_path / "merged").mkdir()
-    shutil.copy(tmp_path / "base" / "params.json", tmp_path / "merged")
-    save_file(merged, tmp_path / "merged" / "consolidated.safetensors")
-    reference = load_model(tmp_path / "merged", TINY_FULL, torch.float32)
-    model = load_model(tmp_path / "base", TINY_FULL, torch.float32)
-    load_adapter(model, tmp_path / "lora.safetensors")
-    tokens = _tokens()
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-4, atol=1e-4)
-
-
-def test_bad_adapter_files_are_one_line_errors(tmp_path):
-    from safetensors.torch import save_file
-
-    model = ventoux_from_hf(hf_model(TINY))
-    with pytest.raises(VentouxError, match="is not an adapter"):
-        load_adapter(model, tmp_path)
-    save_file({"layers.0.attention.wq.lora_A.weight": torch.zeros(2, TINY.dim)}, tmp_path / "lora.safetensors")
-    with pytest.raises(VentouxError, match="no lora_B"):
-        load_adapter(model, tmp_path)
-    save_file({"tok_embeddings.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
-    with pytest.raises(VentouxError, match="block linear"):
-        load_adapter(model, tmp_path)
-    save_file({"layers.0.attention.wq.lora_A.weight": torch.zeros(2, 5),
-               "layers.0.attention.wq.lora_B.weight": torch.zeros(TINY.dim, 2)}, tmp_path / "lora.safetensors")
-    with pytest.raises(VentouxError, match="another model"):
-        load_adapter(model, tmp_path)
 
 
 # ---- frozen bases the gradients flow through ---------------------------------------------------------------
@@ -334,105 +243,3 @@ def test_two_adapters_in_one_batch_give_each_row_what_it_gets_alone():
     assert not torch.allclose(alone["a"], alone["b"]) and not torch.allclose(alone["a"], alone[None])
     with pytest.raises(VentouxError, match="out of range"):
         lora.set_rows(model, [2])
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    """A float32 HF checkpoint of a tiny model (with the demo tokenizer, for ventoux.load) and an adapter."""
-    hf, model = _adapted(TINY_FULL.replace(vocab_size=2048))  # the demo tokenizer's size
-    save_adapter(model, tmp_path / "adapter")
-    save_hf(ventoux_from_hf(hf), tmp_path / "base", extra_files=[DEMO_MODEL / "tokenizer.model"])
-    with torch.no_grad():
-        expected = model(_tokens())
-    return tmp_path, expected
-
-
-def test_load_with_adapters_and_generate_per_adapter(tiny_checkpoint):
-    from ventoux.params import SamplingParams
-
-    tmp_path, expected = tiny_checkpoint
-    llm = ventoux.load(str(tmp_path / "base"), dtype="float32", device="cpu", lora=str(tmp_path / "adapter"))
-    with torch.no_grad():
-        torch.testing.assert_close(llm.model(_tokens()), expected, rtol=1e-5, atol=1e-5)
-    several = ventoux.load(str(tmp_path / "base"), dtype="float32", device="cpu",
-                           lora={"tuned": tmp_path / "adapter", "again": tmp_path / "adapter"})
-    base = ventoux.load(str(tmp_path / "base"), dtype="float32", device="cpu")
-    prompts, greedy = [[1, 5, 9, 33, 7], [1, 40, 2, 17]], {"max_tokens": 8, "temperature": 0}
-    tuned = [c.tokens for c in llm.generate(prompts, **greedy)]
-    plain = [c.tokens for c in base.generate(prompts, **greedy)]
-    assert tuned != plain  # the adapter changes the greedy continuation of these prompts
-    assert [c.tokens for c in several.generate(prompts, adapter="tuned", **greedy)] == tuned
-    assert [c.tokens for c in several.generate(prompts, **greedy)] == plain  # several: none unless asked
-    several.generate(prompts, adapter="tuned", max_tokens=1)
-    with torch.no_grad():  # the request's choice ended with it: a plain forward sees the base, any batch size
-        torch.testing.assert_close(several.model(_tokens(3)), base.model(_tokens(3)), rtol=1e-5, atol=1e-5)
-    with several.engine(max_batch=4) as engine:  # rows of one decode batch on different adapters
-        handles = [engine.submit(p, SamplingParams(**greedy), adapter=a)
-                   for p in prompts for a in ("tuned", None)]
-        got = [[ev.token for ev in h if ev.token is not None] for h in handles]
-    assert got == [tuned[0], plain[0], tuned[1], plain[1]]
-    with pytest.raises(VentouxError, match="unknown adapter"):
-        several.generate(prompts[0], max_tokens=2, adapter="nope")
-
-
-def test_merge_cli_output_loads_in_transformers_with_the_unmerged_logits(tiny_checkpoint):
-    from transformers import MistralForCausalLM
-
-    from ventoux.cli import main
-
-    tmp_path, expected = tiny_checkpoint
-    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"),
-                 "--dtype", "float32"]) == 0
-    assert (tmp_path / "merged" / "tokenizer.model").is_file()
-    hf = MistralForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32,
-                                            attn_implementation="eager").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(hf(_tokens()).logits, expected, rtol=1e-4, atol=1e-4)
-    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "m2")]) == 1
-
-
-def test_loading_pipeline_quantizes_then_applies_the_adapter(tiny_checkpoint):
-    from ventoux.api import load_model
-
-    tmp_path, expected = tiny_checkpoint
-    cfg = TINY_FULL.replace(vocab_size=2048)
-    model = load_model(tmp_path / "base", cfg, torch.float32, quantize="int8", lora=tmp_path / "adapter")
-    wq = model.layers[0].attention.wq
-    assert isinstance(wq, lora.LoRALinear) and isinstance(wq.base, Int8Linear)
-    with torch.no_grad():
-        got = model(_tokens())
-    assert (got - expected).norm() / expected.norm() < 0.05  # int8 weights (and activations, vnni) round
-
-
-def test_weights_module_only_reads_and_writes_checkpoints():
-    """weights.py neither quantizes, swaps kernels nor applies adapters (api.load_model composes those)."""
-    import ast
-
-    import ventoux.weights
-
-    tree = ast.parse(open(ventoux.weights.__file__).read())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert not imported & {"quantize", "fastlinear", "lora", "lora_files", "api", "qlinear"}
-
-
-def test_generate_cli_applies_the_adapter(tiny_checkpoint, capsys):
-    from ventoux.cli import main
-
-    tmp_path, _ = tiny_checkpoint
-    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
-    llm = ventoux.load(base, dtype="float32", device="cpu", lora=adapter)
-    expected = llm.generate("To be", max_tokens=6, temperature=0).text
-    assert expected != ventoux.load(base, dtype="float32", device="cpu").generate("To be", max_tokens=6,
-                                                                                  temperature=0).text
-    flags = ["--model", base, "--dtype", "float32", "--device", "cpu", "--max-tokens", "6", "--temperature", "0"]
-    assert main(["generate", *flags, "--lora", adapter, "To be"]) == 0
-    assert capsys.readouterr().out == "To be" + expected + "\n"
-    assert main(["generate", *flags, "--lora", str(tmp_path / "missing"), "To be"]) == 1
-    assert "is not an adapter" in capsys.readouterr().err
-
-
-def test_rotary_permutation_is_what_consolidated_b_needs():
-    """names.interleaved_to_halves on B (out, r) is the same row move as on the weight (out, in)."""
-    w, b, a = torch.randn(64, 64), torch.randn(64, 3), torch.randn(3, 64)
-    assert torch.allclose(names.interleaved_to_halves(w + b @ a, 4),
-                          names.interleaved_to_halves(w, 4) + names.interleaved_to_halves(b, 4) @ a, atol=1e-5)
