@@ -15,7 +15,7 @@ QLoRA case, gradients reach the input through frozen.py) and adds scaling * B(A(
 that apply to each row. Adapter tensors live in float32 by default (as PEFT's autocast_adapter_dtype) whatever
 the base's dtype. ventoux's wq/wk rows are in HF's rotary layout, so PEFT's B matrices load as they are, and
 mistral-finetune's (consolidated layout) are permuted like the base weights (names.interleaved_to_halves);
-lora_files.py reads and writes both formats.
+lora_files.py reads both formats and writes PEFT's.
 """
 
 from __future__ import annotations
