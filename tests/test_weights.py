@@ -321,3 +321,16 @@ print(after - before, sum(p.numel() * 4 for p in model.parameters()))
                        timeout=120, check=True)
     grown, weight_bytes = map(int, r.stdout.split())
     assert grown < 1.25 * weight_bytes, (grown, weight_bytes)
+
+
+def test_names_round_trip_and_unknown_names_are_none():
+    from ventoux import names
+
+    for vx in ["tok_embeddings.weight", "norm.weight", "output.weight", "layers.31.attention.wq.weight",
+               "layers.0.feed_forward.w2.weight", "layers.7.ffn_norm.weight"]:
+        assert names.from_hf(names.to_hf(vx)) == vx
+    assert names.to_hf("layers.3.attention.wq.weight") == "model.layers.3.self_attn.q_proj.weight"
+    for unknown in ["layers.0.attention.rotary.weight", "layers.x.attention.wq.weight", "vision.weight", ""]:
+        assert names.to_hf(unknown) is None
+    for unknown in ["model.layers.0.self_attn.rotary.weight", "model.layers.0.mlp.gate_proj", "lm_head.bias"]:
+        assert names.from_hf(unknown) is None
