@@ -33,8 +33,8 @@ def _finetune_args(p):
         ("rank", int, "LoRA rank"), ("alpha", float, "LoRA alpha (scaling alpha/rank)"),
         ("dropout", float, "dropout on the adapters' input"), ("seq-len", int, "longest sample accepted, in tokens"),
         ("batch-size", int, "samples per micro-batch (padded to the longest)"),
-        ("steps", int, "optimizer steps (with --resume: a larger number extends the run; the cosine then "
-                       "follows a run of the new length from the step reached)"),
+        ("steps", int, "optimizer steps, instead of --epochs (with --resume: a larger number extends the run; "
+                       "the cosine then follows a run of the new length from the step reached)"),
         ("epochs", float, "passes over the data, instead of --steps (default 1)"),
         ("lr", float, "peak learning rate"), ("min-lr", float, "final learning rate of the cosine"),
         ("warmup", int, "linear warmup steps"), ("weight-decay", float, "AdamW decay of the adapter matrices"),
@@ -43,7 +43,8 @@ def _finetune_args(p):
         ("log-every", int, "steps between metrics rows"), ("keep", int, "checkpoints kept"),
     ]:
         default = getattr(d, name.replace("-", "_"))
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default {default})")
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help=text if default is None else f"{text} (default {default})")
     p.add_argument("--accumulate", type=int, default=None, dest="grad_accum",
                    help=f"micro-batches per optimizer step (default {d.grad_accum})")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
