@@ -263,8 +263,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def lora_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors (all adapters, or just `name`) under the model's own names, e.g.
     layers.0.attention.wq.adapters.default.lora_A: what a training checkpoint needs, not the frozen base."""
-    marker = ".adapters." + (f"{name}." if name else "")
-    return {k: v for k, v in model.state_dict().items() if marker in k}
+    marker = ".adapters." + (f"{name}." if name else "")  # parameters, not state_dict(): a packed base unpacks
+    return {k: p.detach() for k, p in model.named_parameters() if marker in k}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
