@@ -332,16 +332,22 @@ def test_sampling_params_junk(kwargs):
         pass
 
 
-PROMPTS = st.one_of(st.text(max_size=20), st.lists(st.integers(-3, 33000), max_size=6),
+VALID_PROMPTS = st.one_of(st.text(min_size=1, max_size=20), st.lists(st.integers(0, 31999), min_size=1, max_size=6),
+                          st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3))
+PROMPTS = st.one_of(VALID_PROMPTS, st.text(max_size=20), st.lists(st.integers(-3, 33000), max_size=6),
                     st.lists(st.text(max_size=6), max_size=3), st.none(), st.integers(), st.binary(max_size=4))
-GEN_JUNK = st.one_of(JUNK, st.integers(0, 3))
+VALID_KWARGS = st.fixed_dictionaries({}, optional={
+    "temperature": st.one_of(st.just(0.0), st.floats(1e-4, 100)), "top_p": st.floats(1e-6, 1),
+    "top_k": st.integers(0, 99),
+    "min_p": st.floats(0, 0.99), "repetition_penalty": st.floats(0.01, 100), "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2), "seed": st.integers(-(2**63), 2**64 - 1),
+    "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2), "stop_token_ids": st.lists(st.integers(0, 40000)),
+    "logprobs": st.integers(0, 20), "prefill_chunk": st.integers(1, 9)})
+JUNK_KWARGS = st.dictionaries(st.sampled_from(sorted(SamplingParams.names() - {"max_tokens"})), JUNK, max_size=4)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(prompt=PROMPTS, kwargs=st.dictionaries(
-    st.sampled_from(["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty", "seed", "stop", "stop_token_ids", "logprobs", "prefill_chunk"]),
-    GEN_JUNK, max_size=4))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=PROMPTS, kwargs=st.one_of(VALID_KWARGS, VALID_KWARGS, JUNK_KWARGS))
 def test_generate_junk(llm, prompt, kwargs):
     """Any prompt and parameters: a completion (max_tokens kept small) or a VentouxError."""
     try:
