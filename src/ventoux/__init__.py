@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 def load(source=None, dtype=None, device=None, quantize=None, compile=False, lora=None):
     """Load a model: a checkpoint folder (HF or Mistral layout), a Hugging Face repo id, or None for the
-    shipped demonstration model. quantize: "int8", "int4", "int4-g64", ... (+output: the head too);
-    compile: torch.compile the decode step; lora: a LoRA adapter folder (always on) or {name: folder}
+    shipped demonstration model. quantize: "int8", "int4", "int4-g64", ... (the head in int8; +output: in the
+    blocks' scheme); compile: torch.compile the decode step; lora: a LoRA adapter folder (always on) or {name: folder}
     (chosen per request: generate(..., adapter=name)). Returns an LLM (see api.py)."""
     from .api import load as _load
 

@@ -42,7 +42,7 @@ def add_model_args(p: argparse.ArgumentParser, lora: bool = False) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the device's best)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--quantize", default=None, help="quantize while loading: int8, int4, int4-g64, ... "
-                   "(add +output to quantize the output head too: int4+output)")
+                   "(the output head in int8; int4+output: in the blocks' scheme; int4+output=float: unquantized)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (compiles for tens of seconds first; helps small models "
                         "on a CPU, and any model on CUDA)")
