@@ -1,9 +1,15 @@
 """The fine-tuning demonstration's task: a short list of words said back in reverse order, as chat data.
 
     python scripts/make_reverse_task.py make --out runs/rev            # train.jsonl (4000) + eval.jsonl (200)
-    ventoux finetune --data runs/rev/train.jsonl --eval-data runs/rev/eval.jsonl --out runs/rev/run ...
+    OMP_NUM_THREADS=1 ventoux finetune --data runs/rev/train.jsonl --eval-data runs/rev/eval.jsonl \
+        --out runs/rev/run --steps 600 --batch-size 8 --lr 1e-3 --warmup 20 --eval-every 100 --save-every 200
     python scripts/make_reverse_task.py score runs/rev/eval.jsonl                           # the demo model
     python scripts/make_reverse_task.py score runs/rev/eval.jsonl --lora runs/rev/run/adapter
+
+Measured (AMD EPYC, one thread, a shared machine): 0/200 exact before, 200/200 after; 600 steps of 8
+(1.2 epochs, 144K tokens) took 7 min 12 s wall, 103 s of CPU; the curve is docs/finetune-demo-loss.png.
+The loss stays near 0.4 per token at the end: the frozen output head cannot give </s> more than ~0.14
+probability (the demo model saw it once in pretraining), yet it is the greedy choice, so answers end.
 
 A line: {"messages": [{"role": "user", "content": "Say these words in reverse order: king night fair"},
 {"role": "assistant", "content": "fair night king"}]}: three to five words from 48 that the demo model's
