@@ -8,8 +8,9 @@
 
 Measured (AMD EPYC, one thread, a shared machine): 0/200 exact before, 200/200 after; 600 steps of 8
 (1.2 epochs, 144K tokens) took 7 min 12 s wall, 103 s of CPU; the curve is docs/finetune-demo-loss.png.
-The loss stays near 0.4 per token at the end: the frozen output head cannot give </s> more than ~0.14
-probability (the demo model saw it once in pretraining), yet it is the greedy choice, so answers end.
+The loss stays near 0.4 per token at the end: with the output head frozen, </s> (rare in the demo model's
+pretraining) gets at most ~0.14 probability (even when overfitting 8 samples), yet it is the greedy
+choice after an answer, so answers end.
 
 A line: {"messages": [{"role": "user", "content": "Say these words in reverse order: king night fair"},
 {"role": "assistant", "content": "fair night king"}]}: three to five words from 48 that the demo model's
