@@ -271,22 +271,21 @@ def _cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def test_resume_flags_through_the_cli(corpus, tmp_path):
+def test_resume_flags_through_the_cli(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     pretrain(_args(corpus, run, steps=4, save_every=2, eval_every=2, log_every=1), progress=False)
-
-    missing = _cli("pretrain", "--out", str(tmp_path / "typo"), "--resume")
-    assert missing.returncode == 1 and "holds no checkpoint to resume" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "typo").exists()
+    capsys.readouterr()
+    assert "holds no checkpoint to resume" in _fails(capsys, tmp_path / "typo", "pretrain", "--out",
+                                                     str(tmp_path / "typo"), "--resume")
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 1  # a finished run: say how to extend it
+    err = capsys.readouterr().err
+    assert "is at step 4" in err and "pass --steps N (more than 4)" in err and len(err.splitlines()) == 1
 
     conflict = _cli("pretrain", "--out", str(run), "--resume", "--lr", "0.5", "--context", "16",
                     "--data", str(corpus / "text.txt"), "--steps", "6")  # the same --data is no conflict
     assert conflict.returncode == 1 and len(conflict.stderr.strip().splitlines()) == 1, conflict.stderr
     assert "--context 16 (the run has 32)" in conflict.stderr and "--lr 0.5 (the run has 0.003)" in conflict.stderr
     assert "--data" not in conflict.stderr and "Traceback" not in conflict.stderr
-
-    finished = _cli("pretrain", "--out", str(run), "--resume")
-    assert finished.returncode == 1 and "is at step 4" in finished.stderr and "--steps" in finished.stderr
 
     # a longer --steps extends the run; without matplotlib no picture is drawn, and none is announced
     fake = tmp_path / "no-matplotlib" / "matplotlib"
