@@ -112,7 +112,7 @@ def llamacpp_server(model: dict, args) -> Server:
                         *SERVER_DEPS], check=True)
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
            "--n_threads_batch", str(args.threads), "--n_ctx", str(args.context), "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), "--interrupt_requests", "False"]  # else a new request kills the running stream
     env = {"PYTHONPATH": os.pathsep.join([str(lib), str(deps)])}
     return Server(f"llama_cpp.server {gguf_type}", cmd, env, "/v1/models", port).wait_ready()
 
