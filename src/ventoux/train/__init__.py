@@ -16,7 +16,8 @@ evaluate.py   validation loss and nats per character
 plot.py       the loss curve (PNG) from metrics.jsonl
 """
 
+from .finetune import FinetuneArgs, finetune
 from .pretrain import TrainArgs, pretrain
 from .tokenizer import train_tokenizer
 
-__all__ = ["TrainArgs", "pretrain", "train_tokenizer"]
+__all__ = ["FinetuneArgs", "TrainArgs", "finetune", "pretrain", "train_tokenizer"]
