@@ -65,12 +65,13 @@ def schedule(model, tok, jobs, seed, cancel_some=False, **batch_kw):
     batch = Batch(model, tok, **batch_kw)
     pending = list(range(len(jobs)))
     rng.shuffle(pending)
-    out = {i: [[], None] for i in range(len(jobs))}
+    out = {i: [[], None, []] for i in range(len(jobs))}  # tokens, finish reason, logprobs
 
     def emit(i):
         def on(ev):
             if ev.token is not None:
                 out[i][0].append(ev.token)
+                out[i][2].append(ev.logprob)
             out[i][1] = ev.finish_reason or out[i][1]
         return on
 
@@ -87,7 +88,7 @@ def schedule(model, tok, jobs, seed, cancel_some=False, **batch_kw):
             if cancel_some and batch.active() and rng.random() < 0.1:
                 batch.cancel(rng.choice(batch.active()))
             batch.step()
-            assert batch.cache.nbytes <= batch.budget_bytes
+            assert batch.cache.nbytes + batch.store.nbytes <= batch.budget_bytes
     return out, batch
 
 
@@ -97,11 +98,13 @@ def test_random_arrivals_give_the_tokens_of_each_request_alone(which, seed, wind
     """Rows free up in any order, so a prefilling or idle row often sits below decoding ones."""
     model = windowed if which == "windowed" else full
     rng = random.Random(seed)
-    jobs = [(ids(100 * seed + i, rng.choice([1, 3, 9, 17, 40])), SamplingParams(max_tokens=rng.choice([1, 4, 12, 30])))
-            for i in range(10)]
-    want = [alone(model, tok, p, sp) for p, sp in jobs]
+    jobs = [(ids(100 * seed + i, rng.choice([1, 3, 9, 17, 40])),
+             SamplingParams(max_tokens=rng.choice([1, 4, 12, 30]), logprobs=0)) for i in range(10)]
+    want = [generate(model, tok, [p], [sp])[0] for p, sp in jobs]
     out, _ = schedule(model, tok, jobs, seed, max_batch=3, prefill_budget=8)
-    assert [out[i][0] for i in range(len(jobs))] == want
+    assert [out[i][0] for i in range(len(jobs))] == [c.tokens for c in want]
+    torch.testing.assert_close(torch.tensor(sum((out[i][2] for i in range(len(jobs))), [])),
+                               torch.tensor(sum((c.logprobs for c in want), [])), atol=1e-5, rtol=0)
 
 
 def test_cancelled_requests_leave_and_the_others_are_unchanged(windowed, tok):
@@ -110,7 +113,7 @@ def test_cancelled_requests_leave_and_the_others_are_unchanged(windowed, tok):
     out, batch = schedule(windowed, tok, jobs, 5, cancel_some=True, max_batch=3)
     reasons = [out[i][1] for i in range(len(jobs))]
     assert "cancelled" in reasons
-    for i, (tokens, reason) in out.items():
+    for i, (tokens, reason, _) in out.items():
         assert tokens == (want[i] if reason != "cancelled" else want[i][: len(tokens)])
     assert not batch.active()
 

@@ -41,6 +41,8 @@ from .params import SamplingParams
 from .prefix import PrefixStore
 from .sampling import Sampler
 
+SNAPSHOT_MIN_TOKENS = 16  # a shorter shared prefix saves too little prefill to be worth a snapshot
+
 
 def default_chunk(model) -> int:
     # A windowed chunk of C tokens attends over the W cached keys plus its own C, so a smaller chunk wastes
@@ -172,7 +174,7 @@ class Batch:
             if snap is not None and len(snap.tokens) > best:
                 best, src = len(snap.tokens), snap
             # A longer shared prefix that nothing holds any more: snapshot it on the way (a system prompt)
-            if shared > max(best, 15) and not self.store.covers(req.prompt[:shared], req.adapter):
+            if shared >= max(best + 1, SNAPSHOT_MIN_TOKENS) and not self.store.covers(req.prompt[:shared], req.adapter):
                 req.checkpoint = shared
         if isinstance(src, Request) and src.done:
             return src.row, best

@@ -9,7 +9,9 @@
 
 submit() checks a request at once: an empty prompt, a token id outside the vocabulary, or a prompt that can
 never fit (a full-attention model's context, or more cache than kv_cache_bytes holds for one row) raises
-RequestError; a full queue (max_queue waiting requests) raises QueueFull. Admitted requests share one
+RequestError; a full queue (max_queue waiting requests) raises QueueFull. kv_cache_bytes (row buffers and
+prefix snapshots) defaults to max_batch rows at the model's window or context, twice (the second half for
+snapshots), but at most half the memory free when the engine starts. Admitted requests share one
 batch (batch.py: rows, chunked prefill under `prefill_budget` tokens per step, batched decode, prefix
 cache); a request that does not fit yet waits, first come first served. A handle yields the Events of
 generate.stream() (index 0); its last event has a finish_reason: "stop", "length", or "cancelled" after
@@ -19,6 +21,7 @@ cancel(). If a step fails, every request it was running gets an EngineError on i
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +45,16 @@ class QueueFull(VentouxError):
 
 class EngineError(VentouxError):
     """The engine failed while running this request."""
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now on a CUDA device, or in the machine for anything else."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such query here (macOS): no cap from memory
+        return 1 << 62
 
 
 def check_request(config, ids, params: SamplingParams, name: str = "the prompt") -> tuple[int, int]:
@@ -143,6 +156,8 @@ class Engine:
         self.config = model.config
         self._batch = Batch(model, tokenizer, max_batch, kv_cache_bytes,
                             prefill_budget or default_chunk(model), decode, prefix_cache)
+        if kv_cache_bytes is None:  # max_batch rows at the model's limit (+ snapshots), within half the free memory
+            self._batch.budget_bytes = min(self._batch.budget_bytes, free_memory(self._batch.device) // 2)
         if not self._batch.fits_ever(1):
             raise VentouxError(f"kv_cache_bytes={kv_cache_bytes} holds not even one position "
                                f"({self._batch.slot_bytes * 2} bytes): give more")
