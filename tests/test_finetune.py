@@ -261,6 +261,22 @@ def test_short_run_on_the_reversal_task_lowers_eval_loss(tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 32 and len(config["target_modules"]) == 7
 
+    # the adapter written is PEFT's: peft on transformers' model gives ventoux's logits with it
+    from peft import PeftModel
+    from transformers import MistralForCausalLM
+
+    from ventoux.api import load
+
+    tokens = torch.randint(3, 2048, (1, 40), generator=torch.Generator().manual_seed(0))
+    hf = PeftModel.from_pretrained(MistralForCausalLM.from_pretrained(DEMO_MODEL, torch_dtype=torch.float32),
+                                   str(adapter)).eval()
+    ours = load(None, dtype="float32", device="cpu", lora=str(adapter))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        with hf.disable_adapter():
+            assert (expected - hf(tokens).logits).abs().max() > 1e-2  # the adapter changes the logits
+        torch.testing.assert_close(ours.model(tokens), expected, atol=1e-4, rtol=1e-4)
+
 
 def test_bad_settings_are_one_line_errors(tiny, tmp_path):
     data = reversals(tmp_path / "train.jsonl", 10, seed=1)
