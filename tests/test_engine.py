@@ -227,6 +227,12 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(windowed, tok,
             list(engine.submit(ids(900, 4), SamplingParams(max_tokens=5)))
         monkeypatch.setattr(windowed, "forward", real)
         assert len([e for e in engine.submit(ids(901, 4), SamplingParams(max_tokens=5)) if e.token]) >= 1
+        admit = engine._batch.admit
+        monkeypatch.setattr(engine._batch, "admit", lambda req: (_ for _ in ()).throw(MemoryError("no room")))
+        with pytest.raises(EngineError, match="no room"):
+            list(engine.submit(ids(902, 4), SamplingParams(max_tokens=5)))
+        monkeypatch.setattr(engine._batch, "admit", admit)
+        assert len([e for e in engine.submit(ids(903, 4), SamplingParams(max_tokens=5)) if e.token]) >= 1
 
 
 def test_async_iteration_does_not_block_the_event_loop(windowed, tok):

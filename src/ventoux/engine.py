@@ -222,32 +222,50 @@ class Engine:
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():  # per thread: this one runs every forward
-            while True:
-                with self._lock:
-                    while not (self._closed or self._waiting or self._cancelled or self._batch.active()):
-                        self._wake.wait()
-                    if self._closed:
-                        break
-                    cancelled, self._cancelled = self._cancelled, []
-                    for h in cancelled:
-                        if h in self._waiting:
-                            self._waiting.remove(h)
-                            h._push(Event(0, "", None, finish_reason="cancelled"))
-                    while self._waiting and self._batch.admit(self._waiting[0].request):
-                        self._waiting.popleft()
-                    self._stats = self._snapshot()
-                for h in cancelled:
-                    self._batch.cancel(h.request)
-                try:
-                    self._batch.step()
-                except Exception as e:  # fail what was running, keep serving the others
-                    err = EngineError(f"generation failed: {type(e).__name__}: {e}")
-                    err.__cause__ = e
-                    for req in self._batch.reset():
-                        req.emit(err)
-                with self._lock:
-                    self._stats = self._snapshot()
+            while self._next_step():
+                pass
             self._shutdown()
+
+    def _next_step(self) -> bool:
+        """Cancel, admit (first come first served), one batch step; False once closed."""
+        with self._lock:
+            while not (self._closed or self._waiting or self._cancelled or self._batch.active()):
+                self._wake.wait()
+            if self._closed:
+                return False
+            cancelled, self._cancelled = self._cancelled, []
+            for h in cancelled:
+                if h in self._waiting:
+                    self._waiting.remove(h)
+                    h._push(Event(0, "", None, finish_reason="cancelled"))
+        head = None
+        try:
+            for h in cancelled:
+                self._batch.cancel(h.request)
+            while True:  # only this thread removes from _waiting; submit() appends
+                with self._lock:
+                    head = self._waiting[0] if self._waiting else None
+                if head is None or not self._batch.admit(head.request):
+                    break
+                with self._lock:
+                    self._waiting.popleft()
+                    self._stats = self._snapshot()
+            head = None
+            self._batch.step()
+        except Exception as e:  # fail what was running (and a request whose admission failed); serve on
+            err = EngineError(f"generation failed: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            failed = self._batch.reset()
+            if head is not None:
+                with self._lock:
+                    if self._waiting and self._waiting[0] is head:
+                        self._waiting.popleft()
+                failed += [head.request] if head.request not in failed else []
+            for req in failed:
+                req.emit(err)
+        with self._lock:
+            self._stats = self._snapshot()
+        return True
 
     def _shutdown(self) -> None:
         err = VentouxError("the engine was closed before this request finished")
