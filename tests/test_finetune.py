@@ -217,7 +217,7 @@ def test_weight_zero_trains_nothing(tiny, tmp_path):
 def test_resume_after_kill_9_gives_the_same_adapter_bytes(tiny, tmp_path):
     """A real process is killed (SIGKILL) after a checkpoint; resuming ends with the uninterrupted run's bytes."""
     data = reversals(tmp_path / "train.jsonl", 200, seed=1)
-    kw = dict(model=str(tiny), data=[str(data)], steps=10, batch_size=4, lr=3e-3, dropout=0.1, save_every=2,
+    kw = dict(model=str(tiny), data=[str(data)], steps=30, batch_size=4, lr=3e-3, dropout=0.1, save_every=3,
               eval_every=100, seed=2, device="cpu")
     whole = finetune(FinetuneArgs(out=str(tmp_path / "whole"), **kw), progress=False)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items() if k != "data"]
@@ -225,7 +225,7 @@ def test_resume_after_kill_9_gives_the_same_adapter_bytes(tiny, tmp_path):
     proc = subprocess.Popen([*CLI, "finetune", *flags, "--data", str(data), "--out", str(cut), "--quiet"], env=ENV,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not (cut / "checkpoints" / "step-0000004").exists() and time.time() < deadline:
+    while not (cut / "checkpoints" / "step-0000006").exists() and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
