@@ -274,3 +274,25 @@ def test_threads_submitting_at_once(windowed, tok):
         for t in threads:
             t.join()
     assert got == want
+
+
+def test_a_long_prompt_is_prefilled_in_budgeted_chunks_between_decode_steps(windowed, tok):
+    batch = Batch(windowed, tok, max_batch=2, prefill_budget=8)
+    tokens = {0: [], 1: []}
+
+    def request(i, prompt, n):
+        need, max_new = check_request(windowed.config, prompt, SamplingParams(max_tokens=n))
+        return Request(prompt, SamplingParams(max_tokens=n), need, max_new, emit=lambda ev: tokens[i].append(ev.token),
+                       index=i)
+
+    with torch.inference_mode():
+        assert batch.admit(request(0, ids(1200, 3), 30))
+        batch.step()
+        long = request(1, ids(1201, 60), 5)
+        assert batch.admit(long)
+        for k in range(1, 8):  # 60 prompt tokens at 8 a step; the other request decodes at every step
+            batch.step()
+            assert len(long.fed) == min(8 * k, 60) and len(tokens[0]) == 2 + k  # step 1 gave it 2
+        while batch.active():
+            batch.step()
+    assert tokens[1] == alone(windowed, tok, ids(1201, 60), SamplingParams(max_tokens=5))

@@ -16,6 +16,12 @@ batch (batch.py: rows, chunked prefill under `prefill_budget` tokens per step, b
 cache); a request that does not fit yet waits, first come first served. A handle yields the Events of
 generate.stream() (index 0); its last event has a finish_reason: "stop", "length", or "cancelled" after
 cancel(). If a step fails, every request it was running gets an EngineError on iteration; the engine goes on.
+
+Cache layout (batch.py): R rows x C slots, one capacity for all rows so a decode step stays one batched
+product with static shapes (torch.compile works, one graph per layout); C follows the largest need among
+the running requests (a power of two, capped at the window or context), R = kv_cache_bytes // row bytes
+(at most max_batch). Not paged: a long request shrinks R while it runs, and a relayout copies the cache.
+LoRA: a request's adapter (checked at submit) is set per forward row through lora.set_rows.
 """
 
 from __future__ import annotations
