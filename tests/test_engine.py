@@ -15,6 +15,7 @@ from conftest import TINY, TINY_FULL
 
 from ventoux.batch import Batch, Request
 from ventoux.engine import Engine, EngineError, QueueFull, RequestError, check_request
+from ventoux.errors import VentouxError
 from ventoux.generate import generate
 from ventoux.model import Transformer
 from ventoux.sampling import SamplingParams
@@ -207,6 +208,9 @@ def test_engine_streams_cancels_and_counts(windowed, tok):
 
 
 def test_bad_requests_and_a_full_queue(full, tok):
+    for bad in (dict(max_batch=0), dict(max_queue=-1), dict(prefill_budget=0), dict(kv_cache_bytes=10)):
+        with pytest.raises(VentouxError, match=next(iter(bad))):
+            Engine(full, tok, **bad)
     with Engine(full, tok, max_batch=1, max_queue=1) as engine:
         for bad, words in (([], "empty"), ([5, 32000], "vocabulary"), (ids(1, 96), "context")):
             with pytest.raises(RequestError, match=words):

@@ -264,7 +264,7 @@ class Batch:
             if n is not None:
                 top = lp[i].topk(n) if n else None
                 ev.logprob = chosen[i]
-                ev.top_logprobs = {int(t): float(v) for t, v in zip(top.indices, top.values)} if n else {}
+                ev.top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist())) if n else {}
             if tok in req.stop_ids:
                 ev.token, ev.finish_reason, ev.text = None, "stop", req.text.flush()
             else:

@@ -155,8 +155,10 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, kv_cache_bytes: int | None = None,
                  max_queue: int | None = None, prefill_budget: int | None = None, decode=None,
                  prefix_cache: bool = True):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise VentouxError(f"max_batch={max_batch!r}: it must be an integer >= 1")
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                                 ("prefill_budget", prefill_budget, 1), ("kv_cache_bytes", kv_cache_bytes, 1)):
+            if (value is not None or name == "max_batch") and (not isinstance(value, int) or value < low):
+                raise VentouxError(f"{name}={value!r}: it must be an integer >= {low}")
         from .batch import default_chunk
 
         self.config = model.config
