@@ -45,12 +45,18 @@ lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # Mutation testing, not part of `make test` or CI (mutation/README.md): mutmut on the modules where a silent
-# bug costs users most, one module at a time (MUTATE="sampling names" narrows it); each mutant runs only the
-# tests that call the function it changed. Then the score per module and the survivors not yet triaged.
-MUTATE ?= sampling params names cache generate engine tokenizer weights qlinear lora
+# bug costs users most, one module at a time, each mutant running only the tests of its module's own test files
+# that call the function it changed (MUTATE="names:test_weights.py" narrows the run). Then the score per module
+# and the survivors not yet triaged. The first run records which test calls what, from every selected test.
+MUTATE ?= sampling:test_sampling.py,test_generate.py params:test_sampling.py names:test_weights.py \
+	cache:test_model.py,test_generate.py generate:test_generate.py engine:test_engine.py \
+	tokenizer:test_tokenizer.py weights:test_weights.py,test_hardening.py qlinear:test_quantize.py lora:test_lora.py
 mutants: install-dev
 	$(PIP) -e '.[mutation]'
-	for m in $(MUTATE); do OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "ventoux.$$m.*" || exit 1; done
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "ventoux.names.x_to_hf__mutmut_1"  # refresh who-calls-what
+	for spec in $(MUTATE); do tests=$$(echo $${spec#*:} | sed 's/,/ or /g'); \
+	  PYTEST_ADDOPTS="-k '$$tests'" OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "ventoux.$${spec%%:*}.*" \
+	  || exit 1; done
 	$(PY) mutation/report.py
 
 clean:
