@@ -236,6 +236,11 @@ def test_resume_after_kill_9_gives_the_same_adapter_bytes(tiny, tmp_path):
                               env=ENV, capture_output=True, text=True, timeout=120)
     assert conflict.returncode == 1 and "--lr 0.001 (the run has 0.003)" in conflict.stderr
     assert "--rank 8 (the run has 16)" in conflict.stderr and len(conflict.stderr.strip().splitlines()) == 1
+    lines = data.read_text()
+    data.write_text(lines.replace("king", "queen"))  # the data changed under the run: refused
+    with pytest.raises(VentouxError, match="changed since it started"):
+        finetune(FinetuneArgs(out=str(cut), resume=True), progress=False)
+    data.write_text(lines)
     resumed = finetune(FinetuneArgs(out=str(cut), resume=True), progress=False)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name

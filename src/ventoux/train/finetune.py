@@ -8,7 +8,8 @@ mistral-finetune data, checkpoints of the adapter only, the final adapter in PEF
 The run folder holds adapter/ (adapter_config.json + adapter_model.safetensors, as PEFT writes them),
 checkpoints/step-N/ (the adapter's tensors under ventoux's names + trainer.pt), metrics.jsonl and
 loss.png. Bad data lines are all reported (file:line) before anything is loaded or written; see
-sft_data.py for the formats. `resume=True` ends with exactly the adapter of an uninterrupted run.
+sft_data.py for the formats. `resume=True` ends with exactly the adapter of an uninterrupted run; it
+refuses data that changed since the run started (a fingerprint in each checkpoint's adapter file).
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None =
                            "then check with --validate-only")
     if not data.samples:
         raise VentouxError(f"{', '.join(args.data)} holds no samples; give at least one JSON line")
+    digest = data.fingerprint() + (evals.fingerprint() if evals else "")
+    if last is not None and _saved_digest(last) != digest:
+        raise VentouxError(f"the data of the run in {args.out} changed since it started "
+                           f"({' '.join(args.data + args.eval_data)}); resuming would not give the run's adapter: "
+                           "restore the files, or start a new run with another --out")
     if args.steps is None:
         args.steps = math.ceil((args.epochs or 1) * data.steps_per_epoch(args.batch_size, args.grad_accum))
     lora = LoraConfig(args.rank, args.alpha, args.dropout, tuple(args.targets)).check()
@@ -128,7 +134,8 @@ def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None =
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
-        return _write_atomically(folder, lambda tmp: save_file(state, str(tmp / ADAPTER_STATE)), extra_files, True)
+        return _write_atomically(folder, lambda tmp: save_file(state, str(tmp / ADAPTER_STATE), {"data": digest}),
+                                 extra_files, True)
 
     train(Job(model, batch, save, validate if evals else None), args, out, last, device, progress)
     adapter = save_adapter(model, out / "adapter", base_model_name_or_path=str(args.model or folder),
@@ -152,6 +159,14 @@ def eval_loss(model, data: SFTData, batch_size: int, pad_id: int) -> float:
         count += int((y != -100).sum())
     model.train(was)
     return total / max(1, count)
+
+
+def _saved_digest(checkpoint: Path) -> str | None:
+    """The fingerprint of the data a checkpoint was trained on (its adapter file's metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / ADAPTER_STATE), "pt") as f:
+        return (f.metadata() or {}).get("data")
 
 
 def model_folder(source: str | None) -> Path:

@@ -21,6 +21,7 @@ The order is a per-epoch permutation drawn from (seed, epoch): a pure function o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -75,6 +76,13 @@ class SFTData:
                     continue
                 samples.append(Sample(where, tokens, trained))
         return cls(samples, problems)
+
+    def fingerprint(self) -> str:
+        """A digest of what trains (tokens and loss masks): a resumed run checks its data did not change."""
+        h = hashlib.sha256()
+        for s in self.samples:
+            h.update(json.dumps([s.tokens, s.trained]).encode())
+        return h.hexdigest()
 
     def steps_per_epoch(self, batch_size: int, accumulate: int) -> int:
         return math.ceil(len(self.samples) / (batch_size * accumulate))
