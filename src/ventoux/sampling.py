@@ -75,10 +75,11 @@ class Sampler:
     def for_batch(cls, params: list[SamplingParams], prompts: list[list[int]], vocab_size: int, device) -> Sampler:
         sampler = cls(len(params), vocab_size, device)
         for row, (p, ids) in enumerate(zip(params, prompts)):
-            sampler.take(row, p, ids)
+            sampler.take(row, p, ids, refresh=False)
+        sampler._flags()  # once, not per row: a batch of R rows costs O(R), not O(R^2)
         return sampler
 
-    def take(self, row: int, params: SamplingParams, prompt: list[int]) -> None:
+    def take(self, row: int, params: SamplingParams, prompt: list[int], refresh: bool = True) -> None:
         """Row `row` now serves a request: its parameters, a fresh history and its own generator."""
         self.params[row] = params
         for n in self.COLUMNS:
@@ -98,7 +99,8 @@ class Sampler:
             else:
                 g.manual_seed(params.seed)
             self.generators[row] = g
-        self._flags()
+        if refresh:
+            self._flags()
 
     def moved(self, rows: int, moves: list[tuple[int, int]]) -> Sampler:
         """A sampler of `rows` rows where row new holds what row old held, for each (old, new) in moves."""
