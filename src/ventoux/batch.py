@@ -141,6 +141,10 @@ class Batch:
                 return r, cap
         return None
 
+    def reserve(self, rows: int, capacity: int) -> None:
+        """Lay the cache out for `rows` rows of `capacity` slots now (a caller that knows every request)."""
+        self._relayout(rows, min(capacity, self.limit))
+
     def _relayout(self, rows: int, cap: int) -> None:
         old_cap = self.cache.capacity
         running = self.active()

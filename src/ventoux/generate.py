@@ -33,6 +33,7 @@ def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingPara
         raise VentouxError("no prompt given: pass a string, a list of token ids, or a list of prompts")
     checked = [check_request(model.config, ids, p, f"prompt {i}") for i, (ids, p) in enumerate(zip(prompts, params))]
     batch = Batch(model, tokenizer, max_batch=len(prompts), decode=decode, prefix_cache=False)
+    batch.reserve(len(prompts), max(need for need, _ in checked))  # exactly what the longest row can use
     events: deque[Event] = deque()
     for i, (ids, p, (need, max_new)) in enumerate(zip(prompts, params, checked)):
         adapter = adapters[i] if adapters else None
