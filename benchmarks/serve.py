@@ -11,14 +11,16 @@ tokens/s, p50/p99 time to first token and p50/p99 inter-token latency, measured 
 SSE chunks (one chunk = one token on both servers; ventoux merges the pieces of a split character).
 The servers run as subprocesses with --threads threads each, one at a time. The peer is llama-cpp-python's
 `llama_cpp.server` (built from source by ventoux.bench.llamacpp, on a GGUF converted from the same
-checkpoint: BF16 / Q8_0 / Q4_0) -- it serves one request at a time, having no parallel slots -- or, with
---llama-server, llama.cpp's own server with --parallel set to the largest client count.
+checkpoint: BF16 / Q8_0 / Q4_0) -- it serves one request at a time, having no parallel slots, and deadlocks
+on concurrent streams, so the client queues its requests (the wait counts in time to first token) -- or,
+with --llama-server, llama.cpp's own server with --parallel set to the largest client count.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -43,8 +45,9 @@ SERVER_DEPS = ["sse-starlette", "starlette-context", "pydantic-settings", "pytho
 class Server:
     """A server subprocess; `url` once it answers."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, ready_path: str, port: int | None = None):
-        self.name, self.ready_path = name, ready_path
+    def __init__(self, name: str, cmd: list[str], env: dict, ready_path: str, port: int | None = None,
+                 one_at_a_time: bool = False):
+        self.name, self.ready_path, self.one_at_a_time = name, ready_path, one_at_a_time
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, stdin=subprocess.DEVNULL)
         # ventoux prints its URL (--port 0 picks a free port); the peers are given a port
@@ -114,7 +117,8 @@ def llamacpp_server(model: dict, args) -> Server:
            "--n_threads_batch", str(args.threads), "--n_ctx", str(args.context), "--host", "127.0.0.1",
            "--port", str(port), "--interrupt_requests", "False"]  # else a new request kills the running stream
     env = {"PYTHONPATH": os.pathsep.join([str(lib), str(deps)])}
-    return Server(f"llama_cpp.server {gguf_type}", cmd, env, "/v1/models", port).wait_ready()
+    # It runs one request at a time, and concurrent streams deadlock it (0.3.x): the client queues them.
+    return Server(f"llama_cpp.server {gguf_type}", cmd, env, "/v1/models", port, one_at_a_time=True).wait_ready()
 
 
 # ---- load ---------------------------------------------------------------------------------------------
@@ -123,11 +127,14 @@ def prompts(n: int, seed: int, lo: int = 20, hi: int = 200) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int, leave_after: int | None = None) -> dict:
-    """A streaming completion; the times of its non-empty chunks. leave_after: disconnect after that many."""
+async def one_request(client, url: str, prompt: str, max_tokens: int, leave_after: int | None = None,
+                      gate=None) -> dict:
+    """A streaming completion; the times of its non-empty chunks. leave_after: disconnect after that many.
+    gate: a semaphore that queues requests at the client, for a server that takes one at a time (the wait
+    counts in the time to first token, as it would in the server's queue)."""
     start, times = time.perf_counter(), []
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+    async with gate or contextlib.nullcontext(), client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"ok": False, "status": r.status_code, "times": [], "start": start}
         async for line in r.aiter_lines():
@@ -148,12 +155,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
-async def level(url: str, clients: int, args, seed: int) -> dict:
+async def level(server: Server, clients: int, args, seed: int) -> dict:
     """`clients` closed-loop clients, each sending args.requests requests in turn."""
-    todo = prompts(clients * args.requests, seed)
+    todo, url = prompts(clients * args.requests, seed), server.url
+    gate = asyncio.Semaphore(1) if server.one_at_a_time else None
 
     async def worker(i: int) -> list[dict]:
-        return [await one_request(http, url, todo[i * args.requests + j], args.max_tokens)
+        return [await one_request(http, url, todo[i * args.requests + j], args.max_tokens, gate=gate)
                 for j in range(args.requests)]
 
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 2)) as http:
@@ -251,7 +259,7 @@ def main() -> None:
         for make in [ventoux_server] + ([llamacpp_server] if args.peer != "none" else []):
             server = make(model, args)
             try:
-                rows[server.name] = [asyncio.run(level(server.url, c, args, seed=c)) for c in args.clients]
+                rows[server.name] = [asyncio.run(level(server, c, args, seed=c)) for c in args.clients]
             finally:
                 server.stop()
             show(name, server.name, rows[server.name])
