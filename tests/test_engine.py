@@ -300,3 +300,31 @@ def test_a_long_prompt_is_prefilled_in_budgeted_chunks_between_decode_steps(wind
         while batch.active():
             batch.step()
     assert tokens[1] == alone(windowed, tok, ids(1201, 60), SamplingParams(max_tokens=5))
+
+
+def test_relayouts_carry_sampling_state_along(full, tok, monkeypatch):
+    """A running request's row moves to new buffers when a longer one arrives (the budget fits two rows of
+    exactly the longer need): its generator and token history (penalties that boost repeats) move with it."""
+    from ventoux.sampling import Sampler
+
+    moved = []
+    real = Sampler.moved
+    monkeypatch.setattr(Sampler, "moved", lambda self, rows, moves: (moved.append(moves), real(self, rows, moves))[1])
+    slot = Batch(full, tok, 1).slot_bytes
+    boost = SamplingParams(max_tokens=20, temperature=0.9, seed=1, repetition_penalty=0.2, presence_penalty=-2,
+                           frequency_penalty=-2)
+    jobs = [(ids(1300, 8), boost), (ids(1301, 20), SamplingParams(max_tokens=22, temperature=0.7, seed=2))]
+    want = [alone(full, tok, p, sp) for p, sp in jobs]
+    out = {0: [], 1: []}
+    batch = Batch(full, tok, max_batch=4, kv_cache_bytes=2 * (42 + 1) * slot)
+    with torch.inference_mode():
+        for i, (p, sp) in enumerate(jobs):
+            need, max_new = check_request(full.config, p, sp)
+            assert batch.admit(Request(p, sp, need, max_new, emit=lambda ev, i=i: out[i].append(ev.token), index=i))
+            for _ in range(5):
+                batch.step()
+        while batch.active():
+            batch.step()
+    assert [[t for t in out[i] if t is not None] for i in (0, 1)] == want
+    assert moved[-1] == [(0, 0)] and batch.cache.capacity == 42  # the first request, mid-run
+    assert len(set(want[0])) < len(want[0])  # the boosted history shows (repeats)
