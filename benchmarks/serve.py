@@ -11,9 +11,9 @@ tokens/s, p50/p99 time to first token and p50/p99 inter-token latency, measured 
 SSE chunks (one chunk = one token on both servers; ventoux merges the pieces of a split character).
 The servers run as subprocesses with --threads threads each, one at a time. The peer is llama-cpp-python's
 `llama_cpp.server` (built from source by ventoux.bench.llamacpp, on a GGUF converted from the same
-checkpoint: BF16 / Q8_0 / Q4_0) -- it serves one request at a time, having no parallel slots, and deadlocks
-on concurrent streams, so the client queues its requests (the wait counts in time to first token) -- or,
-with --llama-server, llama.cpp's own server with --parallel set to the largest client count.
+checkpoint: BF16 / Q8_0 / Q4_0) -- it serves one request at a time, having no parallel slots, so the
+client queues its requests (the wait counts in time to first token) -- or, with --llama-server,
+llama.cpp's own server with --parallel set to the largest client count.
 """
 
 from __future__ import annotations
@@ -48,16 +48,19 @@ class Server:
     def __init__(self, name: str, cmd: list[str], env: dict, ready_path: str, port: int | None = None,
                  one_at_a_time: bool = False):
         self.name, self.ready_path, self.one_at_a_time = name, ready_path, one_at_a_time
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, stdin=subprocess.DEVNULL)
-        # ventoux prints its URL (--port 0 picks a free port); the peers are given a port
+        # Logs go to a file: a pipe nobody reads fills up and blocks the server. ventoux prints its URL on
+        # stdout (--port 0 picks a free port); the peers are given a port.
+        CACHE.mkdir(parents=True, exist_ok=True)
+        self.log = open(CACHE / f"serve-{name.split()[0]}.log", "w")  # noqa: SIM115  (closed in stop())
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self.log if port else subprocess.PIPE,
+                                     stderr=self.log, text=True, stdin=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}" if port else self.proc.stdout.readline().split()[2]
 
     def wait_ready(self, timeout: float = 1800) -> Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{self.name} exited: see {self.log.name}")
             try:
                 if httpx.get(self.url + self.ready_path, timeout=5).status_code == 200:
                     return self
@@ -78,6 +81,7 @@ class Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
 
 def free_port() -> int:
@@ -117,7 +121,7 @@ def llamacpp_server(model: dict, args) -> Server:
            "--n_threads_batch", str(args.threads), "--n_ctx", str(args.context), "--host", "127.0.0.1",
            "--port", str(port), "--interrupt_requests", "False"]  # else a new request kills the running stream
     env = {"PYTHONPATH": os.pathsep.join([str(lib), str(deps)])}
-    # It runs one request at a time, and concurrent streams deadlock it (0.3.x): the client queues them.
+    # It runs one request at a time (no parallel slots): the client queues them, the wait counted in TTFT.
     return Server(f"llama_cpp.server {gguf_type}", cmd, env, "/v1/models", port, one_at_a_time=True).wait_ready()
 
 
