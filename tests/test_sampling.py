@@ -61,6 +61,16 @@ def test_repetition_penalty_equals_transformers_per_row(seed):
     assert not torch.equal(ours, logits)
 
 
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.tensor([[-2.0, -0.5, 0.0, 0.5, 2.0, 1.0]])
+    seen = torch.tensor([[True, True, True, True, True, False]])
+    ours = apply_penalties(logits, seen, torch.zeros(1, 6), col([2.0]), col([0]), col([0]))
+    assert ours.tolist() == [[-4.0, -1.0, 0.0, 0.25, 1.0, 1.0]]
+    assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([[0, 1, 2, 3, 4]]), logits.clone()))
+
+
 def test_presence_and_frequency_follow_openais_formula():
     """OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence, c = counts in the generated text only;
     the repetition penalty (HF) is the only one that reads the prompt."""
@@ -95,6 +105,19 @@ def test_top_p_equals_transformers(p):
     ours = apply_top_p(logits, col([p]))
     ref = TopPLogitsWarper(p)(None, logits.clone()) if p < 1 else logits
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+
+
+def test_exact_boundaries_follow_transformers():
+    """A token whose probability is exactly min_p times the top one stays; a token whose higher-ranked mass is
+    exactly top_p goes (probabilities 1/2, 1/4, 1/4 are exact in float32)."""
+    from transformers import MinPLogitsWarper, TopPLogitsWarper
+
+    at_floor = torch.tensor([[0.0, math.log(0.5), -3.0]])  # p1 == 0.5 * p0 exactly
+    assert torch.equal(apply_min_p(at_floor, col([0.5])), MinPLogitsWarper(0.5)(None, at_floor.clone()))
+    assert torch.isinf(apply_min_p(at_floor, col([0.5]))).tolist() == [[False, False, True]]
+    halves = torch.tensor([[0.0, math.log(0.5), math.log(0.5)]])
+    assert torch.equal(apply_top_p(halves, col([0.5])), TopPLogitsWarper(0.5)(None, halves.clone()))
+    assert torch.isinf(apply_top_p(halves, col([0.5]))).tolist() == [[False, True, True]]
 
 
 def test_a_vanishing_top_p_keeps_the_top_token():
