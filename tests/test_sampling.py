@@ -16,7 +16,7 @@ from conftest import TINY_FULL, hf_model
 
 import ventoux
 from ventoux.errors import VentouxError
-from ventoux.sampling import SamplingParams, apply_min_p, apply_penalties, apply_top_k, apply_top_p
+from ventoux.sampling import Sampler, SamplingParams, apply_min_p, apply_penalties, apply_top_k, apply_top_p
 
 V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 VOCAB = 32000
@@ -125,6 +125,17 @@ def test_a_vanishing_top_p_keeps_the_top_token():
     logits = random_logits(rows=2, seed=7)
     out = apply_top_p(logits, col([1e-46, 1e-46]))
     assert torch.equal(out.max(-1).values, logits.max(-1).values) and (out == -math.inf).sum(-1).tolist() == [63, 63]
+
+
+def test_sampler_rows_default_to_every_row_in_order():
+    """Three rows that are greedy in effect (temperature 0, top_k 1, a vanishing top_p): the tokens are the
+    argmax of each row's logits, whether rows are implied or given in another order."""
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1, seed=3),
+              SamplingParams(temperature=0.8, top_p=1e-9, seed=4)]
+    logits = random_logits(rows=3, seed=8)
+    assert Sampler.for_batch(params, [[1], [2], [3]], 64, "cpu")(logits).tolist() == logits.argmax(-1).tolist()
+    sampler = Sampler.for_batch(params, [[1], [2], [3]], 64, "cpu")
+    assert sampler(logits.flip(0), [2, 1, 0]).tolist() == logits.flip(0).argmax(-1).tolist()
 
 
 # ---- through a multi-step generation ------------------------------------------------------------------
