@@ -138,6 +138,18 @@ def test_sampler_rows_default_to_every_row_in_order():
     assert sampler(logits.flip(0), [2, 1, 0]).tolist() == logits.flip(0).argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("presence, frequency, expected", [(0.0, 1.0, [0, 0, 1, 0, 2]), (1.0, 0.0, [0, 0, 0, 0, 0]),
+                                                            (2.0, 0.0, [0, 1, 0, 0, 0]), (0.5, 0.75, [0, 0, 1, 0, 2])])
+def test_output_counts_grow_by_one_per_generated_token(presence, frequency, expected):
+    """Fixed logits 2.5, 1, 0.4, -1, ...: what each step picks shows the counts the sampler holds (worked out by
+    hand with OpenAI's formula, e.g. frequency 1: 2.5, 1.5, then 0.5 < 1 picks token 1, ...; the prompt token 5
+    is never counted). Counts stuck at 1, or growing by 2, pick other tokens."""
+    logits = torch.tensor([[2.5, 1.0, 0.4] + [-1.0] * 7])
+    sampler = Sampler.for_batch([SamplingParams(presence_penalty=presence, frequency_penalty=frequency)], [[5]], 10,
+                                "cpu")
+    assert [int(sampler(logits)[0]) for _ in expected] == expected
+
+
 # ---- through a multi-step generation ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
