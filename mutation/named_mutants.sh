@@ -19,6 +19,6 @@ open(p, 'w').write(s.replace(sys.argv[2], sys.argv[3]))" "$d/ventoux/$2" "$3" "$
 }
 check min_p_never_applied sampling.py 'logits = apply_min_p(logits, col["min_p"])' 'pass'
 check counts_never_updated sampling.py 'self.counts[idx, tokens] += 1' 'pass'
-check top_logprobs_off_by_0.01 batch.py '{int(t): float(v) for t, v in zip(top.indices, top.values)}' \
-  '{int(t): float(v) + 0.01 for t, v in zip(top.indices, top.values)}'
+check top_logprobs_off_by_0.01 batch.py 'dict(zip(top.indices.tolist(), top.values.tolist()))' \
+  'dict(zip(top.indices.tolist(), (top.values + 0.01).tolist()))'
 exit $status
