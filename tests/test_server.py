@@ -528,8 +528,9 @@ def test_cli_serve_binds_localhost_prints_the_url_and_stops_on_sigterm(tmp_path,
     proc = subprocess.Popen([sys.executable, "-m", "ventoux", "serve", "--port", "0", "--api-key-file",
                              str(key_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url = proc.stdout.readline().split()[2]
-        assert url.startswith("http://127.0.0.1:")
+        line = proc.stdout.readline()  # the first line names the URL
+        url = next((w for w in line.split() if w.startswith("http://")), line)
+        assert url.startswith("http://127.0.0.1:"), line
         wait_until(lambda: httpx.get(url + "/health").status_code == 200, timeout=120)
         assert httpx.get(url + "/v1/models").status_code == 401
         r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})

@@ -20,35 +20,25 @@ from starlette.responses import Response
 from ..errors import VentouxError
 from .errors import APIError, error_body
 from .logprobs import chat_logprobs, completion_logprobs
-from .schemas import ChatRequest, CompletionRequest, parse, sampling_params
+from .schemas import ChatRequest, CompletionRequest, accept, chat_ids, sampling_params
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    state = request.app.state.ventoux
-    state.ready()
-    req = parse(ChatRequest, await request.body())
-    state.check_model(req.model)
+    state, req = await accept(request, ChatRequest)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     params = sampling_params(req, state.settings.max_tokens_cap,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-    messages = [{"role": m.role, "content": m.text} for m in req.messages]
-    try:
-        ids = state.llm.tokenizer.encode_chat(messages, safe_prompt=req.safe_prompt)
-    except VentouxError as e:
-        raise APIError(400, str(e), param="messages") from None
+    ids = chat_ids(state.llm.tokenizer, req.messages, req.safe_prompt)
     return await _respond(request, state, Run(state, "chat", req, ids), params, "messages")
 
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    state = request.app.state.ventoux
-    state.ready()
-    req = parse(CompletionRequest, await request.body())
-    state.check_model(req.model)
+    state, req = await accept(request, CompletionRequest)
     params = sampling_params(req, state.settings.max_tokens_cap, logprobs=req.logprobs)
     if req.prompt == "":
         raise APIError(400, "prompt is empty: give some text to continue", param="prompt")

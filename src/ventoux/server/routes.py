@@ -9,9 +9,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from ..errors import VentouxError
 from .errors import APIError, error_response
-from .schemas import DetokenizeRequest, TokenizeRequest, parse
+from .schemas import DetokenizeRequest, TokenizeRequest, accept, chat_ids
 
 router = APIRouter()
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -58,29 +57,20 @@ async def metrics(request: Request):
 
 @router.post("/tokenize")
 async def tokenize(request: Request):
-    state = request.app.state.ventoux
-    state.ready()
-    req = parse(TokenizeRequest, await request.body())
-    state.check_model(req.model)
+    state, req = await accept(request, TokenizeRequest)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt (text) or messages (a chat)", param="prompt")
     tok = state.llm.tokenizer
     if req.prompt is not None:
         ids = tok.encode(req.prompt, bos=req.add_special_tokens)
     else:
-        try:
-            ids = tok.encode_chat([{"role": m.role, "content": m.text} for m in req.messages])
-        except VentouxError as e:
-            raise APIError(400, str(e), param="messages") from None
+        ids = chat_ids(tok, req.messages)
     return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.config.max_seq_len}
 
 
 @router.post("/detokenize")
 async def detokenize(request: Request):
-    state = request.app.state.ventoux
-    state.ready()
-    req = parse(DetokenizeRequest, await request.body())
-    state.check_model(req.model)
+    state, req = await accept(request, DetokenizeRequest)
     vocab = state.llm.config.vocab_size
     bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
     if bad is not None:

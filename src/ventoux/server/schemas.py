@@ -142,3 +142,21 @@ def sampling_params(req: Common, max_tokens_cap: int, logprobs: int | None = Non
 
 
 assert all(f.default is not MISSING for f, _ in HTTP_FIELDS)  # every request field may be left out
+
+
+async def accept(request, schema: type[BaseModel]):
+    """The app's state and the request's parsed body, once the model is ready and the body names the served
+    model: what every model route does first."""
+    state = request.app.state.ventoux
+    state.ready()
+    req = parse(schema, await request.body())
+    state.check_model(req.model)
+    return state, req
+
+
+def chat_ids(tokenizer, messages, safe_prompt: bool = False) -> list[int]:
+    """A request's messages in the model's chat format; a conversation the format refuses is a 400."""
+    try:
+        return tokenizer.encode_chat([{"role": m.role, "content": m.text} for m in messages], safe_prompt=safe_prompt)
+    except VentouxError as e:
+        raise APIError(400, str(e), param="messages") from None
