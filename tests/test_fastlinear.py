@@ -45,7 +45,9 @@ def test_half_gemm_is_the_rounded_float_product(kernel_isa, dtype, m, k, n):
     assert not torch.allclose(cpu_kernels.half_gemm(x, w.roll(1, dims=1)).double(), exact, rtol=0.05, atol=0.05)
 
 
-def test_half_linear_runs_the_kernels_by_row_count(kernel_isa, monkeypatch):
+@pytest.mark.parametrize("gemm_first", [True, False])  # whether half_gemm beats PyTorch's bf16 product here
+def test_half_linear_runs_the_kernels_by_row_count(kernel_isa, monkeypatch, gemm_first):
+    monkeypatch.setattr(fastlinear, "gemm_beats_pytorch", lambda: gemm_first)
     torch.manual_seed(0)
     linear = nn.Linear(128, 48, bias=True).to(torch.bfloat16).requires_grad_(False)
     fast = HalfLinear(linear)
@@ -59,7 +61,7 @@ def test_half_linear_runs_the_kernels_by_row_count(kernel_isa, monkeypatch):
         x = torch.randn(shape).to(torch.bfloat16)
         expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
         torch.testing.assert_close(fast(x).float(), expected, rtol=0.02, atol=0.02)
-    assert calls == [("gemv", 1), ("gemv", 6), ("gemm", 40)]
+    assert calls == [("gemv", 1), ("gemv", 6), *([("gemm", 40)] if gemm_first else [])]  # else F.linear
 
 
 def test_training_keeps_autograd(kernel_isa):

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
 from torch import nn
 
-from ventoux import lora
+from ventoux import fastlinear, lora
 from ventoux.errors import VentouxError
 from ventoux.fastlinear import HalfLinear, kernel_works
 from ventoux.qlinear import Int4Linear, Int8Linear
@@ -138,9 +138,10 @@ LAYERS = [(cls, k) for cls in (Int8Linear, Int4Linear) for k in cls.kernels("cpu
 
 
 @pytest.mark.parametrize("cls,kernel", LAYERS, ids=[f"{c.__name__}-{k}" for c, k in LAYERS])
-def test_frozen_layer_passes_dy_times_its_weight_to_the_input(cls, kernel):
+def test_frozen_layer_passes_dy_times_its_weight_to_the_input(cls, kernel, monkeypatch):
     if cls is HalfLinear and not kernel_works():
         pytest.skip("ventoux's 16-bit CPU kernels do not run here")
+    monkeypatch.setattr(fastlinear, "gemm_beats_pytorch", lambda: True)  # half_gemm for 40 rows on any CPU
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(48, 160, generator=gen) / 8
     if cls is HalfLinear:
@@ -170,11 +171,12 @@ def _layer0_adapter(model):
 
 
 @pytest.mark.parametrize("kind", BASES)
-def test_adapter_gets_its_gradient_through_a_frozen_kernel_base(kind):
+def test_adapter_gets_its_gradient_through_a_frozen_kernel_base(kind, monkeypatch):
     """An adapter in layer 0 learns only through the later layers' frozen products: their kernels (vnni,
     half_gemm, PyTorch's packed ones) must pass the gradient to their input, equal to the float product's."""
     if kind == "bf16" and not kernel_works():
         pytest.skip("ventoux's 16-bit CPU kernels do not run here")
+    monkeypatch.setattr(fastlinear, "gemm_beats_pytorch", lambda: True)  # half_gemm on any CPU
     make, tol = BASES[kind]
     model = ventoux_from_hf(hf_model(TINY))
     if kind == "bf16":

@@ -55,13 +55,23 @@ def isa_flags(isa: str) -> list[str]:
 
 
 @functools.cache
-def cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first value of a /proc/cpuinfo field ('' where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.partition(":")[0].strip() == field), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ... ('' where unknown)."""
+    return _cpuinfo("vendor_id")
 
 
 def cache_dir() -> Path:

@@ -3,9 +3,10 @@
 - Few rows (decoding): a linear layer reads its whole weight for a handful of multiply-adds, so its speed is
   the memory bandwidth. PyTorch's 16-bit CPU products reach about 60% of it here (benchmarks/bench_linear.py);
   half_gemv streams the weight at about the bandwidth, converting each value to float32 exactly.
-- Many rows (prefill) in bf16: half_gemm, a register-tiled product in float32 multiply-adds, about 1.5x
-  PyTorch's (oneDNN's bf16 product uses vdpbf16ps, half as fast on these CPUs). PyTorch's float16 product
-  is as fast as ours (benchmarks/bench_linear.py --m 128), so float16 prefill stays with F.linear.
+- Many rows (prefill) in bf16: half_gemm, a register-tiled product in float32 multiply-adds, where it beats
+  PyTorch's (gemm_beats_pytorch): 1.5x on the Intel Xeon it was tuned on, whose vdpbf16ps (oneDNN's bf16
+  product) runs at half the float32 FMA rate; 0.45x on AMD's EPYC, where F.linear does prefill. PyTorch's
+  float16 product is as fast as ours (benchmarks/bench_linear.py --m 128), so float16 prefill stays with F.linear.
 The module keeps nn.Linear's parameter, so state_dict, saving and quantization see a plain Linear.
 
     use_cpu_kernels(model)    # swap, in place, every 16-bit CPU nn.Linear the kernels can take
@@ -42,7 +43,7 @@ class HalfLinear(nn.Linear):
         x2 = x.reshape(rows, self.in_features)
         if rows <= MAX_GEMV_ROWS:
             y = frozen_product(x2, lambda a: cpu_kernels.half_gemv(a, w).to(a.dtype), self._weight_rows)
-        elif x.dtype == w.dtype == torch.bfloat16:
+        elif x.dtype == w.dtype == torch.bfloat16 and gemm_beats_pytorch():
             y = frozen_product(x2, lambda a: cpu_kernels.half_gemm(a, w), self._weight_rows)
         else:
             return F.linear(x, w, self.bias)
@@ -64,6 +65,15 @@ def eligible(module: nn.Module) -> bool:
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
     return swap_modules(model, lambda name, module: HalfLinear(module) if eligible(module) else module)
+
+
+@functools.cache
+def gemm_beats_pytorch() -> bool:
+    """Whether half_gemm is faster than PyTorch's bf16 product (oneDNN) for many rows on this CPU: not where
+    oneDNN has fast bf16 instructions, AMX tiles (not measured here) or AMD's vdpbf16ps (an EPYC with
+    avx512_bf16, one thread: F.linear about 200 GFLOP/s, half_gemm about 90, at 2048x256x688 and 128x4096x4096)."""
+    flags = cpu_kernels.cpu_flags()
+    return not ("amx_bf16" in flags or ("avx512_bf16" in flags and cpu_kernels.cpu_vendor() == "AuthenticAMD"))
 
 
 def kernel_works() -> bool:
