@@ -67,11 +67,19 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     return swap_modules(model, lambda name, module: HalfLinear(module) if eligible(module) else module)
 
 
-@functools.cache
 def gemm_beats_pytorch() -> bool:
     """Whether half_gemm is faster than PyTorch's bf16 product (oneDNN) for many rows on this CPU: not where
     oneDNN has fast bf16 instructions, AMX tiles (not measured here) or AMD's vdpbf16ps (an EPYC with
-    avx512_bf16, one thread: F.linear about 200 GFLOP/s, half_gemm about 90, at 2048x256x688 and 128x4096x4096)."""
+    avx512_bf16, one thread: F.linear about 200 GFLOP/s, half_gemm about 90, at 2048x256x688 and 128x4096x4096).
+    Those are AVX-512 instructions: under the AVX2 build (an AVX2 CPU, or VENTOUX_CPU_ISA=avx2 with PyTorch
+    held to AVX2 as benchmarks/decode.py --isa avx2 does) oneDNN has none of them and half_gemm wins."""
+    return _gemm_beats_pytorch(cpu_kernels.isa())
+
+
+@functools.cache
+def _gemm_beats_pytorch(isa: str | None) -> bool:
+    if isa != "avx512":
+        return True
     flags = cpu_kernels.cpu_flags()
     return not ("amx_bf16" in flags or ("avx512_bf16" in flags and cpu_kernels.cpu_vendor() == "AuthenticAMD"))
 
