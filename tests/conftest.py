@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import mistral_common
 import pytest
 import torch
 
@@ -12,6 +16,25 @@ from ventoux.names import from_hf
 TINY = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=211,
                    head_dim=16, norm_eps=1e-5, rope_theta=10000.0, sliding_window=8, max_seq_len=256)
 TINY_FULL = TINY.replace(sliding_window=None, rope_theta=1e6, max_seq_len=96)
+V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"  # Mistral's real v1 tokenizer (32000)
+
+
+@pytest.fixture(scope="session")
+def v1_tokenizer(tmp_path_factory):
+    from ventoux.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("v1")
+    shutil.copy(V1, folder / "tokenizer.model.v1")
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module: tiny models run faster so, and a test's subprocesses compute alike."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0):

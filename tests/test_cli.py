@@ -3,18 +3,14 @@
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import mistral_common
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, V1
 
 import ventoux
 from ventoux.model import Transformer
 from ventoux.weights import save_hf
-
-V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,9 @@ sampling), however requests arrive and leave; the cache budget; prefix reuse; ca
 
 import asyncio
 import random
-import shutil
 import threading
 import time
-from pathlib import Path
 
-import mistral_common
 import pytest
 import torch
 from conftest import TINY, TINY_FULL
@@ -19,16 +16,11 @@ from ventoux.errors import VentouxError
 from ventoux.generate import generate
 from ventoux.model import Transformer
 from ventoux.sampling import SamplingParams
-from ventoux.tokenizer import load_tokenizer
-
-V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    shutil.copy(V1, folder / "tokenizer.model.v1")
-    return load_tokenizer(folder)
+def tok(v1_tokenizer):
+    return v1_tokenizer
 
 
 def tiny(cfg, seed):

@@ -13,18 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mistral_common
 import pytest
 import torch
-from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
+from conftest import TINY, TINY_FULL, V1, hf_model, ventoux_from_hf
 
 from ventoux.errors import VentouxError
 from ventoux.eval import Document, perplexity, read_task, run_task
 from ventoux.eval.perplexity import windows
-from ventoux.tokenizer import load_tokenizer
 from ventoux.weights import save_hf
 
-V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 DATA = Path(__file__).parent / "data" / "eval"
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
@@ -32,10 +29,8 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    shutil.copy(V1, folder / "tokenizer.model")
-    return load_tokenizer(folder)
+def tokenizer(v1_tokenizer):
+    return v1_tokenizer
 
 
 def pair(cfg):

@@ -81,13 +81,7 @@ def trained_text(tok, tokens, trained) -> str:
     return text.replace("\u2581", " ")  # sentencepiece keeps its word marker when special tokens are kept
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every process of the resume test must compute alike: one thread, as the subprocesses (ENV)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 # ---- encoding and loss masks -------------------------------------------------------------------

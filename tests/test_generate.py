@@ -1,9 +1,6 @@
 """Generation against transformers: greedy identical, batched == alone, sampling processors equal HF's."""
 
-import shutil
-from pathlib import Path
 
-import mistral_common
 import pytest
 import torch
 from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
@@ -13,16 +10,11 @@ from ventoux.cache import KVCache
 from ventoux.errors import VentouxError
 from ventoux.generate import generate, stream
 from ventoux.sampling import Sampler, SamplingParams
-from ventoux.tokenizer import load_tokenizer
-
-V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    shutil.copy(V1, folder / "tokenizer.model.v1")
-    return load_tokenizer(folder)
+def tokenizer(v1_tokenizer):
+    return v1_tokenizer
 
 
 @pytest.fixture(scope="module")

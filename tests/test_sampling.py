@@ -7,18 +7,15 @@ full forward of transformers' model on the same weights.
 
 import math
 import shutil
-from pathlib import Path
 
-import mistral_common
 import pytest
 import torch
-from conftest import TINY_FULL, hf_model
+from conftest import TINY_FULL, V1, hf_model
 
 import ventoux
 from ventoux.errors import VentouxError
 from ventoux.sampling import Sampler, SamplingParams, apply_min_p, apply_penalties, apply_top_k, apply_top_p
 
-V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 VOCAB = 32000
 
 

@@ -20,11 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import mistral_common
 import openai
 import pytest
 import torch
-from conftest import TINY_FULL
+from conftest import TINY_FULL, V1
 from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -37,7 +36,6 @@ from ventoux.server import routes as small_routes
 from ventoux.server.background import BackgroundServer
 from ventoux.tokenizer import SAFE_PROMPT, load_tokenizer
 
-V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 CHAIN = [243, 162, 155, 131, 3614]  # v1 ids of <0xF0> <0x9F> <0x98> <0x80> "▁ok": "😀 ok"
 KEY = "sk-test-key"
 HI = [{"role": "user", "content": "Hi"}]

@@ -42,13 +42,7 @@ def _text(n_lines: int, seed: int = 0) -> str:
     return "\n".join(out) + "\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and every process of the resume test must agree on it."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")
