@@ -49,13 +49,15 @@ lint: install-dev
 # that call the function it changed (MUTATE="names:test_weights.py" narrows the run). Then the score per module
 # and the survivors not yet triaged. The first run records which test calls what, from every selected test.
 MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_sampling.py names:test_weights.py \
-	cache:test_model.py,test_generate.py generate:test_generate.py engine:test_engine.py \
+	cache:test_model.py,test_generate.py,test_mutants_cache.py generate:test_generate.py engine:test_engine.py \
 	tokenizer:test_tokenizer.py weights:test_weights.py,test_hardening.py qlinear:test_quantize.py lora:test_lora.py
+# MUTMUT_CHILDREN=1 on a machine shared with other jobs (and nice: the run yields to them)
+MUTMUT_CHILDREN ?= 2
 mutants: install-dev
 	$(PIP) -e '.[mutation]'
-	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "ventoux.names.x_to_hf__mutmut_1"  # refresh who-calls-what
+	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) "ventoux.names.x_to_hf__mutmut_1"  # refresh who-calls-what
 	for spec in $(MUTATE); do tests=$$(echo $${spec#*:} | sed 's/,/ or /g'); \
-	  PYTEST_ADDOPTS="-k '$$tests'" OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "ventoux.$${spec%%:*}.*" \
+	  PYTEST_ADDOPTS="-k '$$tests'" OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) "ventoux.$${spec%%:*}.*" \
 	  || exit 1; done
 	$(PY) mutation/report.py
 
