@@ -110,3 +110,61 @@ def test_entry_point_names_the_backend():
     from lm_eval.api.registry import get_model
 
     assert get_model("ventoux") is backend.VentouxLM
+
+
+# ---- --apply_chat_template: mistral-common's ids, not the rendered text re-tokenized ----------------------
+def chat_reference_ids(checkpoint, messages: list[dict], continue_final: bool = False) -> list[int]:
+    """transformers' mistral-common tokenizer, tokenizing the conversation itself (tokenize=True)."""
+    from transformers import MistralCommonBackend
+
+    tok = MistralCommonBackend.from_pretrained(checkpoint)
+    out = tok.apply_chat_template(messages, tokenize=True, continue_final_message=continue_final)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def test_apply_chat_template_keeps_mistral_common_ids(checkpoint):
+    lm = backend.VentouxLM(pretrained=str(checkpoint), dtype="float32")
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"}]
+    text = lm.apply_chat_template(chat)
+    assert "[INST]" in text  # lm-eval logs the prompt as text
+    expected = chat_reference_ids(checkpoint, chat)
+    assert lm.tok_encode(text) == expected
+    assert lm.tok_encode(text + " 6") == expected + lm.vtok.encode(" 6", bos=False)  # a continuation after it
+    assert lm.tok_encode("[INST] plain text") == lm.vtok.encode("[INST] plain text", bos=True)  # not rendered
+    prefixed = chat + [{"role": "assistant", "content": "The answer is"}]  # lm-eval's gen_prefix
+    assert lm.tok_encode(lm.apply_chat_template(prefixed, add_generation_prompt=False)) == \
+        chat_reference_ids(checkpoint, prefixed, continue_final=True)
+
+
+def test_chat_template_scores_match_transformers(checkpoint):
+    """simple_evaluate(apply_chat_template=True): each choice's log-likelihood and each greedy answer equal
+    transformers' on mistral-common's chat ids."""
+    from transformers import MistralForCausalLM
+
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)
+    result = lm_eval.simple_evaluate(model="ventoux", model_args={"pretrained": str(checkpoint), "dtype": "float32"},
+                                     tasks=["ventoux_mc", "ventoux_gen"], batch_size=3, device="cpu",
+                                     task_manager=manager, log_samples=True, num_fewshot=0,
+                                     apply_chat_template=True)
+    model = MistralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    from transformers import MistralCommonBackend
+
+    tok = MistralCommonBackend.from_pretrained(checkpoint)
+    for sample in result["samples"]["ventoux_mc"]:
+        prompt = chat_reference_ids(checkpoint, [{"role": "user", "content": sample["doc"]["question"]}])
+        for (_, continuation), (lp, _) in zip(sample["arguments"], [r[0] for r in sample["resps"]]):
+            cont = tok.encode(continuation, add_special_tokens=False)  # with a chat template: no delimiter
+            with torch.no_grad():
+                logprobs = model(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+            ref = sum(logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(cont))
+            assert lp == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    for sample in result["samples"]["ventoux_gen"]:
+        prompt = chat_reference_ids(checkpoint, [{"role": "user", "content": sample["doc"]["prompt"]}])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True)
+        for stop in ("\n", "."):
+            text = text.split(stop)[0]
+        assert sample["resps"][0][0] == text

@@ -139,6 +139,19 @@ class Tokenizer:
         messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], ending with a user
         message (the prompt to generate from). safe_prompt prepends the guardrail system prompt.
         """
+        return self._encode_chat(messages, safe_prompt, continue_final=False)
+
+    def render_chat(self, messages: list[dict], continue_final: bool = False) -> tuple[list[int], str]:
+        """(ids, text) of a conversation: encode_chat's ids, and their text with control tokens shown as
+        "[INST]" etc. continue_final: the conversation ends with an assistant message that the model
+        continues (no end of sequence after it)."""
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        ids = self._encode_chat(messages, False, continue_final)
+        text = self.mistral.decode(ids, special_token_policy=SpecialTokenPolicy.KEEP)
+        return ids, text.replace("\u2581", " ")  # sentencepiece keeps its word marks with KEEP
+
+    def _encode_chat(self, messages: list[dict], safe_prompt: bool, continue_final: bool) -> list[int]:
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -156,9 +169,13 @@ class Tokenizer:
                 raise VentouxError(f"messages[{i}].content must be a string, not {kind}")
             _check_unicode(m["content"], f"messages[{i}].content")
             objs.append(kinds[role](content=m["content"]))
+        if continue_final:
+            if not isinstance(objs[-1], AssistantMessage):
+                raise VentouxError("to continue the final message, the last message must be the assistant's")
+            objs[-1] = AssistantMessage(content=objs[-1].content, prefix=True)
         try:
             return self.mistral.encode_chat_completion(ChatCompletionRequest(messages=objs)).tokens
-        except MistralCommonException as e:  # e.g. a conversation that ends with an assistant turn
+        except (MistralCommonException, ValueError) as e:  # e.g. a conversation that ends with the wrong turn
             reason = _one_line(e)
             raise VentouxError(f"messages are not a valid conversation ({reason}); reorder them") from None
 

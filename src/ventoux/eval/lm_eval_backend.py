@@ -14,6 +14,8 @@ TemplateLM) so the two give the same numbers on the same weights (tests/test_lm_
 loglikelihood_rolling scores [BOS] + text in consecutive windows of max_length tokens (ventoux.eval.
 perplexity), every text token once. generate_until goes through ventoux's own generation, greedy unless
 the task asks for sampling, stopping at the task's `until` strings or at end of sequence.
+--apply_chat_template renders prompts with mistral-common (the model's own chat format) and scores them on
+its exact token ids (apply_chat_template below).
 
 lm-eval 0.4.13, the latest release, finds models only in its own registry; the `lm_eval.models` entry
 point (pyproject.toml) is what its merged plugin discovery (EleutherAI/lm-evaluation-harness#4013)
@@ -59,6 +61,8 @@ class VentouxLM(TemplateLM):
         self._batch = _batch_size(batch_size)
         self._max_length = int(max_length or self.llm.config.max_seq_len)
         self._max_gen_toks = int(max_gen_toks)
+        self._rendered: dict[str, list[int]] = {}  # chat prompts rendered as text -> mistral-common's ids
+        self._rendered_starts: set[str] = set()  # their first characters: a cheap test for other texts
 
     # ---- what TemplateLM asks for --------------------------------------------------------------
     @property
@@ -82,7 +86,29 @@ class VentouxLM(TemplateLM):
         return f"ventoux-{self.vtok.version}"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Text to ids; a text that starts with a chat prompt this model rendered keeps that prompt's ids."""
+        if string[:8] in self._rendered_starts:
+            for end in range(len(string), 0, -1):  # longest rendered prefix: the continuation is short
+                ids = self._rendered.get(string[:end])
+                if ids is not None:
+                    rest = string[end:]
+                    return ids + (self.vtok.encode(rest, bos=False) if rest else [])
         return self.vtok.encode(string, bos=add_special_tokens is not False)
+
+    # ---- chat templates (--apply_chat_template) ----------------------------------------------
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval wants the prompt as text; re-tokenizing "[INST]" as text would give other ids (transformers
+        warns of this for its mistral-common tokenizer), so the text is remembered with mistral-common's exact
+        ids and tok_encode returns those. Without add_generation_prompt the last (assistant) message is
+        continued: lm-eval's gen_prefix."""
+        ids, text = self.vtok.render_chat(chat_history, continue_final=not add_generation_prompt)
+        self._rendered[text] = ids
+        self._rendered_starts.add(text[:8])
+        return text
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        """What lm-eval records as the template (for its cache keys and results): mistral-common's, by version."""
+        return f"mistral-common instruct {self.vtok.version}"
 
     def tok_decode(self, tokens) -> str:
         return self.vtok.decode(tokens)
