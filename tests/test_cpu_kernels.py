@@ -58,7 +58,7 @@ def test_the_avx2_build_holds_no_avx512_instruction():
 def _products(x: torch.Tensor, w: torch.Tensor) -> dict:
     out = {"int8": cpu_kernels.int8_gemv(x, *quantize_int8(w))}
     for g in (32, 64, 128):
-        out[f"int4-g{g}"] = cpu_kernels.int4_gemv(x, *quantize_int4(w, g), g)
+        out[f"int4-g{g}"] = cpu_kernels.int4_gemv(x, *cpu_kernels.tile_int4(*quantize_int4(w, g)), g, w.shape[0])
     for dtype in (torch.bfloat16, torch.float16):
         out[f"gemv {dtype}"] = cpu_kernels.half_gemv(x, w.to(dtype))
         out[f"gemm {dtype}"] = cpu_kernels.half_gemm(x, w.to(dtype)).float()
@@ -92,3 +92,22 @@ def test_avx2_and_avx512_builds_give_the_same_numbers(monkeypatch, avx_vnni_form
         b = results["avx2"][name]
         rounding = 2**-8 if "gemm torch.bfloat16" in name else 2**-11 if "gemm" in name else 0  # 16-bit outputs
         torch.testing.assert_close(b, a, rtol=1e-5 + rounding, atol=1e-5 * a.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("n", [37, 48])
+def test_int4_tiles_are_the_documented_byte_permutation(n):
+    # tile_int4's layout, written from its definition: byte (t, c, r, i) is canonical byte 4c + i of row 16t + r,
+    # scales and zeros (t, g, r); padding rows are zero; untile_int4 gives back the device-independent tensors
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randint(0, 256, (n, 64), dtype=torch.uint8, generator=gen)
+    s, z = torch.randn(n, 4, generator=gen).bfloat16(), torch.randn(n, 4, generator=gen).bfloat16()
+    qt, st, zt = cpu_kernels.tile_int4(q, s, z)
+    tiles = -(-n // 16)
+    assert qt.shape == (tiles, 16, 16, 4) and st.shape == zt.shape == (tiles, 4, 16)
+    for t, c, r, i in [(0, 0, 0, 0), (0, 3, 5, 2), (tiles - 1, 15, (n - 1) % 16, 3), (1, 7, 15, 1)]:
+        row = 16 * t + r
+        assert qt[t, c, r, i] == (q[row, 4 * c + i] if row < n else 0)
+        g = c % 4
+        assert st[t, g, r] == (s[row, g] if row < n else 0) and zt[t, g, r] == (z[row, g] if row < n else 0)
+    for a, b in zip(cpu_kernels.untile_int4(qt, st, zt, n), (q, s, z)):
+        assert torch.equal(a, b)

@@ -13,7 +13,7 @@ products only).
 
     lib = library()           # None: no x86 CPU with either ISA here, no C compiler, or VENTOUX_CPU_ISA=none
     y = int8_gemv(x, qweight, scales)                  # (M, K) float -> (M, N) float32
-    y = int4_gemv(x, qweight, scales, zeros, group)
+    y = int4_gemv(x, *tile_int4(qweight, scales, zeros), group, n)   # tiled once, at load time
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
     y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
 
@@ -65,8 +65,9 @@ def _cpuinfo(field: str) -> str:
     return line.partition(":")[2].strip()
 
 
-def cpu_flags() -> set[str]:
-    return set(_cpuinfo("flags").split())
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo("flags").split())  # cached: isa() asks on every product call
 
 
 def cpu_vendor() -> str:
@@ -165,13 +166,38 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
     return y
 
 
+TILE = 16  # int4 rows per tile of the kernel's layout (csrc/cpu_kernels.c, before vx_int4_gemv)
+
+
+def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """The device-independent int4 tensors (N, K/2), (N, G), (N, G) -> int4_gemv's layout: rows in tiles of 16
+    (N padded with zero rows), each tile (K/8, 16, 4) bytes: per 8 inputs, 4 bytes of each row side by side;
+    scales and zeros (N/16, G, 16). A byte permutation: untile_int4 inverts it exactly."""
+    n = qweight.shape[0]
+    pad = -n % TILE
+    q, s, z = (torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t for t in (qweight, scales, zeros))
+    tiles = q.shape[0] // TILE
+    q = q.view(tiles, TILE, -1, 4).transpose(1, 2).contiguous()  # (N/16, K/8, 16, 4)
+    s, z = (t.view(tiles, TILE, -1).transpose(1, 2).contiguous() for t in (s, z))  # (N/16, G, 16)
+    return q, s, z
+
+
+def untile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int):
+    """tile_int4's inverse, for the first n rows."""
+    q = qweight.transpose(1, 2).reshape(-1, qweight.shape[1] * 4)[:n].contiguous()
+    s, z = (t.transpose(1, 2).reshape(-1, t.shape[1])[:n].contiguous() for t in (scales, zeros))
+    return q, s, z
+
+
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group: int) -> torch.Tensor:
-    """x (M, K) @ ((q - 8) * scale + zero)^T for qweight (N, K/2) uint8, scales/zeros (N, K/g) bf16."""
+              group: int, n: int) -> torch.Tensor:
+    """x (M, K) @ ((q - 8) * scale + zero)^T for the first n rows of int4 weights in tile_int4's layout."""
     if torch.compiler.is_compiling():
-        return torch.ops.ventoux.int4_gemv(x, qweight, scales, zeros, group)
+        return torch.ops.ventoux.int4_gemv(x, qweight, scales, zeros, group, n)
     x = _check(x, qweight, scales, zeros)
-    (m, k), n = x.shape, qweight.shape[0]
+    m, k = x.shape
+    if qweight.shape[1:] != (k // 8, TILE, 4) or qweight.shape[0] * TILE < n:
+        raise ValueError(f"int4_gemv takes tile_int4's layout (N/16, K/8, 16, 4), not {list(qweight.shape)}")
     y = torch.empty(m, n)
     library().vx_int4_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group, n,
                            y.data_ptr(), torch.get_num_threads())
@@ -218,8 +244,8 @@ def _(x, qweight, scales):
 
 
 @_int4_op.register_fake
-def _(x, qweight, scales, zeros, group):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+def _(x, qweight, scales, zeros, group, n):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
 
 
 @_half_op.register_fake

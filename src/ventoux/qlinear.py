@@ -13,8 +13,8 @@ input index in the low nibble; scales; zeros; the input width zero-padded to a m
 Mistral's dimensions) whatever kernel it runs: any device packing happens when tensors
 are loaded or moved (`to()`), never per call. Kernels, in order of preference:
   vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI or AVX2 (named for the first): int8-quantized
-             activations (blocks of 32, as llama.cpp does) times the weights in integer dot products; reads the
-             device-independent layout
+             activations (blocks of 32, as llama.cpp does) times the weights in integer dot products; int8 reads
+             the device-independent layout, int4 its rows interleaved 16 at a time (cpu_kernels.tile_int4)
   int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations
   int4pack   CPU: aten._weight_int4pack_mm_for_cpu; CUDA: aten._weight_int4pack_mm (tinygemm), bfloat16
   fallback   dequantize and F.linear in the input's dtype, any device: the reference the others are tested on
@@ -249,7 +249,7 @@ class Int4Linear(QuantizedLinear):
     CANONICAL = (("qweight", torch.uint8), ("scales", SCALE_DTYPE), ("zeros", SCALE_DTYPE))
     dequantize = staticmethod(dequantize_int4)
     KERNELS = ("vnni", "int4pack", "fallback")
-    PACKED = frozenset({"int4pack"})
+    PACKED = frozenset({"vnni", "int4pack"})
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
@@ -274,6 +274,8 @@ class Int4Linear(QuantizedLinear):
         super()._store(kernel, *canonical)
 
     def _pack(self, kernel, qweight, scales, zeros):
+        if kernel == "vnni":  # rows interleaved 16 at a time (a byte permutation, see cpu_kernels.tile_int4)
+            return dict(zip(("qweight", "scales", "zeros"), cpu_kernels.tile_int4(qweight, scales, zeros)))
         scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()  # (K/g, N, 2)
         q = unpack_int4(qweight)  # (N, K)
         if qweight.device.type == "cpu":
@@ -288,6 +290,8 @@ class Int4Linear(QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, scales_and_zeros)
 
     def _unpack(self):
+        if self.kernel == "vnni":
+            return cpu_kernels.untile_int4(self.qweight, self.scales, self.zeros, self.out_features)
         # There is no unpack op for these layouts: multiplying the identity with scale 1 and zero 0 reads q - 8
         # (exact: small integers, one term per output). Slow on CPU (seconds per 4096x14336), so only for
         # saving or moving a packed module.
@@ -302,7 +306,8 @@ class Int4Linear(QuantizedLinear):
 
     def _mm(self, x):
         if self.kernel == "vnni":
-            return cpu_kernels.int4_gemv(x, self.qweight, self.scales, self.zeros, self.group_size).to(x.dtype)
+            return cpu_kernels.int4_gemv(x, self.qweight, self.scales, self.zeros, self.group_size,
+                                         self.out_features).to(x.dtype)
         if self.kernel == "int4pack":
             return self._int4pack_mm(x.to(SCALE_DTYPE), self.scales_and_zeros).to(x.dtype)
         return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))

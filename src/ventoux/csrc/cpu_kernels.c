@@ -6,18 +6,20 @@
 // float32.
 //
 //   vx_int8_gemv: x (M, K) float32, w (N, K) int8, scales (N,) bf16                      -> y (M, N) float32
-//   vx_int4_gemv: x (M, K) float32, w (N, K/2) uint8, scales, zeros (N, K/g) bf16, g     -> y (M, N) float32
+//   vx_int4_gemv: x (M, K) float32, w (N/16, K/8, 16, 4) uint8, scales, zeros (N/16, K/g, 16) bf16, g
+//                                                                                       -> y (M, N) float32
 //   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16                               -> y (M, N) float32
 //   vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16                         -> y (M, N) the same
 //
 // Decoding (a few rows) is bound by the memory bandwidth: the gemv kernels share weight rows among OpenMP
-// threads (the same runtime as PyTorch's), read ROWS at a time, prefetching the next ROWS, and reuse each row
-// from L1 for the M activation rows. PyTorch's own bf16 / fp16 products at batch 1 reach about 60% of the
+// threads (the same runtime as PyTorch's), read ROWS at a time (int4: tiles of 16 interleaved rows), prefetching
+// ahead, and reuse each row from L1 for the M activation rows. PyTorch's own bf16 / fp16 products at batch 1 reach about 60% of the
 // bandwidth here. Prefill (more than GEMV_MAX_ROWS rows) is bound by arithmetic: vx_int8_gemv and
 // vx_int4_gemv pass it to quant_gemm, and vx_half_gemm is its 16-bit counterpart, both register-tiled
 // (at the end of the file).
 //
-// The weights are ventoux's device-independent layout (qlinear.py): int4 byte j of a row holds inputs 2j
+// int8 and 16-bit weights are ventoux's device-independent layout (qlinear.py); int4 weights are its tiled
+// form (before vx_int4_gemv), whose bytes are the device-independent ones: byte j of a row holds inputs 2j
 // (low nibble) and 2j+1 (high). Requires K % 128 == 0 (the 16-bit products: K % 32 == 0).
 #include <immintrin.h>
 #include <math.h>
@@ -112,97 +114,102 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   free(dvec);
 }
 
+// The int4 weights arrive in the vnni kernel's own layout (cpu_kernels.tile_int4, done once at load time: a byte
+// permutation of the device-independent one). Rows come in tiles of TILE = 16 (N padded with zero rows), and a
+// tile holds, for each 8 inputs c, 4 bytes of each of its 16 rows side by side: byte (t, c, r, i) is canonical
+// byte 4c + i of row 16t + r (input 8c + 2i in the low nibble, 8c + 2i + 1 in the high). Scales and zeros are
+// (N/16, G, 16). One 64-byte load then holds 8 inputs of 16 rows, an int32 lane a row: vpdpbusd with 4 even
+// (low nibbles) or odd (high nibbles) activations broadcast sums 16 rows at once, the scales apply per block
+// as one vector, there is no horizontal sum, and each thread reads one sequential stream. llama.cpp's CPU_REPACK
+// interleaves Q4_0 rows the same way (8 rows there).
+#define TILE 16
+
+// One tile of 16 rows times M activation rows (MR, a constant in each use): out (MR, 16).
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
+                                                           const uint16_t* zt, int64_t K, int64_t group,
+                                                           const int32_t* xq, const float* dx, const float* xs,
+                                                           const int MR, float* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8((char)0xF0), zero = _mm512_setzero_si512();
+  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
+  __m512 acc[GEMV_MAX_ROWS];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 s = bf16x16(st + g * TILE, 0xFFFF);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 256 bytes
+      const uint8_t* p = wt + b * 256;
+      _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
+      _mm_prefetch((const char*)(p + 2048 + 128), _MM_HINT_T0);
+      __m512i lo[4], hi[4];  // the high nibbles stay in place (16 x code): no shift, and exact after the sums
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_loadu_si512(p + 64 * j);
+        lo[j] = _mm512_and_si512(v, low4);
+        hi[j] = _mm512_and_si512(v, high4);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* q = xq + (m * (K / 8) + b * 4) * 2;  // per 8 inputs: the even, then the odd 4
+        __m512i dl = zero, dh = zero;
+        for (int j = 0; j < 4; ++j) {
+          dl = _mm512_dpbusd_epi32(dl, lo[j], _mm512_set1_epi32(q[2 * j]));
+          dh = _mm512_dpbusd_epi32(dh, hi[j], _mm512_set1_epi32(q[2 * j + 1]));
+        }
+        const __m512i dot = _mm512_add_epi32(dl, _mm512_srai_epi32(dh, 4));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx[m * B + b])), acc[m]);
+      }
+    }
+    // w = (q - 8) s + z = q s + off: plus off times the group's sum of the quantized x
+    const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, bf16x16(zt + g * TILE, 0xFFFF));
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * G + g]), acc[m]);
+  }
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, acc[m]);
+}
+
 void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
     quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
     return;
   }
-  const int64_t C = K / 128;  // 64-byte chunks of a packed row: 128 inputs
-  const int64_t G = K / group, Gp = (G + 15) / 16 * 16;  // groups per row, padded to whole vectors
-  const int64_t per_chunk = 128 / group;
-  // The activations split by parity to meet the low and high nibbles; each int32 lane l of a chunk's dot
-  // product sums 8 consecutive inputs, so it belongs to block 4c + l/4 and to the chunk's group l / (16/per_chunk).
-  int8_t* xe = malloc(M * K / 2);
-  int8_t* xo = malloc(M * K / 2);
-  float* dvec = malloc(M * C * 16 * sizeof(float));
-  float* xsum = calloc(M * Gp, sizeof(float));  // per group: sum of the quantized x (the zeros' term)
+  const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
+  // per 8 inputs, the quantized activations as two int32: the even 4, then the odd 4 (they meet the low and
+  // high nibbles); per block its scale; per group the sum of the quantized x (the zeros' term), from the same
+  // quantized x as the dot products see: the q s and zero terms nearly cancel, so must their errors
+  int32_t* xq = malloc(M * K / 8 * 2 * sizeof(int32_t));
+  float* dx = malloc(M * B * sizeof(float));
+  float* xs = calloc(M * G, sizeof(float));
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < K / BLOCK; ++b) {
-      int8_t q[BLOCK];
+    for (int64_t b = 0; b < B; ++b) {
+      int8_t q[BLOCK], eo[BLOCK];
       const float d = quantize_block(x + m * K + b * BLOCK, q);
       int sum = 0;
-      for (int i = 0; i < BLOCK; i += 2) {
-        xe[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i];
-        xo[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i + 1];
-        sum += q[i] + q[i + 1];
-      }
-      for (int i = 0; i < 4; ++i) dvec[m * C * 16 + b * 4 + i] = d;
-      // the same quantized x as the dot products see: the q*s and zero terms nearly cancel, so must their errors
-      xsum[m * Gp + b * BLOCK / group] += d * (float)sum;
+      for (int i = 0; i < BLOCK; ++i) sum += q[i];
+      for (int c = 0; c < BLOCK / 8; ++c)
+        for (int i = 0; i < 4; ++i) {
+          eo[c * 8 + i] = q[c * 8 + 2 * i];
+          eo[c * 8 + 4 + i] = q[c * 8 + 2 * i + 1];
+        }
+      memcpy(xq + (m * K / 8 + b * 4) * 2, eo, BLOCK);
+      dx[m * B + b] = d;
+      xs[m * G + b * BLOCK / group] += d * (float)sum;
     }
   }
-  const __m512i lane_group = group == 32   ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
-                             : group == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                                           : _mm512_setzero_si512();
-  const __mmask16 chunk_mask = (__mmask16)((1u << per_chunk) - 1);
-#pragma omp parallel num_threads(nthreads)
-  {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    float* s = calloc(ROWS * Gp, sizeof(float));    // the rows' scales, as float
-    float* off = calloc(ROWS * Gp, sizeof(float));  // and z - 8 s: w = (q - 8) s + z = q s + off
-#pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += 16) {
-      const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-      for (int64_t n = n0; n < n1; n += ROWS) {
-        const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
-        const uint8_t* wr = w + n * K / 2;
-        for (int r = 0; r < R; ++r) {
-          for (int64_t g = 0; g < G; g += 16) {
-            const __mmask16 mask = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-            const __m512 sv = bf16x16(scales + (n + r) * G + g, mask), zv = bf16x16(zeros + (n + r) * G + g, mask);
-            _mm512_mask_storeu_ps(s + r * Gp + g, mask, sv);
-            _mm512_mask_storeu_ps(off + r * Gp + g, mask, _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv, zv));
-          }
-        }
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* e = xe + m * K / 2;
-          const int8_t* o = xo + m * K / 2;
-          const float* dv = dvec + m * C * 16;
-          const float* xs = xsum + m * Gp;
-          __m512 acc[ROWS];
-          for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
-          for (int64_t c = 0; c < C; ++c) {
-            const __m512i ev = _mm512_loadu_si512(e + c * 64), ov = _mm512_loadu_si512(o + c * 64);
-            const __m512 d = _mm512_loadu_ps(dv + c * 16);
-            for (int r = 0; r < R; ++r) {
-              const uint8_t* p = wr + r * K / 2 + c * 64;
-              _mm_prefetch((const char*)(p + ROWS * K / 2), _MM_HINT_T0);  // the next rows, same place
-              const __m512i pv = _mm512_loadu_si512(p);
-              const __m512i lo = _mm512_and_si512(pv, low4), hi = _mm512_and_si512(_mm512_srli_epi16(pv, 4), low4);
-              const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ev), hi, ov);
-              // the chunk's 128 / g scales, one per lane
-              const __m512 sc = _mm512_permutexvar_ps(lane_group,
-                                                      _mm512_maskz_loadu_ps(chunk_mask, s + r * Gp + c * per_chunk));
-              acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, d), acc[r]);
-            }
-          }
-          for (int r = 0; r < R; ++r) {  // plus the sum over groups of (z - 8 s) times the group's sum of x
-            __m512 zacc = _mm512_setzero_ps();
-            for (int64_t g = 0; g < Gp; g += 16)
-              zacc = _mm512_fmadd_ps(_mm512_loadu_ps(off + r * Gp + g), _mm512_loadu_ps(xs + g), zacc);
-            y[m * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], zacc));
-          }
-        }
-      }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float out[GEMV_MAX_ROWS * TILE];
+    const uint8_t* wt = w + t * TILE * K / 2;
+    const uint16_t *st = scales + t * G * TILE, *zt = zeros + t * G * TILE;
+    switch (M) {  // M as a constant: the sums stay in registers
+      case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
+      case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
+      case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 3, out); break;
+      case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 4, out); break;
+      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
     }
-    free(s);
-    free(off);
+    const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
+    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
   }
-  free(xe);
-  free(xo);
-  free(dvec);
-  free(xsum);
+  free(xq);
+  free(dx);
+  free(xs);
 }
 
 // 16 bfloat16 or float16 values -> float32 lanes.
@@ -424,16 +431,19 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
               s[r] = bf16(scales[n + r]);
               off[r] = -128.f * s[r];
             } else {
-              const uint8_t* p = w + (n + r) * K / 2;
+              const int64_t R = n + r;  // its bytes in vx_int4_gemv's tiles: 4 of them every 64
+              const int* p = (const int*)(w + (R / TILE) * TILE * K / 2 + (R % TILE) * 4);
+              const __m256i every64 = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);
               for (int64_t k = k0; k < k1; k += 64) {  // 32 bytes -> 64 codes: low nibble first
-                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + k / 2)));
+                const __m512i v = _mm512_cvtepu8_epi16(_mm256_i32gather_epi32(p + k / 8 * 16, every64, 4));
                 const __m512i codes = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi16(15)),
                                                       _mm512_slli_epi16(_mm512_srli_epi16(v, 4), 8));
                 _mm512_storeu_si512(qs + r * Q_KC + k - k0, codes);
               }
               for (int64_t g = k0 / group; g < k1 / group; ++g) {
-                s[r * G + g] = bf16(scales[(n + r) * G + g]);
-                off[r * G + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * G + g];
+                const int64_t at = ((R / TILE) * G + g) * TILE + R % TILE;
+                s[r * G + g] = bf16(scales[at]);
+                off[r * G + g] = bf16(zeros[at]) - 8.f * s[r * G + g];
               }
             }
           }

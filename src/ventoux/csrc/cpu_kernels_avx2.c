@@ -122,95 +122,110 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   free(d);
 }
 
+// The int4 weights in the vnni kernel's tiles, as in cpu_kernels.c (read its comment before vx_int4_gemv): 16
+// rows side by side, 4 bytes each per 8 inputs. Here a 64-byte line is two vectors of 8 rows.
+#define TILE 16
+
+// One tile of 16 rows times M activation rows (MR, a constant in each use): out (MR, 16).
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
+                                                           const uint16_t* zt, int64_t K, int64_t group,
+                                                           const int32_t* xq, const float* dx, const float* xs,
+                                                           const int MR, float* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
+  __m256 acc[GEMV_MAX_ROWS][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
+      const __m256 s = half8(st + g * TILE + 8 * h, 1);
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs
+        const uint8_t* p = wt + b * 256 + 32 * h;
+        if (h == 0) _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
+        if (h == 0) _mm_prefetch((const char*)(p + 2048 + 128), _MM_HINT_T0);
+        __m256i lo[4], hi[4];
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
+          lo[j] = _mm256_and_si256(v, low4);
+#if defined(VNNI256)  // the high nibbles in place (16 x code), exact after the sums: one instruction fewer
+          hi[j] = _mm256_andnot_si256(low4, v);
+#else  // vpmaddubsw's int16 pair sums must stay under 2^15: codes, not 16 x codes
+          hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+#endif
+        }
+        for (int m = 0; m < MR; ++m) {
+          const int32_t* q = xq + (m * (K / 8) + b * 4) * 2;  // per 8 inputs: the even, then the odd 4
+#if defined(VNNI256)
+          __m256i dl = _mm256_setzero_si256(), dh = _mm256_setzero_si256();
+          for (int j = 0; j < 4; ++j) {
+            dl = dot_us(dl, lo[j], _mm256_set1_epi32(q[2 * j]));
+            dh = dot_us(dh, hi[j], _mm256_set1_epi32(q[2 * j + 1]));
+          }
+          const __m256i dot = _mm256_add_epi32(dl, _mm256_srai_epi32(dh, 4));
+#else  // the 8 int16 pair sums of a lane (each at most 2 * 15 * 127) added before widening: one vpmaddwd
+          __m256i pairs = _mm256_setzero_si256();
+          for (int j = 0; j < 4; ++j)
+            pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], _mm256_set1_epi32(q[2 * j])),
+                                                             _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(q[2 * j + 1]))));
+          const __m256i dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(dx[m * B + b])), acc[m][h]);
+        }
+      }
+      // w = (q - 8) s + z = q s + off: plus off times the group's sum of the quantized x
+      const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, half8(zt + g * TILE + 8 * h, 1));
+      for (int m = 0; m < MR; ++m) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xs[m * G + g]), acc[m][h]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(out + m * TILE, acc[m][0]);
+    _mm256_storeu_ps(out + m * TILE + 8, acc[m][1]);
+  }
+}
+
 void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
     quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
     return;
   }
-  const int64_t C = K / 64;  // 32-byte chunks of a packed row: 64 inputs, two activation blocks
-  const int64_t G = K / group, Gp = (G + 7) / 8 * 8 + 8;  // groups per row, padded (and one spare vector)
-  // The activations split by parity to meet the low and high nibbles; each int32 lane l of a chunk's dot
-  // product sums 8 consecutive inputs: block 2c + l/4, group (64 c + 8 l) / g.
-  int8_t* xe = malloc(M * K / 2);
-  int8_t* xo = malloc(M * K / 2);
-  float* dvec = malloc(M * C * 8 * sizeof(float));
-  float* xsum = calloc(M * Gp, sizeof(float));  // per group: sum of the quantized x (the zeros' term)
+  const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
+  // as cpu_kernels.c: per 8 inputs the even 4 and the odd 4 quantized activations, per block its scale, per
+  // group the sum of the quantized x
+  int32_t* xq = malloc(M * K / 8 * 2 * sizeof(int32_t));
+  float* dx = malloc(M * B * sizeof(float));
+  float* xs = calloc(M * G, sizeof(float));
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < K / BLOCK; ++b) {
-      int8_t q[BLOCK];
+    for (int64_t b = 0; b < B; ++b) {
+      int8_t q[BLOCK], eo[BLOCK];
       const float d = quantize_block(x + m * K + b * BLOCK, q);
       int sum = 0;
-      for (int i = 0; i < BLOCK; i += 2) {
-        xe[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i];
-        xo[m * K / 2 + b * BLOCK / 2 + i / 2] = q[i + 1];
-        sum += q[i] + q[i + 1];
-      }
-      for (int i = 0; i < 4; ++i) dvec[m * C * 8 + b * 4 + i] = d;
-      xsum[m * Gp + b * BLOCK / group] += d * (float)sum;
-    }
-  }
-  // lane l's scale: s[(64 c + 8 l) / g], from the two scales at s + 64 c / g
-  const __m256i lane_group = group == 32 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256();
-#pragma omp parallel num_threads(nthreads)
-  {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    float* s = calloc(ROWS * Gp, sizeof(float));    // the rows' scales, as float
-    float* off = calloc(ROWS * Gp, sizeof(float));  // and z - 8 s: w = (q - 8) s + z = q s + off
-#pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += 16) {
-      const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-      for (int64_t n = n0; n < n1; n += ROWS) {
-        const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
-        const uint8_t* wr = w + n * K / 2;
-        for (int r = 0; r < R; ++r)
-          for (int64_t g = 0; g < G; ++g) {
-            s[r * Gp + g] = bf16(scales[(n + r) * G + g]);
-            off[r * Gp + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * Gp + g];
-          }
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* e = xe + m * K / 2;
-          const int8_t* o = xo + m * K / 2;
-          const float* dv = dvec + m * C * 8;
-          const float* xs = xsum + m * Gp;
-          __m256 acc[ROWS];
-          for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-          for (int64_t c = 0; c < C; ++c) {
-            const __m256i ev = _mm256_loadu_si256((const __m256i*)(e + c * 32));
-            const __m256i ov = _mm256_loadu_si256((const __m256i*)(o + c * 32));
-            const __m256 d = _mm256_loadu_ps(dv + c * 8);
-            for (int r = 0; r < R; ++r) {
-              const uint8_t* p = wr + r * K / 2 + c * 32;
-              if (!(c & 1)) _mm_prefetch((const char*)(p + ROWS * K / 2), _MM_HINT_T0);  // the next rows
-              const __m256i pv = _mm256_loadu_si256((const __m256i*)p);
-              const __m256i lo = _mm256_and_si256(pv, low4), hi = _mm256_and_si256(_mm256_srli_epi16(pv, 4), low4);
-#if defined(VNNI256)
-              const __m256i dot = dot_us(dot_us(_mm256_setzero_si256(), lo, ev), hi, ov);
-#else  // the two halves' int16 pair sums (each at most 2 * 15 * 127) added before widening: one vpmaddwd
-              const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ev), _mm256_maddubs_epi16(hi, ov));
-              const __m256i dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-#endif
-              const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)(s + r * Gp + c * 64 / group)));
-              const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), lane_group);
-              acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, d), acc[r]);
-            }
-          }
-          for (int r = 0; r < R; ++r) {  // plus the sum over groups of (z - 8 s) times the group's sum of x
-            __m256 zacc = _mm256_setzero_ps();
-            for (int64_t g = 0; g < Gp; g += 8)
-              zacc = _mm256_fmadd_ps(_mm256_loadu_ps(off + r * Gp + g), _mm256_loadu_ps(xs + g), zacc);
-            y[m * N + n + r] = hsum(_mm256_add_ps(acc[r], zacc));
-          }
+      for (int i = 0; i < BLOCK; ++i) sum += q[i];
+      for (int c = 0; c < BLOCK / 8; ++c)
+        for (int i = 0; i < 4; ++i) {
+          eo[c * 8 + i] = q[c * 8 + 2 * i];
+          eo[c * 8 + 4 + i] = q[c * 8 + 2 * i + 1];
         }
-      }
+      memcpy(xq + (m * K / 8 + b * 4) * 2, eo, BLOCK);
+      dx[m * B + b] = d;
+      xs[m * G + b * BLOCK / group] += d * (float)sum;
     }
-    free(s);
-    free(off);
   }
-  free(xe);
-  free(xo);
-  free(dvec);
-  free(xsum);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float out[GEMV_MAX_ROWS * TILE];
+    const uint8_t* wt = w + t * TILE * K / 2;
+    const uint16_t *st = scales + t * G * TILE, *zt = zeros + t * G * TILE;
+    switch (M) {  // M as a constant: the sums stay in registers
+      case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
+      case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
+      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
+    }
+    const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
+    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+  }
+  free(xq);
+  free(dx);
+  free(xs);
 }
 
 void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int is_bf16, int64_t N, float* y,
@@ -440,14 +455,17 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
               s[r] = bf16(scales[n + r]);
               off[r] = 0.f;
             } else {
-              const uint8_t* p = w + (n + r) * K / 2;
+              const int64_t R = n + r;  // its bytes in vx_int4_gemv's tiles: 4 of them every 64
+              const uint8_t* p = w + (R / TILE) * TILE * K / 2 + (R % TILE) * 4;
               for (int64_t k = k0; k < k1; k += 2) {  // low nibble first
-                qs[r * Q_KC + k - k0] = (int8_t)(p[k / 2] & 15);
-                qs[r * Q_KC + k - k0 + 1] = (int8_t)(p[k / 2] >> 4);
+                const uint8_t byte = p[k / 8 * 64 + k / 2 % 4];
+                qs[r * Q_KC + k - k0] = (int8_t)(byte & 15);
+                qs[r * Q_KC + k - k0 + 1] = (int8_t)(byte >> 4);
               }
               for (int64_t g = k0 / group; g < k1 / group; ++g) {
-                s[r * G + g] = bf16(scales[(n + r) * G + g]);
-                off[r * G + g] = bf16(zeros[(n + r) * G + g]) - 8.f * s[r * G + g];
+                const int64_t at = ((R / TILE) * G + g) * TILE + R % TILE;
+                s[r * G + g] = bf16(scales[at]);
+                off[r * G + g] = bf16(zeros[at]) - 8.f * s[r * G + g];
               }
             }
           }
