@@ -104,7 +104,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, step)  # (B, Hkv, S, D)
         gqa = self.n_heads != self.n_kv_heads
-        if cache is None and attends_by_blocks(t, self.window):
+        if t == 1 and gqa and mask is not None:
+            # One token (decoding): the query heads sharing a KV head are that head's queries, so one plain
+            # attention call serves them; enable_gqa copies K and V per query head (6x slower in bf16 on CPU).
+            g = self.n_heads // self.n_kv_heads
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask)
+            out = out.reshape(b, self.n_heads, 1, self.head_dim)
+        elif cache is None and attends_by_blocks(t, self.window):
             out = banded_attention(q, k, v, self.window, gqa)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
