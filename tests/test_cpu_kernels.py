@@ -56,7 +56,7 @@ def test_the_avx2_build_holds_no_avx512_instruction():
 
 
 def _products(x: torch.Tensor, w: torch.Tensor) -> dict:
-    out = {"int8": cpu_kernels.int8_gemv(x, *quantize_int8(w))}
+    out = {"int8": cpu_kernels.int8_gemv(x, *cpu_kernels.tile_int8(*quantize_int8(w)), w.shape[0])}
     for g in (32, 64, 128):
         out[f"int4-g{g}"] = cpu_kernels.int4_gemv(x, *cpu_kernels.tile_int4(*quantize_int4(w, g)), g, w.shape[0])
     for dtype in (torch.bfloat16, torch.float16):
@@ -110,4 +110,17 @@ def test_int4_tiles_are_the_documented_byte_permutation(n):
         g = c % 4
         assert st[t, g, r] == (s[row, g] if row < n else 0) and zt[t, g, r] == (z[row, g] if row < n else 0)
     for a, b in zip(cpu_kernels.untile_int4(qt, st, zt, n), (q, s, z)):
+        assert torch.equal(a, b)
+
+
+def test_int8_tiles_are_the_documented_byte_permutation():
+    # byte (t, c, r, i) of tile_int8's layout is weight (16t + r, 4c + i); scales padded with zeros
+    n = 37
+    q = torch.randint(-127, 128, (n, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    s = torch.randn(n).bfloat16()
+    qt, st = cpu_kernels.tile_int8(q, s)
+    assert qt.shape == (3, 8, 16, 4) and st.shape == (48,) and not st[n:].any()
+    for t, c, r, i in [(0, 0, 0, 0), (1, 5, 3, 2), (2, 7, 4, 3), (2, 7, 15, 3)]:
+        assert qt[t, c, r, i] == (q[16 * t + r, 4 * c + i] if 16 * t + r < n else 0)
+    for a, b in zip(cpu_kernels.untile_int8(qt, st, n), (q, s)):
         assert torch.equal(a, b)

@@ -12,7 +12,7 @@ VENTOUX_CPU_ISA=avx2|avx512|none overrides the choice (the AVX2 build runs on an
 products only).
 
     lib = library()           # None: no x86 CPU with either ISA here, no C compiler, or VENTOUX_CPU_ISA=none
-    y = int8_gemv(x, qweight, scales)                  # (M, K) float -> (M, N) float32
+    y = int8_gemv(x, *tile_int8(qweight, scales), n)   # (M, K) float -> (M, n) float32; tiled once, at load
     y = int4_gemv(x, *tile_int4(qweight, scales, zeros), group, n)   # tiled once, at load time
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
     y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
@@ -44,6 +44,7 @@ SOURCES = {"avx512": CSRC / "cpu_kernels.c", "avx2": CSRC / "cpu_kernels_avx2.c"
 NEEDED = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avx2": ("avx2", "fma", "f16c")}
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA_VARIABLE = "VENTOUX_CPU_ISA"
+TILE = 16  # int8 / int4 rows per tile of the decode kernels' layout (csrc/cpu_kernels.c, before vx_int8_gemv)
 
 
 def isa_flags(isa: str) -> list[str]:
@@ -154,19 +155,32 @@ def _check(x: torch.Tensor, *tensors: torch.Tensor, multiple: int = 128, dtype=t
     return x.to(dtype).contiguous()
 
 
-def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ (qweight (N, K) int8 * scales (N,) bf16)^T -> (M, N) float32."""
+def tile_int8(qweight: torch.Tensor, scales: torch.Tensor):
+    """The device-independent int8 tensors (N, K), (N,) -> int8_gemv's layout: rows in tiles of 16 (N padded with
+    zero rows), each tile (K/4, 16, 4): per 4 inputs, the 16 rows side by side; scales (N padded,)."""
+    pad = -qweight.shape[0] % TILE
+    if pad:
+        qweight, scales = torch.nn.functional.pad(qweight, (0, 0, 0, pad)), torch.nn.functional.pad(scales, (0, pad))
+    return qweight.view(-1, TILE, qweight.shape[1] // 4, 4).transpose(1, 2).contiguous(), scales.contiguous()
+
+
+def untile_int8(qweight: torch.Tensor, scales: torch.Tensor, n: int):
+    """tile_int8's inverse, for the first n rows."""
+    return qweight.transpose(1, 2).reshape(-1, qweight.shape[1] * 4)[:n].contiguous(), scales[:n].contiguous()
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    """x (M, K) @ (q * scale)^T for the first n rows of int8 weights in tile_int8's layout -> (M, n) float32."""
     if torch.compiler.is_compiling():
-        return torch.ops.ventoux.int8_gemv(x, qweight, scales)  # opaque to the compiler
+        return torch.ops.ventoux.int8_gemv(x, qweight, scales, n)  # opaque to the compiler
     x = _check(x, qweight, scales)
-    (m, k), n = x.shape, qweight.shape[0]
+    m, k = x.shape
+    if qweight.shape[1:] != (k // 4, TILE, 4) or qweight.shape[0] * TILE < n:
+        raise ValueError(f"int8_gemv takes tile_int8's layout (N/16, K/4, 16, 4), not {list(qweight.shape)}")
     y = torch.empty(m, n)
     library().vx_int8_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
                            torch.get_num_threads())
     return y
-
-
-TILE = 16  # int4 rows per tile of the kernel's layout (csrc/cpu_kernels.c, before vx_int4_gemv)
 
 
 def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
@@ -239,8 +253,8 @@ _gemm_op = torch.library.custom_op("ventoux::half_gemm", half_gemm, mutates_args
 
 
 @_int8_op.register_fake
-def _(x, qweight, scales):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+def _(x, qweight, scales, n):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
 
 
 @_int4_op.register_fake

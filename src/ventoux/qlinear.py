@@ -13,8 +13,8 @@ input index in the low nibble; scales; zeros; the input width zero-padded to a m
 Mistral's dimensions) whatever kernel it runs: any device packing happens when tensors
 are loaded or moved (`to()`), never per call. Kernels, in order of preference:
   vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI or AVX2 (named for the first): int8-quantized
-             activations (blocks of 32, as llama.cpp does) times the weights in integer dot products; int8 reads
-             the device-independent layout, int4 its rows interleaved 16 at a time (cpu_kernels.tile_int4)
+             activations (blocks of 32, as llama.cpp does) times the weights in integer dot products; its own layout:
+             the rows interleaved 16 at a time (cpu_kernels.tile_int8, tile_int4)
   int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations
   int4pack   CPU: aten._weight_int4pack_mm_for_cpu; CUDA: aten._weight_int4pack_mm (tinygemm), bfloat16
   fallback   dequantize and F.linear in the input's dtype, any device: the reference the others are tested on
@@ -174,14 +174,24 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.stored_in != self.in_features:
             x2 = F.pad(x2, (0, self.stored_in - self.in_features))  # zeros meet the zero-padded columns
-        y = frozen_product(x2, self._mm, self._weight_rows)  # (M, N); gradients reach x (LoRA), never q
+        y = frozen_product(x2, self._mm, self._weight_columns)  # (M, N); gradients reach x (LoRA), never q
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _weight_rows(self, dtype: torch.dtype, chunk: int = 1024):
-        """The dequantized weight (N, stored_in), `chunk` rows at a time: the backward to the input."""
+    def _weight_columns(self, dtype: torch.dtype, budget: int = 1 << 24, block: int = 1 << 18):
+        """The dequantized weight (N, stored_in) in `dtype`, about `budget` values (columns) at a time: the
+        backward to the input (frozen.py). Each slice is dequantized `block` values at a time, in float32 and
+        rounded once, as in dequantize(): blocks that stay in the CPU's caches run 4x faster than whole weights."""
         canonical = self.canonical()  # a packed kernel unpacks here (slow, see Int4Linear._unpack)
-        for i in range(0, self.out_features, chunk):
-            yield i, self.dequantize(*(t[i:i + chunk] for t in canonical)).to(dtype)
+        n, k = self.out_features, self.stored_in
+        width = min(k, max(PAD, budget // n // PAD * PAD))  # multiples of PAD hold whole int4 groups
+        rows = max(1, block // width)
+        for start in range(0, k, width):
+            stop = min(k, start + width)  # per-row tensors (int8 scales) are whole; the others have K/c columns
+            part = [t[:, start * t.shape[1] // k:stop * t.shape[1] // k] if t.dim() == 2 else t for t in canonical]
+            w = torch.empty(n, stop - start, dtype=dtype, device=canonical[0].device)
+            for i in range(0, n, rows):
+                w[i:i + rows] = self.dequantize(*(t[i:i + rows] for t in part))
+            yield start, w
 
     # state_dict, load_state_dict and to() see the device-independent layout
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -222,6 +232,7 @@ class Int8Linear(QuantizedLinear):
     CANONICAL = (("qweight", torch.int8), ("scales", SCALE_DTYPE))
     dequantize = staticmethod(dequantize_int8)
     KERNELS = ("vnni", "int8pack", "fallback")
+    PACKED = frozenset({"vnni"})  # rows interleaved 16 at a time (a byte permutation, see cpu_kernels.tile_int8)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, kernel: str | None = None) -> Int8Linear:
@@ -234,9 +245,15 @@ class Int8Linear(QuantizedLinear):
                                "match: expected (N, K) and (N,)")
         return tuple(qweight.shape)
 
+    def _pack(self, kernel, qweight, scales):
+        return dict(zip(("qweight", "scales"), cpu_kernels.tile_int8(qweight, scales)))
+
+    def _unpack(self):
+        return cpu_kernels.untile_int8(self.qweight, self.scales, self.out_features)
+
     def _mm(self, x):
         if self.kernel == "vnni":
-            return cpu_kernels.int8_gemv(x, self.qweight, self.scales).to(x.dtype)
+            return cpu_kernels.int8_gemv(x, self.qweight, self.scales, self.out_features).to(x.dtype)
         if self.kernel == "int8pack":
             return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), self.qweight, self.scales).to(x.dtype)
         # (x @ q^T) * s: the scale factors out of the sum

@@ -30,6 +30,7 @@
 #define BLOCK 32  // activation quantization block
 #define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
 #define GEMV_MAX_ROWS 8  // more activation rows than this reuse each weight enough for a tiled product
+#define TILE 16   // int8 and int4 weight rows interleaved in the decode kernels' layout (before vx_int8_gemv)
 
 // Up to 16 bfloat16 values -> float32 lanes (a bfloat16 is the high half of a float32); masked lanes are 0.
 static inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
@@ -58,60 +59,74 @@ static inline float quantize_block(const float* x, int8_t* q) {
 static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
                        const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
 
+// int8 weights in the vnni kernel's tiles, as int4's (the comment before vx_int4_gemv): rows in tiles of 16 (N
+// padded with zero rows), byte (t, c, r, i) = weight (16t + r, 4c + i), so that one 64-byte load holds 4 inputs of
+// 16 rows; scales (N padded,). vpdpbusd wants one unsigned side: the codes become q + 128 (one xor, shared by the
+// M rows) and each block's sum starts at -128 times the block's sum of the quantized x: exact integers.
+static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, const uint16_t* st, int64_t K,
+                                                           const int8_t* xq, const float* dx, const int32_t* xs,
+                                                           const int MR, float* out) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const int64_t B = K / BLOCK;
+  __m512 acc[GEMV_MAX_ROWS];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {  // one block: 32 inputs, 512 bytes
+    const int8_t* p = wt + b * 512;
+    _mm_prefetch((const char*)(p + 4096), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + 4096 + 128), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + 4096 + 256), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + 4096 + 384), _MM_HINT_T0);
+    __m512i u[8];
+    for (int j = 0; j < 8; ++j) u[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
+    for (int m = 0; m < MR; ++m) {
+      const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
+      __m512i d0 = _mm512_set1_epi32(xs[m * B + b]), d1 = _mm512_setzero_si512();
+      for (int j = 0; j < 8; j += 2) {
+        d0 = _mm512_dpbusd_epi32(d0, u[j], _mm512_set1_epi32(q[j]));
+        d1 = _mm512_dpbusd_epi32(d1, u[j + 1], _mm512_set1_epi32(q[j + 1]));
+      }
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(dx[m * B + b]), acc[m]);
+    }
+  }
+  const __m512 s = bf16x16(st, 0xFFFF);
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, _mm512_mul_ps(s, acc[m]));
+}
+
 void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
                   float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
     quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, K, N, y, nthreads);
     return;
   }
-  const int64_t C = K / 64;  // 64-byte chunks of a row: two activation blocks each
-  // |q| as unsigned bytes, sign(q) as one bit mask per chunk, and each chunk's two block scales spread over the
-  // 16 int32 lanes of its dot product (lanes 0-7 sum block 2c, lanes 8-15 block 2c+1)
-  uint8_t* absq = malloc(M * K);
-  uint64_t* neg = malloc(M * C * sizeof(uint64_t));
-  float* dvec = malloc(M * C * 16 * sizeof(float));
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t c = 0; c < C; ++c) {
-      int8_t q[64];
-      const float d0 = quantize_block(x + m * K + c * 64, q), d1 = quantize_block(x + m * K + c * 64 + 32, q + 32);
-      const __m512i v = _mm512_loadu_si512(q);
-      _mm512_storeu_si512(absq + m * K + c * 64, _mm512_abs_epi8(v));
-      neg[m * C + c] = _mm512_movepi8_mask(v);
-      _mm512_storeu_ps(dvec + (m * C + c) * 16, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1)));
+  const int64_t B = K / BLOCK, T = (N + TILE - 1) / TILE;
+  int8_t* xq = malloc(M * K);  // the quantized activations, their block scales and -128 x their block sums
+  float* dx = malloc(M * B * sizeof(float));
+  int32_t* xs = malloc(M * B * sizeof(int32_t));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) {
+      int8_t* q = xq + m * K + b * BLOCK;
+      dx[m * B + b] = quantize_block(x + m * K + b * BLOCK, q);
+      int sum = 0;
+      for (int i = 0; i < BLOCK; ++i) sum += q[i];
+      xs[m * B + b] = -128 * sum;
     }
-  }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t n0 = 0; n0 < N; n0 += 16) {
-    const __m512i zero = _mm512_setzero_si512();
-    const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-    for (int64_t n = n0; n < n1; n += ROWS) {
-      const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
-      const int8_t* wr = w + n * K;
-      for (int64_t m = 0; m < M; ++m) {
-        const uint8_t* a = absq + m * K;
-        const uint64_t* ng = neg + m * C;
-        const float* dv = dvec + m * C * 16;
-        __m512 acc[ROWS];
-        for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; ++c) {
-          const __m512i av = _mm512_loadu_si512(a + c * 64);
-          const __m512 d = _mm512_loadu_ps(dv + c * 16);
-          for (int r = 0; r < R; ++r) {
-            const int8_t* p = wr + r * K + c * 64;
-            _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
-            // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form vpdpbusd takes
-            const __m512i wv = _mm512_loadu_si512(p);
-            const __m512i sw = _mm512_mask_sub_epi8(wv, ng[c], zero, wv);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, av, sw)), d, acc[r]);
-          }
-        }
-        for (int r = 0; r < R; ++r) y[m * N + n + r] = bf16(scales[n + r]) * _mm512_reduce_add_ps(acc[r]);
-      }
+  for (int64_t t = 0; t < T; ++t) {
+    float out[GEMV_MAX_ROWS * TILE];
+    const int8_t* wt = w + t * TILE * K;
+    switch (M) {  // M as a constant: the sums stay in registers
+      case 1: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 1, out); break;
+      case 2: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 2, out); break;
+      case 3: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 3, out); break;
+      case 4: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 4, out); break;
+      default: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, (int)M, out); break;
     }
+    const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
+    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
   }
-  free(absq);
-  free(neg);
-  free(dvec);
+  free(xq);
+  free(dx);
+  free(xs);
 }
 
 // The int4 weights arrive in the vnni kernel's own layout (cpu_kernels.tile_int4, done once at load time: a byte
@@ -122,7 +137,6 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
 // (low nibbles) or odd (high nibbles) activations broadcast sums 16 rows at once, the scales apply per block
 // as one vector, there is no horizontal sum, and each thread reads one sequential stream. llama.cpp's CPU_REPACK
 // interleaves Q4_0 rows the same way (8 rows there).
-#define TILE 16
 
 // One tile of 16 rows times M activation rows (MR, a constant in each use): out (MR, 16).
 static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
@@ -426,8 +440,8 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
           const int nr = N - n < Q_NR ? (int)(N - n) : Q_NR;
           for (int r = 0; r < nr; ++r) {
             if (bits == 8) {
-              const uint8_t* p = w + (n + r) * K;
-              for (int64_t k = k0; k < k1; ++k) qs[r * Q_KC + k - k0] = p[k] ^ 0x80;  // q + 128 as a byte
+              const uint8_t* p = w + (n + r) / TILE * TILE * K + (n + r) % TILE * 4;  // in vx_int8_gemv's tiles
+              for (int64_t k = k0; k < k1; ++k) qs[r * Q_KC + k - k0] = p[k / 4 * 64 + k % 4] ^ 0x80;  // q + 128
               s[r] = bf16(scales[n + r]);
               off[r] = -128.f * s[r];
             } else {

@@ -17,6 +17,7 @@
 #define BLOCK 32  // activation quantization block
 #define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
 #define GEMV_MAX_ROWS 8  // more activation rows than this reuse each weight enough for a tiled product
+#define TILE 16   // int8 and int4 weight rows interleaved in the decode kernels' layout (before vx_int8_gemv)
 
 // VX_EVEX_VNNI (tests only, on AVX-512 VNNI CPUs): the 256-bit vpdpbusd in its AVX-512 encoding, so that the
 // AVX-VNNI form of this file is tested on CPUs that lack AVX-VNNI's own encoding.
@@ -80,51 +81,67 @@ static inline float quantize_block(const float* x, int8_t* q) {
 static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
                        const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
 
+// int8 weights in the vnni kernel's tiles (cpu_kernels.c, before its vx_int8_gemv): byte (t, c, r, i) = weight
+// (16t + r, 4c + i); a 64-byte line is two vectors of 8 rows times 4 inputs.
+static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, const uint16_t* st, int64_t K,
+                                                           const int8_t* xq, const float* dx, const int MR,
+                                                           float* out) {
+  const int64_t B = K / BLOCK;
+  __m256 acc[GEMV_MAX_ROWS][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {  // one block: 32 inputs, 512 bytes
+    const int8_t* p = wt + b * 512;
+    for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + 4096 + 128 * j), _MM_HINT_T0);
+    for (int m = 0; m < MR; ++m) {
+      const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
+      __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int j = 0; j < 8; ++j) {
+        const __m256i qv = _mm256_set1_epi32(q[j]), aq = _mm256_abs_epi8(qv);
+        for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
+          // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form the products take
+          const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h)), qv);
+          dot[h] = dot_us(dot[h], aq, sw);
+        }
+      }
+      const __m256 d = _mm256_set1_ps(dx[m * B + b]);
+      for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), d, acc[m][h]);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m256 s = half8(st + 8 * h, 1);
+    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * TILE + 8 * h, _mm256_mul_ps(s, acc[m][h]));
+  }
+}
+
 void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
                   float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
     quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, K, N, y, nthreads);
     return;
   }
-  const int64_t B = K / BLOCK;
-  int8_t* q = malloc(M * K);  // the quantized activations, and their block scales
-  float* d = malloc(M * B * sizeof(float));
+  const int64_t B = K / BLOCK, T = (N + TILE - 1) / TILE;
+  int8_t* xq = malloc(M * K);  // the quantized activations, and their block scales
+  float* dx = malloc(M * B * sizeof(float));
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < B; ++b) d[m * B + b] = quantize_block(x + m * K + b * BLOCK, q + m * K + b * BLOCK);
+    for (int64_t b = 0; b < B; ++b) dx[m * B + b] = quantize_block(x + m * K + b * BLOCK, xq + m * K + b * BLOCK);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t n0 = 0; n0 < N; n0 += 16) {
-    const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-    for (int64_t n = n0; n < n1; n += ROWS) {
-      const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
-      const int8_t* wr = w + n * K;
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* qm = q + m * K;
-        const float* dm = d + m * B;
-        __m256 acc[ROWS];
-        for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < B; ++b) {
-          const __m256i qv = _mm256_loadu_si256((const __m256i*)(qm + b * BLOCK));
-          const __m256i aq = _mm256_abs_epi8(qv);
-          const __m256 db = _mm256_broadcast_ss(dm + b);
-          for (int r = 0; r < R; ++r) {
-            const int8_t* p = wr + r * K + b * BLOCK;
-            if (!(b & 1)) _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
-            // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form the products take
-            const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)p), qv);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(_mm256_setzero_si256(), aq, sw)), db, acc[r]);
-          }
-        }
-        for (int r = 0; r < R; ++r) y[m * N + n + r] = bf16(scales[n + r]) * hsum(acc[r]);
-      }
+  for (int64_t t = 0; t < T; ++t) {
+    float out[GEMV_MAX_ROWS * TILE];
+    const int8_t* wt = w + t * TILE * K;
+    switch (M) {  // M as a constant: the sums stay in registers
+      case 1: int8_tile(wt, scales + t * TILE, K, xq, dx, 1, out); break;
+      case 2: int8_tile(wt, scales + t * TILE, K, xq, dx, 2, out); break;
+      default: int8_tile(wt, scales + t * TILE, K, xq, dx, (int)M, out); break;
     }
+    const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
+    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
   }
-  free(q);
-  free(d);
+  free(xq);
+  free(dx);
 }
 
 // The int4 weights in the vnni kernel's tiles, as in cpu_kernels.c (read its comment before vx_int4_gemv): 16
 // rows side by side, 4 bytes each per 8 inputs. Here a 64-byte line is two vectors of 8 rows.
-#define TILE 16
 
 // One tile of 16 rows times M activation rows (MR, a constant in each use): out (MR, 16).
 static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
@@ -451,7 +468,8 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
           const int nr = N - n < Q_NR ? (int)(N - n) : Q_NR;
           for (int r = 0; r < nr; ++r) {
             if (bits == 8) {
-              memcpy(qs + r * Q_KC, w + (n + r) * K + k0, k1 - k0);
+              const uint8_t* t = w + (n + r) / TILE * TILE * K + (n + r) % TILE * 4;  // in vx_int8_gemv's tiles
+              for (int64_t k = k0; k < k1; k += 4) memcpy(qs + r * Q_KC + k - k0, t + k / 4 * 64, 4);
               s[r] = bf16(scales[n + r]);
               off[r] = 0.f;
             } else {
