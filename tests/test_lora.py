@@ -159,6 +159,41 @@ def test_frozen_layer_passes_dy_times_its_weight_to_the_input(cls, kernel, monke
         torch.testing.assert_close(x.grad.float(), dy.float() @ w_hat, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_backward_weight_slices_are_the_dequantized_weight(cls):
+    """The backward's dequantized column slices, each built in row blocks, tile the exact dequantized weight
+    (rounded once to the activations' dtype): here 3 slices of 128 columns and blocks of 2 rows."""
+    w = torch.randn(48, 300, generator=torch.Generator().manual_seed(0)) / 8
+    layer = cls.from_float(w)
+    expected = layer.dequantize(*layer.canonical())  # (48, 384): the input width padded
+    for dtype in (torch.float32, torch.bfloat16):
+        slices = list(layer._weight_columns(dtype, budget=48 * 128, block=256))
+        assert [start for start, _ in slices] == [0, 128, 256]
+        assert torch.equal(torch.cat([s for _, s in slices], 1), expected.to(dtype))
+
+
+def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients():
+    """Training keeps x in its own dtype (bf16) for the adapter's backward, not a float32 copy per adapter,
+    and the gradients equal autograd's on the float32 expression."""
+    gen = torch.Generator().manual_seed(0)
+    adapter = lora.Adapter(torch.randn(4, 64, generator=gen), torch.randn(32, 4, generator=gen), scaling=2.0)
+    x = torch.randn(2, 5, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(2, 5, 32, generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = adapter(x)
+    assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)  # matmul saves (10, 64)
+    y.backward(dy)
+    got = [t.grad.clone() for t in (x, adapter.lora_A, adapter.lora_B)]
+    x2, a, b = (t.detach().clone().requires_grad_() for t in (x, adapter.lora_A, adapter.lora_B))
+    expected = (x2.float() @ a.T @ b.T) * 2.0
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-5)
+    expected.backward(dy)
+    for g, e in zip(got, (x2.grad, a.grad, b.grad)):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 def _layer0_adapter(model):
     """An adapter with non-zero A and B on three linears of layer 0 only (the same for every model)."""
     tensors = {}

@@ -42,16 +42,16 @@ class HalfLinear(nn.Linear):
             return F.linear(x, w, self.bias)  # the kernels have no weight gradient (frozen_product: the input's)
         x2 = x.reshape(rows, self.in_features)
         if rows <= MAX_GEMV_ROWS:
-            y = frozen_product(x2, lambda a: cpu_kernels.half_gemv(a, w).to(a.dtype), self._weight_rows)
+            y = frozen_product(x2, lambda a: cpu_kernels.half_gemv(a, w).to(a.dtype), self._weight_columns)
         elif x.dtype == w.dtype == torch.bfloat16 and gemm_beats_pytorch():
-            y = frozen_product(x2, lambda a: cpu_kernels.half_gemm(a, w), self._weight_rows)
+            y = frozen_product(x2, lambda a: cpu_kernels.half_gemm(a, w), self._weight_columns)
         else:
             return F.linear(x, w, self.bias)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _weight_rows(self, dtype):  # for the backward to the input (LoRA on a frozen base): frozen.py
+    def _weight_columns(self, dtype):  # for the backward to the input (LoRA on a frozen base): frozen.py
         yield 0, self.weight.detach().to(dtype)
 
 

@@ -72,11 +72,36 @@ class Adapter(nn.Module):
         return self.lora_A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not (self.training and isinstance(self.dropout, nn.Dropout)):
+            return _LowRank.apply(x, self.lora_A, self.lora_B, self.scaling)
         x = self.dropout(x.to(self.lora_A.dtype))
         return (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
+
+
+class _LowRank(torch.autograd.Function):
+    """(x @ A^T @ B^T) * scaling, A and B's dtype, with autograd's arithmetic, but saving x as it comes (bf16)
+    rather than its float32 copy: PEFT's way keeps one float32 copy of the input per adapter (wq, wk and wv
+    each copy theirs), as much memory as the block's other activations; this keeps the one x the layers share."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scaling):
+        h = x.to(a.dtype) @ a.T  # (..., rank)
+        ctx.save_for_backward(x, h, a, b)
+        ctx.scaling = scaling
+        return (h @ b.T) * scaling
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, a, b = ctx.saved_tensors
+        dz = dy * ctx.scaling
+        dh = dz @ b  # (..., rank)
+        db = dz.flatten(0, -2).T @ h.flatten(0, -2) if ctx.needs_input_grad[2] else None
+        da = dh.flatten(0, -2).T @ x.flatten(0, -2).to(a.dtype) if ctx.needs_input_grad[1] else None
+        dx = (dh @ a).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return dx, da, db, None
 
 
 class Selection:
