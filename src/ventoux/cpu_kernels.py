@@ -68,7 +68,7 @@ def _cpuinfo(field: str) -> str:
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    return frozenset(_cpuinfo("flags").split())  # cached: isa() asks on every product call
+    return frozenset(_cpuinfo("flags").split())
 
 
 def cpu_vendor() -> str:
@@ -80,11 +80,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ventoux" / "kernels"
 
 
-def supported_isas() -> list[str]:
-    """The builds this CPU can run, best first."""
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
+    """The builds this CPU can run, best first (cached: isa() asks on every product call)."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    return [isa for isa in SOURCES if all(f in cpu_flags() for f in NEEDED[isa])]
+        return ()
+    return tuple(isa for isa in SOURCES if all(f in cpu_flags() for f in NEEDED[isa]))
 
 
 def compiler() -> str | None:
