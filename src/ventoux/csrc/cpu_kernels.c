@@ -232,8 +232,38 @@ static inline __m512 half16(const uint16_t* p, int bf16) {
   return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
+// R rows (a constant where R == ROWS) of a bf16 weight times one activation row split by parity (xe, xo): a
+// 64-byte load holds 16 pairs, a pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32
+// (a bfloat16 is the high half of one), two simple instructions for 32 weights, no widening shuffle.
+static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xe,
+                                                           const float* xo, const int R, float* out) {
+  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+  __m512 acc[ROWS][2];  // even and odd inputs: two sums a row that do not wait on each other
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
+    const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* p = wr + r * K + k;
+      _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+      const __m512i v = _mm512_loadu_si512(p);
+      acc[r][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), o, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
 void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int bf16, int64_t N, float* y,
                   int nthreads) {
+  float* xeo = NULL;  // bf16: the activations split by parity, (M, 2, K/2)
+  if (bf16) {
+    xeo = malloc(M * K * sizeof(float));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; k += 2) {
+        xeo[m * K + k / 2] = x[m * K + k];
+        xeo[m * K + K / 2 + k / 2] = x[m * K + k + 1];
+      }
+  }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
@@ -241,6 +271,14 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
       const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
       const uint16_t* wr = w + n * K;
       for (int64_t m = 0; m < M; ++m) {
+        if (bf16) {
+          float out[ROWS];
+          const float* xe = xeo + m * K;
+          if (R == ROWS) bf16_rows(wr, K, xe, xe + K / 2, ROWS, out);
+          else bf16_rows(wr, K, xe, xe + K / 2, R, out);
+          for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
+          continue;
+        }
         const float* xm = x + m * K;
         __m512 acc[ROWS][2];  // two sums a row: the multiply-adds of one row do not wait on each other
         for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -249,14 +287,15 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
           for (int r = 0; r < R; ++r) {
             const uint16_t* p = wr + r * K + k;
             _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
-            acc[r][0] = _mm512_fmadd_ps(half16(p, bf16), x0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(half16(p + 16, bf16), x1, acc[r][1]);
+            acc[r][0] = _mm512_fmadd_ps(half16(p, 0), x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(half16(p + 16, 0), x1, acc[r][1]);
           }
         }
         for (int r = 0; r < R; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
       }
     }
   }
+  free(xeo);
 }
 
 // vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16 -> y (M, N) in the same type, for prefill (M in
@@ -441,7 +480,12 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
           for (int r = 0; r < nr; ++r) {
             if (bits == 8) {
               const uint8_t* p = w + (n + r) / TILE * TILE * K + (n + r) % TILE * 4;  // in vx_int8_gemv's tiles
-              for (int64_t k = k0; k < k1; ++k) qs[r * Q_KC + k - k0] = p[k / 4 * 64 + k % 4] ^ 0x80;  // q + 128
+              for (int64_t k = k0; k < k1; k += 4) {  // q + 128 as bytes
+                uint32_t four;
+                memcpy(&four, p + k / 4 * 64, 4);
+                four ^= 0x80808080u;
+                memcpy(qs + r * Q_KC + k - k0, &four, 4);
+              }
               s[r] = bf16(scales[n + r]);
               off[r] = -128.f * s[r];
             } else {
