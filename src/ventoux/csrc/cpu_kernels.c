@@ -232,25 +232,27 @@ static inline __m512 half16(const uint16_t* p, int bf16) {
   return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
-// R rows (a constant where R == ROWS) of a bf16 weight times one activation row split by parity (xe, xo): a
-// 64-byte load holds 16 pairs, a pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32
-// (a bfloat16 is the high half of one), two simple instructions for 32 weights, no widening shuffle.
-static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xe,
-                                                           const float* xo, const int R, float* out) {
+// One row of a bf16 weight times one activation row split by parity (xe, xo): a 64-byte load holds 16 pairs, a
+// pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32 (a bfloat16 is the high half
+// of one), two simple instructions for 32 weights, no widening shuffle. One row after another, so that each
+// thread reads one sequential stream (as llama.cpp's BF16 product does), four sums in flight.
+static inline void bf16_row(const uint16_t* p, int64_t K, const float* xe, const float* xo, float* out) {
   const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-  __m512 acc[ROWS][2];  // even and odd inputs: two sums a row that do not wait on each other
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
-    const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
-    for (int r = 0; r < R; ++r) {
-      const uint16_t* p = wr + r * K + k;
-      _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
-      const __m512i v = _mm512_loadu_si512(p);
-      acc[r][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), o, acc[r][1]);
-    }
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512i v = _mm512_loadu_si512(p + k), u = _mm512_loadu_si512(p + k + 32);
+    a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xe + k / 2), a0);
+    a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_loadu_ps(xo + k / 2), a1);
+    a2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), _mm512_loadu_ps(xe + k / 2 + 16), a2);
+    a3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(u, high)), _mm512_loadu_ps(xo + k / 2 + 16), a3);
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  if (k < K) {  // K % 64 == 32
+    const __m512i v = _mm512_loadu_si512(p + k);
+    a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xe + k / 2), a0);
+    a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_loadu_ps(xo + k / 2), a1);
+  }
+  *out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int bf16, int64_t N, float* y,
@@ -270,15 +272,12 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
     for (int64_t n = n0; n < n1; n += ROWS) {
       const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
       const uint16_t* wr = w + n * K;
+      if (bf16) {  // each row read once from memory, then from L1 for the other activation rows
+        for (int r = 0; r < R; ++r)
+          for (int64_t m = 0; m < M; ++m) bf16_row(wr + r * K, K, xeo + m * K, xeo + m * K + K / 2, y + m * N + n + r);
+        continue;
+      }
       for (int64_t m = 0; m < M; ++m) {
-        if (bf16) {
-          float out[ROWS];
-          const float* xe = xeo + m * K;
-          if (R == ROWS) bf16_rows(wr, K, xe, xe + K / 2, ROWS, out);
-          else bf16_rows(wr, K, xe, xe + K / 2, R, out);
-          for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
-          continue;
-        }
         const float* xm = x + m * K;
         __m512 acc[ROWS][2];  // two sums a row: the multiply-adds of one row do not wait on each other
         for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
