@@ -110,11 +110,8 @@ class Handle:
             self._items.append(item)
             self._ready.notify_all()
             loop, ready = self._loop, self._async_ready
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the loop has closed: nobody is listening
-                pass
+        if loop is not None:  # an async reader: woken once per step with the others (Engine._wake_loops)
+            self._engine._loop_wakes.setdefault(loop, set()).add(ready)
 
     def _next(self):
         item = self._items.popleft()
@@ -175,6 +172,9 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
+        # asyncio.Events of the async readers that got events this step, by loop: one cross-thread wake-up
+        # (a write to the loop's self-pipe) per step and loop, not per token (engine thread only)
+        self._loop_wakes: dict[asyncio.AbstractEventLoop, set[asyncio.Event]] = {}
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="ventoux-engine", daemon=True)
         self._thread.start()
@@ -231,8 +231,17 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():  # per thread: this one runs every forward
             while self._next_step():
-                pass
+                self._wake_loops()
             self._shutdown()
+            self._wake_loops()
+
+    def _wake_loops(self) -> None:
+        wakes, self._loop_wakes = self._loop_wakes, {}
+        for loop, readies in wakes.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, readies)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                pass
 
     def _next_step(self) -> bool:
         """Cancel, admit (first come first served), one batch step; False once closed."""
@@ -291,3 +300,8 @@ class Engine:
                            kv_cache_total_bytes=b.budget_bytes, usage_ratio=min(1.0, used / b.budget_bytes),
                            kv_cache_allocated_bytes=b.cache.nbytes + b.store.nbytes, prefix_hits=b.prefix_hits,
                            prefix_tokens=b.prefix_tokens, max_batch=b.max_batch)
+
+
+def _set_all(readies: set[asyncio.Event]) -> None:
+    for ready in readies:
+        ready.set()
