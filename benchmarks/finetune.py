@@ -7,7 +7,7 @@ Every variant runs in its own process on the same random 7B-shaped checkpoint (b
 each peak resident memory (ru_maxrss) is its own: load, LoRA rank 16 on all seven block linears (alpha 32),
 AdamW over the adapter only, one warm-up step, then --steps timed steps of --batch-size x --seq-len random
 tokens, with activation checkpointing off and on. Ratios are against transformers + peft (bf16) with the
-same checkpointing setting.
+same checkpointing setting ("x bf16 memory": against ventoux's bf16 base).
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def worker(args) -> None:
 
     folder = Path(args.folder)
     if args.variant.startswith("ventoux"):
-        model, forward = ventoux_model(folder, args.variant, args.checkpointing)
+        model, forward = ventoux_model(folder, args.variant, args.ckpt)
     else:
-        model, forward = peft_model(folder, args.checkpointing)
+        model, forward = peft_model(folder, args.ckpt)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -84,7 +84,7 @@ def worker(args) -> None:
     for _ in range(args.steps):
         step()
     seconds = time.perf_counter() - t0
-    print(json.dumps(dict(variant=args.variant, checkpointing=args.checkpointing,
+    print(json.dumps(dict(variant=args.variant, checkpointing=args.ckpt,
                           trainable=sum(p.numel() for p in params),
                           tokens_per_s=args.steps * args.batch_size * args.seq_len / seconds,
                           peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
@@ -96,31 +96,39 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
+                   help="activation checkpointing (recompute each block in backward): off, on, or a run of each")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one measurement (a worker process)
     p.add_argument("--folder", help=argparse.SUPPRESS)
-    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)  # the worker's checkpointing
     args = p.parse_args()
     if args.variant:
         return worker(args)
     folder = random_checkpoint(args.layers)
     rows = []
-    for checkpointing in (False, True):
-        for variant in VARIANTS:
+    variants = args.variants.split(",")
+    if not set(variants) <= set(VARIANTS):
+        p.error(f"--variants {args.variants}: choose among {', '.join(VARIANTS)}")
+    for checkpointing in {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]:
+        for variant in variants:
             log(f"{variant}, checkpointing {'on' if checkpointing else 'off'} ...")
             cmd = [sys.executable, __file__, "--variant", variant, "--folder", str(folder), "--seq-len",
                    str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-            out = subprocess.run(cmd + (["--checkpointing"] if checkpointing else []), capture_output=True, text=True)
+            out = subprocess.run(cmd + (["--ckpt"] if checkpointing else []), capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"\nLoRA r16 on 7 targets, {args.layers}-layer Mistral-7B shape, batch {args.batch_size} x {args.seq_len}, "
           f"{args.steps} timed steps")
-    print(f"{'variant':<24}{'ckpt':>5}{'tokens/s':>10}{'peak GiB':>10}{'speed x':>9}{'memory x':>10}")
+    print(f"{'variant':<24}{'ckpt':>5}{'tokens/s':>10}{'peak GiB':>10}{'speed x':>9}{'memory x':>10}"
+          f"{'x bf16 memory':>14}")
     for r in rows:
-        ref = next(x for x in rows if x["variant"] == VARIANTS[-1] and x["checkpointing"] == r["checkpointing"])
+        ref = next((x for x in rows if x["variant"] == VARIANTS[-1] and x["checkpointing"] == r["checkpointing"]), r)
+        bf16 = next((x for x in rows if x["variant"] == VARIANTS[0] and x["checkpointing"] == r["checkpointing"]), r)
         print(f"{r['variant']:<24}{'on' if r['checkpointing'] else 'off':>5}{r['tokens_per_s']:>10.1f}"
               f"{r['peak_rss_gib']:>10.2f}{r['tokens_per_s'] / ref['tokens_per_s']:>9.2f}"
-              f"{r['peak_rss_gib'] / ref['peak_rss_gib']:>10.2f}")
+              f"{r['peak_rss_gib'] / ref['peak_rss_gib']:>10.2f}{r['peak_rss_gib'] / bf16['peak_rss_gib']:>14.2f}")
 
 
 if __name__ == "__main__":
