@@ -31,6 +31,9 @@
 #define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
 #define GEMV_MAX_ROWS 8  // more activation rows than this reuse each weight enough for a tiled product
 #define TILE 16   // int8 and int4 weight rows interleaved in the decode kernels' layout (before vx_int8_gemv)
+#ifndef AHEAD
+#define AHEAD 4096  // bytes: how far ahead of its tile reads the decode kernel prefetches, every line
+#endif
 
 // Up to 16 bfloat16 values -> float32 lanes (a bfloat16 is the high half of a float32); masked lanes are 0.
 static inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
@@ -72,10 +75,7 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {  // one block: 32 inputs, 512 bytes
     const int8_t* p = wt + b * 512;
-    _mm_prefetch((const char*)(p + 4096), _MM_HINT_T0);
-    _mm_prefetch((const char*)(p + 4096 + 128), _MM_HINT_T0);
-    _mm_prefetch((const char*)(p + 4096 + 256), _MM_HINT_T0);
-    _mm_prefetch((const char*)(p + 4096 + 384), _MM_HINT_T0);
+    for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
     __m512i u[8];
     for (int j = 0; j < 8; ++j) u[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
     for (int m = 0; m < MR; ++m) {
@@ -151,8 +151,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
     const __m512 s = bf16x16(st + g * TILE, 0xFFFF);
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 256 bytes
       const uint8_t* p = wt + b * 256;
-      _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
-      _mm_prefetch((const char*)(p + 2048 + 128), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
       __m512i lo[4], hi[4];  // the high nibbles stay in place (16 x code): no shift, and exact after the sums
       for (int j = 0; j < 4; ++j) {
         const __m512i v = _mm512_loadu_si512(p + 64 * j);
@@ -232,27 +231,25 @@ static inline __m512 half16(const uint16_t* p, int bf16) {
   return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
-// One row of a bf16 weight times one activation row split by parity (xe, xo): a 64-byte load holds 16 pairs, a
-// pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32 (a bfloat16 is the high half
-// of one), two simple instructions for 32 weights, no widening shuffle. One row after another, so that each
-// thread reads one sequential stream (as llama.cpp's BF16 product does), four sums in flight.
-static inline void bf16_row(const uint16_t* p, int64_t K, const float* xe, const float* xo, float* out) {
+// R rows (a constant where R == ROWS) of a bf16 weight times one activation row split by parity (xe, xo): a
+// 64-byte load holds 16 pairs, a pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32
+// (a bfloat16 is the high half of one), two simple instructions for 32 weights, no widening shuffle.
+static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xe,
+                                                           const float* xo, const int R, float* out) {
   const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    const __m512i v = _mm512_loadu_si512(p + k), u = _mm512_loadu_si512(p + k + 32);
-    a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xe + k / 2), a0);
-    a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_loadu_ps(xo + k / 2), a1);
-    a2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), _mm512_loadu_ps(xe + k / 2 + 16), a2);
-    a3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(u, high)), _mm512_loadu_ps(xo + k / 2 + 16), a3);
+  __m512 acc[ROWS][2];  // even and odd inputs: two sums a row that do not wait on each other
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
+    const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* p = wr + r * K + k;
+      _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+      const __m512i v = _mm512_loadu_si512(p);
+      acc[r][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), o, acc[r][1]);
+    }
   }
-  if (k < K) {  // K % 64 == 32
-    const __m512i v = _mm512_loadu_si512(p + k);
-    a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xe + k / 2), a0);
-    a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_loadu_ps(xo + k / 2), a1);
-  }
-  *out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
 void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int bf16, int64_t N, float* y,
@@ -272,12 +269,15 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
     for (int64_t n = n0; n < n1; n += ROWS) {
       const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
       const uint16_t* wr = w + n * K;
-      if (bf16) {  // each row read once from memory, then from L1 for the other activation rows
-        for (int r = 0; r < R; ++r)
-          for (int64_t m = 0; m < M; ++m) bf16_row(wr + r * K, K, xeo + m * K, xeo + m * K + K / 2, y + m * N + n + r);
-        continue;
-      }
       for (int64_t m = 0; m < M; ++m) {
+        if (bf16) {
+          float out[ROWS];
+          const float* xe = xeo + m * K;
+          if (R == ROWS) bf16_rows(wr, K, xe, xe + K / 2, ROWS, out);
+          else bf16_rows(wr, K, xe, xe + K / 2, R, out);
+          for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
+          continue;
+        }
         const float* xm = x + m * K;
         __m512 acc[ROWS][2];  // two sums a row: the multiply-adds of one row do not wait on each other
         for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();

@@ -18,6 +18,9 @@
 #define ROWS 4    // weight rows read together: more memory streams in flight, and a prefetch ahead
 #define GEMV_MAX_ROWS 8  // more activation rows than this reuse each weight enough for a tiled product
 #define TILE 16   // int8 and int4 weight rows interleaved in the decode kernels' layout (before vx_int8_gemv)
+#ifndef AHEAD
+#define AHEAD 4096  // bytes: how far ahead of its tile reads the decode kernel prefetches, every line
+#endif
 
 // VX_EVEX_VNNI (tests only, on AVX-512 VNNI CPUs): the 256-bit vpdpbusd in its AVX-512 encoding, so that the
 // AVX-VNNI form of this file is tested on CPUs that lack AVX-VNNI's own encoding.
@@ -91,7 +94,7 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {  // one block: 32 inputs, 512 bytes
     const int8_t* p = wt + b * 512;
-    for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + 4096 + 128 * j), _MM_HINT_T0);
+    for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
     for (int m = 0; m < MR; ++m) {
       const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
       __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -157,8 +160,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
       const __m256 s = half8(st + g * TILE + 8 * h, 1);
       for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs
         const uint8_t* p = wt + b * 256 + 32 * h;
-        if (h == 0) _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
-        if (h == 0) _mm_prefetch((const char*)(p + 2048 + 128), _MM_HINT_T0);
+        for (int j = 0; j < 4 && h == 0; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
         __m256i lo[4], hi[4];
         for (int j = 0; j < 4; ++j) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
@@ -245,20 +247,27 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
   free(xs);
 }
 
-// One row of a bf16 weight times one activation row split by parity (xe, xo), as in cpu_kernels.c: << 16 and
-// & 0xFFFF0000 of 8 pairs give 8 even and 8 odd weights as exact float32; one row after another (one sequential
-// stream per thread), four sums in flight.
-static inline void bf16_row(const uint16_t* p, int64_t K, const float* xe, const float* xo, float* out) {
+// R rows (a constant where R == ROWS) of a bf16 weight times one activation row split by parity (xe, xo), as in
+// cpu_kernels.c: << 16 and & 0xFFFF0000 of 8 pairs give 8 even and 8 odd weights as exact float32.
+static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xe,
+                                                           const float* xo, const int R, float* out) {
   const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t k = 0; k < K; k += 32) {  // K % 32 == 0
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + k)), u = _mm256_loadu_si256((const __m256i*)(p + k + 16));
-    a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xe + k / 2), a0);
-    a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), _mm256_loadu_ps(xo + k / 2), a1);
-    a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), _mm256_loadu_ps(xe + k / 2 + 8), a2);
-    a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, high)), _mm256_loadu_ps(xo + k / 2 + 8), a3);
+  __m256 acc[ROWS][2];  // even and odd inputs: two sums a row that do not wait on each other
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
+    const __m256 e0 = _mm256_loadu_ps(xe + k / 2), o0 = _mm256_loadu_ps(xo + k / 2);
+    const __m256 e1 = _mm256_loadu_ps(xe + k / 2 + 8), o1 = _mm256_loadu_ps(xo + k / 2 + 8);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* p = wr + r * K + k;
+      _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+      const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 16));
+      acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), e0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), o0, acc[r][1]);
+      acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), e1, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)), o1, acc[r][1]);
+    }
   }
-  *out = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
 void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int is_bf16, int64_t N, float* y,
@@ -278,12 +287,15 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int i
     for (int64_t n = n0; n < n1; n += ROWS) {
       const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
       const uint16_t* wr = w + n * K;
-      if (is_bf16) {  // each row read once from memory, then from L1 for the other activation rows
-        for (int r = 0; r < R; ++r)
-          for (int64_t m = 0; m < M; ++m) bf16_row(wr + r * K, K, xeo + m * K, xeo + m * K + K / 2, y + m * N + n + r);
-        continue;
-      }
       for (int64_t m = 0; m < M; ++m) {
+        if (is_bf16) {
+          float out[ROWS];
+          const float* xe = xeo + m * K;
+          if (R == ROWS) bf16_rows(wr, K, xe, xe + K / 2, ROWS, out);
+          else bf16_rows(wr, K, xe, xe + K / 2, R, out);
+          for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
+          continue;
+        }
         const float* xm = x + m * K;
         __m256 acc[ROWS][2];  // two sums a row: the multiply-adds of one row do not wait on each other
         for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
