@@ -243,7 +243,7 @@ static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, 
     const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
     for (int r = 0; r < R; ++r) {
       const uint16_t* p = wr + r * K + k;
-      _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+      _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows, same place, into L2
       const __m512i v = _mm512_loadu_si512(p);
       acc[r][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), o, acc[r][1]);
@@ -285,7 +285,7 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
           const __m512 x0 = _mm512_loadu_ps(xm + k), x1 = _mm512_loadu_ps(xm + k + 16);
           for (int r = 0; r < R; ++r) {
             const uint16_t* p = wr + r * K + k;
-            _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T0);  // the next rows, same place
+            _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows, same place, into L2
             acc[r][0] = _mm512_fmadd_ps(half16(p, 0), x0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(half16(p + 16, 0), x1, acc[r][1]);
           }
