@@ -177,6 +177,8 @@ def _write(buf: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
     b = buf.shape[0]
     if b == 1:
         buf.index_copy_(2, slots[0], x)
+    elif x.shape[2] == 1:  # a decode step: each row's (H, D) key at its slot (scatter_ is ~25x slower here)
+        buf[torch.arange(b, device=buf.device), :, slots[:, 0]] = x[:, :, 0]
     else:
         idx = slots[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
         buf.scatter_(2, idx, x)
