@@ -3,7 +3,8 @@
     python benchmarks/serve.py                                   # demo + 7B-shaped int8/int4, 1/4/8/16 clients
     python benchmarks/serve.py --models demo --clients 1,4 --requests 2 --max-tokens 16 --peer none  # quick
     python benchmarks/serve.py --soak 1000 --clients 8           # 1,000 requests, random disconnects, RSS growth
-    python benchmarks/serve.py --llama-server /path/to/llama-server   # llama.cpp's C++ server (--parallel N)
+    python benchmarks/serve.py --llama-server build        # llama.cpp's C++ server (--parallel N), built once
+    python benchmarks/serve.py --llama-server /path/to/llama-server   # or one of yours
 
 Each concurrency level runs C streaming clients, each sending --requests completions one after another
 (random prompts of 20-200 words, temperature 0, max_tokens fixed), and reports aggregate generated
@@ -104,11 +105,12 @@ def llamacpp_server(model: dict, args) -> Server:
 
     folder = model["folder"] or DEMO_MODEL
     gguf_type = llamacpp.gguf_types(args.dtype, model["quantize"])[0]
-    gguf = llamacpp.gguf_file(folder, gguf_type, CACHE / "gguf", log)
+    gguf = llamacpp.gguf_file(folder, gguf_type, CACHE, log)  # shared with the other benchmarks
     port = free_port()
     if args.llama_server:
         slots = max(args.clients)
-        cmd = [args.llama_server, "-m", str(gguf), "-t", str(args.threads), "--parallel", str(slots),
+        binary = llama_server_binary() if args.llama_server == "build" else args.llama_server
+        cmd = [str(binary), "-m", str(gguf), "-t", str(args.threads), "--parallel", str(slots),
                "-c", str(slots * args.context), "--host", "127.0.0.1", "--port", str(port)]
         return Server(f"llama-server {gguf_type}", cmd, {}, "/health", port).wait_ready()
     lib = llamacpp.ensure_installed("native", log)
@@ -123,6 +125,50 @@ def llamacpp_server(model: dict, args) -> Server:
     env = {"PYTHONPATH": os.pathsep.join([str(lib), str(deps)])}
     # It runs one request at a time (no parallel slots): the client queues them, the wait counted in TTFT.
     return Server(f"llama_cpp.server {gguf_type}", cmd, env, "/v1/models", port, one_at_a_time=True).wait_ready()
+
+
+def llama_server_binary() -> Path:
+    """llama.cpp's llama-server, built from the llama.cpp that the installed llama-cpp-python vendors (its sdist,
+    fetched with pip) for this CPU, as ventoux.bench.llamacpp builds the library; cached in benchmarks/.cache.
+    Only the llama-server target, without network features (no curl, no OpenSSL, no prebuilt web UI)."""
+    import hashlib
+    import shutil
+    import tarfile
+    import tempfile
+
+    from ventoux.bench import llamacpp
+
+    llamacpp.ensure_installed("native", log)
+    import llama_cpp
+
+    version = llama_cpp.__version__
+    key = hashlib.sha1(f"{llamacpp.cpu_model()}|{llamacpp.install_dir('native').name}".encode()).hexdigest()[:10]
+    binary = CACHE / f"llama-server-{version}-{key}" / "llama-server"
+    if binary.exists():
+        return binary
+    source = CACHE / f"llama.cpp-{version}"
+    if not (source / "CMakeLists.txt").exists():
+        log(f"fetching the llama-cpp-python {version} source (it vendors llama.cpp) ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps",
+                            "-q", f"llama-cpp-python=={version}", "-d", tmp], check=True)
+            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+                prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+                members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+                for m in members:
+                    m.name = m.name[len(prefix):] or "."
+                tar.extractall(source, members=members, filter="data")
+    build = binary.parent.with_name(binary.parent.name + ".build")
+    log(f"building llama-server from {source} into {binary.parent} (several minutes) ...")
+    options = ["-DCMAKE_BUILD_TYPE=Release", *llamacpp.BUILDS["native"].split(), "-DLLAMA_CURL=OFF",
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *options], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 1)],
+                   check=True, stdout=subprocess.DEVNULL)
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(build / "bin" / "llama-server", binary)
+    return binary
 
 
 # ---- load ---------------------------------------------------------------------------------------------
@@ -240,7 +286,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--context", type=int, default=2048, help="llama.cpp context per slot")
     p.add_argument("--peer", choices=["llama.cpp", "none"], default="llama.cpp")
-    p.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (else llama_cpp.server)")
+    p.add_argument("--llama-server", default=None,
+                   help="llama.cpp's llama-server binary, or 'build' to build it here once (else llama_cpp.server)")
     p.add_argument("--soak", type=int, default=0, help="run the soak test with this many requests instead")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
