@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,7 +80,8 @@ def worker(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: first-use costs stay out of the timing
+    for _ in range(args.warmup):  # first-use costs stay out of the timing
+        step()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -95,7 +97,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: time the first step too)")
+    p.add_argument("--jobs", type=int, default=1, help="variants measured at once (side by side, on a shared "
+                   "machine, they meet the same contention; each peak memory is its own process's)")
     p.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
                    help="activation checkpointing (recompute each block in backward): off, on, or a run of each")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
@@ -106,21 +111,26 @@ def main() -> None:
     if args.variant:
         return worker(args)
     folder = random_checkpoint(args.layers)
-    rows = []
     variants = args.variants.split(",")
     if not set(variants) <= set(VARIANTS):
         p.error(f"--variants {args.variants}: choose among {', '.join(VARIANTS)}")
-    for checkpointing in {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]:
-        for variant in variants:
-            log(f"{variant}, checkpointing {'on' if checkpointing else 'off'} ...")
-            cmd = [sys.executable, __file__, "--variant", variant, "--folder", str(folder), "--seq-len",
-                   str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-            out = subprocess.run(cmd + (["--ckpt"] if checkpointing else []), capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = [(v, c) for c in {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
+            for v in variants]
+
+    def measure(run):
+        variant, checkpointing = run
+        log(f"{variant}, checkpointing {'on' if checkpointing else 'off'} ...")
+        cmd = [sys.executable, __file__, "--variant", variant, "--folder", str(folder), "--seq-len", str(args.seq_len),
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        out = subprocess.run(cmd + (["--ckpt"] if checkpointing else []), capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(measure, runs))
     print(f"\nLoRA r16 on 7 targets, {args.layers}-layer Mistral-7B shape, batch {args.batch_size} x {args.seq_len}, "
-          f"{args.steps} timed steps")
+          f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.jobs} variant(s) at a time")
     print(f"{'variant':<24}{'ckpt':>5}{'tokens/s':>10}{'peak GiB':>10}{'speed x':>9}{'memory x':>10}"
           f"{'x bf16 memory':>14}")
     for r in rows:
