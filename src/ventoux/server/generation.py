@@ -97,6 +97,17 @@ class Run:
 
     async def events(self):
         """(choice index, Event) from every handle as they come, bookkept on the way."""
+        if len(self.handles) == 1:  # one choice: read its handle here (no task and no queue hop per token)
+            events = aiter(self.handles[0])
+            while True:
+                try:
+                    ev = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except Exception as e:  # the engine failed this request (it serves the others on)
+                    raise APIError(500, str(e), code="engine_error") from e
+                self._record(0, ev)
+                yield 0, ev
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, handle):
