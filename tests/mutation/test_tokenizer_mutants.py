@@ -111,8 +111,7 @@ def test_decode_errors_name_the_bad_id_and_the_range(tmp_path):
     for bad in (-1, 32000):
         with pytest.raises(VentouxError, match=rf"token id {bad} is not in this tokenizer's vocabulary \[0, 32000\)"):
             tok.decode([5, bad])
-    with pytest.raises(VentouxError, match="token ids to decode must be a list of integers"):
-        tok.decode([5, 2.0])
+    assert _message(lambda: tok.decode([5, 2.0])) == "token ids to decode must be a list of integers"
 
 
 def test_the_ids_and_defaults_are_mistral_commons(tmp_path):
@@ -157,3 +156,17 @@ def test_user_errors_are_these_exact_lines(tmp_path):
         f"messages are not a valid conversation ({reason}); reorder them"
     assert _message(lambda: tok.render_chat([{"role": "user", "content": "a"}], continue_final=True)) == \
         "to continue the final message, the last message must be the assistant's"
+
+
+def test_missing_and_unreadable_tokenizer_files_are_these_exact_lines(tmp_path):
+    assert _message(lambda: load_tokenizer(tmp_path)) == (
+        f"no tokenizer in {tmp_path}: expected tekken.json, tokenizer.model.v1/v2/v3 or tokenizer.model; "
+        "copy the tokenizer file of the checkpoint into that folder")
+    broken = tmp_path / "tekken.json"
+    broken.write_text('{"config": {}}')
+    try:  # mistral-common's own reason, on one line
+        MistralTokenizer.from_file(str(broken))
+    except Exception as e:  # noqa: BLE001  (whatever it raises: its text is the reason shown)
+        reason = " ".join(str(e).split())
+    assert _message(lambda: load_tokenizer(tmp_path)) == \
+        f"tokenizer file {broken} cannot be read ({reason}); replace it with the checkpoint's own"
