@@ -294,3 +294,30 @@ def test_resume_flags_through_the_cli(corpus, tmp_path, capsys):
     assert steps == [1, 2, 3, 4, 5, 6]
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert lrs[6] == pytest.approx(3e-4) and lrs[5] > lrs[6]  # the cosine of a 6-step run ends at min_lr
+
+
+def test_chunked_loss_equals_transformers_loss_and_gradients(monkeypatch):
+    """The head and loss in chunks of rows, recomputed in backward, give transformers' summed loss and the
+    same gradients (targets with ignored positions, rows not a multiple of the chunk)."""
+    import torch.nn.functional as F
+    from conftest import TINY, hf_model, ventoux_from_hf
+
+    from ventoux.train import loop
+
+    hf = hf_model(TINY, seed=5)
+    ours = ventoux_from_hf(hf)
+    x = torch.randint(0, TINY.vocab_size, (3, 7))
+    y = torch.randint(0, TINY.vocab_size, (21,))
+    y[[0, 4, 20]] = -100
+    monkeypatch.setattr(loop, "LOGIT_CHUNK", 5 * TINY.vocab_size)  # 5 rows a chunk: 5 chunks, the last of 1 row
+    calls = []
+    monkeypatch.setattr(ours, "logits", lambda h, f=ours.logits: calls.append(h.shape[0]) or f(h))
+    loss = loop.summed_loss(ours, x, y)
+    loss.backward()
+    assert calls[:5] == [5, 5, 5, 5, 1]  # forward in chunks (backward recomputes each)
+    ref = F.cross_entropy(hf(x).logits.flatten(0, 1), y, ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in [(ours.output.weight, hf.lm_head.weight), (ours.layers[0].attention.wq.weight,
+                                                             hf.model.layers[0].self_attn.q_proj.weight)]:
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -159,6 +159,17 @@ class Transformer(nn.Module):
         Without a cache the sequence starts at position 0 (positions must be None or 0..T-1).
         With a cache, positions (B, T) are each row's absolute positions, consecutive per row.
         """
+        x = self.hidden_states(tokens, positions, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> float32 logits (the final norm, then the head)."""
+        return self.output(self.norm(hidden)).float()
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """tokens (B, T) -> the last block's output (B, T, dim), before the final norm and the head."""
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
@@ -173,9 +184,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, step, i)
-        if last_only:
-            x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        return x
 
 
 def swap_modules(model: nn.Module, transform) -> nn.Module:

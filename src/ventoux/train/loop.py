@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import VentouxError
@@ -55,6 +56,30 @@ class LoopArgs:
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     resume: bool = False
     device: str = "auto"  # auto: cuda, then mps, then cpu
+
+
+LOGIT_CHUNK = 2**24  # float32 logits per chunk of summed_loss (64 MB): rows = LOGIT_CHUNK // vocab
+
+
+def summed_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the model's next-token logits for tokens x (B, T) against targets y (B*T,).
+
+    The float32 logits, their log-softmax and their gradient are 3 x rows x vocab x 4 bytes (1.5 GiB for
+    4 x 512 tokens and a 32K vocabulary): more than a LoRA's activations. When they exceed a chunk, the
+    head and the loss run a chunk of rows at a time and are recomputed in backward (as torchtune's chunked
+    cross-entropy), so only one chunk's exist at once; the loss is the same sum, in a different order.
+    """
+    vocab = model.config.vocab_size
+    rows = max(1, LOGIT_CHUNK // vocab)
+    if x.numel() <= rows:
+        return F.cross_entropy(model(x).flatten(0, 1), y, ignore_index=-100, reduction="sum")
+    hidden = model.hidden_states(x).flatten(0, 1)  # (B*T, dim)
+
+    def chunk_loss(h, target):
+        return F.cross_entropy(model.logits(h), target, ignore_index=-100, reduction="sum")
+
+    return sum(torch.utils.checkpoint.checkpoint(chunk_loss, hidden[i: i + rows], y[i: i + rows], use_reentrant=False)
+               for i in range(0, hidden.shape[0], rows))
 
 
 # Settings a resumed run may change: they decide what is logged, kept and where it runs, not the weights.
@@ -182,10 +207,9 @@ def train(job: Job, args: LoopArgs, out: Path, last: Path | None, device: torch.
         step, tokens = state["step"], 0
         for micro in range(args.grad_accum):
             x, y, n = job.batch(step, micro)  # (B, T) each
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x.to(device))  # (B, T, vocab), float32
             y = y.to(device).flatten()
-            summed = F.cross_entropy(logits.flatten(0, 1), y, ignore_index=-100, reduction="sum")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                summed = summed_loss(model, x.to(device), y)
             loss = summed / max(1, int((y != -100).sum())) / args.grad_accum  # no target: no loss, no gradient
             loss.backward()
             losses.append(loss.item() * args.grad_accum)
