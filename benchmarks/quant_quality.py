@@ -14,8 +14,15 @@ Every engine is fed the same token ids in the same strided windows (ventoux.eval
 scored by the same code. The context defaults to the model's sliding window (128 for the demo model):
 llama.cpp runs Mistral as a full-attention llama, so within one window both compute the same function.
 Printed: each scheme's perplexity change against its engine's own 16-bit run, side by side with the
-llama.cpp type of the same size, and the scoring-time ratio transformers / ventoux. GGUF files are cached
-in benchmarks/.cache.
+llama.cpp type of the same size, and the scoring-time ratio transformers / ventoux. At 8 bits that change
+is as small as the rounding of 16-bit arithmetic moves it, so each row also gives the mean KL divergence of
+its next-token distributions from ventoux's float32 run on the first --kld-tokens tokens (what llama.cpp's
+own `llama-perplexity --kl-divergence` reports for its quantizations): the one float32 reference for both
+engines, and a measure that does not let errors cancel.
+llama.cpp quantizes only tensors whose rows are whole blocks of 32 and keeps the others 16-bit (the demo
+model's ffn_down, 688 wide, is F16 in every GGUF file here), where ventoux quantizes every block linear.
+So each ventoux scheme also runs as "<scheme>*", those same tensors left in bf16, the like-for-like row.
+GGUF files are cached in benchmarks/.cache.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import ventoux
 from ventoux.api import DEMO_MODEL
 from ventoux.eval.perplexity import windows
 from ventoux.eval.scoring import score
+from ventoux.model import swap_modules
+from ventoux.quantize import quantizer
 from ventoux.train.data import split_heldout
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "tinyshakespeare.txt"
@@ -51,22 +60,51 @@ class HFScorer(torch.nn.Module):
         return self.hf(tokens).logits.float()
 
 
-def score_llama_cpp(path: Path, requests, context: int, threads: int) -> float:
-    """Summed log-likelihood of the requests' scored tokens, from llama.cpp's logits at every position."""
+def score_llama_cpp(path: Path, requests, context: int, threads: int, keep: int) -> tuple[float, np.ndarray]:
+    """Summed log-likelihood of the requests' scored tokens, from llama.cpp's logits at every position, and
+    the log-probabilities of the first `keep` scored positions (rows of the vocabulary)."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=context + 1, n_batch=context + 1, logits_all=True, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
-    total = 0.0
+    total, kept = 0.0, []
     for tokens, n in requests:
         tokens = [int(t) for t in tokens]
         llm.reset()
         llm.eval(tokens[:-1])
         logits = np.asarray(llm.scores[len(tokens) - 1 - n: len(tokens) - 1], dtype=np.float64)
-        logz = np.logaddexp.reduce(logits, axis=-1)
-        total += float((logits[np.arange(n), tokens[-n:]] - logz).sum())
+        logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        total += float(logprobs[np.arange(n), tokens[-n:]].sum())
+        if sum(len(k) for k in kept) < keep:
+            kept.append(logprobs.astype(np.float32))
     llm.close()
-    return total
+    return total, np.concatenate(kept)[:keep]
+
+
+@torch.inference_mode()
+def ventoux_logprobs(model, requests, batch_size: int, keep: int) -> np.ndarray:
+    """The log-probabilities of the first `keep` scored positions, in request order, as score() computes them."""
+    kept, count = [], 0
+    for start in range(0, len(requests), batch_size):
+        if count >= keep:
+            break
+        batch = requests[start: start + batch_size]
+        width = max(len(t) for t, _ in batch) - 1
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (tokens, _) in enumerate(batch):
+            inputs[row, : len(tokens) - 1] = torch.as_tensor(tokens[:-1])
+        logits = model(inputs)
+        for row, (tokens, n) in enumerate(batch):
+            end = len(tokens) - 1
+            kept.append(logits[row, end - n: end].float().log_softmax(-1).numpy())
+            count += n
+    return np.concatenate(kept)[:keep]
+
+
+def mean_kld(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean over positions of KL(reference || other), in nats; both are rows of log-probabilities."""
+    ref = reference.astype(np.float64)
+    return float((np.exp(ref) * (ref - other.astype(np.float64))).sum(-1).mean())
 
 
 class Clock:
@@ -87,6 +125,14 @@ def bits_per_weight(n_bytes: int, n_weights: int) -> float:
     return 8 * n_bytes / n_weights
 
 
+def load_like_gguf(model: str, scheme: str):
+    """ventoux's scheme on the tensors llama.cpp's GGUF quantizes (whole blocks of 32): the others stay bf16."""
+    llm = ventoux.load(model, dtype="bfloat16", device="cpu")
+    transform = quantizer(scheme)
+    swap_modules(llm.model, lambda name, m: m if getattr(m, "in_features", 0) % 32 else transform(name, m))
+    return llm
+
+
 def ventoux_bytes(model) -> int:
     """Bytes of every tensor but the token embedding (as gguf_weight_bytes counts llama.cpp's)."""
     return sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
@@ -103,6 +149,7 @@ def main() -> None:
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--rounds", type=int, default=3, help="timing: ventoux and transformers alternately, best of N")
     p.add_argument("--timing-only", action="store_true", help="only the bf16 runs and the time against transformers")
+    p.add_argument("--kld-tokens", type=int, default=16384, help="positions compared with the float32 run")
     args = p.parse_args()
     threads = torch.get_num_threads()
 
@@ -118,14 +165,24 @@ def main() -> None:
         f"(context {context}, stride {stride}), {threads} threads, {os.uname().machine}")
 
     n_weights = ventoux_bytes(base.model) // 2  # bf16: two bytes a weight
-    ours, bits, clocks = {}, {}, {}  # keyed by scheme: summed nll, bits per weight, time to score
-    for scheme in ["bf16", *([] if args.timing_only else (s for s, _ in PAIRS))]:
-        llm = base if scheme == "bf16" else ventoux.load(args.model, dtype="bfloat16", device="cpu", quantize=scheme)
+    ours, bits, clocks, kld = {}, {}, {}, {}  # keyed by scheme: summed nll, bits per weight, time, KL divergence
+    keep = min(args.kld_tokens, n_tokens)
+    reference = ventoux_logprobs(ventoux.load(args.model, dtype="float32", device="cpu").model, requests,
+                                 args.batch_size, keep)
+    partial_blocks = any(m.in_features % 32 for m in base.model.modules() if isinstance(m, torch.nn.Linear))
+    like_gguf = [f"{s}*" for s, _ in PAIRS] if partial_blocks else []
+    for scheme in ["bf16", *([] if args.timing_only else [*(s for s, _ in PAIRS), *like_gguf])]:
+        if scheme.endswith("*"):
+            llm = load_like_gguf(args.model, scheme[:-1])
+        else:
+            llm = base if scheme == "bf16" else ventoux.load(args.model, dtype="bfloat16", device="cpu",
+                                                             quantize=scheme)
         score(llm.model, requests[: args.batch_size], args.batch_size)  # warm-up: kernels compile on first use
         with Clock() as clocks[scheme]:
             ours[scheme] = -sum(s for s, _ in score(llm.model, requests, args.batch_size))
         bits[scheme] = bits_per_weight(ventoux_bytes(llm.model), n_weights)
-        log(f"ventoux {scheme}: {ours[scheme] / n_tokens:.5f} nats/token ({clocks[scheme]})")
+        kld[scheme] = mean_kld(reference, ventoux_logprobs(llm.model, requests, args.batch_size, keep))
+        log(f"ventoux {scheme}: {ours[scheme] / n_tokens:.5f} nats/token, KL {kld[scheme]:.3e} ({clocks[scheme]})")
 
     from transformers import MistralForCausalLM
 
@@ -151,12 +208,14 @@ def main() -> None:
                 continue
             path = llamacpp.gguf_file(args.model, gguf_type, CACHE, log)
             with Clock() as clock:
-                theirs[gguf_type] = -score_llama_cpp(path, requests, context, threads)
+                total, logprobs = score_llama_cpp(path, requests, context, threads, keep)
+            theirs[gguf_type], kld[gguf_type] = -total, mean_kld(reference, logprobs)
             bits[gguf_type] = bits_per_weight(llamacpp.gguf_weight_bytes(path), n_weights)
-            log(f"llama.cpp {gguf_type}: {theirs[gguf_type] / n_tokens:.5f} nats/token ({clock})")
+            log(f"llama.cpp {gguf_type}: {theirs[gguf_type] / n_tokens:.5f} nats/token, KL {kld[gguf_type]:.3e} "
+                f"({clock})")
 
     if not args.timing_only:
-        print_table(ours, theirs, bits, n_tokens, context, stride)
+        print_table(ours, theirs, bits, kld, n_tokens, keep, context, stride)
     ours_t, hf_t = best["ventoux"], best["transformers"]
     print(f"\ntransformers bf16: perplexity {math.exp(hf_nll / n_tokens):.4f} (ventoux bf16 "
           f"{math.exp(ours['bf16'] / n_tokens):.4f}); time to score, batch {args.batch_size}, {threads} threads, "
@@ -164,18 +223,20 @@ def main() -> None:
           f"as fast by the wall clock, {hf_t.cpu / ours_t.cpu:.2f}x by CPU time")
 
 
-def print_table(ours, theirs, bits, n_tokens, context, stride):
+def print_table(ours, theirs, bits, kld, n_tokens, keep, context, stride):
     def row(name, nll, ref):
         delta = "" if name in ("bf16", "BF16") else f"{100 * math.expm1((nll - ref) / n_tokens):+.3f}%"
-        return f"{name:<11}{bits[name]:>6.2f}{math.exp(nll / n_tokens):>10.4f}{delta:>10}"
+        return f"{name:<11}{bits[name]:>6.2f}{math.exp(nll / n_tokens):>10.4f}{delta:>10}{kld[name]:>10.2e}"
 
     print(f"\nperplexity per token on {n_tokens:,} held-out tokens (context {context}, stride {stride}); "
-          "bits per weight of all tensors but the embedding; change against the engine's own 16-bit run")
-    header = f"{'':<11}{'bits/w':>6}{'ppl':>10}{'change':>10}"
-    print(f"{'ventoux':<37}   llama.cpp\n{header}   {header}")
-    for scheme, gguf_type in [("bf16", "BF16"), *PAIRS]:
-        print(row(scheme, ours[scheme], ours["bf16"]) + "   "
-              + (row(gguf_type, theirs[gguf_type], theirs["BF16"]) if gguf_type in theirs else ""))
+          "bits per weight of all tensors but the embedding; change against the engine's own 16-bit run; "
+          f"KL: mean KL divergence (nats) from ventoux's float32 run over the first {keep:,} tokens")
+    header = f"{'':<11}{'bits/w':>6}{'ppl':>10}{'change':>10}{'KL':>10}"
+    print(f"{'ventoux':<47}   llama.cpp\n{header}   {header}")
+    for scheme, gguf_type in [("bf16", "BF16"), *PAIRS, *((f"{s}*", t) for s, t in PAIRS)]:
+        if scheme in ours:
+            print(row(scheme, ours[scheme], ours["bf16"]) + "   "
+                  + (row(gguf_type, theirs[gguf_type], theirs["BF16"]) if gguf_type in theirs else ""))
 
 
 if __name__ == "__main__":
