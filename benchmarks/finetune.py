@@ -34,18 +34,20 @@ def ventoux_model(folder: Path, variant: str, checkpointing: bool):
     from ventoux.api import load_model
     from ventoux.config import read_config
     from ventoux.lora import LoraConfig, add_adapter
-    from ventoux.train.loop import add_checkpointing
+    from ventoux.train.loop import add_checkpointing, summed_loss
 
     model = load_model(folder, read_config(folder), torch.bfloat16, "cpu",
                        quantize="int4" if variant == "ventoux-int4" else None)
     add_adapter(model, LoraConfig(rank=16, alpha=32))
     if checkpointing:
         add_checkpointing(model)
-    return model, lambda x: model(x)
+    # the loss as `ventoux finetune` computes it (in chunks of rows when the logits are large)
+    return model, lambda x, y: summed_loss(model, x, y.flatten()) / y.numel()
 
 
 def peft_model(folder: Path, checkpointing: bool):
     import torch
+    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
@@ -54,12 +56,11 @@ def peft_model(folder: Path, checkpointing: bool):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEFT_TARGETS))
-    return model, lambda x: model(input_ids=x).logits
+    return model, lambda x, y: F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())
 
 
 def worker(args) -> None:
     import torch
-    import torch.nn.functional as F
 
     folder = Path(args.folder)
     if args.variant.startswith("ventoux"):
@@ -74,8 +75,7 @@ def worker(args) -> None:
 
     def step():
         x = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=gen)
-        logits = forward(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss = forward(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
