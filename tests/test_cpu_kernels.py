@@ -124,3 +124,26 @@ def test_int8_tiles_are_the_documented_byte_permutation():
         assert qt[t, c, r, i] == (q[16 * t + r, 4 * c + i] if 16 * t + r < n else 0)
     for a, b in zip(cpu_kernels.untile_int8(qt, st, n), (q, s)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k,n", [(256, 37), (4096, 20)])
+def test_a_rows_decode_product_is_the_same_bits_alone_and_in_any_batch(kernel_isa, k, n):
+    # The engine batches streams and promises each the tokens it gets alone (test_engine.py): a row's decode
+    # product (up to 8 rows) must not depend on the other rows. Batches of 1..8 at every offset, partial tiles
+    # (n % 4, n % 16); the float32 product of the 16-bit weights pins the values themselves.
+    gen = torch.Generator().manual_seed(k + n)
+    x, w = torch.randn(8, k, generator=gen), torch.randn(n, k, generator=gen)
+    halves = {dtype: w.to(dtype) for dtype in (torch.bfloat16, torch.float16)}
+    for dtype, wd in halves.items():  # the values, pinned to the float64 product of the 16-bit weights
+        torch.testing.assert_close(cpu_kernels.half_gemv(x, wd).double(), x.double() @ wd.double().T, rtol=1e-5,
+                                   atol=1e-5 * k**0.5, msg=str(dtype))
+    int8, int4 = cpu_kernels.tile_int8(*quantize_int8(w)), cpu_kernels.tile_int4(*quantize_int4(w, 64))
+    products = {"int8": lambda a: cpu_kernels.int8_gemv(a, *int8, n),
+                "int4": lambda a: cpu_kernels.int4_gemv(a, *int4, 64, n),
+                **{f"gemv {dtype}": lambda a, wd=wd: cpu_kernels.half_gemv(a, wd) for dtype, wd in halves.items()}}
+    for name, product in products.items():
+        alone = torch.cat([product(x[i:i + 1]) for i in range(8)])
+        for size in range(2, 9):
+            for start in range(0, 9 - size):
+                batch = product(x[start:start + size])
+                assert torch.equal(batch, alone[start:start + size]), (name, size, start)

@@ -231,70 +231,80 @@ static inline __m512 half16(const uint16_t* p, int bf16) {
   return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
-// R rows (a constant where R == ROWS) of a bf16 weight times one activation row split by parity (xe, xo): a
-// 64-byte load holds 16 pairs, a pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32
-// (a bfloat16 is the high half of one), two simple instructions for 32 weights, no widening shuffle.
-static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xe,
-                                                           const float* xo, const int R, float* out) {
+// R weight rows times MB activation rows (constants where the sums fit in registers): out (MB, ROWS). Each weight
+// line is loaded and converted once, then multiplied into the sums of all MB rows. A row's sums see the same
+// operations in the same order whatever MB and R are (two sums a weight row, added and reduced alike at the end),
+// so a row's result is bit-identical alone or in any batch: the engine's batching relies on it.
+// x: the activations as vx_half_gemv lays them out, ld floats from one 32-input line to the next. bf16: a 64-byte
+// load holds 16 pairs, a pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32 (a
+// bfloat16 is the high half of one), two simple instructions for 32 weights, no widening shuffle. fp16: vcvtph2ps.
+static inline __attribute__((always_inline)) void half_rows(const uint16_t* wr, int64_t K, const float* x,
+                                                           int64_t ld, const int bf16, const int MB, const int R,
+                                                           float* out) {
   const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-  __m512 acc[ROWS][2];  // even and odd inputs: two sums a row that do not wait on each other
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  __m512 acc[2][ROWS][2];  // two sums a weight row: the multiply-adds do not wait on each other
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
-    const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
+    const float* xk = x + k / 32 * ld;
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const uint16_t* p = wr + r * K + k;
       _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows, same place, into L2
-      const __m512i v = _mm512_loadu_si512(p);
-      acc[r][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), o, acc[r][1]);
+      __m512 w0, w1;
+      if (bf16) {
+        const __m512i v = _mm512_loadu_si512(p);
+        w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        w1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      } else {
+        w0 = half16(p, 0);
+        w1 = half16(p + 16, 0);
+      }
+      for (int m = 0; m < MB; ++m) {
+        acc[m][r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk + 32 * m), acc[m][r][0]);
+        acc[m][r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + 32 * m + 16), acc[m][r][1]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) out[m * ROWS + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1]));
+}
+
+// A pair of activation rows (or the last one) times R weight rows: R == ROWS (16 sums in the 32 registers) as a
+// constant, a shorter tail (N % ROWS) as a variable. More rows a call (4 x 2, 8 x 1) read more activations a
+// weight line, from L2 once they outgrow L1: slower at K = 4096 (A/B in the commit message).
+#define HALF_ROWS(BF16, MB) \
+  (R == ROWS ? half_rows(wr, K, x, ld, BF16, MB, ROWS, out) : half_rows(wr, K, x, ld, BF16, MB, R, out))
+
+static void half_block(const uint16_t* wr, int64_t K, const float* x, int64_t ld, int bf16, int MB, int R,
+                       float* out) {
+  if (bf16) MB == 2 ? HALF_ROWS(1, 2) : HALF_ROWS(1, 1);
+  else MB == 2 ? HALF_ROWS(0, 2) : HALF_ROWS(0, 1);
 }
 
 void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int bf16, int64_t N, float* y,
                   int nthreads) {
-  float* xeo = NULL;  // bf16: the activations split by parity, (M, 2, K/2)
-  if (bf16) {
-    xeo = malloc(M * K * sizeof(float));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; k += 2) {
-        xeo[m * K + k / 2] = x[m * K + k];
-        xeo[m * K + K / 2 + k / 2] = x[m * K + k + 1];
-      }
-  }
+  // the activations line by line, (K/32, M, 32): the rows read together lie together (rows K floats apart would
+  // share L1 sets); bf16: each 32 inputs split by parity, 16 even then 16 odd
+  float* xp = malloc(M * K * sizeof(float));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      xp[(k / 32 * M + m) * 32 + (bf16 ? k % 32 / 2 + k % 2 * 16 : k % 32)] = x[m * K + k];
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
     for (int64_t n = n0; n < n1; n += ROWS) {
       const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
-      const uint16_t* wr = w + n * K;
-      for (int64_t m = 0; m < M; ++m) {
-        if (bf16) {
-          float out[ROWS];
-          const float* xe = xeo + m * K;
-          if (R == ROWS) bf16_rows(wr, K, xe, xe + K / 2, ROWS, out);
-          else bf16_rows(wr, K, xe, xe + K / 2, R, out);
-          for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
-          continue;
-        }
-        const float* xm = x + m * K;
-        __m512 acc[ROWS][2];  // two sums a row: the multiply-adds of one row do not wait on each other
-        for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
-          const __m512 x0 = _mm512_loadu_ps(xm + k), x1 = _mm512_loadu_ps(xm + k + 16);
-          for (int r = 0; r < R; ++r) {
-            const uint16_t* p = wr + r * K + k;
-            _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows, same place, into L2
-            acc[r][0] = _mm512_fmadd_ps(half16(p, 0), x0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(half16(p + 16, 0), x1, acc[r][1]);
-          }
-        }
-        for (int r = 0; r < R; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {  // activation rows two at a time
+        const int MB = M - m0 >= 2 ? 2 : 1;
+        float out[2 * ROWS];
+        half_block(w + n * K, K, xp + m0 * 32, M * 32, bf16, MB, R, out);
+        for (int m = 0; m < MB; ++m)
+          for (int r = 0; r < R; ++r) y[(m0 + m) * N + n + r] = out[m * ROWS + r];
       }
     }
   }
-  free(xeo);
+  free(xp);
 }
 
 // vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16 -> y (M, N) in the same type, for prefill (M in
