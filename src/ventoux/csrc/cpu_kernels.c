@@ -13,10 +13,11 @@
 //
 // Decoding (a few rows) is bound by the memory bandwidth: the gemv kernels share weight rows among OpenMP
 // threads (the same runtime as PyTorch's), read ROWS at a time (int4: tiles of 16 interleaved rows), prefetching
-// ahead, and reuse each row from L1 for the M activation rows. PyTorch's own bf16 / fp16 products at batch 1 reach about 60% of the
-// bandwidth here. Prefill (more than GEMV_MAX_ROWS rows) is bound by arithmetic: vx_int8_gemv and
-// vx_int4_gemv pass it to quant_gemm, and vx_half_gemm is its 16-bit counterpart, both register-tiled
-// (at the end of the file).
+// ahead, and reuse each row from L1 for the M activation rows (16-bit: two rows a converted weight line; at
+// K = 256 and 8 rows the float32 multiply-adds bound them, not the conversions). PyTorch's own bf16 / fp16
+// products at batch 1 reach about 60% of the bandwidth here. Prefill (more than GEMV_MAX_ROWS rows) is bound by
+// arithmetic: vx_int8_gemv and vx_int4_gemv pass it to quant_gemm, and vx_half_gemm is its 16-bit counterpart,
+// both register-tiled (at the end of the file).
 //
 // int8 and 16-bit weights are ventoux's device-independent layout (qlinear.py); int4 weights are its tiled
 // form (before vx_int4_gemv), whose bytes are the device-independent ones: byte j of a row holds inputs 2j
@@ -231,10 +232,10 @@ static inline __m512 half16(const uint16_t* p, int bf16) {
   return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
-// R weight rows times MB activation rows (constants where the sums fit in registers): out (MB, ROWS). Each weight
-// line is loaded and converted once, then multiplied into the sums of all MB rows. A row's sums see the same
-// operations in the same order whatever MB and R are (two sums a weight row, added and reduced alike at the end),
-// so a row's result is bit-identical alone or in any batch: the engine's batching relies on it.
+// R weight rows times MB (1 or 2) activation rows, constants where the sums fit in registers: out (MB, ROWS).
+// Each weight line is loaded and converted once, then multiplied into the sums of both rows. A row's sums see
+// the same operations in the same order whatever MB and R are (two sums a weight row, added and reduced alike at
+// the end), so a row's result is bit-identical alone or in any batch: the engine's batching relies on it.
 // x: the activations as vx_half_gemv lays them out, ld floats from one 32-input line to the next. bf16: a 64-byte
 // load holds 16 pairs, a pair's even input in the low half: << 16 and & 0xFFFF0000 make both exact float32 (a
 // bfloat16 is the high half of one), two simple instructions for 32 weights, no widening shuffle. fp16: vcvtph2ps.
@@ -295,8 +296,11 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
     const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
     for (int64_t n = n0; n < n1; n += ROWS) {
       const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
-      for (int64_t m0 = 0; m0 < M; m0 += 2) {  // activation rows two at a time
-        const int MB = M - m0 >= 2 ? 2 : 1;
+      // activation rows two at a time; but two rows alone of K > 2048 (their 32 KB of x fill L1) are faster
+      // one after the other (A/B at K = 4096: 0.9x paired, 1.15x at K = 1024 and 2048; 4 rows: 1.1x paired)
+      const int pairs = M > 2 || K <= 2048;
+      for (int64_t m0 = 0; m0 < M; m0 += pairs ? 2 : 1) {
+        const int MB = pairs && M - m0 >= 2 ? 2 : 1;
         float out[2 * ROWS];
         half_block(w + n * K, K, xp + m0 * 32, M * 32, bf16, MB, R, out);
         for (int m = 0; m < MB; ++m)
