@@ -277,8 +277,8 @@ static inline __attribute__((always_inline)) void half_rows(const uint16_t* wr, 
 #define HALF_ROWS(BF16, MB) \
   (R == ROWS ? half_rows(wr, K, x, ld, BF16, MB, ROWS, out) : half_rows(wr, K, x, ld, BF16, MB, R, out))
 
-static void half_block(const uint16_t* wr, int64_t K, const float* x, int64_t ld, int bf16, int MB, int R,
-                       float* out) {
+static inline __attribute__((always_inline)) void half_block(const uint16_t* wr, int64_t K, const float* x,
+                                                            int64_t ld, int bf16, int MB, int R, float* out) {
   if (bf16) MB == 2 ? HALF_ROWS(1, 2) : HALF_ROWS(1, 1);
   else MB == 2 ? HALF_ROWS(0, 2) : HALF_ROWS(0, 1);
 }
@@ -288,9 +288,15 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
   // the activations line by line, (K/32, M, 32): the rows read together lie together (rows K floats apart would
   // share L1 sets); bf16: each 32 inputs split by parity, 16 even then 16 odd
   float* xp = malloc(M * K * sizeof(float));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k)
-      xp[(k / 32 * M + m) * 32 + (bf16 ? k % 32 / 2 + k % 2 * 16 : k % 32)] = x[m * K + k];
+  for (int64_t k = 0; k < K; k += 32)
+    for (int64_t m = 0; m < M; ++m) {
+      float* to = xp + (k / 32 * M + m) * 32;
+      const float* from = x + m * K + k;
+      for (int i = 0; i < 16; ++i) {
+        to[i] = from[bf16 ? 2 * i : i];
+        to[16 + i] = from[bf16 ? 2 * i + 1 : 16 + i];
+      }
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
