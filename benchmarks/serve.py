@@ -214,7 +214,10 @@ async def level(server: Server, clients: int, args, seed: int) -> dict:
         return [await one_request(http, url, todo[i * args.requests + j], args.max_tokens, gate=gate)
                 for j in range(args.requests)]
 
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 2)) as http:
+    # A fresh connection per request: a kept-alive one that the server times out (llama-server's after 5 s
+    # idle) just as the client reuses it fails with "Server disconnected without sending a response".
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as http:
         await one_request(http, url, prompts(1, seed + 1)[0], 4)  # warm-up
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
