@@ -156,18 +156,32 @@ def _check(x: torch.Tensor, *tensors: torch.Tensor, multiple: int = 128, dtype=t
     return x.to(dtype).contiguous()
 
 
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """Zero rows appended up to a whole tile."""
+    pad = -t.shape[0] % TILE
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t
+
+
+def _interleave(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, C) -> (N/16, C/width, 16, width): per `width` columns, the 16 rows of a tile side by side."""
+    t = _pad_rows(t)
+    return t.view(-1, TILE, t.shape[1] // width, width).transpose(1, 2).contiguous()
+
+
+def _deinterleave(t: torch.Tensor, n: int) -> torch.Tensor:
+    """_interleave's inverse, for the first n rows."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1] * t.shape[3])[:n].contiguous()
+
+
 def tile_int8(qweight: torch.Tensor, scales: torch.Tensor):
     """The device-independent int8 tensors (N, K), (N,) -> int8_gemv's layout: rows in tiles of 16 (N padded with
     zero rows), each tile (K/4, 16, 4): per 4 inputs, the 16 rows side by side; scales (N padded,)."""
-    pad = -qweight.shape[0] % TILE
-    if pad:
-        qweight, scales = torch.nn.functional.pad(qweight, (0, 0, 0, pad)), torch.nn.functional.pad(scales, (0, pad))
-    return qweight.view(-1, TILE, qweight.shape[1] // 4, 4).transpose(1, 2).contiguous(), scales.contiguous()
+    return _interleave(qweight, 4), _pad_rows(scales).contiguous()
 
 
 def untile_int8(qweight: torch.Tensor, scales: torch.Tensor, n: int):
     """tile_int8's inverse, for the first n rows."""
-    return qweight.transpose(1, 2).reshape(-1, qweight.shape[1] * 4)[:n].contiguous(), scales[:n].contiguous()
+    return _deinterleave(qweight, n), scales[:n].contiguous()
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
@@ -188,20 +202,12 @@ def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """The device-independent int4 tensors (N, K/2), (N, G), (N, G) -> int4_gemv's layout: rows in tiles of 16
     (N padded with zero rows), each tile (K/8, 16, 4) bytes: per 8 inputs, 4 bytes of each row side by side;
     scales and zeros (N/16, G, 16). A byte permutation: untile_int4 inverts it exactly."""
-    n = qweight.shape[0]
-    pad = -n % TILE
-    q, s, z = (torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t for t in (qweight, scales, zeros))
-    tiles = q.shape[0] // TILE
-    q = q.view(tiles, TILE, -1, 4).transpose(1, 2).contiguous()  # (N/16, K/8, 16, 4)
-    s, z = (t.view(tiles, TILE, -1).transpose(1, 2).contiguous() for t in (s, z))  # (N/16, G, 16)
-    return q, s, z
+    return _interleave(qweight, 4), _interleave(scales, 1)[..., 0], _interleave(zeros, 1)[..., 0]
 
 
 def untile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int):
     """tile_int4's inverse, for the first n rows."""
-    q = qweight.transpose(1, 2).reshape(-1, qweight.shape[1] * 4)[:n].contiguous()
-    s, z = (t.transpose(1, 2).reshape(-1, t.shape[1])[:n].contiguous() for t in (scales, zeros))
-    return q, s, z
+    return _deinterleave(qweight, n), _deinterleave(scales[..., None], n), _deinterleave(zeros[..., None], n)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
