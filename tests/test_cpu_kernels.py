@@ -56,7 +56,9 @@ def test_the_avx2_build_holds_no_avx512_instruction():
 
 
 def _products(x: torch.Tensor, w: torch.Tensor) -> dict:
-    out = {"int8": cpu_kernels.int8_gemv(x, *cpu_kernels.tile_int8(*quantize_int8(w)), w.shape[0])}
+    out = {"int8": cpu_kernels.int8_gemv(x, *cpu_kernels.tile_int8(*quantize_int8(w)), x.shape[1], w.shape[0])}
+    for g in (32, 128):
+        out[f"int8-g{g}"] = cpu_kernels.int8_gemv(x, *cpu_kernels.tile_int8(*quantize_int8(w, g)), g, w.shape[0])
     for g in (32, 64, 128):
         out[f"int4-g{g}"] = cpu_kernels.int4_gemv(x, *cpu_kernels.tile_int4(*quantize_int4(w, g)), g, w.shape[0])
     for dtype in (torch.bfloat16, torch.float16):
@@ -138,7 +140,9 @@ def test_a_rows_decode_product_is_the_same_bits_alone_and_in_any_batch(kernel_is
         torch.testing.assert_close(cpu_kernels.half_gemv(x, wd).double(), x.double() @ wd.double().T, rtol=1e-5,
                                    atol=1e-5 * k**0.5, msg=str(dtype))
     int8, int4 = cpu_kernels.tile_int8(*quantize_int8(w)), cpu_kernels.tile_int4(*quantize_int4(w, 64))
-    products = {"int8": lambda a: cpu_kernels.int8_gemv(a, *int8, n),
+    int8_g32 = cpu_kernels.tile_int8(*quantize_int8(w, 32))
+    products = {"int8": lambda a: cpu_kernels.int8_gemv(a, *int8, k, n),
+                "int8-g32": lambda a: cpu_kernels.int8_gemv(a, *int8_g32, 32, n),
                 "int4": lambda a: cpu_kernels.int4_gemv(a, *int4, 64, n),
                 **{f"gemv {dtype}": lambda a, wd=wd: cpu_kernels.half_gemv(a, wd) for dtype, wd in halves.items()}}
     for name, product in products.items():

@@ -12,7 +12,8 @@ VENTOUX_CPU_ISA=avx2|avx512|none overrides the choice (the AVX2 build runs on an
 products only).
 
     lib = library()           # None: no x86 CPU with either ISA here, no C compiler, or VENTOUX_CPU_ISA=none
-    y = int8_gemv(x, *tile_int8(qweight, scales), n)   # (M, K) float -> (M, n) float32; tiled once, at load
+    y = int8_gemv(x, *tile_int8(qweight, scales), K, n)   # (M, K) float -> (M, n) float32; tiled once, at load
+    y = int8_gemv(x, *tile_int8(qweight, scales), 32, n)  # int8-g32: scales (N, K/32)
     y = int4_gemv(x, *tile_int4(qweight, scales, zeros), group, n)   # tiled once, at load time
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
     y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
@@ -141,7 +142,7 @@ def load(path: str | Path) -> ctypes.CDLL:
     """A compiled kernel library, its functions typed."""
     lib = ctypes.CDLL(str(path))
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int]
     lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
     lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
@@ -174,26 +175,35 @@ def _deinterleave(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def tile_int8(qweight: torch.Tensor, scales: torch.Tensor):
-    """The device-independent int8 tensors (N, K), (N,) -> int8_gemv's layout: rows in tiles of 16 (N padded with
-    zero rows), each tile (K/4, 16, 4): per 4 inputs, the 16 rows side by side; scales (N padded,)."""
-    return _interleave(qweight, 4), _pad_rows(scales).contiguous()
+    """The device-independent int8 tensors (N, K) and scales (N,) or (N, G) -> int8_gemv's layout: rows in tiles of
+    16 (N padded with zero rows), each tile (K/4, 16, 4): per 4 inputs, the 16 rows side by side; scales (N padded,)
+    (one a row), or (N/16, G, 16) as int4's (one a group of K/G inputs: the same bytes as (N padded,) when G = 1)."""
+    if scales.dim() == 1:
+        return _interleave(qweight, 4), _pad_rows(scales).contiguous()
+    return _interleave(qweight, 4), _interleave(scales, 1)[..., 0]
 
 
 def untile_int8(qweight: torch.Tensor, scales: torch.Tensor, n: int):
     """tile_int8's inverse, for the first n rows."""
-    return _deinterleave(qweight, n), scales[:n].contiguous()
+    if scales.dim() == 1:
+        return _deinterleave(qweight, n), scales[:n].contiguous()
+    return _deinterleave(qweight, n), _deinterleave(scales[..., None], n)
 
 
-def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
-    """x (M, K) @ (q * scale)^T for the first n rows of int8 weights in tile_int8's layout -> (M, n) float32."""
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int, n: int) -> torch.Tensor:
+    """x (M, K) @ (q * scale)^T for the first n rows of int8 weights in tile_int8's layout, one scale per `group`
+    inputs (group = K: one a row) -> (M, n) float32."""
     if torch.compiler.is_compiling():
-        return torch.ops.ventoux.int8_gemv(x, qweight, scales, n)  # opaque to the compiler
+        return torch.ops.ventoux.int8_gemv(x, qweight, scales, group, n)  # opaque to the compiler
     x = _check(x, qweight, scales)
     m, k = x.shape
     if qweight.shape[1:] != (k // 4, TILE, 4) or qweight.shape[0] * TILE < n:
         raise ValueError(f"int8_gemv takes tile_int8's layout (N/16, K/4, 16, 4), not {list(qweight.shape)}")
+    if group % 32 or k % group or scales.numel() != qweight.shape[0] * TILE * (k // group):
+        raise ValueError(f"int8_gemv: scales {list(scales.shape)} do not hold one per {group} inputs of "
+                         f"{qweight.shape[0] * TILE} rows")
     y = torch.empty(m, n)
-    library().vx_int8_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+    library().vx_int8_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), group, n, y.data_ptr(),
                            torch.get_num_threads())
     return y
 
@@ -260,7 +270,7 @@ _gemm_op = torch.library.custom_op("ventoux::half_gemm", half_gemm, mutates_args
 
 
 @_int8_op.register_fake
-def _(x, qweight, scales, n):
+def _(x, qweight, scales, group, n):
     return x.new_empty(x.shape[0], n, dtype=torch.float32)
 
 

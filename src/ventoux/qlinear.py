@@ -2,8 +2,10 @@
 
     layer = Int4Linear.from_float(linear.weight, group_size=64)      # kernel picked for the weight's device
     layer = Int8Linear.from_float(linear.weight, kernel="fallback")
+    layer = Int8Linear.from_float(linear.weight, group_size=32)     # int8-g32: llama.cpp Q8_0's size
 
-int8: symmetric, one scale per output channel: w = q * scale, q in [-127, 127].
+int8: symmetric, w = q * scale, q in [-127, 127], one scale per output channel (scheme "int8", scales (N,)) or
+per group of `group_size` inputs ("int8-g32" etc., scales (N, K/g): 8.5 bits a weight at g = 32, as Q8_0).
 int4: asymmetric per group of `group_size` inputs, PyTorch's convention: w = (q - 8) * scale + zero, q in [0, 15]
 (`zero` is the value of code 8). Scales and zeros are bfloat16 (what every packed kernel takes); q is computed
 against the rounded scale, so the rounding moves the grid, not the weights' fit to it.
@@ -15,7 +17,8 @@ are loaded or moved (`to()`), never per call. Kernels, in order of preference:
   vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI or AVX2 (named for the first): int8-quantized
              activations (blocks of 32, as llama.cpp does) times the weights in integer dot products; its own layout:
              the rows interleaved 16 at a time (cpu_kernels.tile_int8, tile_int4)
-  int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations
+  int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations; one scale a
+             row only: int8 with groups (int8-g32, ...) never takes it
   int4pack   CPU: aten._weight_int4pack_mm_for_cpu; CUDA: aten._weight_int4pack_mm (tinygemm), bfloat16
   fallback   dequantize and F.linear in the input's dtype, any device: the reference the others are tested on
 A kernel is used only once it matched the fallback on a small case on that device (once per process).
@@ -59,12 +62,14 @@ def _by_rows(fn):
 
 
 @_by_rows
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> qweight (N, K) int8, scales (N,) bfloat16."""
-    scales = (w.abs().amax(1) / 127).to(SCALE_DTYPE)
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> qweight (N, K) int8, scales (N,) bfloat16 (group_size None: one a row) or (N, K/g)."""
+    n, k = w.shape
+    wg = w.reshape(n, k // (group_size or k), group_size or k)  # (N, G, g)
+    scales = (wg.abs().amax(-1) / 127).to(SCALE_DTYPE)  # (N, G)
     s = scales.float().masked_fill(scales == 0, 1)
-    q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scales
+    q = (wg / s[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return q, scales if group_size else scales[:, 0]
 
 
 @_by_rows
@@ -91,8 +96,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """-> float32 (N, K)."""
-    return qweight.float() * scales.float()[:, None]
+    """-> float32 (N, K), for scales (N,) or (N, K/g)."""
+    if scales.dim() == 1:
+        return qweight.float() * scales.float()[:, None]
+    n, k = qweight.shape
+    return (qweight.float().view(n, scales.shape[1], -1) * scales.float()[..., None]).reshape(n, k)
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -227,7 +235,8 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """y = x @ (q * scale)^T with q int8 (N, K) and one scale per output channel."""
+    """y = x @ (q * scale)^T with q int8 (N, K) and one scale per output channel (scales (N,), group_size None)
+    or per group of inputs (scales (N, K/group_size))."""
 
     CANONICAL = (("qweight", torch.int8), ("scales", SCALE_DTYPE))
     dequantize = staticmethod(dequantize_int8)
@@ -235,15 +244,29 @@ class Int8Linear(QuantizedLinear):
     PACKED = frozenset({"vnni"})  # rows interleaved 16 at a time (a byte permutation, see cpu_kernels.tile_int8)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, kernel: str | None = None) -> Int8Linear:
-        return cls(*quantize_int8(_pad(weight)), kernel=kernel, in_features=weight.shape[1])
+    def from_float(cls, weight: torch.Tensor, group_size: int | None = None, kernel: str | None = None) -> Int8Linear:
+        if group_size is not None and group_size not in GROUP_SIZES:
+            raise VentouxError(f"int8 group size {group_size} must be one of {GROUP_SIZES} (or None: one a row)")
+        return cls(*quantize_int8(_pad(weight), group_size), kernel=kernel, in_features=weight.shape[1])
 
     @staticmethod
     def _shape(qweight, scales):
-        if qweight.dim() != 2 or scales.shape != qweight.shape[:1]:
+        per_row = scales.dim() == 1 and scales.shape == qweight.shape[:1]
+        grouped = (scales.dim() == 2 and scales.shape[0] == qweight.shape[0] and qweight.dim() == 2
+                   and scales.shape[1] > 0 and qweight.shape[1] % scales.shape[1] == 0
+                   and qweight.shape[1] // scales.shape[1] in GROUP_SIZES)
+        if qweight.dim() != 2 or not (per_row or grouped):
             raise VentouxError(f"int8 qweight {list(qweight.shape)} and scales {list(scales.shape)} do not "
-                               "match: expected (N, K) and (N,)")
+                               f"match: expected (N, K) and (N,), or (N, K/group) with a group in {GROUP_SIZES}")
         return tuple(qweight.shape)
+
+    def _set(self, *canonical):
+        scales = canonical[1]  # before the kernel's choice: _fits reads it
+        self.group_size = None if scales.dim() == 1 else self.stored_in // scales.shape[1]
+        super()._set(*canonical)
+
+    def _fits(self, kernel):
+        return kernel != "int8pack" or self.group_size is None  # PyTorch's kernel takes one scale a row
 
     def _pack(self, kernel, qweight, scales):
         return dict(zip(("qweight", "scales"), cpu_kernels.tile_int8(qweight, scales)))
@@ -253,9 +276,12 @@ class Int8Linear(QuantizedLinear):
 
     def _mm(self, x):
         if self.kernel == "vnni":
-            return cpu_kernels.int8_gemv(x, self.qweight, self.scales, self.out_features).to(x.dtype)
+            return cpu_kernels.int8_gemv(x, self.qweight, self.scales, self.group_size or self.stored_in,
+                                         self.out_features).to(x.dtype)
         if self.kernel == "int8pack":
             return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), self.qweight, self.scales).to(x.dtype)
+        if self.group_size is not None:
+            return F.linear(x, dequantize_int8(self.qweight, self.scales).to(x.dtype))
         # (x @ q^T) * s: the scale factors out of the sum
         return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
 

@@ -5,7 +5,8 @@
 // products convert each weight to float32 exactly (a shift for bf16, vcvtph2ps for fp16) and multiply in
 // float32.
 //
-//   vx_int8_gemv: x (M, K) float32, w (N, K) int8, scales (N,) bf16                      -> y (M, N) float32
+//   vx_int8_gemv: x (M, K) float32, w (N/16, K/4, 16, 4) int8, scales (N/16, K/g, 16) bf16, g (g = K: one scale
+//                 a row, (N padded,))                                                   -> y (M, N) float32
 //   vx_int4_gemv: x (M, K) float32, w (N/16, K/8, 16, 4) uint8, scales, zeros (N/16, K/g, 16) bf16, g
 //                                                                                       -> y (M, N) float32
 //   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16                               -> y (M, N) float32
@@ -19,9 +20,9 @@
 // arithmetic: vx_int8_gemv and vx_int4_gemv pass it to quant_gemm, and vx_half_gemm is its 16-bit counterpart,
 // both register-tiled (at the end of the file).
 //
-// int8 and 16-bit weights are ventoux's device-independent layout (qlinear.py); int4 weights are its tiled
-// form (before vx_int4_gemv), whose bytes are the device-independent ones: byte j of a row holds inputs 2j
-// (low nibble) and 2j+1 (high). Requires K % 128 == 0 (the 16-bit products: K % 32 == 0).
+// 16-bit weights are ventoux's device-independent layout (qlinear.py); int8 and int4 weights are its tiled
+// form (before vx_int8_gemv and vx_int4_gemv), whose bytes are the device-independent ones: int4 byte j of a row
+// holds inputs 2j (low nibble) and 2j+1 (high). Requires K % 128 == 0 (the 16-bit products: K % 32 == 0).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -65,41 +66,48 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
 
 // int8 weights in the vnni kernel's tiles, as int4's (the comment before vx_int4_gemv): rows in tiles of 16 (N
 // padded with zero rows), byte (t, c, r, i) = weight (16t + r, 4c + i), so that one 64-byte load holds 4 inputs of
-// 16 rows; scales (N padded,). vpdpbusd wants one unsigned side: the codes become q + 128 (one xor, shared by the
-// M rows) and each block's sum starts at -128 times the block's sum of the quantized x: exact integers.
+// 16 rows; scales (N/16, G, 16), one per group of K/G inputs of each row (G = 1: one a row, int8; G = K/32: Q8_0's
+// int8-g32). vpdpbusd wants one unsigned side: the codes become q + 128 (one xor, shared by the M rows) and each
+// block's sum starts at -128 times the block's sum of the quantized x: exact integers. Each block's sum meets its
+// activation scale in one multiply-add, into a group's sums, which meet the group's 16 weight scales in another
+// (one a row: at the end).
 static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, const uint16_t* st, int64_t K,
-                                                           const int8_t* xq, const float* dx, const int32_t* xs,
-                                                           const int MR, float* out) {
+                                                           int64_t group, const int8_t* xq, const float* dx,
+                                                           const int32_t* xs, const int MR, float* out) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
-  const int64_t B = K / BLOCK;
-  __m512 acc[GEMV_MAX_ROWS];
+  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
+  __m512 acc[GEMV_MAX_ROWS], ga[GEMV_MAX_ROWS];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < B; ++b) {  // one block: 32 inputs, 512 bytes
-    const int8_t* p = wt + b * 512;
-    for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
-    __m512i u[8];
-    for (int j = 0; j < 8; ++j) u[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
-    for (int m = 0; m < MR; ++m) {
-      const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
-      __m512i d0 = _mm512_set1_epi32(xs[m * B + b]), d1 = _mm512_setzero_si512();
-      for (int j = 0; j < 8; j += 2) {
-        d0 = _mm512_dpbusd_epi32(d0, u[j], _mm512_set1_epi32(q[j]));
-        d1 = _mm512_dpbusd_epi32(d1, u[j + 1], _mm512_set1_epi32(q[j + 1]));
+  for (int64_t g = 0; g < G; ++g) {
+    for (int m = 0; m < MR; ++m) ga[m] = _mm512_setzero_ps();
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 512 bytes
+      const int8_t* p = wt + b * 512;
+      for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+      __m512i u[8];
+      for (int j = 0; j < 8; ++j) u[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
+        __m512i d0 = _mm512_set1_epi32(xs[m * B + b]), d1 = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j += 2) {
+          d0 = _mm512_dpbusd_epi32(d0, u[j], _mm512_set1_epi32(q[j]));
+          d1 = _mm512_dpbusd_epi32(d1, u[j + 1], _mm512_set1_epi32(q[j + 1]));
+        }
+        ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(dx[m * B + b]), ga[m]);
       }
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(dx[m * B + b]), acc[m]);
     }
+    const __m512 s = bf16x16(st + g * TILE, 0xFFFF);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
   }
-  const __m512 s = bf16x16(st, 0xFFFF);
-  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, _mm512_mul_ps(s, acc[m]));
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, acc[m]);
 }
 
-void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
-                  float* y, int nthreads) {
+void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
+                  int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
-    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, K, N, y, nthreads);
+    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, y, nthreads);
     return;
   }
-  const int64_t B = K / BLOCK, T = (N + TILE - 1) / TILE;
+  const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
   int8_t* xq = malloc(M * K);  // the quantized activations, their block scales and -128 x their block sums
   float* dx = malloc(M * B * sizeof(float));
   int32_t* xs = malloc(M * B * sizeof(int32_t));
@@ -115,12 +123,13 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   for (int64_t t = 0; t < T; ++t) {
     float out[GEMV_MAX_ROWS * TILE];
     const int8_t* wt = w + t * TILE * K;
+    const uint16_t* st = scales + t * G * TILE;
     switch (M) {  // M as a constant: the sums stay in registers
-      case 1: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 1, out); break;
-      case 2: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 2, out); break;
-      case 3: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 3, out); break;
-      case 4: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, 4, out); break;
-      default: int8_tile(wt, scales + t * TILE, K, xq, dx, xs, (int)M, out); break;
+      case 1: int8_tile(wt, st, K, group, xq, dx, xs, 1, out); break;
+      case 2: int8_tile(wt, st, K, group, xq, dx, xs, 2, out); break;
+      case 3: int8_tile(wt, st, K, group, xq, dx, xs, 3, out); break;
+      case 4: int8_tile(wt, st, K, group, xq, dx, xs, 4, out); break;
+      default: int8_tile(wt, st, K, group, xq, dx, xs, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
     for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
@@ -177,6 +186,30 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, acc[m]);
 }
 
+// One block of 32 activations quantized as quantize_block does, in vx_int4_gemv's order: per 8 inputs the even 4,
+// then the odd 4 (one byte shuffle), with the sum of the 32 codes: a few vector instructions, no scalar loop (at
+// K = 4096 the scalar form cost 6.5 us a call, a fifth of a 512-row product hot in L2).
+static inline float int4_quantize_block(const float* x, int32_t* eo, int* sum) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const float d = amax / 127.f;
+  const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  const __m128i qa = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
+  const __m128i qb = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)));
+  const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(qa), qb, 1);
+  const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  _mm256_storeu_si256((__m256i*)eo, _mm256_shuffle_epi8(q, order));
+  // the sum of the (saturated) codes: byte pairs, then int16 pairs, exact
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), q);
+  const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *sum = _mm_cvtsi128_si32(s4);
+  return d;
+}
+
 void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
@@ -190,22 +223,13 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
   int32_t* xq = malloc(M * K / 8 * 2 * sizeof(int32_t));
   float* dx = malloc(M * B * sizeof(float));
   float* xs = calloc(M * G, sizeof(float));
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
-      int8_t q[BLOCK], eo[BLOCK];
-      const float d = quantize_block(x + m * K + b * BLOCK, q);
-      int sum = 0;
-      for (int i = 0; i < BLOCK; ++i) sum += q[i];
-      for (int c = 0; c < BLOCK / 8; ++c)
-        for (int i = 0; i < 4; ++i) {
-          eo[c * 8 + i] = q[c * 8 + 2 * i];
-          eo[c * 8 + 4 + i] = q[c * 8 + 2 * i + 1];
-        }
-      memcpy(xq + (m * K / 8 + b * 4) * 2, eo, BLOCK);
+      int sum;
+      const float d = int4_quantize_block(x + m * K + b * BLOCK, xq + (m * K / 8 + b * 4) * 2, &sum);
       dx[m * B + b] = d;
       xs[m * G + b * BLOCK / group] += d * (float)sum;
     }
-  }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float out[GEMV_MAX_ROWS * TILE];
@@ -410,7 +434,7 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
 // arithmetic. The same numbers as the row-by-row kernels: activations quantized to int8 per block of 32
 // (scale d), integer dot products with the weights' codes, then per block sum * d * s plus, per group,
 // off * (sum of x), with the weight w = code * s + off: int4 codes 0..15 and off = z - 8 s; int8 codes
-// q + 128 (vpdpbusd wants one unsigned side) and off = -128 s, one group a row. Laid out like half_gemm:
+// q + 128 (vpdpbusd wants one unsigned side) and off = -128 s, per group (one a row where group = K). Laid out like half_gemm:
 // 16 rows of x times 4 consecutive inputs fill a 64-byte vector ((MC/16, K/4, 16, 4) int8), so one vpdpbusd
 // with 4 codes of one output broadcast gives 16 rows of that output, 64 multiply-adds an instruction. A tile
 // of Q_MB x 16 rows by Q_NR outputs keeps its int32 block sums and float sums in registers; the weight tile's
@@ -505,8 +529,10 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
                 four ^= 0x80808080u;
                 memcpy(qs + r * Q_KC + k - k0, &four, 4);
               }
-              s[r] = bf16(scales[n + r]);
-              off[r] = -128.f * s[r];
+              for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // scales as int4's: (N/16, G, 16)
+                s[r * G + g] = bf16(scales[(((n + r) / TILE) * G + g) * TILE + (n + r) % TILE]);
+                off[r * G + g] = -128.f * s[r * G + g];
+              }
             } else {
               const int64_t R = n + r;  // its bytes in vx_int4_gemv's tiles: 4 of them every 64
               const int* p = (const int*)(w + (R / TILE) * TILE * K / 2 + (R % TILE) * 4);

@@ -85,44 +85,51 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
                        const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
 
 // int8 weights in the vnni kernel's tiles (cpu_kernels.c, before its vx_int8_gemv): byte (t, c, r, i) = weight
-// (16t + r, 4c + i); a 64-byte line is two vectors of 8 rows times 4 inputs.
+// (16t + r, 4c + i); a 64-byte line is two vectors of 8 rows times 4 inputs. Scales (N/16, G, 16), one per group
+// of K/G inputs (G = 1: one a row): a group's block sums, each times its activation scale, are summed, then
+// multiplied by the group's scales, as cpu_kernels.c does.
 static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, const uint16_t* st, int64_t K,
-                                                           const int8_t* xq, const float* dx, const int MR,
-                                                           float* out) {
-  const int64_t B = K / BLOCK;
-  __m256 acc[GEMV_MAX_ROWS][2];
+                                                           int64_t group, const int8_t* xq, const float* dx,
+                                                           const int MR, float* out) {
+  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
+  __m256 acc[GEMV_MAX_ROWS][2], ga[GEMV_MAX_ROWS][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < B; ++b) {  // one block: 32 inputs, 512 bytes
-    const int8_t* p = wt + b * 512;
-    for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
-    for (int m = 0; m < MR; ++m) {
-      const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
-      __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      for (int j = 0; j < 8; ++j) {
-        const __m256i qv = _mm256_set1_epi32(q[j]), aq = _mm256_abs_epi8(qv);
-        for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
-          // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form the products take
-          const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h)), qv);
-          dot[h] = dot_us(dot[h], aq, sw);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int m = 0; m < MR; ++m) ga[m][0] = ga[m][1] = _mm256_setzero_ps();
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 512 bytes
+      const int8_t* p = wt + b * 512;
+      for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int j = 0; j < 8; ++j) {
+          const __m256i qv = _mm256_set1_epi32(q[j]), aq = _mm256_abs_epi8(qv);
+          for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
+            // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form the products take
+            const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h)), qv);
+            dot[h] = dot_us(dot[h], aq, sw);
+          }
         }
+        const __m256 d = _mm256_set1_ps(dx[m * B + b]);
+        for (int h = 0; h < 2; ++h) ga[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), d, ga[m][h]);
       }
-      const __m256 d = _mm256_set1_ps(dx[m * B + b]);
-      for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), d, acc[m][h]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = half8(st + g * TILE + 8 * h, 1);
+      for (int m = 0; m < MR; ++m) acc[m][h] = _mm256_fmadd_ps(s, ga[m][h], acc[m][h]);
     }
   }
-  for (int h = 0; h < 2; ++h) {
-    const __m256 s = half8(st + 8 * h, 1);
-    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * TILE + 8 * h, _mm256_mul_ps(s, acc[m][h]));
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + m * TILE + 8 * h, acc[m][h]);
 }
 
-void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
-                  float* y, int nthreads) {
+void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
+                  int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
-    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, K, N, y, nthreads);
+    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, y, nthreads);
     return;
   }
-  const int64_t B = K / BLOCK, T = (N + TILE - 1) / TILE;
+  const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
   int8_t* xq = malloc(M * K);  // the quantized activations, and their block scales
   float* dx = malloc(M * B * sizeof(float));
   for (int64_t m = 0; m < M; ++m)
@@ -131,10 +138,11 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   for (int64_t t = 0; t < T; ++t) {
     float out[GEMV_MAX_ROWS * TILE];
     const int8_t* wt = w + t * TILE * K;
+    const uint16_t* st = scales + t * G * TILE;
     switch (M) {  // M as a constant: the sums stay in registers
-      case 1: int8_tile(wt, scales + t * TILE, K, xq, dx, 1, out); break;
-      case 2: int8_tile(wt, scales + t * TILE, K, xq, dx, 2, out); break;
-      default: int8_tile(wt, scales + t * TILE, K, xq, dx, (int)M, out); break;
+      case 1: int8_tile(wt, st, K, group, xq, dx, 1, out); break;
+      case 2: int8_tile(wt, st, K, group, xq, dx, 2, out); break;
+      default: int8_tile(wt, st, K, group, xq, dx, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
     for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
@@ -146,11 +154,12 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
 // The int4 weights in the vnni kernel's tiles, as in cpu_kernels.c (read its comment before vx_int4_gemv): 16
 // rows side by side, 4 bytes each per 8 inputs. Here a 64-byte line is two vectors of 8 rows.
 
-// One tile of 16 rows times M activation rows (MR, a constant in each use): out (MR, 16).
-static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
-                                                           const uint16_t* zt, int64_t K, int64_t group,
-                                                           const int32_t* xq, const float* dx, const float* xs,
-                                                           const int MR, float* out) {
+// One tile of 16 rows times M activation rows (MR > 1, a constant in each use): out (MR, 16). Each half of a block's
+// bytes is split into nibbles once for the MR rows.
+static inline __attribute__((always_inline)) void int4_tile_rows(const uint8_t* wt, const uint16_t* st,
+                                                                const uint16_t* zt, int64_t K, int64_t group,
+                                                                const int32_t* xq, const float* dx, const float* xs,
+                                                                const int MR, float* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
   __m256 acc[GEMV_MAX_ROWS][2];
@@ -201,6 +210,99 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
   }
 }
 
+// One block's 16 rows times one activation row: the dot products of both halves (rows 0..7, 8..15), the block
+// streamed 32 bytes at a time, each activation broadcast once for both halves (few registers live: a form that
+// keeps the nibbles of a whole block, as int4_tile_rows, spills at one row).
+static inline __attribute__((always_inline)) void int4_block1(const uint8_t* p, const int32_t* q, __m256i* dot0,
+                                                             __m256i* dot1) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+#if defined(VNNI256)
+  __m256i dl0 = _mm256_setzero_si256(), dh0 = dl0, dl1 = dl0, dh1 = dl0;
+  for (int j = 0; j < 4; ++j) {
+    const __m256i v0 = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
+    const __m256i v1 = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32));
+    const __m256i qe = _mm256_set1_epi32(q[2 * j]), qo = _mm256_set1_epi32(q[2 * j + 1]);
+    dl0 = dot_us(dl0, _mm256_and_si256(v0, low4), qe);
+    dh0 = dot_us(dh0, _mm256_andnot_si256(low4, v0), qo);  // 16 x the high nibbles: shifted back below
+    dl1 = dot_us(dl1, _mm256_and_si256(v1, low4), qe);
+    dh1 = dot_us(dh1, _mm256_andnot_si256(low4, v1), qo);
+  }
+  *dot0 = _mm256_add_epi32(dl0, _mm256_srai_epi32(dh0, 4));
+  *dot1 = _mm256_add_epi32(dl1, _mm256_srai_epi32(dh1, 4));
+#else
+  __m256i pairs0 = _mm256_setzero_si256(), pairs1 = pairs0;
+  for (int j = 0; j < 4; ++j) {
+    const __m256i v0 = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
+    const __m256i v1 = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32));
+    const __m256i qe = _mm256_set1_epi32(q[2 * j]), qo = _mm256_set1_epi32(q[2 * j + 1]);
+    pairs0 = _mm256_add_epi16(pairs0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, low4), qe),
+                                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), qo)));
+    pairs1 = _mm256_add_epi16(pairs1, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v1, low4), qe),
+                                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), qo)));
+  }
+  *dot0 = _mm256_madd_epi16(pairs0, _mm256_set1_epi16(1));
+  *dot1 = _mm256_madd_epi16(pairs1, _mm256_set1_epi16(1));
+#endif
+}
+
+// One tile of 16 rows times M activation rows (MR, a constant in each use): out (MR, 16). The same float
+// operations in the same order for every MR (and as cpu_kernels.c's lanes): a row's result is the same alone
+// or in a batch.
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
+                                                           const uint16_t* zt, int64_t K, int64_t group,
+                                                           const int32_t* xq, const float* dx, const float* xs,
+                                                           const int MR, float* out) {
+  if (MR > 1) {
+    int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, MR, out);
+    return;
+  }
+  const int64_t G = K / group, per_group = group / BLOCK;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;  // rows 0..7 and 8..15
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 s0 = half8(st + g * TILE, 1), s1 = half8(st + g * TILE + 8, 1);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 256 bytes
+      const uint8_t* p = wt + b * 256;
+      for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+      __m256i dot0, dot1;
+      int4_block1(p, xq + b * 8, &dot0, &dot1);
+      const __m256 d = _mm256_set1_ps(dx[b]);
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_mul_ps(s0, d), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_mul_ps(s1, d), a1);
+    }
+    // w = (q - 8) s + z = q s + off: plus off times the group's sum of the quantized x
+    const __m256 sum = _mm256_set1_ps(xs[g]);
+    a0 = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), s0, half8(zt + g * TILE, 1)), sum, a0);
+    a1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), s1, half8(zt + g * TILE + 8, 1)), sum, a1);
+  }
+  _mm256_storeu_ps(out, a0);
+  _mm256_storeu_ps(out + 8, a1);
+}
+
+// One block of 32 activations quantized as quantize_block does, in vx_int4_gemv's order (per 8 inputs the even 4,
+// then the odd 4: one byte shuffle), with the sum of the 32 codes: as cpu_kernels.c, no scalar loop.
+static inline float int4_quantize_block(const float* x, int32_t* eo, int* sum) {
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+  }
+  const float d = hmax(mx) / 127.f;
+  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i i[4];
+  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  const __m256i q = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  _mm256_storeu_si256((__m256i*)eo, _mm256_shuffle_epi8(q, order));
+  const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *sum = _mm_cvtsi128_si32(s4);
+  return d;
+}
+
 void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
@@ -213,22 +315,13 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
   int32_t* xq = malloc(M * K / 8 * 2 * sizeof(int32_t));
   float* dx = malloc(M * B * sizeof(float));
   float* xs = calloc(M * G, sizeof(float));
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
-      int8_t q[BLOCK], eo[BLOCK];
-      const float d = quantize_block(x + m * K + b * BLOCK, q);
-      int sum = 0;
-      for (int i = 0; i < BLOCK; ++i) sum += q[i];
-      for (int c = 0; c < BLOCK / 8; ++c)
-        for (int i = 0; i < 4; ++i) {
-          eo[c * 8 + i] = q[c * 8 + 2 * i];
-          eo[c * 8 + 4 + i] = q[c * 8 + 2 * i + 1];
-        }
-      memcpy(xq + (m * K / 8 + b * 4) * 2, eo, BLOCK);
+      int sum;
+      const float d = int4_quantize_block(x + m * K + b * BLOCK, xq + (m * K / 8 + b * 4) * 2, &sum);
       dx[m * B + b] = d;
       xs[m * G + b * BLOCK / group] += d * (float)sum;
     }
-  }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float out[GEMV_MAX_ROWS * TILE];
@@ -513,8 +606,10 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
             if (bits == 8) {
               const uint8_t* t = w + (n + r) / TILE * TILE * K + (n + r) % TILE * 4;  // in vx_int8_gemv's tiles
               for (int64_t k = k0; k < k1; k += 4) memcpy(qs + r * Q_KC + k - k0, t + k / 4 * 64, 4);
-              s[r] = bf16(scales[n + r]);
-              off[r] = 0.f;
+              for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // scales as int4's: (N/16, G, 16)
+                s[r * G + g] = bf16(scales[(((n + r) / TILE) * G + g) * TILE + (n + r) % TILE]);
+                off[r * G + g] = 0.f;
+              }
             } else {
               const int64_t R = n + r;  // its bytes in vx_int4_gemv's tiles: 4 of them every 64
               const uint8_t* p = w + (R / TILE) * TILE * K / 2 + (R % TILE) * 4;
