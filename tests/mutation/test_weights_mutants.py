@@ -1,0 +1,293 @@
+"""Checkpoint behaviours that mutation testing (mutation/README.md) found unpinned: dtype names and the device
+default, float64 tensors, the .pth reader (memory-mapped, no code run from a pickle, the error's first line),
+every loader error's whole advice, load_weights into hand-built models (root tensors, buffers, quantized
+layers, the default device), saving over a folder, and the pid check of stale temporary folders. Checkpoints
+are written here with the safetensors package and torch.save; logits are compared with transformers'."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, hf_model
+from safetensors.torch import load_file, save_file
+
+from ventoux import weights
+from ventoux.errors import VentouxError
+from ventoux.model import Transformer
+from ventoux.qlinear import Int8Linear
+from ventoux.weights import check_config, load_model, load_weights, parse_dtype, save_consolidated
+
+CFG = TINY.replace(n_layers=1)
+TOKENS = torch.randint(0, CFG.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+
+
+def _error(fn, *args, **kw) -> str:
+    with pytest.raises(VentouxError) as e:
+        fn(*args, **kw)
+    return str(e.value)
+
+
+def _hf_folder(folder: Path, edit=None, seed: int = 0):
+    """An HF checkpoint written by the safetensors package from transformers' own state_dict: (folder, model)."""
+    hf = hf_model(CFG, seed)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(hf.config.to_json_string())
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if edit:
+        edit(sd)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder, hf
+
+
+def _consolidated(folder: Path, sd: dict) -> Path:
+    """A consolidated.safetensors folder with these (ventoux-named) tensors."""
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, folder / "consolidated.safetensors")
+    return folder
+
+
+def _ventoux_sd(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return {k: v.detach() for k, v in Transformer(CFG).state_dict().items()}
+
+
+# ---- parse_dtype -------------------------------------------------------------------------------------
+def test_parse_dtype_names_defaults_and_refusals(monkeypatch):
+    assert parse_dtype("torch.float16") is torch.float16 and parse_dtype("Torch.BFloat16") is torch.bfloat16
+    assert parse_dtype(None) is torch.float32  # no device: the CPU's choice
+    for junk in (torch.int8, torch.float64, 3):
+        with pytest.raises(VentouxError, match="use float32, bfloat16 or float16"):
+            parse_dtype(junk)
+    for bf16 in (True, False):  # CUDA: bfloat16 where the GPU has it, else float16 (asked of torch, mocked here)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, bf16=bf16, **k: bf16)
+        assert parse_dtype(None, "cuda") is (torch.bfloat16 if bf16 else torch.float16)
+        assert parse_dtype(None, torch.device("cuda", 1)) is (torch.bfloat16 if bf16 else torch.float16)
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+def test_float64_tensors_load_cast_to_the_requested_dtype(tmp_path):
+    folder, hf = _hf_folder(tmp_path / "m", lambda sd: sd.update(
+        {"model.norm.weight": sd["model.norm.weight"].double()}))
+    assert load_file(folder / "model.safetensors")["model.norm.weight"].dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(folder, CFG, torch.float32)(TOKENS), hf(TOKENS).logits,
+                                   atol=1e-5, rtol=0)
+
+
+def _pth_folder(folder: Path, obj) -> Path:
+    folder.mkdir()
+    torch.save(obj, folder / "consolidated.00.pth")
+    return folder
+
+
+class _Mkdir:
+    """Unpickling this runs os.mkdir(path): what a hostile .pth could do with any function."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_pth_is_memory_mapped_and_runs_no_code_from_its_pickle(tmp_path):
+    sd = _ventoux_sd()
+    folder = _pth_folder(tmp_path / "ok", sd)
+    file = weights._open_pth(folder / "consolidated.00.pth")
+    assert file.path == folder / "consolidated.00.pth"
+    assert torch.equal(file.get("norm.weight"), sd["norm.weight"])
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the file is mapped, not read into memory
+        assert str(folder / "consolidated.00.pth") in maps.read_text()
+
+    marker = tmp_path / "pwned"
+    bad = _pth_folder(tmp_path / "bad", {"norm.weight": torch.ones(CFG.dim), "x": _Mkdir(marker)})
+    with pytest.raises(Exception) as ref:  # torch's own refusal, whose first line the error quotes
+        torch.load(bad / "consolidated.00.pth", weights_only=True)
+    first, *rest = str(ref.value).strip().splitlines()
+    assert rest, "expected torch's multi-line refusal"
+    msg = _error(load_model, bad, CFG, torch.float32)
+    assert not marker.exists()
+    assert msg == f"{bad / 'consolidated.00.pth'} is truncated or corrupt ({first}); re-download it"
+
+
+def test_pth_error_without_a_message_names_the_exception(tmp_path, monkeypatch):
+    folder = _pth_folder(tmp_path / "m", _ventoux_sd())
+
+    def fail(*a, **k):
+        raise EOFError()
+
+    monkeypatch.setattr(torch, "load", fail)
+    assert _error(load_model, folder, CFG, torch.float32) == \
+        f"{folder / 'consolidated.00.pth'} is truncated or corrupt (EOFError); re-download it"
+
+
+@pytest.mark.parametrize("obj", [{"norm.weight": torch.ones(3), "step": 3}, [torch.ones(3)]])
+def test_pth_that_is_not_a_dict_of_tensors(tmp_path, obj):
+    folder = _pth_folder(tmp_path / "m", obj)
+    assert _error(load_model, folder, CFG, torch.float32) == \
+        f"{folder / 'consolidated.00.pth'} does not hold a dict of tensors; it is not a consolidated checkpoint"
+
+
+def test_pth_wrong_shape_names_the_pth_file(tmp_path):
+    sd = _ventoux_sd()
+    sd["norm.weight"] = torch.ones(CFG.dim + 1)
+    folder = _pth_folder(tmp_path / "m", sd)
+    assert f"in {folder / 'consolidated.00.pth'} has shape" in _error(load_model, folder, CFG, torch.float32)
+
+
+# ---- the loader's errors, whole --------------------------------------------------------------------
+def test_plan_errors_give_their_whole_advice(tmp_path):
+    extra, _ = _hf_folder(tmp_path / "extra", lambda sd: sd.update({"model.vision_tower.weight": torch.ones(2)}))
+    assert _error(load_model, extra, CFG, torch.float32) == (
+        f"{extra / 'model.safetensors'} holds tensor 'model.vision_tower.weight', which this model config does "
+        "not have; the config contradicts the weights (check n_layers) or this is not a Mistral checkpoint")
+    missing, _ = _hf_folder(tmp_path / "missing", lambda sd: sd.pop("model.norm.weight"))
+    assert _error(load_model, missing, CFG, torch.float32) == (
+        f"tensor 'model.norm.weight' is missing from {missing / 'model.safetensors'}; the file is incomplete "
+        "(re-download it) or the config contradicts the weights")
+    as_int, _ = _hf_folder(tmp_path / "int", lambda sd: sd.update({"model.norm.weight": torch.ones(CFG.dim,
+                                                                                                    dtype=torch.int32)}))
+    assert _error(load_model, as_int, CFG, torch.float32) == (
+        f"tensor 'model.norm.weight' in {as_int / 'model.safetensors'} is stored as int32 but the model needs a "
+        "floating-point tensor there; the file is not a (float or ventoux-quantized) Mistral checkpoint")
+
+
+def _int8_head_model():
+    """A meta Transformer whose output head is an Int8Linear (what a quantized checkpoint loads into)."""
+    with torch.device("meta"):
+        model = Transformer(CFG)
+    n, k = CFG.vocab_size, CFG.dim
+    model.output = Int8Linear(torch.empty(n, 128, dtype=torch.int8, device="meta"),
+                              torch.empty(n, dtype=torch.bfloat16, device="meta"), in_features=k)
+    return model
+
+
+def test_integer_tensor_stored_as_float_names_the_integer_dtype(tmp_path):
+    sd = _ventoux_sd()
+    w = sd.pop("output.weight")
+    sd["output.qweight"] = torch.zeros(w.shape[0], 128)  # float32 where int8 codes belong
+    sd["output.scales"] = torch.ones(w.shape[0], dtype=torch.bfloat16)
+    folder = _consolidated(tmp_path / "m", sd)
+    assert _error(load_weights, _int8_head_model(), folder, torch.float32) == (
+        f"tensor 'output.qweight' in {folder / 'consolidated.safetensors'} is stored as float32 but the model "
+        "needs an int8 tensor there; the file is not a (float or ventoux-quantized) Mistral checkpoint")
+
+
+def test_non_finite_error_gives_its_whole_advice(tmp_path):
+    folder, _ = _hf_folder(tmp_path / "m", lambda sd: sd["model.norm.weight"].__setitem__(0, float("nan")))
+    assert _error(load_model, folder, CFG, torch.float32) == (
+        f"tensor 'model.norm.weight' in {folder / 'model.safetensors'} holds 1 NaN or infinite value(s) (as "
+        "torch.float32); the checkpoint is corrupt (re-download it), or its values overflow this dtype (load as "
+        "float32 or bfloat16)")
+
+
+def test_layer_check_when_the_weights_hold_no_layer(tmp_path):
+    folder = _consolidated(tmp_path / "m", {"tok_embeddings.weight": torch.ones(CFG.vocab_size, CFG.dim)})
+    msg = _error(check_config, folder, CFG, tmp_path / "params.json")
+    assert msg.endswith("hold layers none; fix the layer count (num_hidden_layers / n_layers) in the config")
+
+
+# ---- load_weights into hand-built models -------------------------------------------------------------
+def test_load_weights_default_device_root_tensors_and_buffers(tmp_path):
+    """Every tensor a module owns is filled, whatever its place: at the root, a persistent buffer registered
+    after a non-persistent one (which the file does not hold); the default device is the CPU."""
+    sd = _ventoux_sd()
+    sd["extra"], sd["norm.kept"] = torch.arange(3.0), torch.arange(5.0)
+    folder = _consolidated(tmp_path / "m", sd)
+    with torch.device("meta"):
+        model = Transformer(CFG)
+    model.register_parameter("extra", torch.nn.Parameter(torch.empty(3, device="meta")))
+    model.norm.register_buffer("scratch", torch.zeros(2), persistent=False)  # already real: not loaded
+    model.norm.register_buffer("kept", torch.empty(5, device="meta"))
+    loaded = load_weights(model, folder, torch.float32)
+    assert torch.equal(loaded.extra, sd["extra"]) and torch.equal(loaded.norm.kept, sd["norm.kept"])
+    assert torch.equal(loaded.norm.weight, sd["norm.weight"]) and loaded.norm.weight.device.type == "cpu"
+
+
+def test_transform_sees_exactly_the_modules_that_own_tensors(tmp_path):
+    sd = _ventoux_sd()
+    w = sd.pop("output.weight")
+    q = torch.randint(-127, 128, (w.shape[0], 128), dtype=torch.int8)
+    q[:, CFG.dim:] = 0
+    sd["output.qweight"], sd["output.scales"] = q, torch.rand(w.shape[0]).to(torch.bfloat16)
+    folder = _consolidated(tmp_path / "m", sd)
+    model = _int8_head_model()
+    owners = sorted({k.rpartition(".")[0] for k in model.state_dict()})  # modules with tensors of their own
+    seen = []
+    load_weights(model, folder, torch.float32, transform=lambda name, m: seen.append(name))
+    assert sorted(seen) == owners and len(seen) == len(owners)
+    x = torch.randn(2, CFG.dim)
+    ref = x @ (q[:, :CFG.dim].float() * sd["output.scales"].float()[:, None]).T  # plain dequantize-and-matmul
+    # (within the int8-activation error of the vnni kernel, which the loaded module may pick)
+    torch.testing.assert_close(model.output(x), ref, atol=0.02 * ref.abs().max().item(), rtol=0.02)
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+def test_save_consolidated_over_a_folder(tmp_path):
+    folder, hf = _hf_folder(tmp_path / "src")
+    model = load_model(folder, CFG, torch.float32)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert _error(save_consolidated, model, out) == f"{out} already exists; choose a new output folder or remove it"
+    save_consolidated(model, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.safetensors", "params.json"]
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out, CFG, torch.float32)(TOKENS), hf(TOKENS).logits, atol=1e-5, rtol=0)
+
+
+def test_save_consolidated_refuses_quantized_layers_whole(tmp_path):
+    folder, _ = _hf_folder(tmp_path / "src")
+    model = load_model(folder, CFG, torch.float32)
+    model.output = Int8Linear.from_float(model.output.weight.detach(), kernel="fallback")
+    assert _error(save_consolidated, model, tmp_path / "out") == (
+        "the model has quantized layers (output, ...): save it with the HF layout (quantize.save_quantized): "
+        "Mistral's layout has no quantized form, or dequantize it first")
+
+
+def test_checking_a_pid_sends_it_no_signal(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert weights._alive(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)  # still running: signal 0 only asks
+    finally:
+        child.kill()
+        child.wait()
+    assert not weights._alive(child.pid)
+
+
+def test_stale_folder_of_a_pid_the_os_cannot_ask_about_is_kept(tmp_path):
+    odd = tmp_path / f".out.tmp-{2**70}"  # os.kill overflows: someone's, maybe; left alone
+    odd.mkdir()
+    weights.check_output_folder(tmp_path / "out")
+    assert odd.exists()
+
+
+def test_tensors_left_on_the_meta_device_are_named(tmp_path):
+    folder = _consolidated(tmp_path / "m", _ventoux_sd())
+    with torch.device("meta"):
+        model = Transformer(CFG)
+    for i in range(4):  # not in the file (non-persistent), and never materialised: the loader says so
+        model.norm.register_buffer(f"scratch{i}", torch.empty(2, device="meta"), persistent=False)
+    with pytest.raises(RuntimeError) as e:
+        load_weights(model, folder, torch.float32)
+    assert str(e.value) == "tensors left on the meta device after loading: ['norm.scratch0', 'norm.scratch1', " \
+                           "'norm.scratch2']"
+
+
+@pytest.mark.parametrize("shard", ["", ".."])
+def test_index_naming_an_empty_or_parent_name_is_refused(tmp_path, shard):
+    folder, _ = _hf_folder(tmp_path / "m")
+    index = folder / weights.HF_INDEX
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": shard}}))
+    assert _error(load_model, folder, CFG, torch.float32) == (
+        f"{index} names the weight file {shard!r}, which is not a file name inside {folder}; an index may only "
+        "name files beside it (re-download the checkpoint)")
