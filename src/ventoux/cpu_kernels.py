@@ -110,9 +110,18 @@ def isa() -> str | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels of the selected build (isa()), built now if needed; None where they cannot run."""
-    chosen = isa()
-    return build(chosen) if chosen else None
+    """The compiled kernels of the selected build (isa()), built now if needed; None where they cannot run.
+    Asked on every product call: the library for each value of VENTOUX_CPU_ISA is remembered (0.9 -> 0.2 us)."""
+    wanted = os.environ.get(ISA_VARIABLE)
+    try:
+        return _libraries[wanted]
+    except KeyError:
+        chosen = isa()  # raises for a value that names no build this CPU runs: never remembered
+        _libraries[wanted] = lib = build(chosen) if chosen else None
+        return lib
+
+
+_libraries: dict[str | None, ctypes.CDLL | None] = {}
 
 
 @functools.cache
@@ -229,9 +238,16 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     m, k = x.shape
     if qweight.shape[1:] != (k // 8, TILE, 4) or qweight.shape[0] * TILE < n:
         raise ValueError(f"int4_gemv takes tile_int4's layout (N/16, K/8, 16, 4), not {list(qweight.shape)}")
-    y = torch.empty(m, n)
-    library().vx_int4_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group, n,
-                           y.data_ptr(), torch.get_num_threads())
+    return int4_gemv_unchecked(x, qweight, scales, zeros, group, n)
+
+
+def int4_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group: int, n: int) -> torch.Tensor:
+    """int4_gemv for a contiguous float32 x and weights its caller has checked once (Int4Linear, at load): a
+    decode call's Python costs a few microseconds, as much as a small product's arithmetic."""
+    y = torch.empty(x.shape[0], n)
+    library().vx_int4_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(),
+                           zeros.data_ptr(), group, n, y.data_ptr(), torch.get_num_threads())
     return y
 
 
