@@ -49,7 +49,10 @@ def _weights(n=64, k=256, seed=0, rows=(2, 3)):
 
 
 def _ref_int8(qweight, scales):
-    return qweight.to(torch.float64) * scales.to(torch.float64)[:, None]
+    """(N, K) codes times their row's scale (scales (N,)) or their group's (scales (N, K/g), g consecutive inputs)."""
+    s = scales.to(torch.float64)
+    s = s[:, None] if s.dim() == 1 else s.repeat_interleave(qweight.shape[1] // s.shape[1], 1)
+    return qweight.to(torch.float64) * s
 
 
 def _ref_int4(qweight, scales, zeros):
@@ -102,7 +105,10 @@ def _use(monkeypatch, isa):
 
 
 def test_parse_scheme():
-    assert parse_scheme("int8") == Scheme(8)
+    assert parse_scheme("int8") == Scheme(8) and Scheme(8).name == "int8"  # one scale a row, as before
+    for g in (32, 64, 128):
+        assert parse_scheme(f"int8-G{g}") == Scheme(8, g) and Scheme(8, g).name == f"int8-g{g}"
+    assert parse_quantize("int8-g32+output=int8") == (Scheme(8, 32), Scheme(8))
     assert parse_scheme("int4") == Scheme(4, 32)
     for g in (32, 64, 128):
         assert parse_scheme(f"INT4-g{g}") == Scheme(4, g)
@@ -160,16 +166,49 @@ def test_every_linear_of_a_loaded_model_runs_on_a_fast_kernel(tmp_path, kernel_i
 
 @pytest.mark.parametrize("rows", [(2, 3), (1, 300)])  # decode-sized; prefill-sized (vnni: the tiled product)
 @pytest.mark.parametrize("kernel,isa", _cases(Int8Linear))
-def test_int8_linear_against_float(monkeypatch, kernel, isa, rows):
+@pytest.mark.parametrize("group_size", [None, 32, 64, 128])
+def test_int8_linear_against_float(monkeypatch, kernel, isa, rows, group_size):
     _use(monkeypatch, isa)
+    if kernel == "int8pack" and group_size:
+        pytest.skip("int8pack takes one scale a row (test_int8_groups_never_take_int8pack)")
     w, x = _weights(rows=rows)
-    layer = Int8Linear.from_float(w, kernel=kernel)
-    assert layer.kernel == kernel
+    layer = Int8Linear.from_float(w, group_size, kernel=kernel)
+    assert layer.kernel == kernel and layer.group_size == group_size
     qweight, scales = layer.canonical()
-    assert qweight.dtype == torch.int8 and scales.shape == (64,)
-    assert qweight.abs().amax(1).eq(127).all()  # the scale maps each row's largest weight to 127
-    step = scales.to(torch.float64)[:, None].expand_as(w)
+    groups = 256 // (group_size or 256)
+    assert qweight.dtype == torch.int8 and scales.shape == ((64,) if group_size is None else (64, groups))
+    # the scale maps each row's (group's) largest weight to 127
+    assert qweight.view(64, groups, -1).abs().amax(-1).eq(127).all()
+    step = _ref_int8(torch.ones_like(qweight), scales)
     _check_linear(layer, w, x, _ref_int8(qweight, scales), step)
+
+
+def test_int8_groups_never_take_int8pack():
+    w, _ = _weights()
+    assert Int8Linear.from_float(w, 32).kernel != "int8pack"
+    with pytest.raises(VentouxError, match="'int8pack' is not available"):
+        Int8Linear.from_float(w, 32, kernel="int8pack")
+    with pytest.raises(VentouxError, match="group size 48"):
+        Int8Linear.from_float(w, 48)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("isa", KERNEL_ISAS or [pytest.param(None, marks=pytest.mark.skip(reason="no kernels"))])
+def test_int8_group_kernel_against_the_fallback(monkeypatch, isa, group_size):
+    # int8-g32 (and g64, g128) on ours against the plain dequantize-and-matmul fallback: each decode batch 1..8
+    # (the row-by-row kernel) and a prefill batch (the tiled product), an odd number of rows (a partial tile)
+    _use(monkeypatch, isa)
+    w, x = _weights(n=37, k=384, seed=4, rows=(45,))
+    fast = Int8Linear.from_float(w, group_size, kernel="vnni")
+    plain = Int8Linear.from_float(w, group_size, kernel="fallback")
+    for a, b in zip(fast.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+    w_hat = _ref_int8(*plain.canonical())
+    for m in [*range(1, 9), 45]:
+        xm = x[:m]
+        bound = _kernel_error(fast, xm, w_hat)
+        assert ((fast(xm).double() - plain(xm).double()).abs() <= bound).all(), m
+        assert ((fast(xm).double() - xm.double() @ w_hat.T).abs() <= bound).all(), m
 
 
 @pytest.mark.parametrize("rows", [(2, 3), (1, 300)])  # decode-sized; prefill-sized (vnni: the tiled product)
@@ -204,7 +243,8 @@ def test_packed_kernel_agrees_with_fallback(monkeypatch, isa, cls, args, rows):
         assert ((packed(xb) - fallback(xb)).abs() <= _kernel_error(packed, xb, w_hat)).all(), kernel
 
 
-@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}),
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int8Linear, {"group_size": 32}),
+                                      (Int8Linear, {"group_size": 128}), (Int4Linear, {"group_size": 32}),
                                       (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
 def test_vnni_prefill_product_equals_the_decode_product(kernel_isa, cls, args):
     # More than 8 rows take the tiled product, up to 8 the row-by-row one: the same integer arithmetic,
@@ -256,15 +296,15 @@ def test_quantized_model_logits_close_to_float():
     model, tokens = _model(), _tokens()
     ref = model(tokens)
     errors = {}
-    for scheme in ("int8", "int4-g32", "int4-g64", "int4-g128"):
+    for scheme in ("int8", "int8-g32", "int4-g32", "int4-g64", "int4-g128"):
         q = quantize_model(copy.deepcopy(model), scheme, include_output=True)
-        cls = Int8Linear if scheme == "int8" else Int4Linear
+        cls = Int8Linear if scheme.startswith("int8") else Int4Linear
         layers = [m for n, m in q.named_modules() if n.startswith("layers.") and n.count(".") == 3]
         assert len(layers) == 2 * 7 and {type(m) for m in layers} == {cls}
         assert {m.kernel for m in layers} == {cls.kernels("cpu")[0]}  # the fastest here
         assert q.output.kernel != "int4pack"  # 211 rows: PyTorch's int4 packers cannot take it
         errors[scheme] = ((q(tokens) - ref).norm() / ref.norm()).item()
-    assert errors["int8"] < 0.02
+    assert errors["int8"] < 0.02 and errors["int8-g32"] < 0.02
     assert max(errors.values()) < 0.2
     assert errors["int8"] < errors["int4-g32"] / 4
     assert errors["int4-g32"] < errors["int4-g128"]  # smaller groups fit better
@@ -287,6 +327,7 @@ def test_model_dtype_change_keeps_quantized_tensors():
 @torch.no_grad()
 @pytest.mark.parametrize("scheme,include_output,suffix,head",
                          [("int8", True, "+output", "int8"), ("int4-g64", False, "+output=float", None),
+                          ("int8-g32", None, "", "int8"), ("int8-g64", "int8-g32", "+output=int8-g32", "int8-g32"),
                           ("int4-g64", None, "", "int8"), ("int4", "int4-g128", "+output=int4-g128", "int4-g128")])
 def test_save_load_gives_identical_logits(tmp_path, scheme, include_output, suffix, head):
     model, tokens = _model(), _tokens()
@@ -377,6 +418,32 @@ def test_output_scheme_of_the_checkpoint(tmp_path):
     assert read_quantization(tmp_path / "old") == (Scheme(4, 64), Scheme(4, 64))
     _edit_config(tmp_path / "old", include_output=False)
     assert read_quantization(tmp_path / "old") == (Scheme(4, 64), None)
+
+
+def test_int8_files_keep_loading_as_what_they_are(tmp_path):
+    # "int8" is one scale a row (group_size null), as every int8 file written before groups existed; int8-g32
+    # records its group size; a config that contradicts the scales' shape names the tensor and the field
+    row, grouped = _saved(tmp_path / "row", "int8"), _saved(tmp_path / "g32", "int8-g32")
+    assert json.loads((row / "config.json").read_text())["quantization"]["group_size"] is None
+    assert json.loads((grouped / "config.json").read_text())["quantization"]["group_size"] == 32
+    config = json.loads((row / "config.json").read_text())
+    del config["quantization"]["group_size"]  # no such key at all: still one scale a row
+    (row / "config.json").write_text(json.dumps(config))
+    for folder, group in [(row, None), (grouped, 32)]:
+        assert read_quantization(folder) == (Scheme(8, group), Scheme(8))
+        model = load_quantized(folder)
+        wq = model.layers[0].attention.wq
+        assert type(wq) is Int8Linear and wq.group_size == group and model.output.group_size is None
+        assert wq.canonical()[1].shape == ((CFG.dim,) if group is None else (CFG.dim, CFG.dim // group))
+    _edit_config(row, group_size=32)
+    with pytest.raises(VentouxError, match=r"layers.0.*scales.*does not match.*group_size 32"):
+        load_quantized(row)
+    _edit_config(grouped, group_size=None)
+    with pytest.raises(VentouxError, match=r"group-wise scales.*group_size null"):
+        load_quantized(grouped)
+    _edit_config(grouped, group_size=16)
+    with pytest.raises(VentouxError, match="group_size 16 is not null"):
+        load_quantized(grouped)
 
 
 def test_scheme_contradicting_the_tensors_fails(tmp_path):

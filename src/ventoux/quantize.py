@@ -3,6 +3,7 @@
     quantize_model(model, "int4")                    # block linears -> Int4Linear (group 32), head -> int8
     quantize_model(model, "int4", include_output=True)   # the head in the blocks' scheme (int4) too
     quantize_model(model, "int4", include_output=False)  # the head stays float
+    quantize_model(model, "int8-g32")                # int8 with one scale per 32 inputs: llama.cpp Q8_0's size
     model = load_model(folder, cfg, dtype, device, quantize="int4-g64")   # api.py: quantize while loading
     model = load_model(folder, cfg, dtype, device, quantize="int4+output")  # ... the head in int4 too
     model = load_model(folder, cfg, dtype, device, quantize="int4+output=float")  # ... the head kept float
@@ -16,9 +17,12 @@ measurable, and the head is then read at half a bfloat16 head's bytes on the fas
 names another head with a suffix: "+output" (the blocks' scheme, as before), "+output=float" (kept in the
 model's dtype: HalfLinear's kernels on a CPU), "+output=int4-g64" (any scheme).
 
+Schemes: "int8" (one scale per output row, about 8 bits a weight), "int8-g32" / "-g64" / "-g128" (one scale
+per group of inputs: 8.5 bits a weight at 32, Q8_0's format), "int4" = "int4-g32", "int4-g64", "int4-g128".
+
 The layers and their kernels live in qlinear.py. A quantized checkpoint is an HF-layout checkpoint whose
 config.json has a "quantization" entry ({"scheme": "int4", "group_size": 32, "include_output": true,
-"output_scheme": "int8", "format_version": 1}) and whose quantized linears hold qweight/scales(/zeros) in
+"output_scheme": "int8", "format_version": 1}; int8's group_size is null for one scale a row) and whose quantized linears hold qweight/scales(/zeros) in
 place of weight, in the device-independent layout: the device packing happens at load. Without
 "output_scheme" (older files), include_output true means the head is in the blocks' scheme.
 """
@@ -40,19 +44,19 @@ from .qlinear import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear, Int8Linear, Qu
 @dataclass(frozen=True)
 class Scheme:
     bits: int
-    group_size: int | None = None  # int4 only; int8 is per output channel
+    group_size: int | None = None  # inputs per scale; None (int8 only): one scale per output channel
 
     @property
     def name(self) -> str:
-        return "int8" if self.bits == 8 else f"int4-g{self.group_size}"
+        return f"int{self.bits}" + (f"-g{self.group_size}" if self.group_size else "")
 
 
-SCHEMES = {"int8": Scheme(8), "int4": Scheme(4, DEFAULT_GROUP_SIZE),
-           **{f"int4-g{g}": Scheme(4, g) for g in GROUP_SIZES}}
+SCHEMES = {"int8": Scheme(8), **{f"int8-g{g}": Scheme(8, g) for g in GROUP_SIZES},
+           "int4": Scheme(4, DEFAULT_GROUP_SIZE), **{f"int4-g{g}": Scheme(4, g) for g in GROUP_SIZES}}
 
 
 def parse_scheme(scheme: str | Scheme) -> Scheme:
-    """"int8" | "int4" | "int4-g32" | "int4-g64" | "int4-g128" -> Scheme."""
+    """"int8" | "int8-g32" | "int8-g64" | "int8-g128" | "int4" | "int4-g32" | "int4-g64" | "int4-g128" -> Scheme."""
     if isinstance(scheme, Scheme):
         return scheme
     key = str(scheme).strip().lower()
@@ -109,7 +113,7 @@ def quantize_module(module: nn.Module, scheme: str | Scheme, kernel: str | None 
     if not isinstance(module, nn.Linear) or module.bias is not None:
         raise VentouxError(f"only bias-free nn.Linear layers can be quantized, not {type(module).__name__}")
     if scheme.bits == 8:
-        return Int8Linear.from_float(module.weight, kernel=kernel)
+        return Int8Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
     return Int4Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
 
 
@@ -122,7 +126,7 @@ def quantizer(scheme: str | Scheme, include_output: bool | str | Scheme | None =
     def transform(name: str, module: nn.Module) -> nn.Module:
         if not isinstance(module, nn.Linear) or not is_target(name, head is not None):
             return module
-        if name == "output" and head.bits != scheme.bits:  # a kernel asked for the blocks may not exist here
+        if name == "output" and head != scheme:  # a kernel asked for the blocks may not exist here
             return quantize_module(module, head, kernel if kernel == "fallback" else None)
         return quantize_module(module, head if name == "output" else scheme, kernel)
 
@@ -141,7 +145,7 @@ def _chain(first, then):
 
 def _module_scheme(module: nn.Module) -> Scheme | None:
     if isinstance(module, Int8Linear):
-        return Scheme(8)
+        return Scheme(8, module.group_size)
     return Scheme(4, module.group_size) if isinstance(module, Int4Linear) else None
 
 
@@ -192,8 +196,11 @@ def read_quantization(folder) -> tuple[Scheme, Scheme | None] | None:
         raise VentouxError(f"{path}: quantization.format_version {version!r} is not one this ventoux reads "
                            f"({FORMAT_VERSION}); upgrade ventoux or re-quantize the checkpoint")
     kind, group = entry.get("scheme"), entry.get("group_size")
-    if kind == "int8":
-        scheme = Scheme(8)
+    if kind == "int8":  # group_size null (files from before int8 had groups): one scale a row
+        if group is not None and group not in GROUP_SIZES:
+            raise VentouxError(f"{path}: quantization.group_size {group!r} is not null (one scale a row) nor one of "
+                               f"{GROUP_SIZES}; fix the config or re-quantize")
+        scheme = Scheme(8, group)
     elif kind == "int4":
         if group not in GROUP_SIZES:
             raise VentouxError(f"{path}: quantization.group_size {group!r} is not one of {GROUP_SIZES}; "
@@ -230,10 +237,11 @@ def _check_tensors(folder, scheme: Scheme, head: Scheme | None = None) -> None:
         if not name.endswith(".scales") or qweight is None:
             continue
         inputs = qweight[0][1] * (2 if scheme.bits == 4 else 1)
-        if scheme.bits == 8 and len(shape) != 1:
+        if scheme.group_size is None and len(shape) != 1:
             raise VentouxError(f"tensor {name!r} holds group-wise scales {list(shape)}, but config.json says "
-                               "quantization.scheme 'int8'; fix the config or re-quantize")
-        if scheme.bits == 4 and (len(shape) != 2 or inputs != shape[1] * scheme.group_size):
+                               "quantization.scheme 'int8' with group_size null (one scale a row); fix the config "
+                               "or re-quantize")
+        if scheme.group_size is not None and (len(shape) != 2 or inputs != shape[1] * scheme.group_size):
             raise VentouxError(f"tensor {name!r} has shape {list(shape)} for {inputs} inputs, which does not "
                                f"match config.json's quantization.group_size {scheme.group_size}; fix the config "
                                "or re-quantize")
