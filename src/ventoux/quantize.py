@@ -22,9 +22,10 @@ per group of inputs: 8.5 bits a weight at 32, Q8_0's format), "int4" = "int4-g32
 
 The layers and their kernels live in qlinear.py. A quantized checkpoint is an HF-layout checkpoint whose
 config.json has a "quantization" entry ({"scheme": "int4", "group_size": 32, "include_output": true,
-"output_scheme": "int8", "format_version": 1}; int8's group_size is null for one scale a row) and whose quantized linears hold qweight/scales(/zeros) in
-place of weight, in the device-independent layout: the device packing happens at load. Without
-"output_scheme" (older files), include_output true means the head is in the blocks' scheme.
+"output_scheme": "int8", "format_version": 1}; int8's group_size is null for one scale a row, as in every int8
+file written before int8 had groups) and whose quantized linears hold qweight/scales(/zeros) in place of weight,
+in the device-independent layout: the device packing happens at load. Without "output_scheme" (older files),
+include_output true means the head is in the blocks' scheme.
 """
 
 from __future__ import annotations
