@@ -75,11 +75,14 @@ def main():
             rows.append((f"half_gemv {str(dt)[6:]}", lambda dt=dt: master.to(dt), cpu_kernels.half_gemv, torch.float32))
         for dt in (torch.bfloat16, torch.float16):  # prefill-sized products (--m 128): 16-bit activations
             rows.append((f"half_gemm {str(dt)[6:]}", lambda dt=dt: master.to(dt), cpu_kernels.half_gemm, dt))
-    schemes = [("int8", lambda kernel: Int8Linear.from_float(master, kernel=kernel), Int8Linear)]
+    schemes = [("int8", lambda kernel: Int8Linear.from_float(master, kernel=kernel), Int8Linear),
+               ("int8-g32", lambda kernel: Int8Linear.from_float(master, 32, kernel=kernel), Int8Linear)]
     for g in (32, 64, 128):
         schemes.append((f"int4-g{g}", lambda kernel, g=g: Int4Linear.from_float(master, g, kernel=kernel), Int4Linear))
     for name, build, cls in schemes:
         for kernel in cls.kernels("cpu"):
+            if kernel == "int8pack" and name != "int8":
+                continue  # PyTorch's int8 kernel takes one scale a row, not int8-g32's groups
             if kernel != "fallback" or args.fallback:
                 rows.append((f"{name} {kernel}", lambda build=build, kernel=kernel: build(kernel),
                              lambda x, mod: mod(x), torch.bfloat16))
