@@ -160,7 +160,7 @@ def llama_server_binary() -> Path:
                 tar.extractall(source, members=members, filter="data")
     build = binary.parent.with_name(binary.parent.name + ".build")
     log(f"building llama-server from {source} into {binary.parent} (several minutes) ...")
-    options = ["-DCMAKE_BUILD_TYPE=Release", *llamacpp.BUILDS["native"].split(), "-DLLAMA_CURL=OFF",
+    options = ["-DCMAKE_BUILD_TYPE=Release", *llamacpp.cmake_args("native").split(), "-DLLAMA_CURL=OFF",
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), *options], check=True, stdout=subprocess.DEVNULL)

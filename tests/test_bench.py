@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ventoux.cli import main
+from ventoux.errors import VentouxError
 from ventoux.config import ModelConfig
 from ventoux.model import Transformer
 from ventoux.weights import save_hf
@@ -88,12 +89,26 @@ def test_llama_cpp_is_built_from_source_for_this_cpu_or_for_avx2(tmp_path, monke
     assert str(native) in sys.path and str(avx2) in sys.path
     for (cmd, cmake), build in zip(calls, ("native", "avx2")):
         assert "--no-binary" in cmd and cmd[cmd.index("--no-binary") + 1] == "llama-cpp-python"
-        assert "--no-cache-dir" in cmd and cmake == llamacpp.BUILDS[build]
-    assert "-DGGML_NATIVE=ON" in calls[0][1]
+        assert "--no-cache-dir" in cmd and cmake == llamacpp.cmake_args(build)
     assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=OFF"} <= set(calls[1][1].split())
     assert llamacpp.ensure_installed("avx2", quiet) == avx2 and len(calls) == 2  # built once
     sys.path.remove(str(native))
     sys.path.remove(str(avx2))
+
+
+def test_native_llama_cpp_build_is_march_native_except_amx():
+    """-march=native where the CPU lacks AMX; with AMX (whose llama.cpp backend segfaults here), every other
+    instruction set the CPU has, named, and AMX off."""
+    from ventoux.bench import llamacpp
+
+    zen4 = frozenset({"avx", "avx2", "fma", "f16c", "bmi2", "sse4_2", "avx512f", "avx512_vnni", "avx512_bf16"})
+    assert llamacpp.cmake_args("native", zen4) == "-DGGML_NATIVE=ON"
+    spr = llamacpp.cmake_args("native", zen4 | {"amx_int8", "amx_tile", "amx_bf16", "avx_vnni"}).split()
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+            "-DGGML_AVX_VNNI=ON", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_TILE=OFF"} <= set(spr)
+    assert llamacpp.cmake_args("avx2", zen4) == llamacpp.AVX2_ONLY
+    with pytest.raises(VentouxError, match="unknown llama.cpp build"):
+        llamacpp.cmake_args("sse2")
 
 
 def test_peer_notes_print_llama_cpp_build_and_warn_on_a_slow_q4_0():

@@ -39,9 +39,32 @@ def gguf_types(dtype: str, quantize: str | None) -> list[str]:
     return {"bfloat16": ["BF16", "F16"], "float16": ["F16", "BF16"], "float32": ["F32"]}[dtype]
 
 
-# How llama.cpp is compiled for each --isa of the benchmarks: for this CPU, or for AVX2 CPUs only.
-BUILDS = {"native": "-DGGML_NATIVE=ON",
-          "avx2": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"}
+# How llama.cpp is compiled for each --isa of the benchmarks: for this CPU ("native"), or for AVX2 CPUs only.
+BUILDS = ("native", "avx2")
+AVX2_ONLY = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
+# llama.cpp's option for each x86 feature (a /proc/cpuinfo flag) a native build without AMX names one by one
+X86_OPTIONS = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2",
+               "avx_vnni": "AVX_VNNI", "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI",
+               "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16"}
+
+
+def cmake_args(isa: str = "native", flags: frozenset[str] | None = None) -> str:
+    """llama.cpp's CMake options for a build: "-DGGML_NATIVE=ON" (-march=native), except on CPUs with AMX.
+    There a native build repacks Q4_0 / Q8_0 weights for its AMX backend, which segfaults in its first
+    product on this project's Sapphire Rapids VM, as reported upstream (ggml-org/llama.cpp#20824; dspy's CI
+    dropped that variant for it): those CPUs get every other instruction set they have, named one by one,
+    and llama.cpp's AVX-512 CPU_REPACK path."""
+    if isa == "avx2":
+        return AVX2_ONLY
+    if isa != "native":
+        raise VentouxError(f"unknown llama.cpp build {isa!r}: use one of {', '.join(BUILDS)}")
+    from ..cpu_kernels import cpu_flags
+
+    flags = cpu_flags() if flags is None else flags
+    if "amx_int8" not in flags:
+        return "-DGGML_NATIVE=ON"
+    named = [f"-DGGML_{option}={'ON' if flag in flags else 'OFF'}" for flag, option in X86_OPTIONS.items()]
+    return " ".join(["-DGGML_NATIVE=OFF", *named, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
 VERSION = "0.3.*"
 
 
@@ -50,9 +73,7 @@ def install_dir(isa: str = "native") -> Path:
     build is never reused on another machine (nor a native build as the AVX2 one)."""
     from ..cpu_kernels import cache_dir, cpu_flags
 
-    if isa not in BUILDS:
-        raise VentouxError(f"unknown llama.cpp build {isa!r}: use one of {', '.join(BUILDS)}")
-    key = hashlib.sha1(f"{cpu_model()}|{' '.join(sorted(cpu_flags()))}|{BUILDS[isa]}".encode()).hexdigest()
+    key = hashlib.sha1(f"{cpu_model()}|{' '.join(sorted(cpu_flags()))}|{cmake_args(isa)}".encode()).hexdigest()
     return cache_dir().parent / "llama-cpp" / f"{isa}-{key[:10]}"
 
 
@@ -77,8 +98,8 @@ def ensure_installed(isa: str = "native", log: Callable[[str], None] = print) ->
     The folder is appended to sys.path (after the environment's own packages) and returned."""
     target = install_dir(isa)
     if not (target / "llama_cpp").is_dir():
-        env = {**os.environ, "CMAKE_ARGS": BUILDS[isa], "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
-        log(f"building llama-cpp-python {VERSION} from source ({BUILDS[isa]}) into {target}: this can take "
+        env = {**os.environ, "CMAKE_ARGS": cmake_args(isa), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+        log(f"building llama-cpp-python {VERSION} from source ({cmake_args(isa)}) into {target}: this can take "
             "10 minutes or more ...")
         tmp = target.with_name(target.name + ".tmp")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +109,7 @@ def ensure_installed(isa: str = "native", log: Callable[[str], None] = print) ->
         if proc.returncode:
             last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise VentouxError(f"building llama-cpp-python failed ({last}); run `{' '.join(cmd)}` with "
-                               f"CMAKE_ARGS='{BUILDS[isa]}' to see why, or drop --compare llama.cpp")
+                               f"CMAKE_ARGS='{cmake_args(isa)}' to see why, or drop --compare llama.cpp")
         tmp.rename(target)
     use(target)
     return target
