@@ -183,6 +183,20 @@ def test_int8_linear_against_float(monkeypatch, kernel, isa, rows, group_size):
     _check_linear(layer, w, x, _ref_int8(qweight, scales), step)
 
 
+def test_int8_group_backward_reaches_the_input():
+    # LoRA under a frozen int8-g32 layer: the input's gradient is through q * its group's scale, with the weight
+    # dequantized a slice of columns at a time (slices that cut no group)
+    w, _ = _weights(n=48, k=512, seed=5)
+    layer = Int8Linear.from_float(w, 32)
+    w_hat = _ref_int8(*layer.canonical())
+    slices = list(layer._weight_columns(torch.float64, budget=48 * 128))
+    assert len(slices) == 4 and torch.equal(torch.cat([c for _, c in slices], 1), w_hat)
+    x = torch.randn(3, 512, requires_grad=True)
+    g = torch.randn(3, 48)
+    (layer(x) * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), g.double() @ w_hat, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_groups_never_take_int8pack():
     w, _ = _weights()
     assert Int8Linear.from_float(w, 32).kernel != "int8pack"
