@@ -3,9 +3,12 @@
     python benchmarks/quant_quality.py                  # the demo model on tinyshakespeare's held-out 10%
     python benchmarks/quant_quality.py --no-llama-cpp   # ventoux and transformers only
     python benchmarks/quant_quality.py --timing-only    # bf16 only: the time against transformers
+    python benchmarks/quant_quality.py --schemes int8,int8-g32 --rounds 0   # those rows (and their peers) only
+    python benchmarks/quant_quality.py --dtype float32 ...   # ventoux's activations in float32, as llama.cpp's
 
 One run scores the same held-out tokens (the split of benchmarks/eval_demo.py) with
-  - ventoux at bf16 and quantized while loading: int8, int4-g32, int4-g64, int4-g128;
+  - ventoux at bf16 and quantized while loading: int8 (one scale a row), int8-g32 (one per 32 inputs, Q8_0's
+    format and size), int4-g32, int4-g64, int4-g128;
   - llama.cpp (llama-cpp-python built from source, bench/llamacpp.py) on GGUF files converted from the
     same weights by llama.cpp's own converter: BF16, Q8_0, Q4_0 (and Q4_K_M), every position's logits;
   - transformers' MistralForCausalLM at bf16, for the time (same windows, batch and threads as ventoux;
@@ -42,11 +45,12 @@ from ventoux.api import DEMO_MODEL
 from ventoux.eval.perplexity import windows
 from ventoux.eval.scoring import score
 from ventoux.model import swap_modules
-from ventoux.quantize import quantizer
+from ventoux.quantize import parse_quantize, quantizer
 from ventoux.train.data import split_heldout
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "tinyshakespeare.txt"
-PAIRS = [("int8", "Q8_0"), ("int4-g32", "Q4_0"), ("int4-g64", "Q4_K_M"), ("int4-g128", None)]  # rows side by side
+PAIRS = [("int8", "Q8_0"), ("int8-g32", "Q8_0"), ("int8-g32+output", "Q8_0"), ("int4-g32", "Q4_0"),
+         ("int4-g64", "Q4_K_M"), ("int4-g128", None)]  # rows side by side; "+output": the head in the blocks' scheme
 
 
 class HFScorer(torch.nn.Module):
@@ -125,10 +129,12 @@ def bits_per_weight(n_bytes: int, n_weights: int) -> float:
     return 8 * n_bytes / n_weights
 
 
-def load_like_gguf(model: str, scheme: str):
-    """ventoux's scheme on the tensors llama.cpp's GGUF quantizes (whole blocks of 32): the others stay bf16."""
-    llm = ventoux.load(model, dtype="bfloat16", device="cpu")
-    transform = quantizer(scheme)
+def load_like_gguf(model: str, scheme: str, dtype: str = "bfloat16"):
+    """ventoux's scheme on the tensors llama.cpp's GGUF quantizes (whole blocks of 32): the others stay 16-bit
+    (or `dtype`)."""
+    llm = ventoux.load(model, dtype=dtype, device="cpu")
+    blocks, head = parse_quantize(scheme)
+    transform = quantizer(blocks, head or False)
     swap_modules(llm.model, lambda name, m: m if getattr(m, "in_features", 0) % 32 else transform(name, m))
     return llm
 
@@ -147,13 +153,24 @@ def main() -> None:
     p.add_argument("--stride", type=int, default=None, help="default: the context (consecutive windows)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-llama-cpp", action="store_true")
-    p.add_argument("--rounds", type=int, default=3, help="timing: ventoux and transformers alternately, best of N")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timing: ventoux and transformers alternately, best of N (0: no transformers run)")
+    p.add_argument("--schemes", default=None,
+                   help="comma-separated ventoux schemes to score (default: all of PAIRS), with their llama.cpp peers")
     p.add_argument("--timing-only", action="store_true", help="only the bf16 runs and the time against transformers")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="ventoux's dtype (activations, unquantized tensors); the 'bf16' row is then this dtype")
     p.add_argument("--kld-tokens", type=int, default=16384, help="positions compared with the float32 run")
     args = p.parse_args()
     threads = torch.get_num_threads()
+    pairs = PAIRS
+    if args.schemes:
+        wanted = args.schemes.split(",")
+        pairs = [pair for pair in PAIRS if pair[0] in wanted]
+        if len(pairs) != len(wanted):
+            p.error(f"--schemes: choose among {', '.join(s for s, _ in PAIRS)}")
 
-    base = ventoux.load(args.model, dtype="bfloat16", device="cpu")
+    base = ventoux.load(args.model, dtype=args.dtype, device="cpu")
     cfg = base.config
     context = args.context or min(cfg.sliding_window or cfg.max_seq_len, cfg.max_seq_len)
     stride = args.stride or context
@@ -164,31 +181,34 @@ def main() -> None:
     log(f"{args.model}: {len(text):,} held-out characters, {n_tokens:,} tokens, {len(requests)} windows "
         f"(context {context}, stride {stride}), {threads} threads, {os.uname().machine}")
 
-    n_weights = ventoux_bytes(base.model) // 2  # bf16: two bytes a weight
+    n_weights = sum(t.numel() for name, t in base.model.state_dict().items()
+                    if not name.startswith("tok_embeddings"))  # as ventoux_bytes counts
     ours, bits, clocks, kld = {}, {}, {}, {}  # keyed by scheme: summed nll, bits per weight, time, KL divergence
     keep = min(args.kld_tokens, n_tokens)
     reference = ventoux_logprobs(ventoux.load(args.model, dtype="float32", device="cpu").model, requests,
                                  args.batch_size, keep)
     partial_blocks = any(m.in_features % 32 for m in base.model.modules() if isinstance(m, torch.nn.Linear))
-    like_gguf = [f"{s}*" for s, _ in PAIRS] if partial_blocks else []
-    for scheme in ["bf16", *([] if args.timing_only else [*(s for s, _ in PAIRS), *like_gguf])]:
+    like_gguf = [f"{s}*" for s, _ in pairs] if partial_blocks else []
+    for scheme in ["bf16", *([] if args.timing_only else [*(s for s, _ in pairs), *like_gguf])]:
         if scheme.endswith("*"):
-            llm = load_like_gguf(args.model, scheme[:-1])
+            llm = load_like_gguf(args.model, scheme[:-1], args.dtype)
         else:
-            llm = base if scheme == "bf16" else ventoux.load(args.model, dtype="bfloat16", device="cpu",
+            llm = base if scheme == "bf16" else ventoux.load(args.model, dtype=args.dtype, device="cpu",
                                                              quantize=scheme)
         score(llm.model, requests[: args.batch_size], args.batch_size)  # warm-up: kernels compile on first use
         with Clock() as clocks[scheme]:
             ours[scheme] = -sum(s for s, _ in score(llm.model, requests, args.batch_size))
         bits[scheme] = bits_per_weight(ventoux_bytes(llm.model), n_weights)
         kld[scheme] = mean_kld(reference, ventoux_logprobs(llm.model, requests, args.batch_size, keep))
-        log(f"ventoux {scheme}: {ours[scheme] / n_tokens:.5f} nats/token, KL {kld[scheme]:.3e} ({clocks[scheme]})")
+        log(f"ventoux {scheme} ({args.dtype}): {ours[scheme] / n_tokens:.5f} nats/token, KL {kld[scheme]:.3e} "
+            f"({clocks[scheme]})")
 
     from transformers import MistralForCausalLM
 
-    hf = MistralForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
-    with torch.inference_mode():
-        hf_nll = -sum(s for s, _ in score(HFScorer(hf), requests, args.batch_size))
+    hf = MistralForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval() if args.rounds else None
+    if hf is not None:
+        with torch.inference_mode():
+            hf_nll = -sum(s for s, _ in score(HFScorer(hf), requests, args.batch_size))
     best = {}  # engine -> its fastest Clock: the two alternate, so a busy spell of the machine hits both
     for _ in range(args.rounds):
         for engine, model in (("ventoux", base.model), ("transformers", HFScorer(hf))):
@@ -202,7 +222,7 @@ def main() -> None:
         from ventoux.bench import llamacpp
 
         llamacpp.ensure_installed("native", log)
-        for gguf_type in ["BF16", *(t for _, t in PAIRS if t)]:
+        for gguf_type in ["BF16", *dict.fromkeys(t for _, t in pairs if t)]:
             if gguf_type not in ("BF16", *llamacpp.CONVERTER_TYPES, *llamacpp.QUANTIZER_TYPES):
                 log(f"llama.cpp {gguf_type}: this bench/llamacpp.py cannot make it; skipped")
                 continue
@@ -215,7 +235,9 @@ def main() -> None:
                 f"({clock})")
 
     if not args.timing_only:
-        print_table(ours, theirs, bits, kld, n_tokens, keep, context, stride)
+        print_table(ours, theirs, bits, kld, n_tokens, keep, context, stride, pairs)
+    if hf is None:
+        return
     ours_t, hf_t = best["ventoux"], best["transformers"]
     print(f"\ntransformers bf16: perplexity {math.exp(hf_nll / n_tokens):.4f} (ventoux bf16 "
           f"{math.exp(ours['bf16'] / n_tokens):.4f}); time to score, batch {args.batch_size}, {threads} threads, "
@@ -223,17 +245,17 @@ def main() -> None:
           f"as fast by the wall clock, {hf_t.cpu / ours_t.cpu:.2f}x by CPU time")
 
 
-def print_table(ours, theirs, bits, kld, n_tokens, keep, context, stride):
+def print_table(ours, theirs, bits, kld, n_tokens, keep, context, stride, pairs=PAIRS):
     def row(name, nll, ref):
         delta = "" if name in ("bf16", "BF16") else f"{100 * math.expm1((nll - ref) / n_tokens):+.3f}%"
-        return f"{name:<11}{bits[name]:>6.2f}{math.exp(nll / n_tokens):>10.4f}{delta:>10}{kld[name]:>10.2e}"
+        return f"{name:<17}{bits[name]:>6.2f}{math.exp(nll / n_tokens):>10.4f}{delta:>10}{kld[name]:>10.2e}"
 
     print(f"\nperplexity per token on {n_tokens:,} held-out tokens (context {context}, stride {stride}); "
           "bits per weight of all tensors but the embedding; change against the engine's own 16-bit run; "
           f"KL: mean KL divergence (nats) from ventoux's float32 run over the first {keep:,} tokens")
-    header = f"{'':<11}{'bits/w':>6}{'ppl':>10}{'change':>10}{'KL':>10}"
-    print(f"{'ventoux':<47}   llama.cpp\n{header}   {header}")
-    for scheme, gguf_type in [("bf16", "BF16"), *PAIRS, *((f"{s}*", t) for s, t in PAIRS)]:
+    header = f"{'':<17}{'bits/w':>6}{'ppl':>10}{'change':>10}{'KL':>10}"
+    print(f"{'ventoux':<53}   llama.cpp\n{header}   {header}")
+    for scheme, gguf_type in [("bf16", "BF16"), *pairs, *((f"{s}*", t) for s, t in pairs)]:
         if scheme in ours:
             print(row(scheme, ours[scheme], ours["bf16"]) + "   "
                   + (row(gguf_type, theirs[gguf_type], theirs["BF16"]) if gguf_type in theirs else ""))
