@@ -117,6 +117,28 @@ def test_pth_is_memory_mapped_and_runs_no_code_from_its_pickle(tmp_path):
     assert msg == f"{bad / 'consolidated.00.pth'} is truncated or corrupt ({first}); re-download it"
 
 
+def test_pth_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    """Many consolidated.00.pth files were saved from CUDA tensors: their storages say cuda:0."""
+    sd = _ventoux_sd()
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        folder = _pth_folder(tmp_path / "m", sd)
+    assert b"cuda:0" in (folder / "consolidated.00.pth").read_bytes()
+    model = load_model(folder, CFG, torch.float32)
+    assert torch.equal(model.norm.weight, sd["norm.weight"]) and model.norm.weight.device.type == "cpu"
+
+
+def test_model_parallel_and_missing_weights_are_named(tmp_path):
+    folder = _pth_folder(tmp_path / "mp", _ventoux_sd())
+    (folder / "consolidated.01.pth").write_bytes((folder / "consolidated.00.pth").read_bytes())
+    assert _error(load_model, folder, CFG, torch.float32) == \
+        f"{folder} holds a model-parallel checkpoint (consolidated.0N.pth); merge it into one file first"
+    (tmp_path / "empty").mkdir()
+    assert _error(load_model, tmp_path / "empty", CFG, torch.float32) == (
+        f"{tmp_path / 'empty'} has no weights: expected model.safetensors, {weights.HF_INDEX}, "
+        "consolidated.safetensors or consolidated.00.pth")
+
+
 def test_pth_error_without_a_message_names_the_exception(tmp_path, monkeypatch):
     folder = _pth_folder(tmp_path / "m", _ventoux_sd())
 

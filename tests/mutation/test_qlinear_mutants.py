@@ -1,0 +1,153 @@
+"""Quantized-linear behaviours that mutation testing (mutation/README.md) found unpinned: quantizing more rows
+than one chunk, the dequantized weight the backward multiplies by (in slices, each kernel's layout), the kernels
+listed per device, device and dtype moves, the alignment the raw-pointer kernels need. References are the
+schemes written out here in float64 (w = q * scale; w = (q - 8) * scale + zero) and plain matmuls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ventoux import cpu_kernels, qlinear
+from ventoux.qlinear import Int4Linear, Int8Linear, dequantize_int8
+
+HAVE_KERNELS = cpu_kernels.library() is not None
+
+
+def _w(n, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))
+
+
+def _ref_int8(qweight, scales):
+    """(N, K) codes times their row's scale (scales (N,)) or their group's (scales (N, K/g))."""
+    s = scales.double()
+    s = s[:, None] if s.dim() == 1 else s.repeat_interleave(qweight.shape[1] // s.shape[1], 1)
+    return qweight.double() * s
+
+
+def _ref_int4(qweight, scales, zeros):
+    """(N, K/2) bytes, even input in the low nibble -> (N, K) float64."""
+    q = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(qweight.shape[0], -1).double()
+    g = q.shape[1] // scales.shape[1]
+    return (q - 8) * scales.double().repeat_interleave(g, 1) + zeros.double().repeat_interleave(g, 1)
+
+
+def _quantize_int8_ref(w, group=None):
+    """The int8 scheme written out: scale = max|w| / 127 rounded to bfloat16, q = round(w / scale)."""
+    n, k = w.shape
+    wg = w.double().reshape(n, k // (group or k), group or k)
+    s = (wg.abs().amax(-1).float() / 127).to(torch.bfloat16)
+    q = (wg / s.double().masked_fill(s == 0, 1)[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return q, s if group else s[:, 0]
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_quantizes_every_row_of_a_tall_matrix(group):
+    w = _w(2100, 128)  # three chunks of the row-wise quantizer (1024 rows each), the last one short
+    w[5] = 0  # an all-zero row: scale 0, codes 0
+    q, s = qlinear.quantize_int8(w, group)
+    rq, rs = _quantize_int8_ref(w, group)
+    assert q.shape == rq.shape and s.shape == rs.shape and q.dtype == torch.int8 and s.dtype == torch.bfloat16
+    assert (q.int() - rq.int()).abs().max() <= 1  # float32 vs float64 division may round a tie the other way
+    assert (q != rq).float().mean() < 1e-3 and torch.equal(s, rs) and not q[5].any()
+
+
+def test_int4_quantizes_every_row_of_a_tall_matrix():
+    w = _w(2100, 128, seed=1)
+    packed, s, z = qlinear.quantize_int4(w, 32)
+    assert packed.shape == (2100, 64) and s.shape == z.shape == (2100, 4)
+    w_hat = _ref_int4(packed, s, z)
+    step = s.double().repeat_interleave(32, 1)
+    assert ((w_hat - w.double()).abs() <= 0.5 * step * 1.01 + 1e-6).all()  # every row, the last chunk's too
+
+
+def test_dequantize_int8_per_row_and_per_group():
+    w = _w(16, 256)
+    for group in (None, 64):
+        q, s = qlinear.quantize_int8(w, group)
+        torch.testing.assert_close(dequantize_int8(q, s).double(), _ref_int8(q, s), rtol=1e-6, atol=0)
+
+
+# ---- the backward: the dequantized weight, in slices -------------------------------------------------
+def _layers():
+    w = _w(48, 384, seed=2)  # K = 3 x 128: three column slices at the smallest width
+    out = []
+    for cls, args, kernels in ((Int8Linear, {}, ("vnni", "int8pack", "fallback")),
+                               (Int8Linear, {"group_size": 64}, ("vnni", "fallback")),
+                               (Int4Linear, {"group_size": 32}, ("vnni", "int4pack", "fallback"))):
+        for kernel in kernels:
+            if kernel in cls.kernels("cpu"):
+                out.append(cls.from_float(w, kernel=kernel, **args))
+    return w, out
+
+
+def _dequantized(layer):
+    canonical = [t.cpu() for t in layer.canonical()]
+    return _ref_int8(*canonical) if isinstance(layer, Int8Linear) else _ref_int4(*canonical)
+
+
+@pytest.mark.parametrize("budget,block", [(1 << 24, 1 << 18), (48 * 128, 256), (48 * 200, 1000), (1, 1)])
+def test_weight_columns_are_the_dequantized_weight(budget, block):
+    _, layers = _layers()
+    assert {layer.kernel for layer in layers} >= {"fallback"}
+    for layer in layers:
+        ref = _dequantized(layer)
+        seen = 0
+        for start, cols in layer._weight_columns(torch.float32, budget, block):
+            assert start == seen and cols.dtype == torch.float32
+            torch.testing.assert_close(cols.double(), ref[:, start:start + cols.shape[1]], rtol=1e-6, atol=0,
+                                       msg=f"{type(layer).__name__} {layer.kernel} columns from {start}")
+            seen += cols.shape[1]
+        assert seen == layer.stored_in
+
+
+def test_backward_reaches_the_input_through_every_kernel():
+    _, layers = _layers()
+    x = torch.randn(3, 384, generator=torch.Generator().manual_seed(5))
+    dy = torch.randn(3, 48, generator=torch.Generator().manual_seed(6))
+    for layer in layers:
+        xg = x.clone().requires_grad_()
+        layer(xg).backward(dy)
+        torch.testing.assert_close(xg.grad.double(), dy.double() @ _dequantized(layer), rtol=1e-5, atol=1e-5)
+        xb = x.to(torch.bfloat16).requires_grad_()  # the slices come in dy's dtype, rounded once
+        layer(xb).backward(dy.to(torch.bfloat16))
+        assert xb.grad.dtype == torch.bfloat16
+        dyb, w_hat = dy.to(torch.bfloat16).double(), _dequantized(layer)
+        assert ((xb.grad.double() - dyb @ w_hat).abs() <= 2**-7 * (dyb.abs() @ w_hat.abs()) + 1e-6).all()
+
+
+# ---- kernels per device, moves, alignment --------------------------------------------------------------
+def test_kernels_listed_per_device(monkeypatch):
+    assert Int8Linear.kernels("meta") == ["fallback"]  # the only product that runs on a skeleton
+    for cls in (Int8Linear, Int4Linear):
+        assert cls.kernels("cpu")[-1] == "fallback"
+        assert ("vnni" in cls.kernels("cpu")) == HAVE_KERNELS
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "none")  # no kernel build: vnni is not offered
+    for cls in (Int8Linear, Int4Linear):
+        kernels = cls.kernels("cpu")
+        assert "vnni" not in kernels and kernels[-1] == "fallback"
+        with pytest.raises(Exception, match="not available"):
+            cls.from_float(_w(32, 128), kernel="vnni")
+
+
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32})])
+def test_moves_to_meta_and_dtype_casts_on_meta(cls, args):
+    layer = cls.from_float(_w(32, 128), **args)
+    before = [t.clone() for t in layer.canonical()]
+    layer.to(torch.bfloat16)  # a dtype cast changes nothing: the quantized tensors keep their dtypes
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.canonical()))
+    layer.to("meta")
+    assert layer.kernel == "fallback" and all(t.is_meta for t in layer._buffers.values())
+    assert [(t.shape, t.dtype) for t in layer.canonical()] == [(t.shape, t.dtype) for t in before]
+    layer.to(torch.float16)  # on the meta device, a skeleton stays there (no copy out of meta)
+    assert all(t.is_meta for t in layer._buffers.values())
+
+
+def test_aligned_copies_only_what_a_raw_pointer_kernel_cannot_read():
+    base = torch.arange(64 * 65, dtype=torch.int8)
+    aligned = base[:64 * 64].view(64, 64)
+    assert aligned.data_ptr() % 64 == 0 and qlinear._aligned(aligned) is aligned  # no copy of a whole model
+    for t in (base[1:64 * 64 + 1].view(64, 64), base[:64 * 64].view(64, 64).T):  # off by a byte; transposed
+        a = qlinear._aligned(t)
+        assert a.is_contiguous() and a.data_ptr() % 64 == 0 and torch.equal(a, t)
