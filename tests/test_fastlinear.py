@@ -54,8 +54,8 @@ def test_half_linear_runs_the_kernels_by_row_count(kernel_isa, monkeypatch, gemm
     assert fast.weight is linear.weight and list(fast.state_dict()) == ["weight", "bias"]
     fastlinear.kernel_works()  # its own check runs the kernels: before the counting starts
     calls = []
-    gemv, gemm = cpu_kernels.half_gemv, cpu_kernels.half_gemm
-    monkeypatch.setattr(cpu_kernels, "half_gemv", lambda x, w: calls.append(("gemv", len(x))) or gemv(x, w))
+    gemv, gemm = cpu_kernels.half_gemv_unchecked, cpu_kernels.half_gemm  # decode: the layer checked its weight
+    monkeypatch.setattr(cpu_kernels, "half_gemv_unchecked", lambda x, w: calls.append(("gemv", len(x))) or gemv(x, w))
     monkeypatch.setattr(cpu_kernels, "half_gemm", lambda x, w: calls.append(("gemm", len(x))) or gemm(x, w))
     for shape in [(1, 1, 128), (2, 3, 128), (1, 40, 128)]:  # decode steps, then a prefill
         x = torch.randn(shape).to(torch.bfloat16)

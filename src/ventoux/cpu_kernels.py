@@ -211,9 +211,16 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
     if group % 32 or k % group or scales.numel() != qweight.shape[0] * TILE * (k // group):
         raise ValueError(f"int8_gemv: scales {list(scales.shape)} do not hold one per {group} inputs of "
                          f"{qweight.shape[0] * TILE} rows")
-    y = torch.empty(m, n)
-    library().vx_int8_gemv(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), group, n, y.data_ptr(),
-                           torch.get_num_threads())
+    return int8_gemv_unchecked(x, qweight, scales, group, n)
+
+
+def int8_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
+                        n: int) -> torch.Tensor:
+    """int8_gemv for a contiguous float32 x and tiles its caller has checked once (Int8Linear, at load), as
+    int4_gemv_unchecked: a decode call's Python costs as much as a small product's arithmetic."""
+    y = torch.empty(x.shape[0], n)
+    library().vx_int8_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(), group, n,
+                           y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -256,10 +263,18 @@ def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.ventoux.half_gemv(x, weight)
     x = _check(x, weight, multiple=32)
-    (m, k), n = x.shape, weight.shape[0]
-    y = torch.empty(m, n)
-    library().vx_half_gemv(x.data_ptr(), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16), n,
-                           y.data_ptr(), torch.get_num_threads())
+    if weight.dtype not in (torch.bfloat16, torch.float16) or weight.shape[1:] != x.shape[1:]:
+        raise ValueError(f"half_gemv takes a bfloat16 or float16 weight (N, {x.shape[1]}), not {weight.dtype} "
+                         f"{list(weight.shape)}")
+    return half_gemv_unchecked(x, weight)
+
+
+def half_gemv_unchecked(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """half_gemv for a contiguous float32 x and a weight its caller has checked (HalfLinear: contiguous, 16-bit,
+    on the CPU, K % 32 == 0): a decode call's Python costs as much as a small product's arithmetic."""
+    y = torch.empty(x.shape[0], weight.shape[0])
+    library().vx_half_gemv(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.dtype == torch.bfloat16,
+                           weight.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
 
 

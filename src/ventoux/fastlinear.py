@@ -41,8 +41,10 @@ class HalfLinear(nn.Linear):
         if x.device.type != "cpu" or w.device.type != "cpu" or w.dtype not in HALF or trained:
             return F.linear(x, w, self.bias)  # the kernels have no weight gradient (frozen_product: the input's)
         x2 = x.reshape(rows, self.in_features)
-        if rows <= MAX_GEMV_ROWS:
+        if rows <= MAX_GEMV_ROWS and torch.compiler.is_compiling():
             y = frozen_product(x2, lambda a: cpu_kernels.half_gemv(a, w).to(a.dtype), self._weight_columns)
+        elif rows <= MAX_GEMV_ROWS and w.is_contiguous():  # the rest eligible() checked: no per-call checks
+            y = frozen_product(x2, lambda a: _gemv(a, w), self._weight_columns)
         elif x.dtype == w.dtype == torch.bfloat16 and gemm_beats_pytorch():
             y = frozen_product(x2, lambda a: cpu_kernels.half_gemm(a, w), self._weight_columns)
         else:
@@ -53,6 +55,10 @@ class HalfLinear(nn.Linear):
 
     def _weight_columns(self, dtype):  # for the backward to the input (LoRA on a frozen base): frozen.py
         yield 0, self.weight.detach().to(dtype)
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return cpu_kernels.half_gemv_unchecked(x.to(torch.float32).contiguous(), w).to(x.dtype)
 
 
 def eligible(module: nn.Module) -> bool:
