@@ -151,3 +151,49 @@ def test_aligned_copies_only_what_a_raw_pointer_kernel_cannot_read():
     for t in (base[1:64 * 64 + 1].view(64, 64), base[:64 * 64].view(64, 64).T):  # off by a byte; transposed
         a = qlinear._aligned(t)
         assert a.is_contiguous() and a.data_ptr() % 64 == 0 and torch.equal(a, t)
+
+
+# ---- outputs in the input's dtype; state_dict loading ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_kernel_answers_in_the_input_dtype(dtype):
+    _, layers = _layers()
+    x = torch.randn(2, 384, generator=torch.Generator().manual_seed(7)).to(dtype)
+    for layer in layers:
+        y = layer(x)
+        assert y.dtype == dtype, (type(layer).__name__, layer.kernel, layer.group_size)
+        w_hat = _dequantized(layer)
+        x64 = x.double()
+        assert ((y.double() - x64 @ w_hat.T).abs() <= 0.03 * (x64.abs() @ w_hat.abs().T) + 1e-3).all()
+
+
+def test_int8pack_runs_in_bfloat16():
+    """PyTorch's packed kernel takes bfloat16 activations and answers in bfloat16 (module docstring): its float32
+    output holds bfloat16 values, where the fallback's does not."""
+    if "int8pack" not in Int8Linear.kernels("cpu"):
+        pytest.skip("no int8pack kernel in this PyTorch build")
+    w = _w(48, 256, seed=3)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(8))
+    packed, plain = Int8Linear.from_float(w, kernel="int8pack"), Int8Linear.from_float(w, kernel="fallback")
+    y, ref = packed(x), plain(x)
+    assert torch.equal(y, y.bfloat16().float()) and not torch.equal(ref, ref.bfloat16().float())
+    assert ((y - ref).abs() <= 0.02 * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int8Linear, {"group_size": 32}),
+                                      (Int4Linear, {"group_size": 64})])
+def test_load_state_dict_checks_each_tensor(cls, args):
+    w = _w(32, 256, seed=4)
+    src, dst = cls.from_float(w, kernel="fallback", **args), cls.from_float(_w(32, 256, seed=5), **args)
+    sd = src.state_dict()
+    # floating tensors may come in any float dtype (the loader casts them to the model's dtype)
+    dst.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    assert all(torch.equal(a, b) for a, b in zip(dst.canonical(), src.canonical()))
+    name = "Int8Linear" if cls is Int8Linear else "Int4Linear"
+    q = sd["qweight"]
+    for bad, got in ((q[:16], f"{q.dtype} [16, {q.shape[1]}]"), (q.float(), f"torch.float32 {list(q.shape)}")):
+        with pytest.raises(Exception) as e:
+            dst.load_state_dict({**sd, "qweight": bad})
+        assert str(e.value) == (f"tensor 'qweight' is {got} but this {name} expects {q.dtype} {list(q.shape)}; "
+                                "the checkpoint's quantization config contradicts its tensors")
+    with pytest.raises(RuntimeError, match="Missing key.*\"qweight\""):
+        dst.load_state_dict({k: v for k, v in sd.items() if k != "qweight"})

@@ -313,3 +313,53 @@ def test_index_naming_an_empty_or_parent_name_is_refused(tmp_path, shard):
     assert _error(load_model, folder, CFG, torch.float32) == (
         f"{index} names the weight file {shard!r}, which is not a file name inside {folder}; an index may only "
         "name files beside it (re-download the checkpoint)")
+
+
+# ---- save_hf against Hugging Face's conventions ------------------------------------------------------
+def _ventoux_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return Transformer(CFG).eval()
+
+
+@pytest.mark.parametrize("sizes", [3, 4, 6])  # shard limits exactly at the sum of the first tensors
+def test_save_hf_shards_as_hugging_face_splits_them(tmp_path, sizes):
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    model = _ventoux_model()
+    ordered = {weights._vx_to_hf(k): v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    limit = sum(t.numel() * 2 for t in list(ordered.values())[:sizes])
+    ref = split_torch_state_dict_into_shards(ordered, max_shard_size=limit)
+    out = weights.save_hf(model, tmp_path / "o", dtype=torch.bfloat16, max_shard_bytes=limit)
+    index = json.loads((out / weights.HF_INDEX).read_text())
+    assert index["weight_map"] == ref.tensor_to_filename and index["metadata"] == ref.metadata
+    n = len(ref.filename_to_tensors)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                                                 for i in range(1, n + 1)]
+    for name, file in index["weight_map"].items():
+        t = load_file(out / file)[name]
+        assert t.dtype == torch.bfloat16 and torch.equal(t, ordered[name])
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out).torch_dtype == torch.bfloat16
+
+
+def test_save_hf_single_file_dtype_overwrite_and_refusals(tmp_path):
+    from transformers import AutoConfig
+
+    model = _ventoux_model()
+    out = weights.save_hf(model, tmp_path / "o", dtype=torch.float16)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
+    assert AutoConfig.from_pretrained(out).torch_dtype == torch.float16
+    (out / "stale.txt").write_text("old")
+    weights.save_hf(model, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+
+    model.register_buffer("extra", torch.ones(2))
+    assert _error(weights.save_hf, model, tmp_path / "x") == \
+        "cannot save tensor 'extra': it has no name in the HF layout"
+    del model._buffers["extra"]
+    model.output = Int8Linear.from_float(model.output.weight.detach(), kernel="fallback")
+    assert _error(weights.save_hf, model, tmp_path / "q") == (
+        "the model has quantized layers (output, ...): save it with quantize.save_quantized, which records the "
+        "scheme in config.json, or dequantize it first")
