@@ -614,11 +614,14 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
               }
             } else {
               const int64_t R = n + r;  // its bytes in vx_int4_gemv's tiles: 4 of them every 64
-              const uint8_t* p = w + (R / TILE) * TILE * K / 2 + (R % TILE) * 4;
-              for (int64_t k = k0; k < k1; k += 2) {  // low nibble first
-                const uint8_t byte = p[k / 8 * 64 + k / 2 % 4];
-                qs[r * Q_KC + k - k0] = (int8_t)(byte & 15);
-                qs[r * Q_KC + k - k0 + 1] = (int8_t)(byte >> 4);
+              const int* p = (const int*)(w + (R / TILE) * TILE * K / 2 + (R % TILE) * 4);
+              const __m256i every64 = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), low4 = _mm256_set1_epi8(15);
+              for (int64_t k = k0; k < k1; k += 64) {  // 32 bytes -> 64 codes, low nibble first
+                const __m256i v = _mm256_i32gather_epi32(p + k / 8 * 16, every64, 4);
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // in lane order
+                _mm256_storeu_si256((__m256i*)(qs + r * Q_KC + k - k0), _mm256_permute2x128_si256(a, b, 0x20));
+                _mm256_storeu_si256((__m256i*)(qs + r * Q_KC + k - k0 + 32), _mm256_permute2x128_si256(a, b, 0x31));
               }
               for (int64_t g = k0 / group; g < k1 / group; ++g) {
                 const int64_t at = ((R / TILE) * G + g) * TILE + R % TILE;
