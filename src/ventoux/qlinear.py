@@ -268,6 +268,11 @@ class Int8Linear(QuantizedLinear):
     def _fits(self, kernel):
         return kernel != "int8pack" or self.group_size is None  # PyTorch's kernel takes one scale a row
 
+    def _store(self, kernel, *canonical):
+        super()._store(kernel, *canonical)
+        # the tiles as a plain attribute (a buffer's lookup through nn.Module costs 0.6 us a call), as Int4Linear
+        self._tiles = (self.qweight, self.scales, self.group_size or self.stored_in) if kernel == "vnni" else None
+
     def _pack(self, kernel, qweight, scales):
         return dict(zip(("qweight", "scales"), cpu_kernels.tile_int8(qweight, scales)))
 
@@ -276,8 +281,11 @@ class Int8Linear(QuantizedLinear):
 
     def _mm(self, x):
         if self.kernel == "vnni":
-            return cpu_kernels.int8_gemv(x, self.qweight, self.scales, self.group_size or self.stored_in,
-                                         self.out_features).to(x.dtype)
+            if torch.compiler.is_compiling():
+                return cpu_kernels.int8_gemv(x, *self._tiles, self.out_features).to(x.dtype)
+            y = cpu_kernels.int8_gemv_unchecked(x.to(torch.float32).contiguous(), *self._tiles,
+                                                self.out_features)  # the tiles were made by tile_int8
+            return y.to(x.dtype)
         if self.kernel == "int8pack":
             return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), self.qweight, self.scales).to(x.dtype)
         if self.group_size is not None:
