@@ -194,6 +194,49 @@ def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_norm_and_silu_mul_keep_less_with_autograd_numbers(dtype):
+    """With a frozen gain, RMSNorm keeps its 16-bit input (not a float32 copy) and the FFN keeps silu's input
+    only, not silu's output too (model.py's training path); outputs and input gradients are bit-identical to
+    autograd's on the plain expressions."""
+    from ventoux.model import FeedForward, RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 7, 64, generator=gen)).to(dtype)
+    dy = torch.randn(2, 7, 64, generator=gen).to(dtype)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=gen))
+    norm.weight.requires_grad_(False)
+
+    def plain_norm(t):
+        tf = t.float()
+        return norm.weight * (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+
+    hidden = 96
+    ffn = FeedForward(TINY.replace(hidden_dim=hidden)).to(dtype)
+    for p in ffn.parameters():
+        p.requires_grad_(False)
+
+    def plain_ffn(t):
+        return ffn.w2(torch.nn.functional.silu(ffn.w1(t)) * ffn.w3(t))
+
+    def run(f, t):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+            y = f(t)
+        kept = {s.untyped_storage().data_ptr(): s.untyped_storage().nbytes() for s in saved}
+        y.backward(dy)
+        return y, t.grad, sum(kept.values())
+
+    # the bytes no longer kept: half the float32 copy of x; silu's (2, 7, hidden) output
+    for module, plain, fewer in ((norm, plain_norm, 2 * x.numel()), (ffn, plain_ffn, 2 * 7 * hidden * 2)):
+        y, dx, kept = run(module, x.clone().requires_grad_())
+        y_plain, dx_plain, kept_plain = run(plain, x.clone().requires_grad_())
+        assert torch.equal(y, y_plain) and torch.equal(dx, dx_plain)
+        assert kept <= kept_plain - fewer
+
+
 def _layer0_adapter(model):
     """An adapter with non-zero A and B on three linears of layer 0 only (the same for every model)."""
     tensors = {}

@@ -91,7 +91,7 @@ class _LowRank(torch.autograd.Function):
         h = x.to(a.dtype) @ a.T  # (..., rank)
         ctx.save_for_backward(x, h, a, b)
         ctx.scaling = scaling
-        return (h @ b.T) * scaling
+        return (h @ b.T).mul_(scaling)  # in place: the same product, one (..., out) float32 tensor fewer
 
     @staticmethod
     def backward(ctx, dy):
