@@ -197,3 +197,33 @@ def test_load_state_dict_checks_each_tensor(cls, args):
                                 "the checkpoint's quantization config contradicts its tensors")
     with pytest.raises(RuntimeError, match="Missing key.*\"qweight\""):
         dst.load_state_dict({k: v for k, v in sd.items() if k != "qweight"})
+
+
+def _int4_error(q_shape, s_shape, z_shape):
+    return (f"int4 qweight {list(q_shape)}, scales {list(s_shape)} and zeros {list(z_shape)} do not match: "
+            "expected (N, K/2), (N, K/group), (N, K/group)")
+
+
+@pytest.mark.parametrize("q,s,z", [
+    ((32, 64), (32,), (32,)),  # scales not per group
+    ((32, 64), (33, 4), (33, 4)),  # another row count
+    ((32, 64), (32, 4), (32, 2)),  # zeros unlike scales
+    ((32, 64), (32, 3), (32, 3)),  # groups that do not divide K = 128
+])
+def test_int4_tensors_that_do_not_match_are_named(q, s, z):
+    with pytest.raises(Exception) as e:
+        Int4Linear(torch.zeros(q, dtype=torch.uint8), torch.ones(s, dtype=torch.bfloat16),
+                   torch.zeros(z, dtype=torch.bfloat16))
+    assert str(e.value) == _int4_error(q, s, z)
+
+
+@pytest.mark.parametrize("q,s", [((32, 128), (31,)), ((32, 128), (32, 3)), ((32, 128), (32, 8)), ((32, 128), (31, 4)),
+                                 ((32, 128), (32, 0)), ((4, 32, 128), (4,)), ((32, 128), (32, 1, 4))])
+def test_int8_tensors_that_do_not_match_are_named(q, s):
+    with pytest.raises(Exception) as e:
+        Int8Linear(torch.zeros(q, dtype=torch.int8), torch.ones(s, dtype=torch.bfloat16))
+    assert str(e.value) == (f"int8 qweight {list(q)} and scales {list(s)} do not match: expected (N, K) and (N,), "
+                            f"or (N, K/group) with a group in (32, 64, 128)")
+    for ok in ((32,), (32, 4), (32, 2), (32, 1)):  # per row; groups of 32, 64 and 128
+        layer = Int8Linear(torch.zeros(32, 128, dtype=torch.int8), torch.ones(ok, dtype=torch.bfloat16))
+        assert layer.out_features == 32 and layer.in_features == 128
