@@ -330,7 +330,9 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
     switch (M) {  // M as a constant: the sums stay in registers
       case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
       case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
-      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
+      case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 3, out); break;
+      case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 4, out); break;
+      default: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;  // 5..8 rows
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
     for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
