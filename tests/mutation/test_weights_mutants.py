@@ -363,3 +363,44 @@ def test_save_hf_single_file_dtype_overwrite_and_refusals(tmp_path):
     assert _error(weights.save_hf, model, tmp_path / "q") == (
         "the model has quantized layers (output, ...): save it with quantize.save_quantized, which records the "
         "scheme in config.json, or dequantize it first")
+
+
+# ---- writing atomically; output folders --------------------------------------------------------------------
+def test_files_carry_the_metadata_transformers_writes(tmp_path):
+    from safetensors import safe_open
+
+    hf = hf_model(CFG)
+    hf.save_pretrained(tmp_path / "ref")
+    with safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt") as f:
+        ref = f.metadata()
+    model = _ventoux_model()
+    files = [weights.save_hf(model, tmp_path / "hf") / "model.safetensors",
+             save_consolidated(model, tmp_path / "cons") / "consolidated.safetensors"]
+    files += list(weights.save_hf(model, tmp_path / "sharded", max_shard_bytes=40_000).glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            assert f.metadata() == ref == {"format": "pt"}, file
+
+
+def test_output_folders_nested_existing_and_left_by_this_pid(tmp_path):
+    model = _ventoux_model()
+    out = save_consolidated(model, tmp_path / "a" / "b" / "out")  # parents made
+    assert (out / "consolidated.safetensors").is_file()
+    assert _error(weights.check_output_folder, out) == f"{out} already exists; choose a new output folder or remove it"
+    weights.check_output_folder(out, overwrite=True)
+    stale = tmp_path / f".again.tmp-{os.getpid()}"  # an earlier crash of this same pid: replaced
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    out = weights.save_hf(model, tmp_path / "again")
+    assert not stale.exists() and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "again"]
+
+
+def test_output_folder_under_a_file_names_the_os_reason(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub" / "out"
+    with pytest.raises(OSError) as ref:  # what the OS says, asked directly
+        out.parent.mkdir(parents=True, exist_ok=True)
+    assert _error(weights.check_output_folder, out) == (
+        f"cannot create the output folder {out}: {ref.value.strerror} ({ref.value.filename}); "
+        "choose another output path")
