@@ -321,3 +321,32 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(monkeypatch):
     for a, b in [(ours.output.weight, hf.lm_head.weight), (ours.layers[0].attention.wq.weight,
                                                              hf.model.layers[0].self_attn.q_proj.weight)]:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+_HEAP_PROBE = """
+import sys, torch
+from ventoux.train import memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+mapped = memory.map_large_tensors() if sys.argv[1] == "mapped" else False
+for _ in range(2):  # the first free raises glibc's own threshold to this size: the second one is served by the heap
+    t = torch.ones(4 << 20)  # 16 MB
+    before = rss()
+    del t
+print(mapped, before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/proc/self/statm"), reason="glibc")
+def test_large_tensors_are_returned_to_the_system_when_freed():
+    """memory.map_large_tensors: a freed 16 MB tensor leaves the resident memory, where glibc's heap keeps it."""
+    def freed(mode):
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        mapped, released = out.stdout.split()
+        return mapped == "True", int(released)
+
+    mapped, released = freed("mapped")
+    if not mapped:
+        pytest.skip("not glibc: nothing to tune")
+    assert released >= 15 << 20
+    assert freed("heap")[1] < 1 << 20  # glibc's default keeps it (what the tuning is for)

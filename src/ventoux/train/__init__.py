@@ -14,6 +14,7 @@ finetune.py   LoRA fine-tuning on the loop (adapter-only checkpoints, PEFT-forma
 checkpoint.py atomic checkpoints with optimizer/scheduler/RNG state beside them
 evaluate.py   validation loss and nats per character
 plot.py       the loss curve (PNG) from metrics.jsonl
+memory.py     glibc's heap in training: large tensors mapped on their own, freed pages returned
 """
 
 from .finetune import FinetuneArgs, finetune

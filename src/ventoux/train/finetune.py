@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VentouxError
+from . import memory
 from .loop import Job, LoopArgs, add_checkpointing, draw_plot, given_fields, resume_point, train
 from .sft_data import SFTData, collate
 
@@ -120,6 +121,8 @@ def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None =
     model.train()
     if args.checkpointing:
         add_checkpointing(model)
+    memory.release_freed()  # the loading's freed buffers
+    memory.map_large_tensors()  # the peak is then the tensors alive, not the heap's holes (memory.py)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pad = tokenizer.eos_id
