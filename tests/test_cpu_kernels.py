@@ -151,3 +151,17 @@ def test_a_rows_decode_product_is_the_same_bits_alone_and_in_any_batch(kernel_is
             for start in range(0, 9 - size):
                 batch = product(x[start:start + size])
                 assert torch.equal(batch, alone[start:start + size]), (name, size, start)
+
+
+@pytest.mark.parametrize("n", [37, 130])
+def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
+    # int4_gemv_unchecked with a bfloat16 x (Int4Linear in a bf16 model) converts in the kernel: the same bits as
+    # the float32 product of the same bf16 values, rounded by PyTorch; decode (1..8 rows) and prefill (9, 20) rows
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 256, generator=gen)
+    tiles = cpu_kernels.tile_int4(*quantize_int4(w, 32))
+    for m in (1, 2, 3, 4, 5, 8, 9, 20):
+        x = (torch.randn(m, 256, generator=gen) * 3).bfloat16()
+        y = cpu_kernels.int4_gemv_unchecked(x, *tiles, 32, n)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert torch.equal(y, cpu_kernels.int4_gemv(x.float(), *tiles, 32, n).bfloat16()), m

@@ -152,7 +152,7 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int]
-    lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int, ctypes.c_int]
     lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = lib.vx_half_gemv.restype = None
@@ -250,11 +250,14 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 def int4_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         group: int, n: int) -> torch.Tensor:
-    """int4_gemv for a contiguous float32 x and weights its caller has checked once (Int4Linear, at load): a
-    decode call's Python costs a few microseconds, as much as a small product's arithmetic."""
-    y = torch.empty(x.shape[0], n)
+    """int4_gemv for a contiguous float32 or bfloat16 x and weights its caller has checked once (Int4Linear, at
+    load): a decode call's Python costs a few microseconds, as much as a small product's arithmetic. A bfloat16 x
+    gives a bfloat16 y, int4_gemv's float32 result rounded as .to(torch.bfloat16) rounds it, both converted in
+    the kernel (two PyTorch conversions cost about 4 us a call)."""
+    bf16 = x.dtype == torch.bfloat16
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if bf16 else torch.float32)
     library().vx_int4_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(),
-                           zeros.data_ptr(), group, n, y.data_ptr(), torch.get_num_threads())
+                           zeros.data_ptr(), group, n, y.data_ptr(), torch.get_num_threads(), bf16)
     return y
 
 

@@ -361,7 +361,8 @@ class Int4Linear(QuantizedLinear):
         if self.kernel == "vnni":
             if torch.compiler.is_compiling():
                 return cpu_kernels.int4_gemv(x, *self._tiles, self.group_size, self.out_features).to(x.dtype)
-            y = cpu_kernels.int4_gemv_unchecked(x.to(torch.float32).contiguous(), *self._tiles, self.group_size,
+            xin = x if x.dtype == torch.bfloat16 else x.to(torch.float32)  # bf16 in and out: converted in C
+            y = cpu_kernels.int4_gemv_unchecked(xin.contiguous(), *self._tiles, self.group_size,
                                                 self.out_features)  # the tiles were checked when packed
             return y.to(x.dtype)
         if self.kernel == "int4pack":

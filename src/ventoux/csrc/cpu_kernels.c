@@ -8,7 +8,7 @@
 //   vx_int8_gemv: x (M, K) float32, w (N/16, K/4, 16, 4) int8, scales (N/16, K/g, 16) bf16, g (g = K: one scale
 //                 a row, (N padded,))                                                   -> y (M, N) float32
 //   vx_int4_gemv: x (M, K) float32, w (N/16, K/8, 16, 4) uint8, scales, zeros (N/16, K/g, 16) bf16, g
-//                                                                                       -> y (M, N) float32
+//                                                    -> y (M, N) float32 (bf16_io: x and y bfloat16)
 //   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16                               -> y (M, N) float32
 //   vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16                         -> y (M, N) the same
 //
@@ -210,10 +210,43 @@ static inline float int4_quantize_block(const float* x, int32_t* eo, int* sum) {
   return d;
 }
 
-void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                  const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
-  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+// Up to 16 float32 lanes -> bfloat16, rounded to nearest even as PyTorch rounds (a NaN stays a quiet NaN).
+static inline __m256i bf16_round16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v), top = _mm512_srli_epi32(u, 16);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(top, _mm512_set1_epi32(1)));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+static void bf16_from_floats(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(dst + i, mask, bf16_round16(_mm512_maskz_loadu_ps(mask, src + i)));
+  }
+}
+
+static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, mask, bf16x16(src + i, mask));
+  }
+}
+
+// bf16_io: x and y are bfloat16 (a bf16 model's activations), read and written as such, y rounded once as
+// PyTorch's .to(torch.bfloat16) rounds: no conversion calls around the kernel (about 4 us a call in PyTorch).
+void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file), on float32 copies if need be
+    float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
+    float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
+    if (bf16_io) floats_from_bf16(x, xv, M * K);
     quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
+    if (bf16_io) {
+      bf16_from_floats(yv, y, M * N);
+      free(x);
+      free(y);
+    }
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -226,7 +259,10 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       int sum;
-      const float d = int4_quantize_block(x + m * K + b * BLOCK, xq + (m * K / 8 + b * 4) * 2, &sum);
+      float block[BLOCK];
+      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
+      const float* xb = bf16_io ? block : (const float*)xv + m * K + b * BLOCK;
+      const float d = int4_quantize_block(xb, xq + (m * K / 8 + b * 4) * 2, &sum);
       dx[m * B + b] = d;
       xs[m * G + b * BLOCK / group] += d * (float)sum;
     }
@@ -243,7 +279,10 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
       default: int4_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    for (int64_t m = 0; m < M; ++m) {
+      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
+      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    }
   }
   free(xq);
   free(dx);

@@ -303,10 +303,47 @@ static inline float int4_quantize_block(const float* x, int32_t* eo, int* sum) {
   return d;
 }
 
-void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                  const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
-  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+// 8 float32 lanes -> bfloat16, rounded to nearest even as PyTorch rounds (a NaN stays a quiet NaN).
+static inline __m128i bf16_round8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v), top = _mm256_srli_epi32(u, 16);
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(top, _mm256_set1_epi32(1)));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_packus_epi32(r, r);  // every value fits 16 bits: no saturation
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+static void bf16_from_floats(uint16_t* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i*)(dst + i), bf16_round8(_mm256_loadu_ps(src + i)));
+  if (i < n) {
+    float f[8] = {0};
+    uint16_t h[8];
+    memcpy(f, src + i, (n - i) * sizeof(float));
+    _mm_storeu_si128((__m128i*)h, bf16_round8(_mm256_loadu_ps(f)));
+    memcpy(dst + i, h, (n - i) * sizeof(uint16_t));
+  }
+}
+
+static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, half8(src + i, 1));
+  for (; i < n; ++i) dst[i] = bf16(src[i]);
+}
+
+// bf16_io: x and y are bfloat16, as in cpu_kernels.c.
+void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file), on float32 copies if need be
+    float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
+    float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
+    if (bf16_io) floats_from_bf16(x, xv, M * K);
     quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
+    if (bf16_io) {
+      bf16_from_floats(yv, y, M * N);
+      free(x);
+      free(y);
+    }
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -318,7 +355,10 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       int sum;
-      const float d = int4_quantize_block(x + m * K + b * BLOCK, xq + (m * K / 8 + b * 4) * 2, &sum);
+      float block[BLOCK];
+      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
+      const float* xb = bf16_io ? block : (const float*)xv + m * K + b * BLOCK;
+      const float d = int4_quantize_block(xb, xq + (m * K / 8 + b * 4) * 2, &sum);
       dx[m * B + b] = d;
       xs[m * G + b * BLOCK / group] += d * (float)sum;
     }
@@ -335,7 +375,10 @@ void vx_int4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
       default: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;  // 5..8 rows
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    for (int64_t m = 0; m < M; ++m) {
+      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
+      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    }
   }
   free(xq);
   free(dx);
