@@ -123,12 +123,43 @@ def test_kernels_listed_per_device(monkeypatch):
     for cls in (Int8Linear, Int4Linear):
         assert cls.kernels("cpu")[-1] == "fallback"
         assert ("vnni" in cls.kernels("cpu")) == HAVE_KERNELS
-    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "none")  # no kernel build: vnni is not offered
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "none")  # no kernel build: vnni is not offered, nor picked
     for cls in (Int8Linear, Int4Linear):
         kernels = cls.kernels("cpu")
         assert "vnni" not in kernels and kernels[-1] == "fallback"
-        with pytest.raises(Exception, match="not available"):
-            cls.from_float(_w(32, 128), kernel="vnni")
+        with pytest.raises(Exception) as e:
+            cls.from_float(_w(32, 100), kernel="vnni")
+        assert str(e.value) == f"kernel 'vnni' is not available for {cls.__name__} (32x100) on cpu; use kernel=None"
+        layer = cls.from_float(_w(32, 128))
+        assert layer.kernel == kernels[0]
+        x = torch.randn(2, 128)
+        torch.testing.assert_close(layer(x).double(), x.double() @ _dequantized(layer).T, rtol=0.02, atol=0.05)
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "bogus")  # the variable concerns ventoux's kernels only
+    if "int8pack" in kernels:
+        assert Int8Linear.from_float(_w(32, 128), kernel="int8pack").kernel == "int8pack"
+    assert Int8Linear.from_float(_w(32, 128), kernel="fallback").kernel == "fallback"
+
+
+def test_unknown_kernel_and_width_that_does_not_fit_are_named():
+    with pytest.raises(Exception) as e:
+        Int8Linear.from_float(_w(32, 128), kernel="cublas")
+    assert str(e.value) == "unknown kernel 'cublas' for Int8Linear; valid: ('vnni', 'int8pack', 'fallback')"
+    with pytest.raises(Exception) as e:
+        Int4Linear(torch.zeros(32, 128, dtype=torch.uint8), torch.ones(32, 8, dtype=torch.bfloat16),
+                   torch.zeros(32, 8, dtype=torch.bfloat16), in_features=100)
+    assert str(e.value) == "quantized weights 32x256 do not hold 100 inputs padded to a multiple of 128"
+
+
+def test_raw_pointer_kernels_get_aligned_tensors_and_the_fallback_keeps_its_own():
+    q, s = qlinear.quantize_int8(_w(64, 128))
+    raw = torch.empty(64 * 128 + 1, dtype=torch.int8)[1:].view(64, 128)  # as a tensor inside a file can be
+    raw.copy_(q)
+    assert raw.data_ptr() % 64 != 0
+    plain = Int8Linear(raw, s, kernel="fallback")
+    assert plain.qweight.data_ptr() == raw.data_ptr()  # no copy
+    if "int8pack" in Int8Linear.kernels("cpu"):
+        packed = Int8Linear(raw, s, kernel="int8pack")
+        assert packed.qweight.data_ptr() % 64 == 0 and torch.equal(packed.qweight, q)
 
 
 @pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32})])
@@ -187,6 +218,7 @@ def test_load_state_dict_checks_each_tensor(cls, args):
     sd = src.state_dict()
     # floating tensors may come in any float dtype (the loader casts them to the model's dtype)
     dst.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    assert [t.dtype for t in dst.canonical()] == [t.dtype for t in src.canonical()]  # cast back to the layout's
     assert all(torch.equal(a, b) for a, b in zip(dst.canonical(), src.canonical()))
     name = "Int8Linear" if cls is Int8Linear else "Int4Linear"
     q = sd["qweight"]
