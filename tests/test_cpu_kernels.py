@@ -165,3 +165,17 @@ def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
         y = cpu_kernels.int4_gemv_unchecked(x, *tiles, 32, n)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
         assert torch.equal(y, cpu_kernels.int4_gemv(x.float(), *tiles, 32, n).bfloat16()), m
+
+
+@pytest.mark.parametrize("n", [37, 130])
+def test_half_gemv_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
+    # half_gemv_unchecked with a bfloat16 x (HalfLinear in a bf16 model): the same bits as the float32 product of
+    # the same bf16 values, rounded by PyTorch; bf16 and fp16 weights, 1..8 rows and more
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 256, generator=gen)
+    for dtype in (torch.bfloat16, torch.float16):
+        for m in (1, 2, 3, 5, 8, 9):
+            x = (torch.randn(m, 256, generator=gen) * 3).bfloat16()
+            y = cpu_kernels.half_gemv_unchecked(x, w.to(dtype))
+            assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+            assert torch.equal(y, cpu_kernels.half_gemv(x.float(), w.to(dtype)).bfloat16()), (dtype, m)

@@ -153,7 +153,7 @@ def load(path: str | Path) -> ctypes.CDLL:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int]
     lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int, ctypes.c_int]
-    lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
+    lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int, ctypes.c_int]
     lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = lib.vx_half_gemv.restype = None
     lib.vx_half_gemm.restype = None
@@ -273,11 +273,14 @@ def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def half_gemv_unchecked(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """half_gemv for a contiguous float32 x and a weight its caller has checked (HalfLinear: contiguous, 16-bit,
-    on the CPU, K % 32 == 0): a decode call's Python costs as much as a small product's arithmetic."""
-    y = torch.empty(x.shape[0], weight.shape[0])
+    """half_gemv for a contiguous float32 or bfloat16 x and a weight its caller has checked (HalfLinear:
+    contiguous, 16-bit, on the CPU, K % 32 == 0): a decode call's Python costs as much as a small product's
+    arithmetic. A bfloat16 x gives a bfloat16 y (half_gemv's result rounded as .to(torch.bfloat16) rounds it),
+    converted in the kernel, as int4_gemv_unchecked."""
+    bf16 = x.dtype == torch.bfloat16
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16 if bf16 else torch.float32)
     library().vx_half_gemv(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.dtype == torch.bfloat16,
-                           weight.shape[0], y.data_ptr(), torch.get_num_threads())
+                           weight.shape[0], y.data_ptr(), torch.get_num_threads(), bf16)
     return y
 
 

@@ -58,7 +58,8 @@ class HalfLinear(nn.Linear):
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return cpu_kernels.half_gemv_unchecked(x.to(torch.float32).contiguous(), w).to(x.dtype)
+    xin = x if x.dtype == torch.bfloat16 else x.to(torch.float32)  # bf16 in and out: converted in the kernel
+    return cpu_kernels.half_gemv_unchecked(xin.contiguous(), w).to(x.dtype)
 
 
 def eligible(module: nn.Module) -> bool:

@@ -9,7 +9,7 @@
 //                 a row, (N padded,))                                                   -> y (M, N) float32
 //   vx_int4_gemv: x (M, K) float32, w (N/16, K/8, 16, 4) uint8, scales, zeros (N/16, K/g, 16) bf16, g
 //                                                    -> y (M, N) float32 (bf16_io: x and y bfloat16)
-//   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16                               -> y (M, N) float32
+//   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16     -> y (M, N) float32 (bf16_io: x and y bfloat16)
 //   vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16                         -> y (M, N) the same
 //
 // Decoding (a few rows) is bound by the memory bandwidth: the gemv kernels share weight rows among OpenMP
@@ -351,8 +351,12 @@ static inline __attribute__((always_inline)) void half_block(const uint16_t* wr,
   else MB == 2 ? HALF_ROWS(0, 2) : HALF_ROWS(0, 1);
 }
 
-void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int bf16, int64_t N, float* y,
-                  int nthreads) {
+// bf16_io: x and y are bfloat16 (float32 copies made and rounded here, as in vx_int4_gemv).
+void vx_half_gemv(const void* xv, int64_t M, int64_t K, const uint16_t* w, int bf16, int64_t N, void* yv,
+                  int nthreads, int bf16_io) {
+  float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
+  float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
+  if (bf16_io) floats_from_bf16(x, xv, M * K);
   // the activations line by line, (K/32, M, 32): the rows read together lie together (rows K floats apart would
   // share L1 sets); bf16: each 32 inputs split by parity, 16 even then 16 odd
   float* xp = malloc(M * K * sizeof(float));
@@ -381,8 +385,14 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int b
           for (int r = 0; r < R; ++r) y[(m0 + m) * N + n + r] = out[m * ROWS + r];
       }
     }
+    if (bf16_io)
+      for (int64_t m = 0; m < M; ++m) bf16_from_floats((uint16_t*)yv + m * N + n0, y + m * N + n0, n1 - n0);
   }
   free(xp);
+  if (bf16_io) {
+    free(x);
+    free(y);
+  }
 }
 
 // vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16 -> y (M, N) in the same type, for prefill (M in

@@ -409,8 +409,12 @@ static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, 
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
-void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int is_bf16, int64_t N, float* y,
-                  int nthreads) {
+// bf16_io: x and y are bfloat16 (float32 copies made and rounded here, as in vx_int4_gemv).
+void vx_half_gemv(const void* xv, int64_t M, int64_t K, const uint16_t* w, int is_bf16, int64_t N, void* yv,
+                  int nthreads, int bf16_io) {
+  float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
+  float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
+  if (bf16_io) floats_from_bf16(x, xv, M * K);
   float* xeo = NULL;  // bf16: the activations split by parity, (M, 2, K/2)
   if (is_bf16) {
     xeo = malloc(M * K * sizeof(float));
@@ -454,8 +458,14 @@ void vx_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int i
         for (int r = 0; r < R; ++r) y[m * N + n + r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
       }
     }
+    if (bf16_io)
+      for (int64_t m = 0; m < M; ++m) bf16_from_floats((uint16_t*)yv + m * N + n0, y + m * N + n0, n1 - n0);
   }
   free(xeo);
+  if (bf16_io) {
+    free(x);
+    free(y);
+  }
 }
 
 // vx_half_gemm: cpu_kernels.c's tiled 16-bit product with 8-lane vectors: rows transposed into xp (MC/8, K, 8)
