@@ -236,16 +236,17 @@ def test_load_weights_default_device_root_tensors_and_buffers(tmp_path):
 def test_transform_sees_exactly_the_modules_that_own_tensors(tmp_path):
     sd = _ventoux_sd()
     w = sd.pop("output.weight")
-    q = torch.randint(-127, 128, (w.shape[0], 128), dtype=torch.int8)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(-127, 128, (w.shape[0], 128), dtype=torch.int8, generator=gen)
     q[:, CFG.dim:] = 0
-    sd["output.qweight"], sd["output.scales"] = q, torch.rand(w.shape[0]).to(torch.bfloat16)
+    sd["output.qweight"], sd["output.scales"] = q, torch.rand(w.shape[0], generator=gen).to(torch.bfloat16)
     folder = _consolidated(tmp_path / "m", sd)
     model = _int8_head_model()
     owners = sorted({k.rpartition(".")[0] for k in model.state_dict()})  # modules with tensors of their own
     seen = []
     load_weights(model, folder, torch.float32, transform=lambda name, m: seen.append(name))
     assert sorted(seen) == owners and len(seen) == len(owners)
-    x = torch.randn(2, CFG.dim)
+    x = torch.randn(2, CFG.dim, generator=gen)
     ref = x @ (q[:, :CFG.dim].float() * sd["output.scales"].float()[:, None]).T  # plain dequantize-and-matmul
     # (within the int8-activation error of the vnni kernel, which the loaded module may pick)
     torch.testing.assert_close(model.output(x), ref, atol=0.02 * ref.abs().max().item(), rtol=0.02)
