@@ -276,8 +276,11 @@ def test_save_consolidated_refuses_quantized_layers_whole(tmp_path):
 
 
 def test_checking_a_pid_sends_it_no_signal(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = ("import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); print('ready', flush=True); "
+            "time.sleep(60)")  # SIGHUP kills it, even started under nohup
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
+        assert child.stdout.readline() == b"ready\n"
         assert weights._alive(child.pid)
         with pytest.raises(subprocess.TimeoutExpired):
             child.wait(timeout=0.5)  # still running: signal 0 only asks
@@ -322,13 +325,14 @@ def _ventoux_model(seed: int = 0):
     return Transformer(CFG).eval()
 
 
-@pytest.mark.parametrize("sizes", [3, 4, 6])  # shard limits exactly at the sum of the first tensors
-def test_save_hf_shards_as_hugging_face_splits_them(tmp_path, sizes):
+# limits at the sum of tensors first:last (3:8: the second shard ends exactly at the limit)
+@pytest.mark.parametrize("first,last", [(0, 3), (0, 4), (0, 6), (3, 8)])
+def test_save_hf_shards_as_hugging_face_splits_them(tmp_path, first, last):
     from huggingface_hub import split_torch_state_dict_into_shards
 
     model = _ventoux_model()
     ordered = {weights._vx_to_hf(k): v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    limit = sum(t.numel() * 2 for t in list(ordered.values())[:sizes])
+    limit = sum(t.numel() * 2 for t in list(ordered.values())[first:last])
     ref = split_torch_state_dict_into_shards(ordered, max_shard_size=limit)
     out = weights.save_hf(model, tmp_path / "o", dtype=torch.bfloat16, max_shard_bytes=limit)
     index = json.loads((out / weights.HF_INDEX).read_text())
@@ -397,11 +401,32 @@ def test_output_folders_nested_existing_and_left_by_this_pid(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "again"]
 
 
-def test_output_folder_under_a_file_names_the_os_reason(tmp_path):
-    (tmp_path / "afile").write_text("x")
-    out = tmp_path / "afile" / "sub" / "out"
-    with pytest.raises(OSError) as ref:  # what the OS says, asked directly
+def test_output_folder_under_a_dangling_link_names_the_os_reason(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    out = tmp_path / "dangling" / "sub" / "out"
+    with pytest.raises(OSError) as ref:  # what the OS says, asked directly: it names the link, not out's parent
         out.parent.mkdir(parents=True, exist_ok=True)
+    assert ref.value.filename != str(out.parent)
     assert _error(weights.check_output_folder, out) == (
         f"cannot create the output folder {out}: {ref.value.strerror} ({ref.value.filename}); "
         "choose another output path")
+
+
+def test_output_folder_the_os_will_not_let_us_write_into(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only disk answers (root writes anywhere)
+    assert _error(weights.check_output_folder, tmp_path / "out") == \
+        f"cannot write into {tmp_path} (no permission); choose another output path"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid  # reaped: nobody has it until the kernel hands it out again
+
+
+def test_stale_folder_of_a_dead_writer_of_a_dashed_name_is_removed(tmp_path):
+    stale = tmp_path / f".my-model.tmp-{_dead_pid()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    weights.check_output_folder(tmp_path / "my-model")
+    assert not stale.exists()
