@@ -261,3 +261,24 @@ def test_int8_tensors_that_do_not_match_are_named(q, s):
     for ok in ((32,), (32, 4), (32, 2), (32, 1)):  # per row; groups of 32, 64 and 128
         layer = Int8Linear(torch.zeros(32, 128, dtype=torch.int8), torch.ones(ok, dtype=torch.bfloat16))
         assert layer.out_features == 32 and layer.in_features == 128
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="no kernel build on this machine")
+def test_int4_vnni_under_torch_compile_gives_the_eager_product():
+    """Under torch.compile the vnni product takes its checked entry point (the eager path skips the checks)."""
+    w = _w(48, 256, seed=6)
+    layer = Int4Linear.from_float(w, group_size=32, kernel="vnni")
+    compiled = torch.compile(layer, backend="eager")  # dynamo traces _mm; no inductor build
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(10)).to(dtype)
+        y = compiled(x)
+        assert y.dtype == dtype and torch.equal(y, layer(x))
+
+
+def test_weight_columns_come_in_slices_of_about_budget_values():
+    _, layers = _layers()
+    n, k = 48, 384
+    for budget, width in ((1 << 24, k), (n * 256, 256), (n * 300, 256), (n * 100, 128), (1, 128)):
+        for layer in layers:  # the widest multiple of 128 inputs within the budget, at least 128, at most K
+            widths = [cols.shape[1] for _, cols in layer._weight_columns(torch.float32, budget)]
+            assert widths == [width] * (k // width) + ([k % width] if k % width else []), (budget, widths)
