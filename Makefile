@@ -48,7 +48,7 @@ lint: install-dev
 # bug costs users most, one module at a time, each mutant running only the tests of its module's own test files
 # that call the function it changed (MUTATE="names:test_weights.py" narrows the run). Then the score per module
 # and the survivors not yet triaged. The first run records which test calls what, from every selected test.
-MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_sampling.py names:test_weights.py \
+MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_sampling.py,test_params_mutants.py names:test_weights.py \
 	cache:test_model.py,test_generate.py,test_cache_mutants.py generate:test_generate.py,test_generate_mutants.py batch:test_generate.py,test_engine.py engine:test_engine.py \
 	tokenizer:test_tokenizer.py,test_tokenizer_mutants.py weights:test_weights.py,test_hardening.py,test_weights_mutants.py qlinear:test_quantize.py,test_qlinear_mutants.py lora:test_lora.py
 # MUTMUT_CHILDREN=1 on a machine shared with other jobs (and nice: the run yields to them)

@@ -5,6 +5,8 @@
 A surviving mutant is triaged either by a test that kills it, or by a line in mutation/equivalent.txt:
 `<mutant name>  <one-line reason it is equivalent>`. The score counts triaged equivalents out of the
 denominator; the exit status is 1 while an untriaged survivor remains, so the next run shows only new ones.
+An import-time mutant, which mutmut cannot activate, is killed through mutation/check_fresh.py and listed in
+mutation/fresh_killed.txt; it counts as killed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def equivalents() -> dict[str, str]:
     return out
 
 
+def fresh_killed() -> set[str]:
+    """Import-time mutants that mutation/check_fresh.py showed killed (mutmut cannot activate them)."""
+    return {line.split()[0] for line in (HERE / "fresh_killed.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
 def results() -> dict[str, str]:
     """mutant name -> status (killed, survived, timeout, no tests, not checked, ...)."""
     text = subprocess.run([str(MUTMUT), "results", "--all", "true"], capture_output=True, text=True,
@@ -36,13 +44,15 @@ def results() -> dict[str, str]:
 
 
 def main() -> int:
-    equivalent, status = equivalents(), results()
+    equivalent, fresh, status = equivalents(), fresh_killed(), results()
     by_module: dict[str, Counter] = defaultdict(Counter)
     untriaged = []
     for name, state in sorted(status.items()):
         module = name.split(".x")[0]  # ventoux.sampling.x_apply_min_p__mutmut_3 -> ventoux.sampling
         if state in ("survived", "no tests") and name in equivalent:  # no test can tell it apart either way
             state = "equivalent"
+        elif state in ("survived", "no tests") and name in fresh:
+            state = "killed"
         by_module[module][state] += 1
         if state == "survived":
             untriaged.append(name)
