@@ -120,7 +120,8 @@ def test_backward_reaches_the_input_through_every_kernel():
 
 # ---- kernels per device, moves, alignment --------------------------------------------------------------
 def test_kernels_listed_per_device(monkeypatch):
-    assert Int8Linear.kernels("meta") == ["fallback"]  # the only product that runs on a skeleton
+    for cls in (Int8Linear, Int4Linear):
+        assert cls.kernels("meta") == ["fallback"]  # the only product that runs on a skeleton
     for cls in (Int8Linear, Int4Linear):
         assert cls.kernels("cpu")[-1] == "fallback"
         assert ("vnni" in cls.kernels("cpu")) == HAVE_KERNELS
