@@ -64,8 +64,9 @@ static inline __m256 half8(const uint16_t* p, int is_bf16) {
   return is_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
-// One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (returned): cpu_kernels.c's numbers.
-static inline float quantize_block(const float* x, int8_t* q) {
+// One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (in *d): cpu_kernels.c's numbers,
+// the 32 codes in order in one register.
+static inline __m256i quantize_codes(const float* x, float* d_out) {
   __m256 v[4], mx = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
@@ -77,7 +78,14 @@ static inline float quantize_block(const float* x, int8_t* q) {
   for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
   // saturating packs work within 128-bit halves: the permute puts the 32 bytes back in order
   const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-  _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  *d_out = d;
+  return _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// One block of 32 activations -> its int8 codes in q; returns their scale d.
+static inline float quantize_block(const float* x, int8_t* q) {
+  float d;
+  _mm256_storeu_si256((__m256i*)q, quantize_codes(x, &d));
   return d;
 }
 
@@ -281,17 +289,8 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
 // One block of 32 activations quantized as quantize_block does, in vx_int4_gemv's order (per 8 inputs the even 4,
 // then the odd 4: one byte shuffle), with the sum of the 32 codes: as cpu_kernels.c, no scalar loop.
 static inline float int4_quantize_block(const float* x, int32_t* eo, int* sum) {
-  __m256 v[4], mx = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(x + 8 * i);
-    mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
-  }
-  const float d = hmax(mx) / 127.f;
-  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  __m256i i[4];
-  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
-  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-  const __m256i q = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  float d;
+  const __m256i q = quantize_codes(x, &d);
   const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
                                          0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
   _mm256_storeu_si256((__m256i*)eo, _mm256_shuffle_epi8(q, order));
