@@ -90,8 +90,9 @@ def main():
                 rows.append((f"{name} {kernel}", lambda build=build, kernel=kernel: build(kernel),
                              lambda x, mod: mod(x), torch.bfloat16))
     only = set(args.only.split(",")) if args.only else None
+    where = "hot in cache" if args.hot else f"from memory ({args.rotate_mb:.0f} MB of copies)"
     print(f"{args.m}x{k} @ {k}x{n}, {torch.get_num_threads()} threads, torch {torch.__version__}, ventoux kernels: "
-          f"{cpu_kernels.isa()}, weights {'hot in cache' if args.hot else f'from memory ({args.rotate_mb:.0f} MB of copies)'}")
+          f"{cpu_kernels.isa()}, weights {where}")
     print(f"{'format':24s} {'MB':>7s} {'median':>8s} {'GB/s':>6s} {'best':>8s} {'GB/s':>6s} {'GFLOP/s':>8s}")
     with torch.inference_mode():
         for name, build, run, dt in rows:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ventoux.cli import main
-from ventoux.errors import VentouxError
 from ventoux.config import ModelConfig
+from ventoux.errors import VentouxError
 from ventoux.model import Transformer
 from ventoux.weights import save_hf
 
