@@ -216,8 +216,9 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
 
 def int8_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                         n: int) -> torch.Tensor:
-    """int8_gemv for a contiguous float32 x and tiles its caller has checked once (Int8Linear, at load), as
-    int4_gemv_unchecked: a decode call's Python costs as much as a small product's arithmetic."""
+    """int8_gemv for tiles its caller has checked once (Int8Linear, at load), as int4_gemv_unchecked: a decode
+    call's Python costs as much as a small product's arithmetic. x of any float dtype (computed in float32)."""
+    x = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], n)
     library().vx_int8_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(), group, n,
                            y.data_ptr(), torch.get_num_threads())
@@ -250,11 +251,11 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 def int4_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         group: int, n: int) -> torch.Tensor:
-    """int4_gemv for a contiguous float32 or bfloat16 x and weights its caller has checked once (Int4Linear, at
-    load): a decode call's Python costs a few microseconds, as much as a small product's arithmetic. A bfloat16 x
-    gives a bfloat16 y, int4_gemv's float32 result rounded as .to(torch.bfloat16) rounds it, both converted in
-    the kernel (two PyTorch conversions cost about 4 us a call)."""
-    bf16 = x.dtype == torch.bfloat16
+    """int4_gemv for weights its caller has checked once (Int4Linear, at load): a decode call's Python costs a few
+    microseconds, as much as a small product's arithmetic. A bfloat16 x gives a bfloat16 y, int4_gemv's float32
+    result rounded as .to(torch.bfloat16) rounds it, both converted in the kernel (two PyTorch conversions cost
+    about 4 us a call); any other float x is computed in float32."""
+    x, bf16 = _kernel_input(x)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if bf16 else torch.float32)
     library().vx_int4_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(),
                            zeros.data_ptr(), group, n, y.data_ptr(), torch.get_num_threads(), bf16)
@@ -272,12 +273,18 @@ def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return half_gemv_unchecked(x, weight)
 
 
-def half_gemv_unchecked(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """half_gemv for a contiguous float32 or bfloat16 x and a weight its caller has checked (HalfLinear:
-    contiguous, 16-bit, on the CPU, K % 32 == 0): a decode call's Python costs as much as a small product's
-    arithmetic. A bfloat16 x gives a bfloat16 y (half_gemv's result rounded as .to(torch.bfloat16) rounds it),
-    converted in the kernel, as int4_gemv_unchecked."""
+def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as the bf16-io kernels read it (contiguous; bfloat16 as is, else float32), and whether it is bfloat16."""
     bf16 = x.dtype == torch.bfloat16
+    return (x if bf16 else x.to(torch.float32)).contiguous(), bf16
+
+
+def half_gemv_unchecked(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """half_gemv for a weight its caller has checked (HalfLinear: contiguous, 16-bit, on the CPU, K % 32 == 0): a
+    decode call's Python costs as much as a small product's arithmetic. A bfloat16 x gives a bfloat16 y
+    (half_gemv's result rounded as .to(torch.bfloat16) rounds it), converted in the kernel, as
+    int4_gemv_unchecked; any other float x is computed in float32."""
+    x, bf16 = _kernel_input(x)
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16 if bf16 else torch.float32)
     library().vx_half_gemv(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.dtype == torch.bfloat16,
                            weight.shape[0], y.data_ptr(), torch.get_num_threads(), bf16)

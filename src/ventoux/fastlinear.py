@@ -44,7 +44,7 @@ class HalfLinear(nn.Linear):
         if rows <= MAX_GEMV_ROWS and torch.compiler.is_compiling():
             y = frozen_product(x2, lambda a: cpu_kernels.half_gemv(a, w).to(a.dtype), self._weight_columns)
         elif rows <= MAX_GEMV_ROWS and w.is_contiguous():  # the rest eligible() checked: no per-call checks
-            y = frozen_product(x2, lambda a: _gemv(a, w), self._weight_columns)
+            y = frozen_product(x2, lambda a: cpu_kernels.half_gemv_unchecked(a, w).to(a.dtype), self._weight_columns)
         elif x.dtype == w.dtype == torch.bfloat16 and gemm_beats_pytorch():
             y = frozen_product(x2, lambda a: cpu_kernels.half_gemm(a, w), self._weight_columns)
         else:
@@ -55,11 +55,6 @@ class HalfLinear(nn.Linear):
 
     def _weight_columns(self, dtype):  # for the backward to the input (LoRA on a frozen base): frozen.py
         yield 0, self.weight.detach().to(dtype)
-
-
-def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    xin = x if x.dtype == torch.bfloat16 else x.to(torch.float32)  # bf16 in and out: converted in the kernel
-    return cpu_kernels.half_gemv_unchecked(xin.contiguous(), w).to(x.dtype)
 
 
 def eligible(module: nn.Module) -> bool:

@@ -283,9 +283,8 @@ class Int8Linear(QuantizedLinear):
         if self.kernel == "vnni":
             if torch.compiler.is_compiling():
                 return cpu_kernels.int8_gemv(x, *self._tiles, self.out_features).to(x.dtype)
-            y = cpu_kernels.int8_gemv_unchecked(x.to(torch.float32).contiguous(), *self._tiles,
-                                                self.out_features)  # the tiles were made by tile_int8
-            return y.to(x.dtype)
+            # the tiles were made by tile_int8
+            return cpu_kernels.int8_gemv_unchecked(x, *self._tiles, self.out_features).to(x.dtype)
         if self.kernel == "int8pack":
             return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), self.qweight, self.scales).to(x.dtype)
         if self.group_size is not None:
@@ -361,10 +360,8 @@ class Int4Linear(QuantizedLinear):
         if self.kernel == "vnni":
             if torch.compiler.is_compiling():
                 return cpu_kernels.int4_gemv(x, *self._tiles, self.group_size, self.out_features).to(x.dtype)
-            xin = x if x.dtype == torch.bfloat16 else x.to(torch.float32)  # bf16 in and out: converted in C
-            y = cpu_kernels.int4_gemv_unchecked(xin.contiguous(), *self._tiles, self.group_size,
-                                                self.out_features)  # the tiles were checked when packed
-            return y.to(x.dtype)
+            # the tiles were checked when packed; bf16 in and out is converted in C
+            return cpu_kernels.int4_gemv_unchecked(x, *self._tiles, self.group_size, self.out_features).to(x.dtype)
         if self.kernel == "int4pack":
             return self._int4pack_mm(x.to(SCALE_DTYPE), self.scales_and_zeros).to(x.dtype)
         return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))

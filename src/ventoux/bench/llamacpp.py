@@ -41,6 +41,7 @@ def gguf_types(dtype: str, quantize: str | None) -> list[str]:
 
 # How llama.cpp is compiled for each --isa of the benchmarks: for this CPU ("native"), or for AVX2 CPUs only.
 BUILDS = ("native", "avx2")
+VERSION = "0.3.*"
 AVX2_ONLY = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
 # llama.cpp's option for each x86 feature (a /proc/cpuinfo flag) a native build without AMX names one by one
 X86_OPTIONS = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2",
@@ -65,7 +66,6 @@ def cmake_args(isa: str = "native", flags: frozenset[str] | None = None) -> str:
         return "-DGGML_NATIVE=ON"
     named = [f"-DGGML_{option}={'ON' if flag in flags else 'OFF'}" for flag, option in X86_OPTIONS.items()]
     return " ".join(["-DGGML_NATIVE=OFF", *named, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
-VERSION = "0.3.*"
 
 
 def install_dir(isa: str = "native") -> Path:
@@ -98,8 +98,9 @@ def ensure_installed(isa: str = "native", log: Callable[[str], None] = print) ->
     The folder is appended to sys.path (after the environment's own packages) and returned."""
     target = install_dir(isa)
     if not (target / "llama_cpp").is_dir():
-        env = {**os.environ, "CMAKE_ARGS": cmake_args(isa), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
-        log(f"building llama-cpp-python {VERSION} from source ({cmake_args(isa)}) into {target}: this can take "
+        options = cmake_args(isa)
+        env = {**os.environ, "CMAKE_ARGS": options, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+        log(f"building llama-cpp-python {VERSION} from source ({options}) into {target}: this can take "
             "10 minutes or more ...")
         tmp = target.with_name(target.name + ".tmp")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ def ensure_installed(isa: str = "native", log: Callable[[str], None] = print) ->
         if proc.returncode:
             last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise VentouxError(f"building llama-cpp-python failed ({last}); run `{' '.join(cmd)}` with "
-                               f"CMAKE_ARGS='{cmake_args(isa)}' to see why, or drop --compare llama.cpp")
+                               f"CMAKE_ARGS='{options}' to see why, or drop --compare llama.cpp")
         tmp.rename(target)
     use(target)
     return target

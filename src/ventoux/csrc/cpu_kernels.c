@@ -50,14 +50,23 @@ static inline float bf16(uint16_t h) {
   return f;
 }
 
-// One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (returned).
-static inline float quantize_block(const float* x, int8_t* q) {
+// One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (in *d_out), the 32 codes in order
+// in one register.
+static inline __m256i quantize_codes(const float* x, float* d_out) {
   const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
   const float d = amax / 127.f;
   const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
-  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
+  const __m128i qa = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
+  const __m128i qb = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)));
+  *d_out = d;
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(qa), qb, 1);
+}
+
+// One block of 32 activations -> its int8 codes in q; returns their scale d.
+static inline float quantize_block(const float* x, int8_t* q) {
+  float d;
+  _mm256_storeu_si256((__m256i*)q, quantize_codes(x, &d));
   return d;
 }
 
@@ -190,13 +199,8 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
 // then the odd 4 (one byte shuffle), with the sum of the 32 codes: a few vector instructions, no scalar loop (at
 // K = 4096 the scalar form cost 6.5 us a call, a fifth of a 512-row product hot in L2).
 static inline float int4_quantize_block(const float* x, int32_t* eo, int* sum) {
-  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-  const float d = amax / 127.f;
-  const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  const __m128i qa = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
-  const __m128i qb = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)));
-  const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(qa), qb, 1);
+  float d;
+  const __m256i q = quantize_codes(x, &d);
   const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
                                          0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
   _mm256_storeu_si256((__m256i*)eo, _mm256_shuffle_epi8(q, order));
