@@ -283,3 +283,36 @@ def test_weight_columns_come_in_slices_of_about_budget_values():
         for layer in layers:  # the widest multiple of 128 inputs within the budget, at least 128, at most K
             widths = [cols.shape[1] for _, cols in layer._weight_columns(torch.float32, budget)]
             assert widths == [width] * (k // width) + ([k % width] if k % width else []), (budget, widths)
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="no kernel build on this machine")
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_vnni_keeps_its_kernel_and_gives_the_schemes_product(group):
+    """Built inside the test (mutmut attributes construction to the test that runs it): per row and per group of
+    32, the vnni layer is the int8 scheme written out times x, within the activations' int8 rounding."""
+    w, x = _w(48, 256, seed=7), torch.randn(3, 256, generator=torch.Generator().manual_seed(11))
+    layer = Int8Linear.from_float(w, group_size=group, kernel="vnni")
+    assert layer.kernel == "vnni" and layer.group_size == group
+    q, s = _quantize_int8_ref(w, group)
+    ref = x.double() @ _ref_int8(q, s).T
+    assert ((layer(x).double() - ref).abs() <= 0.02 * ref.abs().max()).all()
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="no kernel build on this machine")
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_vnni_under_torch_compile_gives_the_eager_product(group):
+    """As int4's: under torch.compile the checked entry point, the same numbers and dtype as eager."""
+    layer = Int8Linear.from_float(_w(48, 256, seed=8), group_size=group, kernel="vnni")
+    compiled = torch.compile(layer, backend="eager")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(12)).to(dtype)
+        y = compiled(x)
+        assert y.dtype == dtype and torch.equal(y, layer(x))
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_a_meta_skeleton_takes_the_fallback_whatever_kernel_was_asked(cls):
+    """quantize-then-load builds layers on the meta device first: no kernel can be checked or packed there."""
+    w = torch.empty(32, 128, device="meta")
+    layer = cls.from_float(w, kernel="vnni") if cls is Int8Linear else cls.from_float(w, 32, kernel="vnni")
+    assert layer.kernel == "fallback" and layer.qweight.device.type == "meta"
