@@ -200,6 +200,23 @@ def test_non_finite_weights_are_named_at_load(model_dir, tmp_path, value):
         ventoux.load(str(bad), dtype="float32")
 
 
+def test_non_finite_weights_are_found_in_any_chunk(model_dir, tmp_path, monkeypatch):
+    """The check sums a chunk at a time (no float32 copy of a whole bf16 tensor): a NaN past the first chunk,
+    and an inf in the last, partial one, are found too."""
+    import ventoux.weights
+
+    bad = copy_of(model_dir, tmp_path / "m", tensors_edit=lambda sd: sd["model.layers.0.mlp.up_proj.weight"]
+                  .view(-1)[450:451].fill_(float("nan")))
+    monkeypatch.setattr(ventoux.weights, "FINITE_CHUNK", 100)
+    with pytest.raises(VentouxError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' .* holds 1 NaN"):
+        ventoux.load(str(bad), dtype="bfloat16")
+    monkeypatch.setattr(ventoux.weights, "FINITE_CHUNK", 1000)  # the inf alone, in a last partial chunk
+    bad = copy_of(model_dir, tmp_path / "m2", tensors_edit=lambda sd: sd["model.layers.1.mlp.up_proj.weight"]
+                  .view(-1)[-1:].fill_(float("inf")))
+    with pytest.raises(VentouxError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' .* holds 1 NaN"):
+        ventoux.load(str(bad), dtype="bfloat16")
+
+
 def test_values_that_overflow_the_dtype_are_named(model_dir, tmp_path):
     bad = copy_of(model_dir, tmp_path / "m", tensors_edit=lambda sd: sd["model.norm.weight"].fill_(1e6))
     ventoux.load(str(bad), dtype="float32")  # fine in float32
