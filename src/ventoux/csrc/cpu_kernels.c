@@ -491,15 +491,18 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
 // quant_gemm: vx_int8_gemv's and vx_int4_gemv's product for many rows (prefill), where it is bound by
 // arithmetic. The same numbers as the row-by-row kernels: activations quantized to int8 per block of 32
 // (scale d), integer dot products with the weights' codes, then per block sum * d * s plus, per group,
-// off * (sum of x), with the weight w = code * s + off: int4 codes 0..15 and off = z - 8 s; int8 codes
-// q + 128 (vpdpbusd wants one unsigned side) and off = -128 s, per group (one a row where group = K). Laid out
-// like half_gemm: 16 rows of x times 4 consecutive inputs fill a 64-byte vector, so one vpdpbusd with 4 codes of
-// one output broadcast gives 16 rows of that output, 64 multiply-adds an instruction. A tile of MB x 16 rows by
-// Q_NR outputs keeps its int32 block sums and float sums in registers (24 of the 32). Everything the tile reads
-// sits at constant offsets from a few pointers, so its loop holds no index arithmetic: x per Q_KC inputs
-// (K/Q_KC, Mp/16, Q_KC/4, 16, 4), block scales (K/32, Mp), group sums (G, Mp); the Q_NR outputs' codes are
-// unpacked to bytes once per Q_KC inputs for all row blocks, (Q_KC/4, Q_NR, 4), from 16 contiguous bytes of the
-// weight tiles per 4 (int8) or 8 (int4) inputs (N is padded to whole tiles, so Q_NR rows always exist).
+// off * (sum of x), with the weight w = code * s + off: int4 codes 0..15 and off = z - 8 s; int8 codes q + 128
+// (vpdpbusd wants one unsigned side) and each block's sum starting at -128 times the block's sum of x (exact).
+// Laid out like half_gemm: 16 rows of x times 4 consecutive inputs fill a 64-byte vector, so one vpdpbusd with 4
+// codes of one output broadcast gives 16 rows of that output, 64 multiply-adds an instruction. A tile of MB x 16
+// rows by Q_NR outputs keeps its int32 block sums and float sums in registers (24 of the 32), and each step's
+// MB x vectors (see load_once). Everything the tile reads sits at constant offsets from a few pointers, so its
+// loop holds no index arithmetic: x per Q_KC inputs (K/Q_KC, Mp/16, Q_KC/4, 16, 4), per block its scales and
+// int8's -128 x sums (K/32, Mp), per group the sums of x for int4's zero term (G, Mp). The Q_NR outputs' codes
+// are unpacked to bytes once per Q_KC inputs for all row blocks, (Q_KC/4, Q_NR, 4), from 16 contiguous bytes of
+// the weight tiles per 4 (int8) or 8 (int4) inputs (N is padded to whole tiles, so Q_NR rows always exist).
+// Zen 5 runs vpdpbusd, vfmadd and vmulps on the same two pipes: per block an int4 sum takes 8 vpdpbusd and 3 of
+// the others (int8: 2).
 #define Q_MC 256
 #define Q_KC 256  // a multiple of every int4 group size
 #define Q_NR 4    // divides TILE
@@ -513,39 +516,44 @@ static inline __m512i load_once(const int8_t* p) {
   return v;
 }
 
-static inline __attribute__((always_inline)) void quant_tile(const int8_t* xc, const float* dx, const float* xs,
-                                                            int64_t Mp, int64_t k0, int64_t k1, int64_t group,
-                                                            const int8_t* qs, const int32_t* qc, const float* s,
-                                                            const float* off, const int MB, float* yt) {
+static inline __attribute__((always_inline)) void quant_tile(const int8_t* xc, const float* dx, const int32_t* xk,
+                                                            const float* xs, int64_t Mp, int64_t k0, int64_t k1,
+                                                            int64_t group, const uint8_t* qs, const float* s,
+                                                            const float* off, const int BITS, const int MB,
+                                                            float* yt) {
   __m512 acc[Q_NR][Q_MB];
   for (int n = 0; n < Q_NR; ++n)
     for (int b = 0; b < MB; ++b) acc[n][b] = k0 ? _mm512_loadu_ps(yt + n * Mp + b * 16) : _mm512_setzero_ps();
-  const float* d = dx + k0 / BLOCK * Mp;
+  const int64_t at = k0 / BLOCK * Mp;  // this chunk's first block in dx and xk
+  dx += at;
+  xk += at;
   for (int64_t g = k0 / group, k = k0; k < k1; ++g) {  // a group's part in this chunk, then maybe its zero term
     const int64_t end = (g + 1) * group < k1 ? (g + 1) * group : k1;
     const float* sg = s + g * Q_NR;
-    for (; k < end; k += BLOCK, xc += 16 * BLOCK, qs += Q_NR * BLOCK, qc += Q_NR, d += Mp) {
+    for (; k < end; k += BLOCK, xc += 16 * BLOCK, qs += Q_NR * BLOCK, dx += Mp, xk += Mp) {
       __m512i dot[Q_NR][Q_MB];
-      for (int n = 0; n < Q_NR; ++n)
-        for (int b = 0; b < MB; ++b) dot[n][b] = _mm512_set1_epi32(qc[n]);
+      for (int b = 0; b < MB; ++b) {
+        const __m512i start = BITS == 8 ? _mm512_loadu_si512(xk + b * 16) : _mm512_setzero_si512();
+        for (int n = 0; n < Q_NR; ++n) dot[n][b] = start;
+      }
       for (int j = 0; j < BLOCK / 4; ++j) {
         __m512i xv[Q_MB];
         for (int b = 0; b < MB; ++b) xv[b] = load_once(xc + b * 16 * Q_KC + j * 64);
         for (int n = 0; n < Q_NR; ++n) {
           int32_t codes;
           memcpy(&codes, qs + (j * Q_NR + n) * 4, 4);
-          const __m512i wv = _mm512_set1_epi32(codes);  // a broadcast operand of each vpdpbusd
-          for (int b = 0; b < MB; ++b) dot[n][b] = _mm512_dpbusd_epi32(dot[n][b], xv[b], wv);
+          const __m512i wv = _mm512_set1_epi32(codes);
+          for (int b = 0; b < MB; ++b) dot[n][b] = _mm512_dpbusd_epi32(dot[n][b], wv, xv[b]);
         }
       }
       for (int b = 0; b < MB; ++b) {
-        const __m512 db = _mm512_loadu_ps(d + b * 16);
+        const __m512 db = _mm512_loadu_ps(dx + b * 16);
         for (int n = 0; n < Q_NR; ++n)
           acc[n][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[n][b]), _mm512_mul_ps(db, _mm512_set1_ps(sg[n])),
                                       acc[n][b]);
       }
     }
-    if (off && end == (g + 1) * group)  // the group's zero term
+    if (BITS == 4 && end == (g + 1) * group)  // the group's zero term
       for (int b = 0; b < MB; ++b) {
         const __m512 sum = _mm512_loadu_ps(xs + g * Mp + b * 16);
         for (int n = 0; n < Q_NR; ++n) acc[n][b] = _mm512_fmadd_ps(_mm512_set1_ps(off[g * Q_NR + n]), sum, acc[n][b]);
@@ -555,35 +563,32 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xc, c
     for (int b = 0; b < MB; ++b) _mm512_storeu_ps(yt + n * Mp + b * 16, acc[n][b]);
 }
 
-// Q_NR consecutive weight rows from row n (n % Q_NR == 0), inputs k0..k1 -> their codes in qs (Q_KC/4, Q_NR, 4),
-// -128 times each block's sum of them in qc (Q_KC/32, Q_NR): x arrives as x + 128), and their groups' scales
-// and offsets in s and off (G, Q_NR; int8: no offset).
+// Q_NR consecutive weight rows from row n (n % Q_NR == 0), inputs k0..k1 -> their codes in qs (Q_KC/4, Q_NR, 4)
+// and their groups' scales and offsets in s and off (G, Q_NR; int8: no offset). Two steps of 4 (int8) or 8
+// (int4) inputs at a time: they lie 64 bytes apart.
 static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scales, const uint16_t* zeros,
-                                int64_t K, int64_t G, int64_t group, int64_t n, int64_t k0, int64_t k1, int8_t* qs,
-                                int32_t* qc, float* s, float* off) {
+                                int64_t K, int64_t G, int64_t group, int64_t n, int64_t k0, int64_t k1, uint8_t* qs,
+                                float* s, float* off) {
   const int64_t t = n / TILE, r = n % TILE;
-  const __m128i ones = _mm_set1_epi8(1);
-  __m128i sum = _mm_setzero_si128();  // a row a lane
-  for (int64_t k = k0; k < k1; k += 8) {  // per 8 inputs 4 codes a row for 2 x 4 inputs (Q_NR = 4)
-    __m128i c0, c1;
-    if (bits == 8) {  // per 4 inputs, 4 bytes of each of the tile's 16 rows: ours are 16 contiguous bytes
-      const uint8_t* p = w + t * TILE * K + r * 4 + k / 4 * 64;
-      c0 = _mm_loadu_si128((const __m128i*)p);
-      c1 = _mm_loadu_si128((const __m128i*)(p + 64));
-    } else {  // per 8 inputs the same; byte i of a row holds inputs 2i (low nibble) and 2i + 1
-      const __m128i v = _mm_loadu_si128((const __m128i*)(w + t * TILE * K / 2 + r * 4 + k / 8 * 64));
-      const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15));
-      // a row's 8 codes in input order: rows 0, 1 in a, 2, 3 in b; then the first 4 of each row, the last 4
-      const __m128 a = _mm_castsi128_ps(_mm_unpacklo_epi8(lo, hi)), b = _mm_castsi128_ps(_mm_unpackhi_epi8(lo, hi));
-      c0 = _mm_castps_si128(_mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
-      c1 = _mm_castps_si128(_mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  if (bits == 8) {  // per 4 inputs, 4 bytes of each of the tile's 16 rows: ours are 16 contiguous bytes
+    const uint8_t* p = w + t * TILE * K + r * 4;
+    for (int64_t k = k0; k < k1; k += 8) {  // q + 128
+      const __m256i v = _mm256_loadu2_m128i((const __m128i*)(p + k / 4 * 64 + 64), (const __m128i*)(p + k / 4 * 64));
+      _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)));
     }
-    _mm_storeu_si128((__m128i*)(qs + (k - k0) * Q_NR), c0);
-    _mm_storeu_si128((__m128i*)(qs + (k - k0 + 4) * Q_NR), c1);
-    sum = _mm_dpbusd_epi32(_mm_dpbusd_epi32(sum, ones, c0), ones, c1);
-    if ((k + 8) % BLOCK == 0) {
-      _mm_storeu_si128((__m128i*)(qc + (k - k0) / BLOCK * Q_NR), _mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(sum, 7)));
-      sum = _mm_setzero_si128();
+  } else {  // per 8 inputs the same; byte i of a row holds inputs 2i (low nibble) and 2i + 1
+    const uint8_t* p = w + t * TILE * K / 2 + r * 4;
+    const __m256i low4 = _mm256_set1_epi8(15);
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __m256i v = _mm256_loadu2_m128i((const __m128i*)(p + k / 8 * 64 + 64), (const __m128i*)(p + k / 8 * 64));
+      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      // per 8 inputs (a 128-bit lane) a row's 8 codes in input order, rows 0, 1 in a, 2, 3 in b; then the first
+      // 4 of each row (c0), the last 4 (c1)
+      const __m256 a = _mm256_castsi256_ps(_mm256_unpacklo_epi8(lo, hi)), b = _mm256_castsi256_ps(_mm256_unpackhi_epi8(lo, hi));
+      const __m256i c0 = _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+      const __m256i c1 = _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+      _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), _mm256_permute2x128_si256(c0, c1, 0x20));
+      _mm256_storeu_si256((__m256i*)(qs + (k - k0 + 8) * Q_NR), _mm256_permute2x128_si256(c0, c1, 0x31));
     }
   }
   for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g)  // scales (N/16, G, 16)
@@ -594,20 +599,25 @@ static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scal
     }
 }
 
+// Row blocks b.. of one chunk and Q_NR outputs: MB (a constant in each use) of them.
+#define QUANT_TILE(BITS, MB) \
+  quant_tile(xc + b * 16 * Q_KC, dx + b * 16, xk + b * 16, xs + b * 16, Mp, k0, k1, group, qs, s, off, BITS, MB, \
+             yn + b * 16)
+
 static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
                        const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
   const int64_t MC = M < Q_MC ? (M + 15) / 16 * 16 : Q_MC, G = K / group, B = K / BLOCK;
   const int64_t KP = (K + Q_KC - 1) / Q_KC * Q_KC, NP = (N + Q_NR - 1) / Q_NR * Q_NR;
   int8_t* xq = malloc(MC * KP);                   // (K/Q_KC, Mp/16, Q_KC/4, 16, 4)
   float* dx = malloc(MC * B * sizeof(float));     // (K/32, Mp): each block's scale
-  float* xs = malloc(MC * G * sizeof(float));     // (G, Mp): each group's sum of the quantized x
+  int32_t* xk = malloc(MC * B * sizeof(int32_t)); // (K/32, Mp): -128 x each block's sum of the quantized x
+  float* xs = malloc(MC * G * sizeof(float));     // (G, Mp): each group's sum of the quantized x, scaled
   float* yt = malloc(NP * MC * sizeof(float));    // (N, Mp)
   for (int64_t m0 = 0; m0 < M; m0 += MC) {
     const int64_t rows = M - m0 < MC ? M - m0 : MC, Mp = (rows + 15) / 16 * 16, blocks = Mp / 16;
 #pragma omp parallel num_threads(nthreads)
     {
-      int8_t* qs = malloc(Q_NR * Q_KC);                   // the Q_NR outputs' codes, one byte each
-      int32_t* qc = malloc(Q_NR * Q_KC / BLOCK * sizeof(int32_t));  // -128 x their block sums
+      uint8_t* qs = malloc(Q_NR * Q_KC);                   // the Q_NR outputs' codes, one byte each
       float* s = malloc(Q_NR * G * sizeof(float));         // their scales as float
       float* off = malloc(Q_NR * G * sizeof(float));       // and the offsets: w = code * s + off
 #pragma omp for schedule(static)
@@ -615,20 +625,18 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
         int8_t* dst = xq + (m / 16) * 16 * Q_KC + (m % 16) * 4;
         for (int64_t g = 0; g < G; ++g) xs[g * Mp + m] = 0.f;
         for (int64_t b = 0; b < B; ++b) {
-          int8_t q[BLOCK];
+          int32_t q[BLOCK / 4];  // 4 codes each
           float d = 0.f;
-          if (m < rows) d = quantize_block(x + (m0 + m) * K + b * BLOCK, q);
-          else memset(q, 0, BLOCK);
-          int sum = 0;
-          for (int i = 0; i < BLOCK; ++i) sum += q[i];
+          __m256i codes = _mm256_setzero_si256();
+          if (m < rows) codes = quantize_codes(x + (m0 + m) * K + b * BLOCK, &d);
+          _mm256_storeu_si256((__m256i*)q, codes);
           const int64_t k = b * BLOCK;
-          for (int i = 0; i < BLOCK; i += 4) {  // as x + 128, vpdpbusd's unsigned side
-            uint32_t four;
-            memcpy(&four, q + i, 4);
-            four ^= 0x80808080u;
-            memcpy(dst + k / Q_KC * Mp * Q_KC + (k % Q_KC + i) * 16, &four, 4);
-          }
+          for (int i = 0; i < BLOCK / 4; ++i) memcpy(dst + k / Q_KC * Mp * Q_KC + (k % Q_KC + 4 * i) * 16, q + i, 4);
+          // the sum of the codes: byte pairs, then int16 pairs, exact
+          const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), codes), _mm256_set1_epi16(1));
+          const int sum = _mm512_reduce_add_epi32(_mm512_castsi256_si512(quads));
           dx[b * Mp + m] = d;
+          xk[b * Mp + m] = -128 * sum;
           xs[(k / group) * Mp + m] += d * (float)sum;
         }
       }
@@ -637,17 +645,18 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
         const int8_t* xc = xq + k0 * Mp;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n += Q_NR) {
-          quant_unpack(w, bits, scales, zeros, K, G, group, n, k0, k1, qs, qc, s, off);
-          const float* zero_terms = bits == 4 ? off : NULL;
+          quant_unpack(w, bits, scales, zeros, K, G, group, n, k0, k1, qs, s, off);
           float* yn = yt + n * Mp;
           int64_t b = 0;
-          for (; blocks - b >= Q_MB && blocks - b != 4; b += Q_MB)  // then 2 + 2, 2 or 1: MB a constant
-            quant_tile(xc + b * 16 * Q_KC, dx + b * 16, xs + b * 16, Mp, k0, k1, group, qs, qc, s, zero_terms, Q_MB,
-                       yn + b * 16);
-          for (; blocks - b >= 2; b += 2)
-            quant_tile(xc + b * 16 * Q_KC, dx + b * 16, xs + b * 16, Mp, k0, k1, group, qs, qc, s, zero_terms, 2, yn + b * 16);
-          if (b < blocks)
-            quant_tile(xc + b * 16 * Q_KC, dx + b * 16, xs + b * 16, Mp, k0, k1, group, qs, qc, s, zero_terms, 1, yn + b * 16);
+          if (bits == 8) {  // 3 row blocks at a time, then 2 + 2, 2 or 1
+            for (; blocks - b >= Q_MB && blocks - b != 4; b += Q_MB) QUANT_TILE(8, Q_MB);
+            for (; blocks - b >= 2; b += 2) QUANT_TILE(8, 2);
+            if (b < blocks) QUANT_TILE(8, 1);
+          } else {
+            for (; blocks - b >= Q_MB && blocks - b != 4; b += Q_MB) QUANT_TILE(4, Q_MB);
+            for (; blocks - b >= 2; b += 2) QUANT_TILE(4, 2);
+            if (b < blocks) QUANT_TILE(4, 1);
+          }
         }
       }
 #pragma omp for schedule(static)
@@ -657,13 +666,13 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
           for (int64_t n = n0; n < n1; ++n) y[(m0 + m) * N + n] = yt[n * Mp + m];
       }
       free(qs);
-      free(qc);
       free(s);
       free(off);
     }
   }
   free(xq);
   free(dx);
+  free(xk);
   free(xs);
   free(yt);
 }
