@@ -524,40 +524,46 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xc, c
   __m512 acc[Q_NR][Q_MB];
   for (int n = 0; n < Q_NR; ++n)
     for (int b = 0; b < MB; ++b) acc[n][b] = k0 ? _mm512_loadu_ps(yt + n * Mp + b * 16) : _mm512_setzero_ps();
-  const int64_t at = k0 / BLOCK * Mp;  // this chunk's first block in dx and xk
+  const int64_t at = k0 / BLOCK * Mp, g = k0 / group;  // this chunk's first block in dx and xk, its group
   dx += at;
   xk += at;
-  for (int64_t g = k0 / group, k = k0; k < k1; ++g) {  // a group's part in this chunk, then maybe its zero term
-    const int64_t end = (g + 1) * group < k1 ? (g + 1) * group : k1;
-    const float* sg = s + g * Q_NR;
-    for (; k < end; k += BLOCK, xc += 16 * BLOCK, qs += Q_NR * BLOCK, dx += Mp, xk += Mp) {
-      __m512i dot[Q_NR][Q_MB];
-      for (int b = 0; b < MB; ++b) {
-        const __m512i start = BITS == 8 ? _mm512_loadu_si512(xk + b * 16) : _mm512_setzero_si512();
-        for (int n = 0; n < Q_NR; ++n) dot[n][b] = start;
-      }
-      for (int j = 0; j < BLOCK / 4; ++j) {
-        __m512i xv[Q_MB];
-        for (int b = 0; b < MB; ++b) xv[b] = load_once(xc + b * 16 * Q_KC + j * 64);
-        for (int n = 0; n < Q_NR; ++n) {
-          int32_t codes;
-          memcpy(&codes, qs + (j * Q_NR + n) * 4, 4);
-          const __m512i wv = _mm512_set1_epi32(codes);
-          for (int b = 0; b < MB; ++b) dot[n][b] = _mm512_dpbusd_epi32(dot[n][b], wv, xv[b]);
-        }
-      }
-      for (int b = 0; b < MB; ++b) {
-        const __m512 db = _mm512_loadu_ps(dx + b * 16);
-        for (int n = 0; n < Q_NR; ++n)
-          acc[n][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[n][b]), _mm512_mul_ps(db, _mm512_set1_ps(sg[n])),
-                                      acc[n][b]);
+  s += g * Q_NR;
+  off += g * Q_NR;
+  xs += g * Mp;
+  // blocks left in the group: one loop over the blocks (gcc moved every accumulator at the end of a loop a group)
+  int64_t left = (group - k0 % group) / BLOCK;
+  for (int64_t k = k0; k < k1; k += BLOCK, xc += 16 * BLOCK, qs += Q_NR * BLOCK, dx += Mp, xk += Mp) {
+    __m512i dot[Q_NR][Q_MB];
+    for (int b = 0; b < MB; ++b) {
+      const __m512i start = BITS == 8 ? _mm512_loadu_si512(xk + b * 16) : _mm512_setzero_si512();
+      for (int n = 0; n < Q_NR; ++n) dot[n][b] = start;
+    }
+    for (int j = 0; j < BLOCK / 4; ++j) {
+      __m512i xv[Q_MB];
+      for (int b = 0; b < MB; ++b) xv[b] = load_once(xc + b * 16 * Q_KC + j * 64);
+      for (int n = 0; n < Q_NR; ++n) {
+        int32_t codes;
+        memcpy(&codes, qs + (j * Q_NR + n) * 4, 4);
+        const __m512i wv = _mm512_set1_epi32(codes);
+        for (int b = 0; b < MB; ++b) dot[n][b] = _mm512_dpbusd_epi32(dot[n][b], wv, xv[b]);
       }
     }
-    if (BITS == 4 && end == (g + 1) * group)  // the group's zero term
-      for (int b = 0; b < MB; ++b) {
-        const __m512 sum = _mm512_loadu_ps(xs + g * Mp + b * 16);
-        for (int n = 0; n < Q_NR; ++n) acc[n][b] = _mm512_fmadd_ps(_mm512_set1_ps(off[g * Q_NR + n]), sum, acc[n][b]);
-      }
+    for (int b = 0; b < MB; ++b) {
+      const __m512 db = _mm512_loadu_ps(dx + b * 16);
+      for (int n = 0; n < Q_NR; ++n)
+        acc[n][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[n][b]), _mm512_mul_ps(db, _mm512_set1_ps(s[n])), acc[n][b]);
+    }
+    if (--left == 0) {  // the group's end: its zero term (int4), the next group's scales
+      if (BITS == 4)
+        for (int b = 0; b < MB; ++b) {
+          const __m512 sum = _mm512_loadu_ps(xs + b * 16);
+          for (int n = 0; n < Q_NR; ++n) acc[n][b] = _mm512_fmadd_ps(_mm512_set1_ps(off[n]), sum, acc[n][b]);
+        }
+      s += Q_NR;
+      off += Q_NR;
+      xs += Mp;
+      left = group / BLOCK;
+    }
   }
   for (int n = 0; n < Q_NR; ++n)
     for (int b = 0; b < MB; ++b) _mm512_storeu_ps(yt + n * Mp + b * 16, acc[n][b]);
