@@ -519,8 +519,8 @@ static inline __m512i load_once(const int8_t* p) {
 static inline __attribute__((always_inline)) void quant_tile(const int8_t* xc, const float* dx, const int32_t* xk,
                                                             const float* xs, int64_t Mp, int64_t k0, int64_t k1,
                                                             int64_t group, const uint8_t* qs, const float* s,
-                                                            const float* off, const int BITS, const int MB,
-                                                            float* yt) {
+                                                            const float* off, const int BITS, const int ROW_SCALES,
+                                                            const int MB, float* yt) {
   __m512 acc[Q_NR][Q_MB];
   for (int n = 0; n < Q_NR; ++n)
     for (int b = 0; b < MB; ++b) acc[n][b] = k0 ? _mm512_loadu_ps(yt + n * Mp + b * 16) : _mm512_setzero_ps();
@@ -550,8 +550,9 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xc, c
     }
     for (int b = 0; b < MB; ++b) {
       const __m512 db = _mm512_loadu_ps(dx + b * 16);
-      for (int n = 0; n < Q_NR; ++n)
-        acc[n][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[n][b]), _mm512_mul_ps(db, _mm512_set1_ps(s[n])), acc[n][b]);
+      for (int n = 0; n < Q_NR; ++n)  // int8 with one scale a row: that scale at the end (quant_gemm's last pass)
+        acc[n][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[n][b]),
+                                    ROW_SCALES ? db : _mm512_mul_ps(db, _mm512_set1_ps(s[n])), acc[n][b]);
     }
     if (--left == 0) {  // the group's end: its zero term (int4), the next group's scales
       if (BITS == 4)
@@ -605,10 +606,42 @@ static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scal
     }
 }
 
-// Row blocks b.. of one chunk and Q_NR outputs: MB (a constant in each use) of them.
-#define QUANT_TILE(BITS, MB) \
-  quant_tile(xc + b * 16 * Q_KC, dx + b * 16, xk + b * 16, xs + b * 16, Mp, k0, k1, group, qs, s, off, BITS, MB, \
-             yn + b * 16)
+// One chunk's row blocks for Q_NR outputs: 3 at a time, then 2 + 2, 2 or 1 (MB a constant in each call).
+#define QUANT_TILE(BITS, ROW_SCALES, MB)                                                                         \
+  quant_tile(xc + b * 16 * Q_KC, dx + b * 16, xk + b * 16, xs + b * 16, Mp, k0, k1, group, qs, s, off, BITS,    \
+             ROW_SCALES, MB, yn + b * 16)
+#define QUANT_ROW_BLOCKS(BITS, ROW_SCALES)                                                                       \
+  do {                                                                                                           \
+    int64_t b = 0;                                                                                               \
+    for (; blocks - b >= Q_MB && blocks - b != 4; b += Q_MB) QUANT_TILE(BITS, ROW_SCALES, Q_MB);                \
+    for (; blocks - b >= 2; b += 2) QUANT_TILE(BITS, ROW_SCALES, 2);                                             \
+    if (b < blocks) QUANT_TILE(BITS, ROW_SCALES, 1);                                                             \
+  } while (0)
+
+// 16 rows of 16 floats -> their transpose (r[i][j] -> r[j][i]): in-lane unpacks, then 128-bit lanes moved.
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c], lane l: rows i..i + 3 of column 4l + c
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 ab0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), ab1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 cd0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 cd1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_f32x4(ab0, cd0, 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(ab0, cd0, 0xDD);
+    t[8 + c] = _mm512_shuffle_f32x4(ab1, cd1, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(ab1, cd1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
 
 static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
                        const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
@@ -653,23 +686,22 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
         for (int64_t n = 0; n < N; n += Q_NR) {
           quant_unpack(w, bits, scales, zeros, K, G, group, n, k0, k1, qs, s, off);
           float* yn = yt + n * Mp;
-          int64_t b = 0;
-          if (bits == 8) {  // 3 row blocks at a time, then 2 + 2, 2 or 1
-            for (; blocks - b >= Q_MB && blocks - b != 4; b += Q_MB) QUANT_TILE(8, Q_MB);
-            for (; blocks - b >= 2; b += 2) QUANT_TILE(8, 2);
-            if (b < blocks) QUANT_TILE(8, 1);
-          } else {
-            for (; blocks - b >= Q_MB && blocks - b != 4; b += Q_MB) QUANT_TILE(4, Q_MB);
-            for (; blocks - b >= 2; b += 2) QUANT_TILE(4, 2);
-            if (b < blocks) QUANT_TILE(4, 1);
-          }
+          if (bits == 4) QUANT_ROW_BLOCKS(4, 0);
+          else if (G > 1) QUANT_ROW_BLOCKS(8, 0);
+          else QUANT_ROW_BLOCKS(8, 1);
         }
       }
 #pragma omp for schedule(static)
-      for (int64_t n0 = 0; n0 < N; n0 += 16) {  // yt (N, Mp) -> y rows m0.. (M, N)
-        const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t n = n0; n < n1; ++n) y[(m0 + m) * N + n] = yt[n * Mp + m];
+      for (int64_t n0 = 0; n0 < N; n0 += 16) {  // yt (N, Mp) -> y rows m0.. (M, N), 16 x 16 at a time
+        const __mmask16 columns = N - n0 >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+        const __m512 row_scales = bits == 8 && G == 1 ? bf16x16(scales + n0, columns) : _mm512_set1_ps(1.f);
+        for (int64_t m = 0; m < rows; m += 16) {
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) r[i] = n0 + i < NP ? _mm512_loadu_ps(yt + (n0 + i) * Mp + m) : _mm512_setzero_ps();
+          transpose16(r);
+          for (int i = 0; i < 16 && m + i < rows; ++i)
+            _mm512_mask_storeu_ps(y + (m0 + m + i) * N + n0, columns, _mm512_mul_ps(r[i], row_scales));
+        }
       }
       free(qs);
       free(s);
