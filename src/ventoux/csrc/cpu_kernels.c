@@ -70,8 +70,8 @@ static inline float quantize_block(const float* x, int8_t* q) {
   return d;
 }
 
-static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
-                       const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads);
+static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                       const uint16_t* zeros, int64_t group, int64_t N, void* y, int nthreads, int bf16_io);
 
 // int8 weights in the vnni kernel's tiles, as int4's (the comment before vx_int4_gemv): rows in tiles of 16 (N
 // padded with zero rows), byte (t, c, r, i) = weight (16t + r, 4c + i), so that one 64-byte load holds 4 inputs of
@@ -113,7 +113,7 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
 void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
                   int64_t N, float* y, int nthreads) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
-    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, y, nthreads);
+    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, y, nthreads, 0);
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -241,16 +241,8 @@ static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n) {
 // PyTorch's .to(torch.bfloat16) rounds: no conversion calls around the kernel (about 4 us a call in PyTorch).
 void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
-  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file), on float32 copies if need be
-    float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
-    float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
-    if (bf16_io) floats_from_bf16(x, xv, M * K);
-    quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
-    if (bf16_io) {
-      bf16_from_floats(yv, y, M * N);
-      free(x);
-      free(y);
-    }
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+    quant_gemm(xv, M, K, w, 4, scales, zeros, group, N, yv, nthreads, bf16_io);
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -598,12 +590,15 @@ static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scal
       _mm256_storeu_si256((__m256i*)(qs + (k - k0 + 8) * Q_NR), _mm256_permute2x128_si256(c0, c1, 0x31));
     }
   }
-  for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g)  // scales (N/16, G, 16)
-    for (int i = 0; i < Q_NR; ++i) {
-      const int64_t at = (t * G + g) * TILE + r + i;
-      s[g * Q_NR + i] = bf16(scales[at]);
-      if (bits == 4) off[g * Q_NR + i] = bf16(zeros[at]) - 8.f * s[g * Q_NR + i];
+  for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // scales (N/16, G, 16): Q_NR = 4 contiguous
+    const int64_t at = (t * G + g) * TILE + r;
+    const __m128 sg = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(scales + at))), 16));
+    _mm_storeu_ps(s + g * Q_NR, sg);
+    if (bits == 4) {
+      const __m128 z = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(zeros + at))), 16));
+      _mm_storeu_ps(off + g * Q_NR, _mm_fnmadd_ps(_mm_set1_ps(8.f), sg, z));
     }
+  }
 }
 
 // One chunk's row blocks for Q_NR outputs: 3 at a time, then 2 + 2, 2 or 1 (MB a constant in each call).
@@ -643,8 +638,9 @@ static inline void transpose16(__m512 r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
-                       const uint16_t* zeros, int64_t group, int64_t N, float* y, int nthreads) {
+// bf16_io: x and y are bfloat16, converted here (x a block at a time, y rounded once as vx_int4_gemv rounds).
+static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                       const uint16_t* zeros, int64_t group, int64_t N, void* y, int nthreads, int bf16_io) {
   const int64_t MC = M < Q_MC ? (M + 15) / 16 * 16 : Q_MC, G = K / group, B = K / BLOCK;
   const int64_t KP = (K + Q_KC - 1) / Q_KC * Q_KC, NP = (N + Q_NR - 1) / Q_NR * Q_NR;
   int8_t* xq = malloc(MC * KP);                   // (K/Q_KC, Mp/16, Q_KC/4, 16, 4)
@@ -667,7 +663,15 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
           int32_t q[BLOCK / 4];  // 4 codes each
           float d = 0.f;
           __m256i codes = _mm256_setzero_si256();
-          if (m < rows) codes = quantize_codes(x + (m0 + m) * K + b * BLOCK, &d);
+          if (m < rows && bf16_io) {
+            const uint16_t* h = (const uint16_t*)x + (m0 + m) * K + b * BLOCK;
+            float xb[BLOCK];
+            _mm512_storeu_ps(xb, bf16x16(h, 0xFFFF));
+            _mm512_storeu_ps(xb + 16, bf16x16(h + 16, 0xFFFF));
+            codes = quantize_codes(xb, &d);
+          } else if (m < rows) {
+            codes = quantize_codes((const float*)x + (m0 + m) * K + b * BLOCK, &d);
+          }
           _mm256_storeu_si256((__m256i*)q, codes);
           const int64_t k = b * BLOCK;
           for (int i = 0; i < BLOCK / 4; ++i) memcpy(dst + k / Q_KC * Mp * Q_KC + (k % Q_KC + 4 * i) * 16, q + i, 4);
@@ -699,8 +703,12 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
           __m512 r[16];
           for (int i = 0; i < 16; ++i) r[i] = n0 + i < NP ? _mm512_loadu_ps(yt + (n0 + i) * Mp + m) : _mm512_setzero_ps();
           transpose16(r);
-          for (int i = 0; i < 16 && m + i < rows; ++i)
-            _mm512_mask_storeu_ps(y + (m0 + m + i) * N + n0, columns, _mm512_mul_ps(r[i], row_scales));
+          for (int i = 0; i < 16 && m + i < rows; ++i) {
+            const __m512 v = _mm512_mul_ps(r[i], row_scales);
+            const int64_t at = (m0 + m + i) * N + n0;
+            if (bf16_io) _mm256_mask_storeu_epi16((uint16_t*)y + at, columns, bf16_round16(v));
+            else _mm512_mask_storeu_ps((float*)y + at, columns, v);
+          }
         }
       }
       free(qs);
