@@ -575,19 +575,13 @@ static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scal
       const __m256i v = _mm256_loadu2_m128i((const __m128i*)(p + k / 4 * 64 + 64), (const __m128i*)(p + k / 4 * 64));
       _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)));
     }
-  } else {  // per 8 inputs the same; byte i of a row holds inputs 2i (low nibble) and 2i + 1
+  } else {  // per 8 inputs the same; byte i of a row holds inputs 2i (low nibble) and 2i + 1 (high)
     const uint8_t* p = w + t * TILE * K / 2 + r * 4;
     const __m256i low4 = _mm256_set1_epi8(15);
-    for (int64_t k = k0; k < k1; k += 16) {
+    for (int64_t k = k0; k < k1; k += 16) {  // the low nibbles of 16 inputs, then the high (x in that order)
       const __m256i v = _mm256_loadu2_m128i((const __m128i*)(p + k / 8 * 64 + 64), (const __m128i*)(p + k / 8 * 64));
-      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      // per 8 inputs (a 128-bit lane) a row's 8 codes in input order, rows 0, 1 in a, 2, 3 in b; then the first
-      // 4 of each row (c0), the last 4 (c1)
-      const __m256 a = _mm256_castsi256_ps(_mm256_unpacklo_epi8(lo, hi)), b = _mm256_castsi256_ps(_mm256_unpackhi_epi8(lo, hi));
-      const __m256i c0 = _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
-      const __m256i c1 = _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-      _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), _mm256_permute2x128_si256(c0, c1, 0x20));
-      _mm256_storeu_si256((__m256i*)(qs + (k - k0 + 8) * Q_NR), _mm256_permute2x128_si256(c0, c1, 0x31));
+      _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), _mm256_and_si256(v, low4));
+      _mm256_storeu_si256((__m256i*)(qs + (k - k0 + 8) * Q_NR), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
     }
   }
   for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // scales (N/16, G, 16): Q_NR = 4 contiguous
@@ -672,7 +666,10 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
           } else if (m < rows) {
             codes = quantize_codes((const float*)x + (m0 + m) * K + b * BLOCK, &d);
           }
-          _mm256_storeu_si256((__m256i*)q, codes);
+          // int4: per 16 inputs the even 8, then the odd 8, as quant_unpack orders the nibbles
+          const __m256i nibble_order = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+          _mm256_storeu_si256((__m256i*)q, bits == 4 ? _mm256_shuffle_epi8(codes, nibble_order) : codes);
           const int64_t k = b * BLOCK;
           for (int i = 0; i < BLOCK / 4; ++i) memcpy(dst + k / Q_KC * Mp * Q_KC + (k % Q_KC + 4 * i) * 16, q + i, 4);
           // the sum of the codes: byte pairs, then int16 pairs, exact
