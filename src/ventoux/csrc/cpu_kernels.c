@@ -571,6 +571,11 @@ static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scal
                                 int64_t K, int64_t G, int64_t group, int64_t n, int64_t k0, int64_t k1, uint8_t* qs,
                                 float* s, float* off) {
   const int64_t t = n / TILE, r = n % TILE;
+  // a quarter of the next tile's bytes for these inputs, ahead of its use a few calls later: the weights come
+  // from L3 or memory (a tile's bytes for Q_KC inputs are 2 or 4 KB apart, more than the prefetchers follow)
+  const int64_t bytes = (k1 - k0) * 2 * bits;
+  const char* next = (const char*)w + (t + 1) * TILE * K * bits / 8 + k0 * 2 * bits + r / Q_NR * bytes / 4;
+  for (int64_t i = 0; i < bytes / 4; i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
   if (bits == 8) {  // per 4 inputs, 4 bytes of each of the tile's 16 rows: ours are 16 contiguous bytes
     const uint8_t* p = w + t * TILE * K + r * 4;
     for (int64_t k = k0; k < k1; k += 8) {  // q + 128
