@@ -485,17 +485,19 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
 // arithmetic. The same numbers as the row-by-row kernels: activations quantized to int8 per block of 32
 // (scale d), integer dot products with the weights' codes, then per block sum * d * s plus, per group,
 // off * (sum of x), with the weight w = code * s + off: int4 codes 0..15 and off = z - 8 s; int8 codes q + 128
-// (vpdpbusd wants one unsigned side) and each block's sum starting at -128 times the block's sum of x (exact).
-// Laid out like half_gemm: 16 rows of x times 4 consecutive inputs fill a 64-byte vector, so one vpdpbusd with 4
-// codes of one output broadcast gives 16 rows of that output, 64 multiply-adds an instruction. A tile of MB x 16
-// rows by Q_NR outputs keeps its int32 block sums and float sums in registers (24 of the 32), and each step's
-// MB x vectors (see load_once). Everything the tile reads sits at constant offsets from a few pointers, so its
-// loop holds no index arithmetic: x per Q_KC inputs (K/Q_KC, Mp/16, Q_KC/4, 16, 4), per block its scales and
-// int8's -128 x sums (K/32, Mp), per group the sums of x for int4's zero term (G, Mp). The Q_NR outputs' codes
-// are unpacked to bytes once per Q_KC inputs for all row blocks, (Q_KC/4, Q_NR, 4), from 16 contiguous bytes of
-// the weight tiles per 4 (int8) or 8 (int4) inputs (N is padded to whole tiles, so Q_NR rows always exist).
-// Zen 5 runs vpdpbusd, vfmadd and vmulps on the same two pipes: per block an int4 sum takes 8 vpdpbusd and 3 of
-// the others (int8: 2).
+// (vpdpbusd wants one unsigned side) and each block's sum starting at -128 times the block's sum of x (exact;
+// with one scale a row, s is applied once at the end). Laid out like half_gemm: 16 rows of x times 4 inputs
+// fill a 64-byte vector, so one vpdpbusd with 4 codes of one output broadcast gives 16 rows of that output, 64
+// multiply-adds an instruction. A tile of MB x 16 rows by Q_NR outputs keeps its int32 block sums and float sums
+// in registers (24 of the 32), and each step's MB x vectors (see load_once). Everything the tile reads sits at
+// constant offsets from a few pointers, so its loop holds no index arithmetic: x per Q_KC inputs (K/Q_KC, Mp/16,
+// Q_KC/4, 16, 4), per block its scales and int8's -128 x sums (K/32, Mp), per group the sums of x for int4's
+// zero term (G, Mp). The Q_NR outputs' codes are unpacked to bytes once per Q_KC inputs for all row blocks,
+// (Q_KC/4, Q_NR, 4), from 16 contiguous bytes of the weight tiles per 4 (int8) or 8 (int4) inputs (N is padded
+// to whole tiles, so Q_NR rows always exist); int4's x is ordered to match the nibbles (per 16 inputs the even
+// 8, then the odd 8). Each thread takes Q_NB outputs over all of K at a time, so that their float sums between
+// chunks (yt) stay in L2. Zen 5 runs vpdpbusd, vfmadd and vmulps on the same two pipes: per block an int4 sum
+// takes 8 vpdpbusd and 3 of the others (int8: 2, or 1 with one scale a row), the bound of this design.
 #define Q_MC 256
 #define Q_KC 256  // a multiple of every int4 group size
 #define Q_NR 4    // divides TILE
@@ -659,7 +661,9 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < Mp; ++m) {  // rows past M are zero
         int8_t* dst = xq + (m / 16) * 16 * Q_KC + (m % 16) * 4;
-        for (int64_t g = 0; g < G; ++g) xs[g * Mp + m] = 0.f;
+        float* sums = xs + m;  // the group's, a block at a time (a count: no division a block)
+        float group_sum = 0.f;
+        int64_t left = group / BLOCK;
         for (int64_t b = 0; b < B; ++b) {
           int32_t q[BLOCK / 4];  // 4 codes each
           float d = 0.f;
@@ -684,7 +688,13 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
           const int sum = _mm512_reduce_add_epi32(_mm512_castsi256_si512(quads));
           dx[b * Mp + m] = d;
           xk[b * Mp + m] = -128 * sum;
-          xs[(k / group) * Mp + m] += d * (float)sum;
+          group_sum += d * (float)sum;
+          if (--left == 0) {
+            *sums = group_sum;
+            sums += Mp;
+            group_sum = 0.f;
+            left = group / BLOCK;
+          }
         }
       }
       // Q_NB outputs (fewer if that leaves a thread idle) at a time, all K for them: their float sums (yt) stay in
