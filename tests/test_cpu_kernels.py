@@ -179,3 +179,26 @@ def test_half_gemv_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
             y = cpu_kernels.half_gemv_unchecked(x, w.to(dtype))
             assert y.dtype == torch.bfloat16 and y.shape == (m, n)
             assert torch.equal(y, cpu_kernels.half_gemv(x.float(), w.to(dtype)).bfloat16()), (dtype, m)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_prefill_product_over_many_outputs_equals_the_decode_product(kernel_isa, threads):
+    # The tiled product takes the outputs in blocks of 256 over all of K (in chunks of 256 inputs): 600 outputs
+    # leave a partial block (with one thread; 300 a thread with two), 640 inputs a partial chunk, 40 rows a
+    # partial row block. The same integer sums as the decode kernel, so the same values to float rounding.
+    gen = torch.Generator().manual_seed(600)
+    x, w = torch.randn(40, 640, generator=gen), torch.randn(600, 640, generator=gen)
+    products = {"int8": (cpu_kernels.tile_int8(*quantize_int8(w)), 640),
+                "int8-g32": (cpu_kernels.tile_int8(*quantize_int8(w, 32)), 32),
+                "int4-g32": (cpu_kernels.tile_int4(*quantize_int4(w, 32)), 32),
+                "int4-g128": (cpu_kernels.tile_int4(*quantize_int4(w, 128)), 128)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, (tiles, group) in products.items():
+            gemv = cpu_kernels.int8_gemv if name.startswith("int8") else cpu_kernels.int4_gemv
+            by_rows = torch.cat([gemv(x[i:i + 8], *tiles, group, 600) for i in range(0, 40, 8)])
+            torch.testing.assert_close(gemv(x, *tiles, group, 600), by_rows, rtol=1e-5,
+                                       atol=1e-5 * by_rows.abs().max().item(), msg=name)
+    finally:
+        torch.set_num_threads(before)
