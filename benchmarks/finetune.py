@@ -30,7 +30,7 @@ VARIANTS = ("ventoux-bf16", "ventoux-int4", "transformers-peft-bf16")
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def ventoux_model(folder: Path, variant: str, checkpointing: bool):
+def ventoux_model(folder: Path, variant: str, checkpointing: bool, lean_memory: str = "default"):
     import torch
 
     from ventoux.api import load_model
@@ -44,8 +44,9 @@ def ventoux_model(folder: Path, variant: str, checkpointing: bool):
     add_adapter(model, LoraConfig(rank=16, alpha=32))
     if checkpointing:
         add_checkpointing(model)
-    memory.release_freed()  # as `ventoux finetune` does before training
-    memory.map_large_tensors()
+    memory.release_freed()  # as `ventoux finetune` does before training (--lean-memory: on for a quantized base)
+    if lean_memory == "on" or (lean_memory == "default" and variant == "ventoux-int4"):
+        memory.map_large_tensors()
     # the loss as `ventoux finetune` computes it (in chunks of rows when the logits are large)
     return model, lambda x, y: summed_loss(model, x, y.flatten()) / y.numel()
 
@@ -69,7 +70,7 @@ def worker(args) -> None:
 
     folder = Path(args.folder)
     if args.variant.startswith("ventoux"):
-        model, forward = ventoux_model(folder, args.variant, args.ckpt)
+        model, forward = ventoux_model(folder, args.variant, args.ckpt, args.lean_memory)
     else:
         model, forward = peft_model(folder, args.ckpt)
     model.train()
@@ -114,6 +115,9 @@ def main() -> None:
     p.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
                    help="activation checkpointing (recompute each block in backward): off, on, or a run of each")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--lean-memory", choices=("default", "on", "off"), default="default",
+                   help="ventoux's allocator policy (`ventoux finetune --lean-memory`): default is on for the int4 "
+                        "base, off for bf16; 'on' compares the bases at the same policy")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one measurement (a worker process)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)  # the worker's checkpointing
@@ -131,7 +135,8 @@ def main() -> None:
         variant, checkpointing = run
         log(f"{variant}, checkpointing {'on' if checkpointing else 'off'} ...")
         cmd = [sys.executable, __file__, "--variant", variant, "--folder", str(folder), "--seq-len", str(args.seq_len),
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--lean-memory", args.lean_memory]
         out = subprocess.run(cmd + (["--ckpt"] if checkpointing else []), capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
@@ -140,7 +145,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(measure, runs))
     print(f"\nLoRA r16 on 7 targets, {args.layers}-layer Mistral-7B shape, batch {args.batch_size} x {args.seq_len}, "
-          f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.jobs} variant(s) at a time")
+          f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.jobs} variant(s) at a time, "
+          f"--lean-memory {args.lean_memory}")
     print(f"{'variant':<24}{'ckpt':>5}{'tokens/s':>10}{'tok/CPU s':>10}{'peak GiB':>10}{'speed x':>9}{'CPU x':>7}"
           f"{'memory x':>10}{'x bf16 memory':>14}")
     for r in rows:

@@ -297,3 +297,19 @@ def test_quantized_base_trains_every_adapter(tiny, tmp_path, quantize):
     tensors = load_file(finetune(args, progress=False) / "adapter_model.safetensors")
     b = {k: v for k, v in tensors.items() if "lora_B" in k}
     assert len(b) == 2 * 7 and all(v.abs().sum() > 0 for v in b.values()), [k for k, v in b.items() if not v.any()]
+
+
+@pytest.mark.parametrize("quantize, lean_memory, mapped", [
+    (None, None, False), ("int8", None, True), (None, True, True), ("int8", False, False)])
+def test_lean_memory_maps_large_tensors_by_default_only_for_quantized_bases(tiny, tmp_path, monkeypatch,
+                                                                            quantize, lean_memory, mapped):
+    """--lean-memory (each large tensor its own mapping) trades speed for peak memory: on by default where the
+    base is quantized (memory is why it is), off for a 16-bit base; either way when asked."""
+    from ventoux.train import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "map_large_tensors", lambda *a: calls.append(a) or True)
+    data = reversals(tmp_path / "train.jsonl", 4, seed=1)
+    finetune(FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=1, batch_size=2,
+                          quantize=quantize, lean_memory=lean_memory, device="cpu"), progress=False)
+    assert bool(calls) == mapped

@@ -51,6 +51,10 @@ def _finetune_args(p):
                    help="bfloat16 autocast (default: on with CUDA, off on CPU)")
     p.add_argument("--checkpointing", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in backward (less memory)")
+    p.add_argument("--lean-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="each large tensor its own memory mapping, returned on free: a lower peak (a quarter "
+                        "less, measured) for about a quarter more time in fresh pages (default: on with "
+                        "--quantize, off otherwise)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out from its newest checkpoint, with the run's own settings "

@@ -41,6 +41,7 @@ class FinetuneArgs(LoopArgs):
     dropout: float = 0.0
     targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
     quantize: str | None = None  # int8, int4, ...: the frozen base quantized (QLoRA-style)
+    lean_memory: bool | None = None  # each large tensor its own mapping (memory.py); None: on with quantize
     dtype: str | None = None  # the base's dtype; None: float32 on a CPU, bfloat16 elsewhere
     seq_len: int = 2048  # the longest sample accepted
     steps: int | None = None  # None: from epochs
@@ -122,7 +123,9 @@ def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None =
     if args.checkpointing:
         add_checkpointing(model)
     memory.release_freed()  # the loading's freed buffers
-    memory.map_large_tensors()  # the peak is then the tensors alive, not the heap's holes (memory.py)
+    lean = args.lean_memory if args.lean_memory is not None else args.quantize is not None
+    if lean:  # memory is why a base is quantized; a 16-bit base keeps the heap's speed
+        memory.map_large_tensors()  # the peak is then the tensors alive, not the heap's holes (memory.py)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pad = tokenizer.eos_id

@@ -83,7 +83,8 @@ def summed_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # Settings a resumed run may change: they decide what is logged, kept and where it runs, not the weights.
-FREE_ON_RESUME = {"out", "resume", "device", "keep", "log_every", "eval_every", "save_every", "eval_tokens"}
+FREE_ON_RESUME = {"out", "resume", "device", "keep", "log_every", "eval_every", "save_every", "eval_tokens",
+                  "lean_memory"}
 
 
 @dataclass
