@@ -202,3 +202,18 @@ def test_the_prefill_product_over_many_outputs_equals_the_decode_product(kernel_
                                        atol=1e-5 * by_rows.abs().max().item(), msg=name)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_16_bit_prefill_product_over_many_outputs_is_the_rounded_float_product(kernel_isa, threads):
+    # half_gemm takes the outputs in blocks (the AVX2 build: 240, a multiple of its 6-output tiles) over all of K:
+    # 500 outputs leave a partial block with one thread and a partial tile in the last block with either
+    gen = torch.Generator().manual_seed(500)
+    x, w = torch.randn(20, 512, generator=gen).bfloat16(), torch.randn(500, 512, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = cpu_kernels.half_gemm(x, w)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=2**-8, atol=1e-5 * 512)
