@@ -44,9 +44,8 @@ def ventoux_model(folder: Path, variant: str, checkpointing: bool, lean_memory: 
     add_adapter(model, LoraConfig(rank=16, alpha=32))
     if checkpointing:
         add_checkpointing(model)
-    memory.release_freed()  # as `ventoux finetune` does before training (--lean-memory: on for a quantized base)
-    if lean_memory == "on" or (lean_memory == "default" and variant == "ventoux-int4"):
-        memory.map_large_tensors()
+    # as `ventoux finetune` does before training (its --lean-memory)
+    memory.before_training(variant == "ventoux-int4", {"default": None, "on": True, "off": False}[lean_memory])
     # the loss as `ventoux finetune` computes it (in chunks of rows when the logits are large)
     return model, lambda x, y: summed_loss(model, x, y.flatten()) / y.numel()
 

@@ -65,6 +65,15 @@ static inline __m256i quantize_codes(const float* x, float* d_out) {
 }
 
 // One block of 32 activations -> its int8 codes in q; returns their scale d.
+// The sum of 32 int8 codes: byte pairs, then int16 pairs, then the 8 lanes, exact.
+static inline int code_sum(__m256i q) {
+  const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  return _mm_cvtsi128_si32(s4);
+}
+
 static inline float quantize_block(const float* x, int8_t* q) {
   float d;
   _mm256_storeu_si256((__m256i*)q, quantize_codes(x, &d));
@@ -205,13 +214,7 @@ static inline float int4_quantize_block(const float* x, int32_t* eo, int* sum) {
   const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
                                          0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
   _mm256_storeu_si256((__m256i*)eo, _mm256_shuffle_epi8(q, order));
-  // the sum of the (saturated) codes: byte pairs, then int16 pairs, exact
-  const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), q);
-  const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-  *sum = _mm_cvtsi128_si32(s4);
+  *sum = code_sum(q);  // of the (saturated) codes
   return d;
 }
 
@@ -669,10 +672,8 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
           float d = 0.f;
           __m256i codes = _mm256_setzero_si256();
           if (m < rows && bf16_io) {
-            const uint16_t* h = (const uint16_t*)x + (m0 + m) * K + b * BLOCK;
             float xb[BLOCK];
-            _mm512_storeu_ps(xb, bf16x16(h, 0xFFFF));
-            _mm512_storeu_ps(xb + 16, bf16x16(h + 16, 0xFFFF));
+            floats_from_bf16(xb, (const uint16_t*)x + (m0 + m) * K + b * BLOCK, BLOCK);
             codes = quantize_codes(xb, &d);
           } else if (m < rows) {
             codes = quantize_codes((const float*)x + (m0 + m) * K + b * BLOCK, &d);
@@ -683,9 +684,7 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
           _mm256_storeu_si256((__m256i*)q, bits == 4 ? _mm256_shuffle_epi8(codes, nibble_order) : codes);
           const int64_t k = b * BLOCK;
           for (int i = 0; i < BLOCK / 4; ++i) memcpy(dst + k / Q_KC * Mp * Q_KC + (k % Q_KC + 4 * i) * 16, q + i, 4);
-          // the sum of the codes: byte pairs, then int16 pairs, exact
-          const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), codes), _mm256_set1_epi16(1));
-          const int sum = _mm512_reduce_add_epi32(_mm512_castsi256_si512(quads));
+          const int sum = code_sum(codes);
           dx[b * Mp + m] = d;
           xk[b * Mp + m] = -128 * sum;
           group_sum += d * (float)sum;

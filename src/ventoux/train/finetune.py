@@ -122,10 +122,7 @@ def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None =
     model.train()
     if args.checkpointing:
         add_checkpointing(model)
-    memory.release_freed()  # the loading's freed buffers
-    lean = args.lean_memory if args.lean_memory is not None else args.quantize is not None
-    if lean:  # memory is why a base is quantized; a 16-bit base keeps the heap's speed
-        memory.map_large_tensors()  # the peak is then the tensors alive, not the heap's holes (memory.py)
+    memory.before_training(args.quantize is not None, args.lean_memory)  # --lean-memory (memory.py)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pad = tokenizer.eos_id
