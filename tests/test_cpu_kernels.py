@@ -217,3 +217,25 @@ def test_the_16_bit_prefill_product_over_many_outputs_is_the_rounded_float_produ
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=2**-8, atol=1e-5 * 512)
+
+
+@pytest.mark.parametrize("n", [29, 1024])
+def test_the_16_bit_prefill_product_is_the_same_bits_however_its_outputs_are_split(kernel_isa, n):
+    # half_gemm sizes its blocks of outputs by N and the thread count (the AVX2 build: as many for each thread;
+    # 1024 outputs are 6 blocks of 174 with two), and prefetches the next tile's weights (544 inputs: a partial
+    # input block). Each output's sums still run over K in one order: the same bits with 1 or 2 threads and for
+    # any slice of the weight's rows, and the float product rounded.
+    gen = torch.Generator().manual_seed(n)
+    x, w = torch.randn(24, 544, generator=gen).bfloat16(), torch.randn(n, 544, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        ys = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ys.append(cpu_kernels.half_gemm(x, w))
+            ys.append(torch.cat([cpu_kernels.half_gemm(x, w[i:i + 7 * threads]) for i in range(0, n, 7 * threads)], 1))
+    finally:
+        torch.set_num_threads(before)
+    for y in ys[1:]:
+        assert torch.equal(y, ys[0])
+    torch.testing.assert_close(ys[0].double(), x.double() @ w.double().T, rtol=2**-8, atol=1e-5 * 544)
