@@ -167,10 +167,16 @@ def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
         assert torch.equal(y, cpu_kernels.int4_gemv(x.float(), *tiles, 32, n).bfloat16()), m
 
 
+def _dot_bf16(isa: str) -> bool:
+    """Whether half_gemv multiplies bf16 activations and weights with vdpbf16ps (cpu_kernels.c, dot_bf16_rows)."""
+    return isa == "avx512" and "avx512_bf16" in cpu_kernels.cpu_flags()
+
+
 @pytest.mark.parametrize("n", [37, 130])
 def test_half_gemv_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
     # half_gemv_unchecked with a bfloat16 x (HalfLinear in a bf16 model): the same bits as the float32 product of
-    # the same bf16 values, rounded by PyTorch; bf16 and fp16 weights, 1..8 rows and more
+    # the same bf16 values, rounded by PyTorch; bf16 and fp16 weights, 1..8 rows and more. With vdpbf16ps (bf16
+    # weights, 1..8 rows) the float32 sums run in another order: within one rounding of that product.
     gen = torch.Generator().manual_seed(n)
     w = torch.randn(n, 256, generator=gen)
     for dtype in (torch.bfloat16, torch.float16):
@@ -178,7 +184,28 @@ def test_half_gemv_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
             x = (torch.randn(m, 256, generator=gen) * 3).bfloat16()
             y = cpu_kernels.half_gemv_unchecked(x, w.to(dtype))
             assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-            assert torch.equal(y, cpu_kernels.half_gemv(x.float(), w.to(dtype)).bfloat16()), (dtype, m)
+            expected = cpu_kernels.half_gemv(x.float(), w.to(dtype)).bfloat16()
+            if dtype == torch.bfloat16 and m <= 8 and _dot_bf16(kernel_isa):
+                torch.testing.assert_close(y.float(), expected.float(), rtol=2**-8, atol=0, msg=f"{dtype} {m}")
+            else:
+                assert torch.equal(y, expected), (dtype, m)
+
+
+@pytest.mark.parametrize("k,n", [(544, 37), (4096, 20)])
+def test_the_bf16_decode_product_is_the_same_bits_alone_and_in_any_batch(kernel_isa, k, n):
+    # bf16 activations and weights (a bf16 model's decode step; vdpbf16ps in the AVX-512 build where the CPU has
+    # AVX512_BF16): a row's product does not depend on the other rows (batches of 1..8 at every offset, partial
+    # blocks of rows; 544 inputs: an odd number of 64-byte lines), and is PyTorch's bf16 product (the plain
+    # fallback, F.linear) and the float64 product within a rounding
+    gen = torch.Generator().manual_seed(k + n)
+    x, w = torch.randn(8, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen).bfloat16()
+    alone = torch.cat([cpu_kernels.half_gemv_unchecked(x[i:i + 1], w) for i in range(8)])
+    for size in range(2, 9):
+        for start in range(0, 9 - size):
+            assert torch.equal(cpu_kernels.half_gemv_unchecked(x[start:start + size], w), alone[start:start + size])
+    exact = x.double() @ w.double().T
+    torch.testing.assert_close(alone.double(), exact, rtol=2**-8, atol=1e-6 * k)
+    torch.testing.assert_close(alone.float(), torch.nn.functional.linear(x, w).float(), rtol=2**-7, atol=1e-6 * k)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

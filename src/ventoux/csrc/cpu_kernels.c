@@ -351,9 +351,64 @@ static inline __attribute__((always_inline)) void half_block(const uint16_t* wr,
   else MB == 2 ? HALF_ROWS(0, 2) : HALF_ROWS(0, 1);
 }
 
+#if defined(__AVX512BF16__)
+// bf16 weights times bf16 activations (bf16_io), on CPUs with AVX512_BF16: vdpbf16ps multiplies a 64-byte line's
+// 16 pairs by the activations' pairs as they are (a product of two bf16 is exact in float32) into one sum a lane:
+// one instruction a line where the float32 form takes a shift, an and and two multiply-adds, and a product from
+// DRAM reads about 20% faster on one core (AMD Zen 5; figures in the commit). Its sums run in another order than
+// the float32 form's (and flush subnormals), no less precise. A row's sums take the same operations in the same
+// order whatever MB and R are: bit-identical alone or in a batch, as half_rows.
+static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t* wr, int64_t K, const uint16_t* x,
+                                                               const int MB, const int R, float* out) {
+  __m512 acc[2][ROWS][2];  // two sums a weight row, for alternate lines: the adds do not wait on each other
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64)
+    for (int h = 0; h < 2 && k + 32 * h < K; ++h)  // a constant h: the sums stay in registers
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512bh v = (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32 * h);
+        for (int m = 0; m < MB; ++m)
+          acc[m][r][h] = _mm512_dpbf16_ps(acc[m][r][h], v, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * h));
+      }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) out[m * ROWS + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1]));
+}
+
+#define DOT_BF16_ROWS(MB) (R == ROWS ? dot_bf16_rows(wr, K, xm, MB, ROWS, out) : dot_bf16_rows(wr, K, xm, MB, R, out))
+
+static void dot_bf16_gemv(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* y,
+                          int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+    float yb[GEMV_MAX_ROWS * 16];
+    for (int64_t n = n0; n < n1; n += ROWS) {
+      const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
+      const uint16_t* wr = w + n * K;
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {  // activation rows two at a time (or the last one)
+        float out[2 * ROWS];
+        const uint16_t* xm = x + m0 * K;
+        if (M - m0 >= 2) DOT_BF16_ROWS(2);
+        else DOT_BF16_ROWS(1);
+        for (int m = 0; m < 2 && m0 + m < M; ++m)
+          for (int r = 0; r < R; ++r) yb[(m0 + m) * 16 + n - n0 + r] = out[m * ROWS + r];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) bf16_from_floats(y + m * N + n0, yb + m * 16, n1 - n0);
+  }
+}
+#endif
+
 // bf16_io: x and y are bfloat16 (float32 copies made and rounded here, as in vx_int4_gemv).
 void vx_half_gemv(const void* xv, int64_t M, int64_t K, const uint16_t* w, int bf16, int64_t N, void* yv,
                   int nthreads, int bf16_io) {
+#if defined(__AVX512BF16__)
+  if (bf16 && bf16_io && M <= GEMV_MAX_ROWS) {  // decode; more rows (not HalfLinear's) as below
+    dot_bf16_gemv(xv, M, K, w, N, yv, nthreads);
+    return;
+  }
+#endif
   float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
   float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
   if (bf16_io) floats_from_bf16(x, xv, M * K);
