@@ -5,6 +5,7 @@ Adapter files and the places adapters enter (load, generate, CLI): test_lora_fil
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -172,13 +173,16 @@ def test_backward_weight_slices_are_the_dequantized_weight(cls):
         assert torch.equal(torch.cat([s for _, s in slices], 1), expected.to(dtype))
 
 
-def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients():
-    """Training keeps x in its own dtype (bf16) for the adapter's backward, not a float32 copy per adapter,
-    and the gradients equal autograd's on the float32 expression."""
+@pytest.mark.parametrize("block", [lora.BLOCK, 64])
+def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients(block, monkeypatch):
+    """Training keeps x in its own dtype (bf16) for the adapter's backward, not a float32 copy per adapter; its
+    float32 temporaries are made in blocks (here also of one row or column: BLOCK 64), and the output and the
+    gradients equal autograd's on the float32 expression rounded to x's dtype."""
+    monkeypatch.setattr(lora, "BLOCK", block)
     gen = torch.Generator().manual_seed(0)
-    adapter = lora.Adapter(torch.randn(4, 64, generator=gen), torch.randn(32, 4, generator=gen), scaling=2.0)
+    adapter = lora.Adapter(torch.randn(4, 64, generator=gen), torch.randn(32, 4, generator=gen), scaling=1.5)
     x = torch.randn(2, 5, 64, generator=gen).to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(2, 5, 32, generator=gen)
+    dy = torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = adapter(x)
@@ -186,8 +190,8 @@ def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients():
     y.backward(dy)
     got = [t.grad.clone() for t in (x, adapter.lora_A, adapter.lora_B)]
     x2, a, b = (t.detach().clone().requires_grad_() for t in (x, adapter.lora_A, adapter.lora_B))
-    expected = (x2.float() @ a.T @ b.T) * 2.0
-    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-5)
+    expected = ((x2.float() @ a.T @ b.T) * 1.5).to(x.dtype)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
     expected.backward(dy)
     for g, e in zip(got, (x2.grad, a.grad, b.grad)):
         assert g.dtype == e.dtype
@@ -235,6 +239,45 @@ def test_training_norm_and_silu_mul_keep_less_with_autograd_numbers(dtype):
         y_plain, dx_plain, kept_plain = run(plain, x.clone().requires_grad_())
         assert torch.equal(y, y_plain) and torch.equal(dx, dx_plain)
         assert kept <= kept_plain - fewer
+
+
+def test_training_remakes_the_inputs_adapters_keep_instead_of_keeping_them():
+    """In LoRA training, the inputs of wq (attention_norm's output, remade from its input, which the norm keeps),
+    w1 (ffn_norm's, alike), wo (a copy of attention's output, which attention keeps) and w2 (silu(a) * b, remade
+    from a and b, which the FFN keeps) are not kept for backward: the gradients are bit-identical to keeping
+    them, which the model does when other saved-tensor hooks are active (as under checkpointing)."""
+    import gc
+    import weakref
+
+    model = ventoux_from_hf(hf_model(TINY)).to(torch.bfloat16)
+    lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8))
+    _randomize(model)
+    trainable = lora.trainable_parameters(model)
+    tokens = _tokens()
+
+    def run(other_hooks):
+        inputs = []
+        watch = [model.get_submodule(f"layers.{i}.{name}").register_forward_pre_hook(
+            lambda m, args: inputs.append(weakref.ref(args[0])))
+            for i in range(TINY.n_layers) for name in ("attention.wq", "attention.wo", "feed_forward.w1",
+                                                       "feed_forward.w2")]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if other_hooks else nullcontext():
+            loss = model(tokens).square().mean()
+        for w in watch:
+            w.remove()
+        gc.collect()
+        kept = sum(r() is not None for r in inputs)
+        loss.backward()
+        grads = [p.grad.clone() for p in trainable]
+        model.zero_grad(set_to_none=True)
+        return kept, grads
+
+    kept, grads = run(other_hooks=False)
+    kept_plain, grads_plain = run(other_hooks=True)
+    # kept: layer 0's wq input alone, the norm of the embeddings (no gradient before it: remade, it would keep
+    # its input instead, as large)
+    assert kept == 1 and kept_plain == 4 * TINY.n_layers
+    assert all(torch.equal(g, e) for g, e in zip(grads, grads_plain))
 
 
 def _layer0_adapter(model):

@@ -11,6 +11,8 @@ consolidated q/k on the way in and out).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,11 +68,53 @@ class _SiluMul(torch.autograd.Function):
         return F.silu(a) * b
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy):  # autograd's formulas, each written over its one temporary: two fewer at the peak
         a, b = ctx.saved_tensors
-        da = torch.ops.aten.silu_backward(dy * b, a) if ctx.needs_input_grad[0] else None
-        db = dy * F.silu(a) if ctx.needs_input_grad[1] else None
+        da = db = None
+        if ctx.needs_input_grad[0]:
+            da = dy * b
+            torch.ops.aten.silu_backward.grad_input(da, a, grad_input=da)
+        if ctx.needs_input_grad[1]:
+            db = F.silu(a).mul_(dy)
         return da, db
+
+
+_REMAKES: dict = {}  # the open remade_in_backward contexts (training runs in one thread): a tensor's key -> remake
+
+
+def _key(t: torch.Tensor) -> tuple:  # not t itself: holding it would keep it
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype
+
+
+def _unpack(kept):
+    if isinstance(kept, torch.Tensor):
+        return kept
+    with torch.no_grad():
+        return kept()
+
+
+@contextlib.contextmanager
+def remade_in_backward(t: torch.Tensor, remake):
+    """Within: a tensor saved for backward that is `t` is not kept; `remake()` rebuilds it, bit-identical, in
+    backward from tensors kept anyway. For an input that adapters keep (their A product's gradient needs it)
+    and that is a cheap function of activations its producer keeps too. Contexts nest; nothing changes without
+    gradients, or where other saved-tensor hooks are active (activation checkpointing keeps nothing of the
+    block, and these would keep what the remakes need)."""
+    outermost = not _REMAKES
+    if not (torch.is_grad_enabled() and t.requires_grad) or _key(t) in _REMAKES or (
+            outermost and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        yield
+        return
+    key = _key(t)
+    _REMAKES[key] = remake
+    try:
+        if outermost:
+            with torch.autograd.graph.saved_tensors_hooks(lambda s: _REMAKES.get(_key(s), s), _unpack):
+                yield
+        else:
+            yield
+    finally:
+        del _REMAKES[key]
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +202,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H*D) -> (B, T, dim)
+        heads = out.transpose(1, 2).reshape(b, t, -1)  # (B, H, T, D) -> (B, T, H*D): a copy
+        # attention keeps its output for its own backward: wo's adapter need not keep this copy of it too
+        with remade_in_backward(heads, lambda: out.transpose(1, 2).reshape(b, t, -1)):
+            return self.wo(heads)  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -171,7 +218,11 @@ class FeedForward(nn.Module):
     def forward(self, x):
         a, b = self.w1(x), self.w3(x)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return self.w2(_SiluMul.apply(a, b))  # training: the same numbers, one activation fewer kept
+            # training: the same numbers, two activations fewer kept: silu(a), and w2's input (its adapter
+            # would keep it), remade from a and b, which _SiluMul keeps
+            m = _SiluMul.apply(a, b)
+            with remade_in_backward(m, lambda: F.silu(a) * b):
+                return self.w2(m)
         return self.w2(F.silu(a) * b)
 
 
@@ -184,8 +235,13 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, step, layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # each norm keeps its input: the adapters of the linears after it need not keep its output too
+        n = self.attention_norm(x)
+        with remade_in_backward(n, lambda: self.attention_norm(x)):
+            h = x + self.attention(n, cos, sin, mask, cache, step, layer)
+        n = self.ffn_norm(h)
+        with remade_in_backward(n, lambda: self.ffn_norm(h)):
+            return h + self.feed_forward(n)
 
 
 class Transformer(nn.Module):
