@@ -248,10 +248,10 @@ def test_the_16_bit_prefill_product_over_many_outputs_is_the_rounded_float_produ
 
 @pytest.mark.parametrize("n", [29, 1024])
 def test_the_16_bit_prefill_product_is_the_same_bits_however_its_outputs_are_split(kernel_isa, n):
-    # half_gemm sizes its blocks of outputs by N and the thread count (the AVX2 build: as many for each thread;
-    # 1024 outputs are 6 blocks of 174 with two), and prefetches the next tile's weights (544 inputs: a partial
-    # input block). Each output's sums still run over K in one order: the same bits with 1 or 2 threads and for
-    # any slice of the weight's rows, and the float product rounded.
+    # half_gemm sizes its blocks of outputs by N and the thread count (as many for each thread; 1024 outputs are
+    # 6 blocks of 174 with two in the AVX2 build, of 180 in the AVX-512 one), and prefetches the next tile's
+    # weights (544 inputs: a partial input block). Each output's sums still run over K in one order: the same
+    # bits with 1 or 2 threads and for any slice of the weight's rows, and the float product rounded.
     gen = torch.Generator().manual_seed(n)
     x, w = torch.randn(24, 544, generator=gen).bfloat16(), torch.randn(n, 544, generator=gen).bfloat16()
     before = torch.get_num_threads()

@@ -3,7 +3,7 @@
 // products: the activations are quantized to int8 per block of 32 inputs (one float scale each), multiplied
 // with the int8 / int4 weights by integer dot products (vpdpbusd), one float multiply-add per block. 16-bit
 // products convert each weight to float32 exactly (a shift for bf16, vcvtph2ps for fp16) and multiply in
-// float32.
+// float32; bf16 weights times bf16 activations at decode use vdpbf16ps where the CPU has it (dot_bf16_rows).
 //
 //   vx_int8_gemv: x (M, K) float32, w (N/16, K/4, 16, 4) int8, scales (N/16, K/g, 16) bf16, g (g = K: one scale
 //                 a row, (N padded,))                                                   -> y (M, N) float32
@@ -457,11 +457,13 @@ void vx_half_gemv(const void* xv, int64_t M, int64_t K, const uint16_t* w, int b
 // vector holds 16 rows of one input; a weight broadcast to all lanes then gives 16 rows of one output at
 // once, with no horizontal sums. A tile of GEMM_MB x 16 rows by GEMM_NR outputs keeps its sums in registers
 // over GEMM_KC inputs, its weights converted to float32 once (ws, in L1) for every row block; the sums live
-// in yt (N, MC) between input blocks and are rounded to 16 bits at the end, as F.linear rounds.
+// in yt (N, MC) between input blocks (GEMM_NB outputs a thread at a time, over all of K) and are rounded to 16
+// bits at the end, as F.linear rounds.
 #define GEMM_MC 256
 #define GEMM_KC 256
 #define GEMM_NR 12
 #define GEMM_MB 2
+#define GEMM_NB 240  // outputs a thread takes at a time (a multiple of GEMM_NR)
 
 static inline __attribute__((always_inline)) void half_tile(const float* xp, int64_t K, int64_t k0, int64_t k1,
                                                             const float* ws, int mb, int nr, float* yt, int64_t Mp) {
@@ -478,6 +480,15 @@ static inline __attribute__((always_inline)) void half_tile(const float* xp, int
   }
   for (int n = 0; n < nr; ++n)
     for (int b = 0; b < mb; ++b) _mm512_storeu_ps(yt + n * Mp + b * 16, acc[n][b]);
+}
+
+// The weights of the tile after this one (rows n.., inputs k0..) into L2 while this one computes: its rows lie
+// GEMM_NR * K apart from these, out of the hardware prefetcher's reach (as in cpu_kernels_avx2.c).
+static inline void prefetch_next_tile(const uint16_t* w, int64_t K, int64_t n, int64_t k0, int64_t end) {
+  if (k0 >= K) return;
+  const int64_t k1 = k0 + GEMM_KC < K ? k0 + GEMM_KC : K;
+  for (int64_t r = n; r < n + GEMM_NR && r < end; ++r)
+    for (int64_t k = k0; k < k1; k += 32) _mm_prefetch((const char*)(w + r * K + k), _MM_HINT_T1);
 }
 
 static inline float half_to_float(uint16_t h, int is_bf16) { return is_bf16 ? bf16(h) : _cvtsh_ss(h); }
@@ -506,26 +517,33 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
         const uint16_t* src = x + (m0 + m) * K;
         for (int64_t k = 0; k < K; ++k) dst[k * 16] = m < rows ? half_to_float(src[k], is_bf16) : 0.f;
       }
-      for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {  // the implicit barrier of each omp for orders the blocks
-        const int64_t k1 = k0 + GEMM_KC < K ? k0 + GEMM_KC : K;
+      // About GEMM_NB outputs at a time, all K for them: their float sums (yt) stay in L2 between input blocks
+      // (all N of them, 7 MB at N = 14336, were read from L3 every block), as many blocks for each thread
+      const int64_t threads = omp_get_num_threads();
+      const int64_t blocks_n = ((N + GEMM_NB - 1) / GEMM_NB + threads - 1) / threads * threads;
+      const int64_t NB = ((N + blocks_n - 1) / blocks_n + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n += GEMM_NR) {
-          const int nr = N - n < GEMM_NR ? (int)(N - n) : GEMM_NR;
-          for (int r = 0; r < nr; ++r)
-            for (int64_t k = k0; k < k1; k += 16) _mm512_storeu_ps(ws + r * GEMM_KC + k - k0, half16(w + (n + r) * K + k, is_bf16));
-          float* yn = yt + n * Mp;
-          if (nr == GEMM_NR) {
-            int64_t b = 0;
-            for (; b + GEMM_MB <= blocks; b += GEMM_MB)
-              half_tile(xp + b * 16 * K, K, k0, k1, ws, GEMM_MB, GEMM_NR, yn + b * 16, Mp);
-            for (; b < blocks; ++b) half_tile(xp + b * 16 * K, K, k0, k1, ws, 1, GEMM_NR, yn + b * 16, Mp);
-          } else {
+      for (int64_t nb = 0; nb < N; nb += NB)
+        for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+          const int64_t k1 = k0 + GEMM_KC < K ? k0 + GEMM_KC : K, end = nb + NB < N ? nb + NB : N;
+          for (int64_t n = nb; n < end; n += GEMM_NR) {
+            const int nr = end - n < GEMM_NR ? (int)(end - n) : GEMM_NR;
+            prefetch_next_tile(w, K, n + GEMM_NR < end ? n + GEMM_NR : nb, n + GEMM_NR < end ? k0 : k1, end);
             for (int r = 0; r < nr; ++r)
-              for (int64_t b = 0; b < blocks; ++b)
-                half_tile(xp + b * 16 * K, K, k0, k1, ws + r * GEMM_KC, 1, 1, yn + r * Mp + b * 16, Mp);
+              for (int64_t k = k0; k < k1; k += 16) _mm512_storeu_ps(ws + r * GEMM_KC + k - k0, half16(w + (n + r) * K + k, is_bf16));
+            float* yn = yt + n * Mp;
+            if (nr == GEMM_NR) {
+              int64_t b = 0;
+              for (; b + GEMM_MB <= blocks; b += GEMM_MB)
+                half_tile(xp + b * 16 * K, K, k0, k1, ws, GEMM_MB, GEMM_NR, yn + b * 16, Mp);
+              for (; b < blocks; ++b) half_tile(xp + b * 16 * K, K, k0, k1, ws, 1, GEMM_NR, yn + b * 16, Mp);
+            } else {
+              for (int r = 0; r < nr; ++r)
+                for (int64_t b = 0; b < blocks; ++b)
+                  half_tile(xp + b * 16 * K, K, k0, k1, ws + r * GEMM_KC, 1, 1, yn + r * Mp + b * 16, Mp);
+            }
           }
         }
-      }
 #pragma omp for schedule(static)
       for (int64_t n0 = 0; n0 < N; n0 += 16) {  // yt (N, Mp) float32 -> y rows m0.. (M, N), 16 columns at a time
         const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
