@@ -13,6 +13,7 @@ import weakref
 import pytest
 import torch
 from conftest import KERNEL_ISAS, TINY
+from safetensors import safe_open
 from torch import nn
 
 from ventoux import cpu_kernels
@@ -21,7 +22,7 @@ from ventoux.config import ModelConfig
 from ventoux.errors import VentouxError
 from ventoux.fastlinear import HalfLinear
 from ventoux.model import Transformer
-from ventoux.qlinear import Int4Linear, Int8Linear, QuantizedLinear
+from ventoux.qlinear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, dequantize_int8
 from ventoux.quantize import (
     Scheme,
     load_quantized,
@@ -361,6 +362,43 @@ def test_save_load_gives_identical_logits(tmp_path, scheme, include_output, suff
     torch.testing.assert_close(back(tokens), expected, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_embedding_table_is_int8_and_looks_up_its_dequantized_rows():
+    """Every scheme keeps the table in int8 (one scale a row): half a bf16 table's bytes; a lookup is the
+    dequantized table's rows in the model's dtype, which .to() changes without touching the stored tensors."""
+    model, tokens = _model().to(torch.bfloat16), _tokens()
+    table = model.tok_embeddings.weight.clone()
+    q = quantize_model(copy.deepcopy(model), "int4")
+    emb = q.tok_embeddings
+    assert isinstance(emb, Int8Embedding) and emb.qweight.dtype == torch.int8
+    assert emb.qweight.nbytes + emb.scales.nbytes < 0.51 * table.nbytes
+    dequantized = dequantize_int8(emb.qweight, emb.scales)
+    assert torch.equal(emb(tokens), dequantized.to(torch.bfloat16)[tokens])
+    assert (dequantized - table.float()).abs().max() <= table.float().abs().amax(1).max() / 254 * 1.01
+    stored = emb.qweight.clone()
+    q.float()
+    assert emb(tokens).dtype == torch.float32 and torch.equal(emb(tokens), dequantized[tokens])
+    assert torch.equal(emb.qweight, stored) and q.dtype == torch.float32
+    assert type(quantize_model(copy.deepcopy(model), "int8", embedding=False).tok_embeddings) is nn.Embedding
+
+
+@torch.no_grad()
+def test_checkpoint_with_a_float_table_loads_with_the_table_quantized(tmp_path):
+    """A quantized checkpoint written before tables were quantized (its table float) loads as a new one does:
+    the table quantized while loading, the same logits as the file that stores it in int8."""
+    model, tokens = _model(), _tokens()
+    expected = quantize_model(copy.deepcopy(model), "int4")(tokens)
+    save_quantized(quantize_model(copy.deepcopy(model), "int4", embedding=False), tmp_path / "old")
+    save_quantized(quantize_model(copy.deepcopy(model), "int4"), tmp_path / "new")
+    with safe_open(tmp_path / "old" / "model.safetensors", "pt") as old, \
+            safe_open(tmp_path / "new" / "model.safetensors", "pt") as new:
+        assert "model.embed_tokens.weight" in old.keys() and "model.embed_tokens.qweight" in new.keys()
+    for folder in ("old", "new"):
+        back = load_quantized(tmp_path / folder)
+        assert isinstance(back.tok_embeddings, Int8Embedding)
+        torch.testing.assert_close(back(tokens), expected, rtol=0, atol=0)
+
+
 def test_quantizing_while_loading_frees_each_float_layer(tmp_path):
     """Peak memory stays near the quantized size only if each float linear dies once it is replaced."""
     save_hf(_model(), tmp_path / "float")
@@ -374,7 +412,7 @@ def test_quantizing_while_loading_frees_each_float_layer(tmp_path):
         return new
 
     load_model(tmp_path / "float", CFG, None, transform=transform)
-    assert len(replaced) == 2 * 7 + 1  # and the output head (int8 by default)
+    assert len(replaced) == 2 * 7 + 2  # and the output head (int8 by default) and the embedding table
 
 
 def _saved(tmp_path, scheme="int4"):

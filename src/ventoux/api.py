@@ -48,7 +48,7 @@ def compile_decode(model):
     it compiles once per batch size. CUDA adds CUDA graphs ("reduce-overhead"): a step then costs one launch.
     On a CPU it removes Python and small-op overhead, which matters for small models; a large model's step is
     bound by reading its weights either way. The first call compiles (tens of seconds)."""
-    mode = "reduce-overhead" if model.tok_embeddings.weight.device.type == "cuda" else None
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
     return torch.compile(model, dynamic=False, mode=mode)
 
 

@@ -81,9 +81,8 @@ class Batch:
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.decode = model if decode is None else decode
         self.static_decode = decode is not None  # a compiled step: always every row (static shapes)
-        w = model.tok_embeddings.weight
-        self.device = w.device
-        self.cache = KVCache(model.config, 1, dtype=w.dtype, device=w.device, capacity=0)
+        self.device = model.device
+        self.cache = KVCache(model.config, 1, dtype=model.dtype, device=model.device, capacity=0)
         self.cache.relayout(0, 1, [])
         self.slot_bytes = self.cache.bytes_per_slot()
         self.limit = self.cache.limit

@@ -253,6 +253,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype: the final norm's gain (the embedding table may be quantized)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only.

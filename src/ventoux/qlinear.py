@@ -367,6 +367,32 @@ class Int4Linear(QuantizedLinear):
         return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))
 
 
+class Int8Embedding(nn.Module):
+    """The token embedding table in int8, one scale a row (quantize_int8 without groups; qweight and scales, as
+    Int8Linear names them): half a 16-bit table's memory, as llama.cpp keeps its quantized files' tables
+    quantized. A lookup dequantizes the rows it reads. The scales (bfloat16 values) are held in the model's
+    dtype, which is the lookup's: .to(dtype) and the loader cast them with the model's other float tensors."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
+        qweight, scales = quantize_int8(weight)
+        return cls(qweight, scales.to(weight.dtype))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = tokens.reshape(-1)
+        table = dequantize_int8(self.qweight[rows], self.scales[rows]).to(self.scales.dtype)
+        return table.view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
 def _padded(k: int) -> int:
     return -(-k // PAD) * PAD
 

@@ -17,6 +17,12 @@ measurable, and the head is then read at half a bfloat16 head's bytes on the fas
 names another head with a suffix: "+output" (the blocks' scheme, as before), "+output=float" (kept in the
 model's dtype: HalfLinear's kernels on a CPU), "+output=int4-g64" (any scheme).
 
+The token embedding table: int8, one scale a row (qlinear.Int8Embedding), in every scheme, as llama.cpp keeps
+the tables of its quantized files quantized (Q4_0 in a Q4_0 file): half a 16-bit table's memory (128 MB less
+for Mistral 7B), and only the rows a batch reads are dequantized. Measured on the demo model (docs/benchmarks.md)
+it costs no perplexity the blocks' scheme does not. Checkpoints written before tables were quantized hold a
+float table, which is quantized as it loads; quantize_model(..., embedding=False) keeps a float table.
+
 Schemes: "int8" (one scale per output row, about 8 bits a weight), "int8-g32" / "-g64" / "-g128" (one scale
 per group of inputs: 8.5 bits a weight at 32, Q8_0's format), "int4" = "int4-g32", "int4-g64", "int4-g128".
 
@@ -38,7 +44,7 @@ from torch import nn
 
 from .errors import VentouxError
 from .model import swap_modules
-from .qlinear import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear
+from .qlinear import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 
 
 # ---- schemes -------------------------------------------------------------------------------------
@@ -118,13 +124,23 @@ def quantize_module(module: nn.Module, scheme: str | Scheme, kernel: str | None 
     return Int4Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
 
 
-def quantizer(scheme: str | Scheme, include_output: bool | str | Scheme | None = None, kernel: str | None = None):
+def quantize_embedding(name: str, module: nn.Module) -> nn.Module:
+    """A per-module hook: the token embedding table -> Int8Embedding, every other module as it is."""
+    if name == "tok_embeddings" and isinstance(module, nn.Embedding):
+        return Int8Embedding.from_float(module.weight)
+    return module
+
+
+def quantizer(scheme: str | Scheme, include_output: bool | str | Scheme | None = None, kernel: str | None = None,
+              embedding: bool = True):
     """A per-module hook for weights.load_model(transform=...): quantizes each target linear as it loads, the
-    output head as head_scheme(scheme, include_output) says."""
+    output head as head_scheme(scheme, include_output) says, and the embedding table in int8 (unless told not)."""
     scheme = parse_scheme(scheme)
     head = head_scheme(scheme, include_output)
 
     def transform(name: str, module: nn.Module) -> nn.Module:
+        if embedding and name == "tok_embeddings":
+            return quantize_embedding(name, module)
         if not isinstance(module, nn.Linear) or not is_target(name, head is not None):
             return module
         if name == "output" and head != scheme:  # a kernel asked for the blocks may not exist here
@@ -135,9 +151,10 @@ def quantizer(scheme: str | Scheme, include_output: bool | str | Scheme | None =
 
 
 def quantize_model(model: nn.Module, scheme: str | Scheme, include_output: bool | str | Scheme | None = None,
-                   kernel: str | None = None) -> nn.Module:
-    """Swap every block linear and the output head (see head_scheme) for their quantized versions, in place."""
-    return swap_modules(model, quantizer(scheme, include_output, kernel))
+                   kernel: str | None = None, embedding: bool = True) -> nn.Module:
+    """Swap every block linear, the output head (see head_scheme) and the embedding table (unless told not)
+    for their quantized versions, in place."""
+    return swap_modules(model, quantizer(scheme, include_output, kernel, embedding))
 
 
 def _chain(first, then):
@@ -168,6 +185,7 @@ def _model_scheme(model: nn.Module) -> tuple[Scheme, Scheme | None] | None:
 
 # ---- the quantized checkpoint ---------------------------------------------------------------------
 FORMAT_VERSION = 1
+EMBEDDING_PREFIX = "model.embed_tokens."  # the table's tensors in a quantized (HF-layout) checkpoint
 
 
 def config_entry(scheme: str | Scheme, include_output: bool | str | Scheme | None = None) -> dict:
@@ -220,9 +238,9 @@ def read_quantization(folder) -> tuple[Scheme, Scheme | None] | None:
     return scheme, SCHEMES[head]
 
 
-def _check_tensors(folder, scheme: Scheme, head: Scheme | None = None) -> None:
+def _check_tensors(folder, scheme: Scheme, head: Scheme | None = None) -> set[str]:
     """The files' quantized tensors must have the dtypes and scale shapes the config's scheme implies (checked
-    from the headers, to name the tensor and the config field at fault)."""
+    from the headers, to name the tensor and the config field at fault). Returns the files' tensor names."""
     from .weights import open_checkpoint
 
     _, files, _ = open_checkpoint(folder)
@@ -230,6 +248,8 @@ def _check_tensors(folder, scheme: Scheme, head: Scheme | None = None) -> None:
     blocks = scheme
     for name, (shape, dtype) in header.items():
         scheme = head if name.startswith("lm_head.") and head is not None else blocks
+        if name.startswith(EMBEDDING_PREFIX):
+            scheme = Scheme(8)  # the table: int8, one scale a row, whatever the blocks' scheme
         qdtype = "int8" if scheme.bits == 8 else "uint8"
         if name.endswith(".qweight") and dtype != qdtype:
             raise VentouxError(f"tensor {name!r} is {dtype}, but config.json's quantization.scheme "
@@ -246,6 +266,7 @@ def _check_tensors(folder, scheme: Scheme, head: Scheme | None = None) -> None:
             raise VentouxError(f"tensor {name!r} has shape {list(shape)} for {inputs} inputs, which does not "
                                f"match config.json's quantization.group_size {scheme.group_size}; fix the config "
                                "or re-quantize")
+    return set(header)
 
 
 def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None, transform=None):
@@ -263,8 +284,11 @@ def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None,
     if quantize is not None and parse_quantize(quantize)[0] != scheme:
         raise VentouxError(f"{folder} is already quantized as {scheme.name}; drop quantize={quantize!r} "
                            f"or pass {scheme.name!r}")
-    _check_tensors(folder, scheme, head)
-    return quantize_model(model, scheme, head or False), transform
+    stored_table = EMBEDDING_PREFIX + "qweight" in _check_tensors(folder, scheme, head)
+    model = quantize_model(model, scheme, head or False, embedding=stored_table)
+    if not stored_table:  # written before tables were quantized: quantized as it loads, as from a float file
+        transform = quantize_embedding if transform is None else _chain(quantize_embedding, transform)
+    return model, transform
 
 
 def save_quantized(model: nn.Module, folder, scheme: str | Scheme | None = None,

@@ -73,13 +73,18 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def dequantize(model, dtype) -> None:
-    """Every quantized linear back to an nn.Linear holding its dequantized weights in `dtype`, in place."""
+    """Every quantized linear back to an nn.Linear holding its dequantized weights in `dtype`, and the embedding
+    table to an nn.Embedding, in place."""
     from torch import nn
 
     from ..model import swap_modules
-    from ..qlinear import QuantizedLinear
+    from ..qlinear import Int8Embedding, QuantizedLinear, dequantize_int8
 
     def swap(name, module):
+        if isinstance(module, Int8Embedding):
+            table = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
+            table.weight = nn.Parameter(dequantize_int8(module.qweight, module.scales).to(dtype), requires_grad=False)
+            return table
         if not isinstance(module, QuantizedLinear):
             return module
         weight = module.dequantize(*module.canonical())[:, : module.in_features].to(dtype)

@@ -98,7 +98,7 @@ def run_eval(args):
             metric = "acc" if task.kind == "multiple_choice" else "exact_match"
             extra = f", acc_norm {r['acc_norm']:.4f}" if metric == "acc" else ""
             print(f"{task.name}: {metric} {r[metric]:.4f}{extra} ({r['n']} items)", file=sys.stderr)
-    result = {"model": llm.source, "dtype": str(llm.model.tok_embeddings.weight.dtype).removeprefix("torch."),
+    result = {"model": llm.source, "dtype": str(llm.model.dtype).removeprefix("torch."),
               "quantize": args.quantize, "lora": args.lora, **result}
     if args.out:
         write_json_atomic(result, args.out)

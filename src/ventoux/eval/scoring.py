@@ -18,15 +18,11 @@ from tqdm import tqdm
 Request = tuple[Sequence[int], int]  # (tokens, how many of the last tokens to score)
 
 
-def model_device(model) -> torch.device:
-    return model.tok_embeddings.weight.device
-
-
 @torch.inference_mode()
 def score(model, requests: list[Request], batch_size: int = 8, progress: bool = False,
           desc: str = "scoring") -> list[tuple[float, bool]]:
     """(summed log-probability in nats of the scored tokens, whether each was the argmax) per request."""
-    device = model_device(model)
+    device = model.device
     seqs = [torch.as_tensor(tokens, dtype=torch.long) for tokens, _ in requests]
     for (_, n), seq in zip(requests, seqs):
         if not 1 <= n < len(seq):
