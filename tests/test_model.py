@@ -57,3 +57,23 @@ def test_chunked_prefill_then_decode_equals_full_forward(pair):
             for p in range(30, t):  # ... then one token at a time
                 outs.append(vx(tokens[:, p:p + 1], torch.tensor([[p]]), cache=cache)[0])
             torch.testing.assert_close(torch.cat(outs), ref, atol=1e-4, rtol=0, msg=f"chunk={chunk}")
+
+
+def test_last_only_prefill_runs_the_last_feed_forward_on_the_last_position_alone(pair):
+    """A prefill that wants the last position's logits (the engine's) runs the last block's feed-forward on that
+    position only; its logits equal transformers' there, and the cache it fills (every position's keys and
+    values) decodes the next tokens as transformers does."""
+    hf, vx = pair
+    cfg = vx.config
+    tokens = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    rows = []
+    hook = vx.layers[-1].feed_forward.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        ref = hf(tokens).logits[0]
+        cache = KVCache(cfg, 1, capacity=4)
+        out = [vx(tokens[:, :20], torch.arange(20)[None], cache=cache, last_only=True)[0]]
+        for p in range(20, 30):
+            out.append(vx(tokens[:, p:p + 1], torch.tensor([[p]]), cache=cache, last_only=True)[0])
+    hook.remove()
+    assert rows == [1] * 11
+    torch.testing.assert_close(torch.cat(out), ref[19:], atol=1e-4, rtol=0)

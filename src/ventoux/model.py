@@ -234,11 +234,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0, last_only=False):
+        """last_only: only the last position's output is wanted (the last block of a prefill whose logits are
+        the last position's): attention runs on every position, whose keys and values the cache keeps, and
+        the feed-forward on the last alone, as llama.cpp skips the unused rows (its inp_out_ids)."""
         # each norm keeps its input: the adapters of the linears after it need not keep its output too
         n = self.attention_norm(x)
         with remade_in_backward(n, lambda: self.attention_norm(x)):
             h = x + self.attention(n, cos, sin, mask, cache, step, layer)
+        if last_only:
+            h = h[:, -1:]
         n = self.ffn_norm(h)
         with remade_in_backward(n, lambda: self.ffn_norm(h)):
             return h + self.feed_forward(n)
@@ -269,17 +274,16 @@ class Transformer(nn.Module):
         Without a cache the sequence starts at position 0 (positions must be None or 0..T-1).
         With a cache, positions (B, T) are each row's absolute positions, consecutive per row.
         """
-        x = self.hidden_states(tokens, positions, cache)
-        if last_only:
-            x = x[:, -1:]
-        return self.logits(x)
+        return self.logits(self.hidden_states(tokens, positions, cache, last_only))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last block's output -> float32 logits (the final norm, then the head)."""
         return self.output(self.norm(hidden)).float()
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """tokens (B, T) -> the last block's output (B, T, dim), before the final norm and the head."""
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                      last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> the last block's output (B, T, dim), or (B, 1, dim) with last_only, before the final
+        norm and the head."""
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
@@ -293,7 +297,7 @@ class Transformer(nn.Module):
             mask = step.mask
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, step, i)
+            x = layer(x, cos, sin, mask, cache, step, i, last_only and i == len(self.layers) - 1)
         return x
 
 
