@@ -160,15 +160,19 @@ def test_frozen_layer_passes_dy_times_its_weight_to_the_input(cls, kernel, monke
         torch.testing.assert_close(x.grad.float(), dy.float() @ w_hat, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_backward_weight_slices_are_the_dequantized_weight(cls):
+@pytest.mark.parametrize("cls,group", [(Int8Linear, None), (Int8Linear, 32), (Int4Linear, 32), (Int4Linear, 64)])
+@pytest.mark.parametrize("kernel", ["vnni", "fallback"])
+def test_backward_weight_slices_are_the_dequantized_weight(cls, group, kernel):
     """The backward's dequantized column slices, each built in row blocks, tile the exact dequantized weight
-    (rounded once to the activations' dtype): here 3 slices of 128 columns and blocks of 2 rows."""
-    w = torch.randn(48, 300, generator=torch.Generator().manual_seed(0)) / 8
-    layer = cls.from_float(w)
-    expected = layer.dequantize(*layer.canonical())  # (48, 384): the input width padded
+    (rounded once to the activations' dtype): here 3 slices of 128 columns and blocks of one tile (16 rows) of
+    50 rows, read from vnni's tiles a block at a time or from the canonical tensors."""
+    if kernel not in cls.kernels("cpu"):
+        pytest.skip(f"{kernel} does not run here")
+    w = torch.randn(50, 300, generator=torch.Generator().manual_seed(0)) / 8
+    layer = cls.from_float(w, group, kernel=kernel)
+    expected = layer.dequantize(*layer.canonical())  # (50, 384): the input width padded
     for dtype in (torch.float32, torch.bfloat16):
-        slices = list(layer._weight_columns(dtype, budget=48 * 128, block=256))
+        slices = list(layer._weight_columns(dtype, budget=50 * 128, block=256))
         assert [start for start, _ in slices] == [0, 128, 256]
         assert torch.equal(torch.cat([s for _, s in slices], 1), expected.to(dtype))
 

@@ -183,6 +183,12 @@ def _deinterleave(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.transpose(1, 2).reshape(-1, t.shape[1] * t.shape[3])[:n].contiguous()
 
 
+def untile_block(t: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """Rows r0:r1 (r0 a multiple of 16) and column groups c0:c1 (of the tile's second dimension) of an
+    _interleave'd tensor, in the (rows, columns) layout: a block of untile_int8 / untile_int4, without the rest."""
+    return _deinterleave(t[r0 // TILE:-(-r1 // TILE), c0:c1], r1 - r0)
+
+
 def tile_int8(qweight: torch.Tensor, scales: torch.Tensor):
     """The device-independent int8 tensors (N, K) and scales (N,) or (N, G) -> int8_gemv's layout: rows in tiles of
     16 (N padded with zero rows), each tile (K/4, 16, 4): per 4 inputs, the 16 rows side by side; scales (N padded,)

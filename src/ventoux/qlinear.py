@@ -188,17 +188,24 @@ class QuantizedLinear(nn.Module):
     def _weight_columns(self, dtype: torch.dtype, budget: int = 1 << 24, block: int = 1 << 18):
         """The dequantized weight (N, stored_in) in `dtype`, about `budget` values (columns) at a time: the
         backward to the input (frozen.py). Each slice is dequantized `block` values at a time, in float32 and
-        rounded once, as in dequantize(): blocks that stay in the CPU's caches run 4x faster than whole weights."""
-        canonical = self.canonical()  # a packed kernel unpacks here (slow, see Int4Linear._unpack)
+        rounded once, as in dequantize(): blocks that stay in the CPU's caches run 4x faster than whole weights.
+        vnni's tiles are read a block at a time (untile_block); other kernels' layouts are unpacked once here
+        (slow, see Int4Linear._unpack)."""
         n, k = self.out_features, self.stored_in
         width = min(k, max(PAD, budget // n // PAD * PAD))  # multiples of PAD hold whole int4 groups
-        rows = max(1, block // width)
+        rows = max(cpu_kernels.TILE, block // width // cpu_kernels.TILE * cpu_kernels.TILE)  # whole tiles
+        canonical = None if self.kernel == "vnni" else self.canonical()
+        device = next(iter(self._buffers.values())).device
         for start in range(0, k, width):
-            stop = min(k, start + width)  # per-row tensors (int8 scales) are whole; the others have K/c columns
-            part = [t[:, start * t.shape[1] // k:stop * t.shape[1] // k] if t.dim() == 2 else t for t in canonical]
-            w = torch.empty(n, stop - start, dtype=dtype, device=canonical[0].device)
+            stop = min(k, start + width)
+            w = torch.empty(n, stop - start, dtype=dtype, device=device)
             for i in range(0, n, rows):
-                w[i:i + rows] = self.dequantize(*(t[i:i + rows] for t in part))
+                if canonical is None:
+                    part = self._tile_block(i, min(n, i + rows), start, stop)
+                else:  # per-row tensors (int8 scales) are whole; the others have K/c columns
+                    part = [t[i:i + rows, start * t.shape[1] // k:stop * t.shape[1] // k] if t.dim() == 2
+                            else t[i:i + rows] for t in canonical]
+                w[i:i + rows] = self.dequantize(*part)
             yield start, w
 
     # state_dict, load_state_dict and to() see the device-independent layout
@@ -279,6 +286,14 @@ class Int8Linear(QuantizedLinear):
     def _unpack(self):
         return cpu_kernels.untile_int8(self.qweight, self.scales, self.out_features)
 
+    def _tile_block(self, r0, r1, c0, c1):
+        """The canonical tensors of rows r0:r1 and inputs c0:c1, read from vnni's tiles (tile_int8)."""
+        q = cpu_kernels.untile_block(self.qweight, r0, r1, c0 // 4, c1 // 4)
+        if self.group_size is None:
+            return q, self.scales[r0:r1]
+        g = self.group_size
+        return q, cpu_kernels.untile_block(self.scales[..., None], r0, r1, c0 // g, c1 // g)
+
     def _mm(self, x):
         if self.kernel == "vnni":
             if torch.compiler.is_compiling():
@@ -340,6 +355,12 @@ class Int4Linear(QuantizedLinear):
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, scales_and_zeros)
+
+    def _tile_block(self, r0, r1, c0, c1):
+        """The canonical tensors of rows r0:r1 and inputs c0:c1, read from vnni's tiles (tile_int4)."""
+        g = self.group_size
+        return (cpu_kernels.untile_block(self.qweight, r0, r1, c0 // 8, c1 // 8),
+                *(cpu_kernels.untile_block(t[..., None], r0, r1, c0 // g, c1 // g) for t in (self.scales, self.zeros)))
 
     def _unpack(self):
         if self.kernel == "vnni":
