@@ -93,6 +93,12 @@ def _unpack(kept):
         return kept()
 
 
+def _other_hooks() -> bool:
+    """Whether saved-tensor hooks are active; True where this PyTorch cannot tell (older ones lack the query)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
 @contextlib.contextmanager
 def remade_in_backward(t: torch.Tensor, remake):
     """Within: a tensor saved for backward that is `t` is not kept; `remake()` rebuilds it, bit-identical, in
@@ -101,8 +107,7 @@ def remade_in_backward(t: torch.Tensor, remake):
     gradients, or where other saved-tensor hooks are active (activation checkpointing keeps nothing of the
     block, and these would keep what the remakes need)."""
     outermost = not _REMAKES
-    if not (torch.is_grad_enabled() and t.requires_grad) or _key(t) in _REMAKES or (
-            outermost and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+    if not (torch.is_grad_enabled() and t.requires_grad) or _key(t) in _REMAKES or (outermost and _other_hooks()):
         yield
         return
     key = _key(t)
