@@ -33,6 +33,9 @@ if not CHROMIUM.exists():
 @pytest.fixture(scope="module")
 def server():
     llm = ventoux.load(dtype="float32")
+    # a step of at least 20 ms, as a real model's: the demo model's 24 tokens can otherwise come in one network
+    # read, and the page would show the reply whole (what the streaming test checks it does not)
+    llm.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
     app = create_app(Settings(served_name="demo", api_key=KEY), load=lambda: (llm, llm.engine(max_batch=4)))
     with BackgroundServer(app) as s:
         s.wait_ready()
