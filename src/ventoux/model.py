@@ -99,18 +99,26 @@ def _other_hooks() -> bool:
     return top is None or top(False) is not None
 
 
-@contextlib.contextmanager
+_UNCHANGED = contextlib.nullcontext()  # reusable: inference takes it, three times a block a decode step
+
+
 def remade_in_backward(t: torch.Tensor, remake):
     """Within: a tensor saved for backward that is `t` is not kept; `remake()` rebuilds it, bit-identical, in
     backward from tensors kept anyway. For an input that adapters keep (their A product's gradient needs it)
     and that is a cheap function of activations its producer keeps too. Contexts nest; nothing changes without
     gradients, or where other saved-tensor hooks are active (activation checkpointing keeps nothing of the
     block, and these would keep what the remakes need)."""
-    outermost = not _REMAKES
-    if not (torch.is_grad_enabled() and t.requires_grad) or _key(t) in _REMAKES or (outermost and _other_hooks()):
+    if not (torch.is_grad_enabled() and t.requires_grad):
+        return _UNCHANGED
+    return _remaking(t, remake)
+
+
+@contextlib.contextmanager
+def _remaking(t: torch.Tensor, remake):
+    outermost, key = not _REMAKES, _key(t)
+    if key in _REMAKES or (outermost and _other_hooks()):
         yield
         return
-    key = _key(t)
     _REMAKES[key] = remake
     try:
         if outermost:

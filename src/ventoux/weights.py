@@ -308,7 +308,7 @@ def save_hf(model: Transformer, folder: str | Path, dtype: torch.dtype | None = 
             size = 0
         shards[-1].append((hf, t))
         size += nbytes[hf]
-    stored = _out_dtype(model.norm.weight, dtype)
+    stored = dtype or model.dtype
     config = {**model.config.to_hf(), "torch_dtype": str(stored).removeprefix("torch."), **(extra_config or {})}
 
     def write(tmp: Path):

@@ -15,7 +15,8 @@ on first touch: on a bf16 base's LoRA step (AMD EPYC, 1 thread, checkpointing on
 without, but 36.1 tokens/s against 46.7 (every large temporary is fresh pages). So before_training maps
 them by default only where memory is the point, a quantized base (`ventoux finetune --lean-memory`).
 Transparent huge pages under the tensors (PyTorch's THP_MEM_ALLOC_ENABLE=1) did not pay it back: with the
-kernel's defrag=madvise the faults compact memory, and the same step took 10% more CPU time than on 4 KB pages. Other C libraries (musl, macOS): both calls do nothing.
+kernel's defrag=madvise the faults compact memory, and the same step took 10% more CPU time than on 4 KB pages.
+Other C libraries (musl, macOS): both calls do nothing.
 """
 
 from __future__ import annotations
