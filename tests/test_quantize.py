@@ -380,6 +380,7 @@ def test_embedding_table_is_int8_and_looks_up_its_dequantized_rows():
     assert emb(tokens).dtype == torch.float32 and torch.equal(emb(tokens), dequantized[tokens])
     assert torch.equal(emb.qweight, stored) and q.dtype == torch.float32
     assert type(quantize_model(copy.deepcopy(model), "int8", embedding=False).tok_embeddings) is nn.Embedding
+    assert quantize_model(_model(), "int8").tok_embeddings(tokens).dtype == torch.float32  # a float32 table's
 
 
 @torch.no_grad()
