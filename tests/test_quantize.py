@@ -69,9 +69,15 @@ def _ref_int4(qweight, scales, zeros):
 def _kernel_error(layer: QuantizedLinear, x, w_hat):
     """A bound on what the kernel's own roundings add to x @ w_hat^T: bfloat16 activations and output for
     PyTorch's packed kernels; for ventoux's vnni kernel, activations rounded to int8 steps of max|x| / 127 per
-    block of 32 inputs (half a step each at most)."""
+    block of 32 inputs (half a step each at most); for kleidiai, int8 steps per row (Arm builds choose it)."""
     x64 = x.to(torch.float64)
     mag = x64.abs() @ w_hat.abs().T
+    if layer.kernel == "kleidiai":  # int8 activations per row over [min(0, x), max(0, x)] in 255 steps, a step
+        # at most each (the zero point's rounding, the clamp), times the symmetric part; the zeros' term is exact
+        qweight, scales, zeros = layer.canonical()
+        w_sym = _ref_int4(qweight, scales, torch.zeros_like(zeros))
+        step = (x64.amax(-1, keepdim=True).clamp(min=0) - x64.amin(-1, keepdim=True).clamp(max=0)) / 255
+        return step * w_sym.abs().sum(-1) + 1e-5 * mag + 1e-5
     if layer.kernel != "vnni":
         return 2 * BF16_EPS * mag + 1e-5
     k = x.shape[-1]
