@@ -201,7 +201,8 @@ def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients(block, monk
     expected.backward(dy)
     for g, e in zip(got, (x2.grad, a.grad, b.grad)):
         assert g.dtype == e.dtype
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        # float32 sums in another order: on a Sapphire Rapids both are up to 1.3e-5 off the float64 sums here
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=4e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -245,6 +246,44 @@ def test_training_norm_and_silu_mul_keep_less_with_autograd_numbers(dtype):
         y_plain, dx_plain, kept_plain = run(plain, x.clone().requires_grad_())
         assert torch.equal(y, y_plain) and torch.equal(dx, dx_plain)
         assert kept <= kept_plain - fewer
+
+
+def test_silu_mul_backward_writes_b_gradient_over_w2_input_gradient(monkeypatch):
+    """_SiluMul's backward works a block of rows at a time (here 3) and returns b's gradient in the memory of the
+    gradient it was given (w2's input gradient, which nothing else reads): bit-identical to autograd's, also
+    for a gradient that is not its own memory (the expanded gradient of a sum)."""
+    from ventoux.model import _SiluMul
+
+    monkeypatch.setattr(_SiluMul, "ROWS", 3 * 96)
+    gen = torch.Generator().manual_seed(0)
+    a0, b0 = (torch.randn(2, 7, 96, generator=gen).to(torch.bfloat16) for _ in range(2))
+    w = torch.randn(96, 32, generator=gen).to(torch.bfloat16)
+    dy = torch.randn(2, 7, 32, generator=gen).to(torch.bfloat16)
+
+    def run(product, reduce):
+        a, b = (t.clone().requires_grad_() for t in (a0, b0))
+        m, b_mid = product(a, b * 1)
+        given, got = [], []
+        m.register_hook(lambda g: given.append(g.data_ptr()))
+        b_mid.register_hook(lambda g: got.append(g.data_ptr()))
+        reduce(m).backward(dy) if reduce is not sum_all else reduce(m).backward()
+        return a.grad, b.grad, given, got
+
+    def ours(a, b):
+        return _SiluMul.apply(a, b), b
+
+    def plain(a, b):
+        return torch.nn.functional.silu(a) * b, b
+
+    def sum_all(m):
+        return m.float().sum()
+
+    for reduce in (lambda m: m @ w, sum_all):
+        da, db, given, got = run(ours, reduce)
+        da_plain, db_plain, _, _ = run(plain, reduce)
+        assert torch.equal(da, da_plain) and torch.equal(db, db_plain)
+        if reduce is not sum_all:
+            assert given == got  # b's gradient is where w2's input gradient was
 
 
 def test_training_remakes_the_inputs_adapters_keep_instead_of_keeping_them():

@@ -323,6 +323,39 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(monkeypatch):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_chunked_loss_of_a_frozen_head_takes_its_gradient_in_the_forward(monkeypatch):
+    """With the final norm and the head frozen (LoRA), each chunk runs once (its gradient to the hidden states
+    is taken in the forward, no recompute in backward), and the loss and the gradients of the trained weights
+    are transformers' (the loss scaled, as the training loop divides it by the tokens)."""
+    import torch.nn.functional as F
+    from conftest import TINY, hf_model, ventoux_from_hf
+
+    from ventoux.train import loop
+
+    hf = hf_model(TINY, seed=6)
+    ours = ventoux_from_hf(hf)
+    for frozen in (ours.norm.weight, ours.output.weight, hf.model.norm.weight, hf.lm_head.weight):
+        frozen.requires_grad_(False)
+    x = torch.randint(0, TINY.vocab_size, (3, 7))
+    y = torch.randint(0, TINY.vocab_size, (21,))
+    y[[0, 4, 20]] = -100
+    monkeypatch.setattr(loop, "LOGIT_CHUNK", 5 * TINY.vocab_size)
+    calls = []
+    monkeypatch.setattr(ours, "logits", lambda h, f=ours.logits: calls.append(h.shape[0]) or f(h))
+    loss = loop.summed_loss(ours, x, y) / 18
+    assert calls == [5, 5, 5, 5, 1]
+    loss.backward()
+    assert calls == [5, 5, 5, 5, 1]  # nothing recomputed
+    ref = F.cross_entropy(hf(x).logits.flatten(0, 1), y, ignore_index=-100, reduction="sum") / 18
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in [(ours.layers[1].feed_forward.w2.weight, hf.model.layers[1].mlp.down_proj.weight),
+                 (ours.layers[0].attention.wq.weight, hf.model.layers[0].self_attn.q_proj.weight)]:
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # evaluation: the same sum, no gradient taken
+        assert loop.summed_loss(ours, x, y).item() == pytest.approx(ref.item() * 18, rel=1e-5)
+
+
 _HEAP_PROBE = """
 import sys, torch
 from ventoux.train import memory

@@ -120,11 +120,13 @@ class _LowRank(torch.autograd.Function):
             db = torch.cat([(dy[:, c].to(b.dtype) * s).T @ h for c in _blocks(out, tokens)])
         if ctx.needs_input_grad[1]:  # dA = dh^T @ x, by columns of x
             da = torch.cat([dh.T @ xs[:, c].to(a.dtype) for c in _blocks(width, tokens)], dim=1)
+        shape, dtype = x.shape, x.dtype
+        del x, xs  # a remade input (model.remade_in_backward) goes before dx comes: one such tensor fewer at once
         if ctx.needs_input_grad[0]:  # dx = dh @ A by rows, rounded to x's dtype
-            dx = xs.new_empty(xs.shape)
+            dx = dh.new_empty(tokens, width, dtype=dtype)
             for r in _blocks(tokens, width):
                 dx[r] = dh[r] @ a
-            dx = dx.view(x.shape)
+            dx = dx.view(shape)
         return dx, da, db, None
 
 

@@ -70,8 +70,10 @@ def summed_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     The float32 logits, their log-softmax and their gradient are 3 x rows x vocab x 4 bytes (1.5 GiB for
     4 x 512 tokens and a 32K vocabulary): more than a LoRA's activations. When they exceed a chunk, the
-    head and the loss run a chunk of rows at a time and are recomputed in backward (as torchtune's chunked
-    cross-entropy), so only one chunk's exist at once; the loss is the same sum, in a different order.
+    head and the loss run a chunk of rows at a time, so only one chunk's exist at once; the loss is the same
+    sum, in a different order. A frozen head (LoRA) gets each chunk's gradient to the hidden states right away,
+    in the forward (as Liger's fused linear cross-entropy); a trained one recomputes each chunk in backward
+    (as torchtune's chunked cross-entropy), which costs one more pass of the head.
     """
     vocab = model.config.vocab_size
     rows = max(1, LOGIT_CHUNK // vocab)
@@ -82,8 +84,34 @@ def summed_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     def chunk_loss(h, target):
         return F.cross_entropy(model.logits(h), target, ignore_index=-100, reduction="sum")
 
+    head = [*model.norm.parameters(), *model.output.parameters()]
+    if torch.is_grad_enabled() and not any(p.requires_grad for p in head):
+        return _GradientInForward.apply(hidden, chunk_loss, y, rows)
     return sum(torch.utils.checkpoint.checkpoint(chunk_loss, hidden[i: i + rows], y[i: i + rows], use_reentrant=False)
                for i in range(0, hidden.shape[0], rows))
+
+
+class _GradientInForward(torch.autograd.Function):
+    """The sum of chunk_loss over chunks of rows, each chunk's gradient to its rows taken in the forward and
+    kept (rows x dim, 16 MB for 2048 tokens of 4096 in bf16) until backward scales it by the loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, chunk_loss, y, rows):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for i in range(0, hidden.shape[0], rows):
+            h = hidden[i: i + rows].detach().requires_grad_(grad is not None)
+            with torch.enable_grad():
+                loss = chunk_loss(h, y[i: i + rows])
+            if grad is not None:
+                (grad[i: i + rows],) = torch.autograd.grad(loss, h)
+            total += loss.detach()
+        ctx.grad = grad
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        return None if ctx.grad is None else ctx.grad * g, None, None, None
 
 
 # Settings a resumed run may change: they decide what is logged, kept and where it runs, not the weights.
