@@ -205,12 +205,17 @@ class QuantizedLinear(nn.Module):
             w = torch.empty(n, stop - start, dtype=dtype, device=device)
             for i in range(0, n, rows):
                 if canonical is None:
-                    part = self._tile_block(i, min(n, i + rows), start, stop)
-                else:  # per-row tensors (int8 scales) are whole; the others have K/c columns
-                    part = [t[i:i + rows, start * t.shape[1] // k:stop * t.shape[1] // k] if t.dim() == 2
-                            else t[i:i + rows] for t in canonical]
+                    self._dequantize_tiles(w[i:i + rows], i, min(n, i + rows), start, stop)
+                    continue
+                # per-row tensors (int8 scales) are whole; the others have K/c columns
+                part = [t[i:i + rows, start * t.shape[1] // k:stop * t.shape[1] // k] if t.dim() == 2
+                        else t[i:i + rows] for t in canonical]
                 w[i:i + rows] = self.dequantize(*part)
             yield start, w
+
+    def _dequantize_tiles(self, out: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+        """out = the dequantized rows r0:r1, inputs c0:c1, read from vnni's tiles."""
+        out.copy_(self.dequantize(*self._tile_block(r0, r1, c0, c1)))
 
     # state_dict, load_state_dict and to() see the device-independent layout
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -289,6 +294,19 @@ class Int8Linear(QuantizedLinear):
 
     def _unpack(self):
         return cpu_kernels.untile_int8(self.qweight, self.scales, self.out_features)
+
+    def _dequantize_tiles(self, out, r0, r1, c0, c1):
+        """With one scale a row (the output head's int8), in two passes over the block where the generic way
+        makes five copies (the head's backward to the input runs once a loss chunk): the tiles' words
+        deinterleaved, then q * scale in float32, rounded once to out's dtype as dequantize()."""
+        tile = cpu_kernels.TILE
+        if self.group_size is not None or (r1 - r0) % tile:
+            return super()._dequantize_tiles(out, r0, r1, c0, c1)
+        # each row's 4 inputs of a tile are one int32: deinterleaved as such, they are rows of int8 in out's order
+        words = self.qweight[r0 // tile:r1 // tile, c0 // 4:c1 // 4].view(torch.int32)[..., 0]  # (R/16, C/4, 16)
+        q = torch.empty(r1 - r0, c1 - c0, dtype=torch.int8)
+        q.view(torch.int32).view(words.shape[0], tile, -1).copy_(words.transpose(1, 2))  # copy_: 5x .contiguous()
+        torch.mul(q, self.scales[r0:r1].float()[:, None], out=out)
 
     def _tile_block(self, r0, r1, c0, c1):
         """The canonical tensors of rows r0:r1 and inputs c0:c1, read from vnni's tiles (tile_int8)."""
