@@ -296,16 +296,11 @@ class Int8Linear(QuantizedLinear):
         return cpu_kernels.untile_int8(self.qweight, self.scales, self.out_features)
 
     def _dequantize_tiles(self, out, r0, r1, c0, c1):
-        """With one scale a row (the output head's int8), in two passes over the block where the generic way
-        makes five copies (the head's backward to the input runs once a loss chunk): the tiles' words
-        deinterleaved, then q * scale in float32, rounded once to out's dtype as dequantize()."""
-        tile = cpu_kernels.TILE
-        if self.group_size is not None or (r1 - r0) % tile:
+        """With one scale a row (the output head's int8, whose backward runs once a loss chunk): q * scale in
+        float32 written to out, rounded once as dequantize(), one copy fewer."""
+        if self.group_size is not None:
             return super()._dequantize_tiles(out, r0, r1, c0, c1)
-        # each row's 4 inputs of a tile are one int32: deinterleaved as such, they are rows of int8 in out's order
-        words = self.qweight[r0 // tile:r1 // tile, c0 // 4:c1 // 4].view(torch.int32)[..., 0]  # (R/16, C/4, 16)
-        q = torch.empty(r1 - r0, c1 - c0, dtype=torch.int8)
-        q.view(torch.int32).view(words.shape[0], tile, -1).copy_(words.transpose(1, 2))  # copy_: 5x .contiguous()
+        q = cpu_kernels.untile_block(self.qweight, r0, r1, c0 // 4, c1 // 4)
         torch.mul(q, self.scales[r0:r1].float()[:, None], out=out)
 
     def _tile_block(self, r0, r1, c0, c1):
