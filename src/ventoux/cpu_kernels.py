@@ -184,7 +184,7 @@ def _deinterleave(t: torch.Tensor, n: int) -> torch.Tensor:
     out = t.new_empty(tiles * rows, groups * width)
     if width == 4 and t.element_size() == 1:  # a row's 4 bytes moved as one int32: 4x fewer, longer strides
         out.view(torch.int32).view(tiles, rows, groups).copy_(t.view(torch.int32)[..., 0].transpose(1, 2))
-    else:  # copy_ into the result: 5x faster than .contiguous() of the transposed view, on 2 threads
+    else:  # copy_ into the result: faster than .contiguous() of the transposed view (48 vs 261 us, 2 threads)
         out.view(tiles, rows, groups, width).copy_(t.transpose(1, 2))
     return out[:n]
 

@@ -78,12 +78,12 @@ class _SiluMul(torch.autograd.Function):
         dy = dy.contiguous()  # an expanded gradient (of a sum) is copied before it is written over
         a2, b2, dy2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dy.view(-1, dy.shape[-1])
         da = torch.empty_like(dy) if ctx.needs_input_grad[0] else None
+        da2 = None if da is None else da.view(dy2.shape)
         step = max(1, _SiluMul.ROWS // a2.shape[1])
         for r in (slice(i, i + step) for i in range(0, a2.shape[0], step)):
-            if da is not None:  # before dy[r] is overwritten below
-                d = da.view(-1, da.shape[-1])[r]
-                torch.mul(dy2[r], b2[r], out=d)
-                torch.ops.aten.silu_backward.grad_input(d, a2[r], grad_input=d)
+            if da2 is not None:  # before dy[r] is overwritten below
+                torch.mul(dy2[r], b2[r], out=da2[r])
+                torch.ops.aten.silu_backward.grad_input(da2[r], a2[r], grad_input=da2[r])
             if ctx.needs_input_grad[1]:
                 dy2[r].mul_(F.silu(a2[r]))
         return da, dy if ctx.needs_input_grad[1] else None
