@@ -29,3 +29,18 @@ def test_adapter_gradients_with_a_frozen_input_and_more_tokens_than_inputs(froze
         assert (got is None) == (want is None)
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_backward_makes_dx_in_the_input_dtype():
+    """The adapter's input gradient is made in x's dtype (bf16), not in its float32 factors' dtype and cast
+    by autograd afterwards: a float32 dx would be twice the memory at training's peak. Called directly, as
+    autograd's cast would hide it."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=gen).to(torch.bfloat16)
+    a, b = torch.randn(4, 32, generator=gen), torch.randn(16, 4, generator=gen)
+    ctx = SimpleNamespace(saved_tensors=(x, x.float() @ a.T, a, b), scaling=2.0, needs_input_grad=(True, True, True))
+    dx, da, db, _ = lora._LowRank.backward(ctx, torch.randn(6, 16, generator=gen).to(torch.bfloat16))
+    assert dx.dtype == torch.bfloat16 and dx.shape == x.shape
+    assert da.dtype == db.dtype == torch.float32
