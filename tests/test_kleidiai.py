@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_quantize import BF16_EPS, _kernel_error, _ref_int4
 
-from ventoux import cpu_kernels, qlinear
+from ventoux import cpu_kernels, kleidiai, qlinear
 from ventoux.qlinear import Int4Linear, quantize_int4
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit"),
@@ -107,7 +107,7 @@ def test_kleidiai_layer_reloads_and_pads_odd_widths():
 def test_kleidiai_is_chosen_only_where_pytorch_runs_kleidiai(monkeypatch, native):
     monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "none")  # as on Arm: no vnni build
     monkeypatch.setattr(torch.backends.kleidiai, "is_available", lambda: native)
-    monkeypatch.setattr(qlinear, "_kleidiai_packs", lambda: True)  # this CPU takes KleidiAI's packing
+    monkeypatch.setattr(kleidiai, "packs", lambda: True)  # this CPU takes KleidiAI's packing
     w = _offset_weights(32, 128)
     expected = "kleidiai" if native else "int4pack"
     assert Int4Linear.kernels("cpu")[0] == expected
@@ -115,7 +115,7 @@ def test_kleidiai_is_chosen_only_where_pytorch_runs_kleidiai(monkeypatch, native
     assert Int4Linear.from_float(w, 128).kernel == "int4pack"  # one group a row: KleidiAI's channelwise kernel
     assert Int4Linear.from_float(w, 32, kernel="kleidiai").kernel == "kleidiai"  # asked for: runs anywhere
     # compiled in, but the CPU lacks the dot-product instructions (PyTorch packs for its reference): not chosen
-    monkeypatch.setattr(qlinear, "_kleidiai_packs", lambda: False)
+    monkeypatch.setattr(kleidiai, "packs", lambda: False)
     assert Int4Linear.from_float(w, 32).kernel == "int4pack" and "kleidiai" not in Int4Linear.kernels("cpu")
 
 
@@ -123,7 +123,7 @@ def test_kleidiai_probe_of_the_packing_reports_pytorchs_reference_here():
     # x86 wheels (and builds without KleidiAI) pack into PyTorch's reference layout: float32 values
     if torch.backends.kleidiai.is_available():
         pytest.skip("KleidiAI is compiled in here")
-    assert not qlinear._kleidiai_packs() and not qlinear._kleidiai_native()
+    assert not kleidiai.packs() and not kleidiai.native()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -149,7 +149,7 @@ def test_kernel_check_refuses_kleidiai_where_its_codes_do_not_read_back(monkeypa
     check = qlinear._kernel_check.__wrapped__  # uncached
     assert check(Int4Linear, "kleidiai", "cpu", None)
     assert not check(Int4Linear, "kleidiai", "meta", None)
-    monkeypatch.setattr(Int4Linear, "_kleidiai_unpack", lambda self: torch.zeros_like(self.unread[:0]))
+    monkeypatch.setattr(Int4Linear, "_kleidiai_codes", lambda self: torch.zeros_like(self.unread[:0]))
     assert not check(Int4Linear, "kleidiai", "cpu", None)  # a read-back that differs: never chosen nor allowed
-    monkeypatch.setattr(Int4Linear, "_kleidiai_unpack", lambda self: (_ for _ in ()).throw(RuntimeError("inexact")))
+    monkeypatch.setattr(Int4Linear, "_kleidiai_codes", lambda self: (_ for _ in ()).throw(RuntimeError("inexact")))
     assert not check(Int4Linear, "kleidiai", "cpu", None)

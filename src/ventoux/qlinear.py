@@ -19,7 +19,7 @@ are loaded or moved (`to()`), never per call. Kernels, in order of preference:
              the rows interleaved 16 at a time (cpu_kernels.tile_int8, tile_int4)
   int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations; one scale a
              row only: int8 with groups (int8-g32, ...) never takes it
-  kleidiai   Arm CPUs (aarch64 wheels): Arm's KleidiAI micro-kernels behind aten._dyn_quant_matmul_4bit, int8
+  kleidiai   Arm CPUs (aarch64 wheels, kleidiai.py): KleidiAI micro-kernels behind aten._dyn_quant_matmul_4bit, int8
              activations quantized per row (float32 in); symmetric int4 (a scale a group), so our zero points add
              (group sums of x) @ zeros^T in float32. Elsewhere the same ops run PyTorch's plain C++ reference:
              used there only when asked for (tests)
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import cpu_kernels, kleidiai
 from .errors import VentouxError
 from .frozen import frozen_product
 
@@ -350,14 +350,14 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def kernels(cls, device) -> list[str]:
-        return [k for k in super().kernels(device) if k != "kleidiai" or _kleidiai_native()]
+        return [k for k in super().kernels(device) if k != "kleidiai" or kleidiai.native()]
 
     def _set(self, *canonical):
         self.group_size = self.stored_in // canonical[1].shape[1]  # before the kernel's choice: _fits reads it
         super()._set(*canonical)
 
     def _supports(self, kernel, device):
-        if kernel == "kleidiai" and self.requested_kernel is None and not _kleidiai_native():
+        if kernel == "kleidiai" and self.requested_kernel is None and not kleidiai.native():
             return False  # PyTorch's reference code for these ops: slow, so only when asked for
         return super()._supports(kernel, device)
 
@@ -378,7 +378,7 @@ class Int4Linear(QuantizedLinear):
         if kernel == "vnni":  # rows interleaved 16 at a time (a byte permutation, see cpu_kernels.tile_int4)
             return dict(zip(("qweight", "scales", "zeros"), cpu_kernels.tile_int4(qweight, scales, zeros)))
         if kernel == "kleidiai":
-            return self._kleidiai_pack(qweight, scales, zeros)
+            return kleidiai.pack(qweight, scales, zeros, self.group_size)
         scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()  # (K/g, N, 2)
         q = unpack_int4(qweight)  # (N, K)
         if qweight.device.type == "cpu":
@@ -402,7 +402,7 @@ class Int4Linear(QuantizedLinear):
         if self.kernel == "vnni":
             return cpu_kernels.untile_int4(self.qweight, self.scales, self.zeros, self.out_features)
         if self.kernel == "kleidiai":
-            return self._kleidiai_unpack(), self.scales, self.zeros.to(SCALE_DTYPE)
+            return self._kleidiai_codes(), self.scales, self.zeros.to(SCALE_DTYPE)
         # There is no unpack op for these layouts: multiplying the identity with scale 1 and zero 0 reads q - 8
         # (exact: small integers, one term per output). Slow on CPU (seconds per 4096x14336), so only for
         # saving or moving a packed module.
@@ -422,55 +422,13 @@ class Int4Linear(QuantizedLinear):
             # the tiles were checked when packed; bf16 in and out is converted in C
             return cpu_kernels.int4_gemv_unchecked(x, *self._tiles, self.group_size, self.out_features).to(x.dtype)
         if self.kernel == "kleidiai":
-            return self._kleidiai_mm(x)
+            return kleidiai.matmul(x, self.packed, self.zeros, self.group_size, self.stored_in, self.out_features)
         if self.kernel == "int4pack":
             return self._int4pack_mm(x.to(SCALE_DTYPE), self.scales_and_zeros).to(x.dtype)
         return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))
 
-    # KleidiAI: (q - 8) * scale + zero = (q - 8) * scale (its symmetric int4) + zero (per group, exact in float32)
-    def _kleidiai_pack(self, qweight, scales, zeros):
-        """PyTorch's packer reads our layout (N rows of K/2 bytes, even input in the low nibble, codes 0..15 for
-        -8..7) with bfloat16 scales (N, K/g); the packed buffer holds both. The layer keeps the scales (to read
-        the codes back), the zeros in float32 (the correction's product; exact), and the codes of the groups
-        the read-back cannot see (_kleidiai_unread: zero scales, as in zero-padded inputs; usually none)."""
-        n, k, g = self.out_features, self.stored_in, self.group_size
-        packed = torch.ops.aten._dyn_quant_pack_4bit_weight(qweight.contiguous(), scales.contiguous(), None, g, k, n)
-        unread = qweight.reshape(n, k // g, g // 2)[_kleidiai_unread(scales)]  # (groups, g/2)
-        return {"packed": packed, "scales": scales, "zeros": zeros.float(), "unread": unread.contiguous()}
-
-    def _kleidiai_mm(self, x):
-        x32 = x.float().contiguous()  # the ops take float32 (and quantize it to int8 per row)
-        y = torch.ops.aten._dyn_quant_matmul_4bit(x32, self.packed, self.group_size, self.stored_in,
-                                                  self.out_features)
-        sums = x32.view(x32.shape[0], -1, self.group_size).sum(-1)  # (M, K/g)
-        return y.addmm_(sums, self.zeros.T).to(x.dtype)
-
-    def _kleidiai_unpack(self, rows: int = 256) -> torch.Tensor:
-        """The codes (N, K/2) read from the packed buffer through the product itself: the input row
-        e_2j - (128/127) e_2j+1 quantizes exactly to 127 and -128 with a zero point of 0 (so no other input
-        adds anything, nor any rounding), and reads s * (127 d0 - 128 d1) / 127 with d = q - 8 of byte j:
-        an integer up to 2040 in magnitude once divided by its group's scale s, from which d1 = -v mod 127
-        and then d0 follow. Exact (checked: a read that is not an integer raises); costs a product of K/2
-        rows, so only for saving, moving or the backward."""
-        n, k, g = self.out_features, self.stored_in, self.group_size
-        unread = _kleidiai_unread(self.scales)  # (N, K/g)
-        step = self.scales.float().masked_fill(unread, 1).repeat_interleave(g // 2, 1)  # (N, K/2) each byte's s
-        qweight = torch.empty(n, k // 2, dtype=torch.uint8, device=self.scales.device)
-        for b0 in range(0, k // 2, rows):
-            b = torch.arange(b0, min(k // 2, b0 + rows), device=qweight.device)
-            probe = torch.zeros(len(b), k, device=qweight.device)
-            probe[torch.arange(len(b)), 2 * b] = 1
-            probe[torch.arange(len(b)), 2 * b + 1] = -128 / 127
-            out = torch.ops.aten._dyn_quant_matmul_4bit(probe, self.packed, g, k, n)  # (bytes, N)
-            read = out.T * 127 / step[:, b]  # 127 d0 - 128 d1, to float rounding
-            v = read.round()
-            d1 = (-v + 8).remainder(127) - 8
-            d0 = (v + 128 * d1) / 127
-            if not ((read - v).abs() < 0.1).all() or not ((d0 >= -8) & (d0 <= 7)).all():
-                raise RuntimeError("KleidiAI's packed int4 weight did not read back exactly")
-            qweight[:, b] = ((d0 + 8).to(torch.uint8) | ((d1 + 8).to(torch.uint8) << 4))
-        qweight.view(n, k // g, g // 2)[unread] = self.unread
-        return qweight
+    def _kleidiai_codes(self):
+        return kleidiai.unpack(self.packed, self.scales, self.unread, self.group_size, self.stored_in)
 
 
 class Int8Embedding(nn.Module):
@@ -513,31 +471,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-def _kleidiai_unread(scales: torch.Tensor) -> torch.Tensor:
-    """(N, K/g) bool: the groups whose codes the product cannot read back (Int4Linear._kleidiai_unpack divides
-    by the scale): zero, or so small or large that float32 products with it lose digits (quantize_int4 makes
-    zero scales for constant groups, as zero-padded inputs; the others come only from odd checkpoints)."""
-    magnitude = scales.float().abs()
-    return ~((magnitude >= 2.0**-100) & (magnitude <= 2.0**100))
-
-
-def _kleidiai_native() -> bool:
-    """Whether PyTorch runs KleidiAI's kernels for its int4 ops here: compiled in (aarch64 wheels) and taken by
-    this CPU (it needs the dot-product instructions: a Raspberry Pi 4 lacks them, and gets the reference)."""
-    backend = getattr(torch.backends, "kleidiai", None)
-    return backend is not None and backend.is_available() and _kleidiai_packs()
-
-
-@functools.cache
-def _kleidiai_packs() -> bool:
-    """KleidiAI's packed weight is bytes; PyTorch's reference keeps the codes and scales as float32 values."""
-    try:
-        q, s = torch.full((8, 32), 0x88, dtype=torch.uint8), torch.ones(8, 2, dtype=SCALE_DTYPE)
-        return torch.ops.aten._dyn_quant_pack_4bit_weight(q, s, None, 32, 64, 8).dtype == torch.uint8
-    except (AttributeError, RuntimeError):  # PyTorch before 2.6 has no such op
-        return False
-
-
 def _kernel_works(cls, kernel: str, device_type: str) -> bool:
     """Whether `kernel` runs on this device type and agrees with the fallback on a small random case (checked
     once per process and, for ours, per kernel build: VENTOUX_CPU_ISA may change it)."""
@@ -550,8 +483,8 @@ def _kernel_check(cls, kernel: str, device_type: str, isa: str | None) -> bool:
         return False
     if device_type == "meta":  # a skeleton computes nothing: its fake int4pack product fails with AttributeError
         return False
-    if kernel == "kleidiai" and (device_type != "cpu" or not hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit")):
-        return False  # CPU ops, from PyTorch 2.6
+    if kernel == "kleidiai" and not kleidiai.has_ops(device_type):
+        return False
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(32, 128, generator=gen), torch.randn(3, 128, generator=gen)
     ref = cls.from_float(w, kernel="fallback")
@@ -559,7 +492,7 @@ def _kernel_check(cls, kernel: str, device_type: str, isa: str | None) -> bool:
         fast = cls.from_float(w, kernel="fallback")
         fast._store(kernel, *(t.to(device_type) for t in ref.canonical()))
         out = fast(x.to(device_type)).cpu()
-        # kleidiai's codes are read back through the library's arithmetic (_kleidiai_unpack): checked too
+        # kleidiai's codes are read back through the library's arithmetic (kleidiai.unpack): checked too
         reads_back = kernel != "kleidiai" or all(torch.equal(a, b) for a, b in zip(fast.canonical(), ref.canonical()))
     except (RuntimeError, NotImplementedError):
         return False
