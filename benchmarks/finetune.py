@@ -10,6 +10,12 @@ tokens, with activation checkpointing off and on. Ratios are against transformer
 same checkpointing setting ("x bf16 memory": against ventoux's bf16 base). "tok/CPU s": tokens per second of
 the process's user + system CPU time in the timed steps, the speed to compare on a shared machine (with
 OMP_NUM_THREADS=1); "speed x" and "CPU x" are the wall-clock and CPU-time ratios.
+
+Each step is timed on its own. A VM's speed can swing twofold from one minute to the next (seen on the Intel
+Xeon VM: the same peft step at 71 and 166 tokens/s in two runs), so --rounds N measures every variant N times,
+interleaved (round 1 runs all of them, then round 2, ...): "best" is the fastest step, the estimate of the
+uncontended speed (as bench_linear.py takes the minimum), "median" the median step; the speed ratios use the
+best, and the peak memory is the largest of the rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -91,14 +98,15 @@ def worker(args) -> None:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
-    t0, c0 = time.perf_counter(), cpu()
+    seconds, cpu_seconds = [], []
     for _ in range(args.steps):
+        t0, c0 = time.perf_counter(), cpu()
         step()
-    seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
+        seconds.append(time.perf_counter() - t0)
+        cpu_seconds.append(cpu() - c0)
     print(json.dumps(dict(variant=args.variant, checkpointing=args.ckpt,
-                          trainable=sum(p.numel() for p in params),
-                          tokens_per_s=args.steps * args.batch_size * args.seq_len / seconds,
-                          tokens_per_cpu_s=args.steps * args.batch_size * args.seq_len / cpu_seconds,
+                          trainable=sum(p.numel() for p in params), tokens=args.batch_size * args.seq_len,
+                          seconds=seconds, cpu_seconds=cpu_seconds,
                           peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
 
 
@@ -109,6 +117,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: time the first step too)")
+    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, interleaved")
     p.add_argument("--jobs", type=int, default=1, help="variants measured at once (side by side, on a shared "
                    "machine, they meet the same contention; each peak memory is its own process's)")
     p.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
@@ -142,19 +151,31 @@ def main() -> None:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(measure, runs))
+        measured = list(pool.map(measure, runs * args.rounds))
+    rows = [summarize([m for m in measured if (m["variant"], m["checkpointing"]) == run]) for run in runs]
     print(f"\nLoRA r16 on 7 targets, {args.layers}-layer Mistral-7B shape, batch {args.batch_size} x {args.seq_len}, "
-          f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.jobs} variant(s) at a time, "
-          f"--lean-memory {args.lean_memory}")
-    print(f"{'variant':<24}{'ckpt':>5}{'tokens/s':>10}{'tok/CPU s':>10}{'peak GiB':>10}{'speed x':>9}{'CPU x':>7}"
-          f"{'memory x':>10}{'x bf16 memory':>14}")
+          f"{args.rounds} round(s) of {args.steps} timed step(s) after {args.warmup} warm-up, {args.jobs} variant(s) "
+          f"at a time, --lean-memory {args.lean_memory}; tokens/s of the best and the median step")
+    print(f"{'variant':<24}{'ckpt':>5}{'best tok/s':>11}{'median':>8}{'tok/CPU s':>10}{'peak GiB':>10}{'speed x':>9}"
+          f"{'CPU x':>7}{'memory x':>10}{'x bf16 memory':>14}")
     for r in rows:
         ref = next((x for x in rows if x["variant"] == VARIANTS[-1] and x["checkpointing"] == r["checkpointing"]), r)
         bf16 = next((x for x in rows if x["variant"] == VARIANTS[0] and x["checkpointing"] == r["checkpointing"]), r)
-        print(f"{r['variant']:<24}{'on' if r['checkpointing'] else 'off':>5}{r['tokens_per_s']:>10.1f}"
-              f"{r['tokens_per_cpu_s']:>10.1f}{r['peak_rss_gib']:>10.2f}{r['tokens_per_s'] / ref['tokens_per_s']:>9.2f}"
-              f"{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:>7.2f}"
+        print(f"{r['variant']:<24}{'on' if r['checkpointing'] else 'off':>5}{r['best']:>11.1f}{r['median']:>8.1f}"
+              f"{r['per_cpu_s']:>10.1f}{r['peak_rss_gib']:>10.2f}{r['best'] / ref['best']:>9.2f}"
+              f"{r['per_cpu_s'] / ref['per_cpu_s']:>7.2f}"
               f"{r['peak_rss_gib'] / ref['peak_rss_gib']:>10.2f}{r['peak_rss_gib'] / bf16['peak_rss_gib']:>14.2f}")
+
+
+def summarize(measured: list[dict]) -> dict:
+    """One variant's rounds: tokens/s of its fastest and median step and of its fastest step in CPU time, and
+    its largest peak."""
+    tokens = measured[0]["tokens"]
+    seconds = [s for m in measured for s in m["seconds"]]
+    cpu_seconds = [s for m in measured for s in m["cpu_seconds"]]
+    return dict(variant=measured[0]["variant"], checkpointing=measured[0]["checkpointing"],
+                best=tokens / min(seconds), median=tokens / statistics.median(seconds),
+                per_cpu_s=tokens / min(cpu_seconds), peak_rss_gib=max(m["peak_rss_gib"] for m in measured))
 
 
 if __name__ == "__main__":
