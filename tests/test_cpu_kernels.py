@@ -167,6 +167,19 @@ def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
         assert torch.equal(y, cpu_kernels.int4_gemv(x.float(), *tiles, 32, n).bfloat16()), m
 
 
+@pytest.mark.parametrize("n, group", [(37, 256), (130, 32)])
+def test_int8_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n, group):
+    # int8_gemv_unchecked with a bfloat16 x (Int8Linear in a bf16 model), per row and per group of 32, as int4's
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 256, generator=gen)
+    tiles = cpu_kernels.tile_int8(*quantize_int8(w, None if group == 256 else group))
+    for m in (1, 2, 3, 4, 5, 8, 9, 20):
+        x = (torch.randn(m, 256, generator=gen) * 3).bfloat16()
+        y = cpu_kernels.int8_gemv_unchecked(x, *tiles, group, n)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert torch.equal(y, cpu_kernels.int8_gemv(x.float(), *tiles, group, n).bfloat16()), m
+
+
 def _dot_bf16(isa: str) -> bool:
     """Whether half_gemv multiplies bf16 activations and weights with vdpbf16ps (cpu_kernels.c, dot_bf16_rows)."""
     return isa == "avx512" and "avx512_bf16" in cpu_kernels.cpu_flags()

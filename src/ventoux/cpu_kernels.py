@@ -151,7 +151,7 @@ def load(path: str | Path) -> ctypes.CDLL:
     """A compiled kernel library, its functions typed."""
     lib = ctypes.CDLL(str(path))
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int]
+    lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int, ctypes.c_int]
     lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int, ctypes.c_int]
     lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int, ctypes.c_int]
     lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
@@ -229,11 +229,13 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
 def int8_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                         n: int) -> torch.Tensor:
     """int8_gemv for tiles its caller has checked once (Int8Linear, at load), as int4_gemv_unchecked: a decode
-    call's Python costs as much as a small product's arithmetic. x of any float dtype (computed in float32)."""
-    x = x.to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], n)
+    call's Python costs as much as a small product's arithmetic. A bfloat16 x gives a bfloat16 y, converted in the
+    kernel (the float32 product rounded as .to(torch.bfloat16) rounds it); any other float x is computed in
+    float32."""
+    x, bf16 = _kernel_input(x)
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if bf16 else torch.float32)
     library().vx_int8_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(), group, n,
-                           y.data_ptr(), torch.get_num_threads())
+                           y.data_ptr(), torch.get_num_threads(), bf16)
     return y
 
 

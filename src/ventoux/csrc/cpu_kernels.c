@@ -120,10 +120,14 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, acc[m]);
 }
 
-void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
-                  int64_t N, float* y, int nthreads) {
+static void bf16_from_floats(uint16_t* dst, const float* src, int64_t n);
+static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n);
+
+// bf16_io: x and y are bfloat16, as vx_int4_gemv's (read its comment).
+void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
+                  int64_t N, void* yv, int nthreads, int bf16_io) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
-    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, y, nthreads, 0);
+    quant_gemm(xv, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, yv, nthreads, bf16_io);
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -133,7 +137,9 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       int8_t* q = xq + m * K + b * BLOCK;
-      dx[m * B + b] = quantize_block(x + m * K + b * BLOCK, q);
+      float block[BLOCK];
+      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
+      dx[m * B + b] = quantize_block(bf16_io ? block : (const float*)xv + m * K + b * BLOCK, q);
       int sum = 0;
       for (int i = 0; i < BLOCK; ++i) sum += q[i];
       xs[m * B + b] = -128 * sum;
@@ -151,7 +157,10 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
       default: int8_tile(wt, st, K, group, xq, dx, xs, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    for (int64_t m = 0; m < M; ++m) {
+      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
+      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    }
   }
   free(xq);
   free(dx);

@@ -132,17 +132,33 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + m * TILE + 8 * h, acc[m][h]);
 }
 
-void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
-                  int64_t N, float* y, int nthreads) {
-  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+static void bf16_from_floats(uint16_t* dst, const float* src, int64_t n);
+static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n);
+
+// bf16_io: x and y are bfloat16, as in cpu_kernels.c.
+void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
+                  int64_t N, void* yv, int nthreads, int bf16_io) {
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file), on float32 copies if need be
+    float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
+    float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
+    if (bf16_io) floats_from_bf16(x, xv, M * K);
     quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, y, nthreads);
+    if (bf16_io) {
+      bf16_from_floats(yv, y, M * N);
+      free(x);
+      free(y);
+    }
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
   int8_t* xq = malloc(M * K);  // the quantized activations, and their block scales
   float* dx = malloc(M * B * sizeof(float));
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < B; ++b) dx[m * B + b] = quantize_block(x + m * K + b * BLOCK, xq + m * K + b * BLOCK);
+    for (int64_t b = 0; b < B; ++b) {
+      float block[BLOCK];
+      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
+      dx[m * B + b] = quantize_block(bf16_io ? block : (const float*)xv + m * K + b * BLOCK, xq + m * K + b * BLOCK);
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float out[GEMV_MAX_ROWS * TILE];
@@ -154,7 +170,10 @@ void vx_int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const u
       default: int8_tile(wt, st, K, group, xq, dx, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    for (int64_t m = 0; m < M; ++m) {
+      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
+      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
+    }
   }
   free(xq);
   free(dx);
