@@ -149,7 +149,7 @@ def test_kernel_check_refuses_kleidiai_where_its_codes_do_not_read_back(monkeypa
     check = qlinear._kernel_check.__wrapped__  # uncached
     assert check(Int4Linear, "kleidiai", "cpu", None)
     assert not check(Int4Linear, "kleidiai", "meta", None)
-    monkeypatch.setattr(Int4Linear, "_kleidiai_codes", lambda self: torch.zeros_like(self.unread[:0]))
+    monkeypatch.setattr(kleidiai, "unpack", lambda packed, scales, unread, *rest: torch.zeros_like(unread[:0]))
     assert not check(Int4Linear, "kleidiai", "cpu", None)  # a read-back that differs: never chosen nor allowed
-    monkeypatch.setattr(Int4Linear, "_kleidiai_codes", lambda self: (_ for _ in ()).throw(RuntimeError("inexact")))
+    monkeypatch.setattr(kleidiai, "unpack", lambda *args: (_ for _ in ()).throw(RuntimeError("inexact")))
     assert not check(Int4Linear, "kleidiai", "cpu", None)

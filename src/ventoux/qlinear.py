@@ -402,7 +402,8 @@ class Int4Linear(QuantizedLinear):
         if self.kernel == "vnni":
             return cpu_kernels.untile_int4(self.qweight, self.scales, self.zeros, self.out_features)
         if self.kernel == "kleidiai":
-            return self._kleidiai_codes(), self.scales, self.zeros.to(SCALE_DTYPE)
+            codes = kleidiai.unpack(self.packed, self.scales, self.unread, self.group_size, self.stored_in)
+            return codes, self.scales, self.zeros.to(SCALE_DTYPE)
         # There is no unpack op for these layouts: multiplying the identity with scale 1 and zero 0 reads q - 8
         # (exact: small integers, one term per output). Slow on CPU (seconds per 4096x14336), so only for
         # saving or moving a packed module.
@@ -426,9 +427,6 @@ class Int4Linear(QuantizedLinear):
         if self.kernel == "int4pack":
             return self._int4pack_mm(x.to(SCALE_DTYPE), self.scales_and_zeros).to(x.dtype)
         return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))
-
-    def _kleidiai_codes(self):
-        return kleidiai.unpack(self.packed, self.scales, self.unread, self.group_size, self.stored_in)
 
 
 class Int8Embedding(nn.Module):

@@ -123,6 +123,20 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
 static void bf16_from_floats(uint16_t* dst, const float* src, int64_t n);
 static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n);
 
+// The gemv kernels' bf16_io: x and y bfloat16 (a bf16 model's activations), converted a block at a time here.
+// Activations at..at + BLOCK of x as float32 (into buf when they are bfloat16).
+static inline const float* x_block(const void* xv, int64_t at, int bf16_io, float* buf) {
+  if (!bf16_io) return (const float*)xv + at;
+  floats_from_bf16(buf, (const uint16_t*)xv + at, BLOCK);
+  return buf;
+}
+
+// rows float32 results into y from element at (rounded to bfloat16 as PyTorch rounds, where bf16_io).
+static inline void store_y(void* yv, int64_t at, const float* out, int rows, int bf16_io) {
+  if (bf16_io) bf16_from_floats((uint16_t*)yv + at, out, rows);
+  else memcpy((float*)yv + at, out, rows * sizeof(float));
+}
+
 // bf16_io: x and y are bfloat16, as vx_int4_gemv's (read its comment).
 void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
                   int64_t N, void* yv, int nthreads, int bf16_io) {
@@ -138,8 +152,7 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
     for (int64_t b = 0; b < B; ++b) {
       int8_t* q = xq + m * K + b * BLOCK;
       float block[BLOCK];
-      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
-      dx[m * B + b] = quantize_block(bf16_io ? block : (const float*)xv + m * K + b * BLOCK, q);
+      dx[m * B + b] = quantize_block(x_block(xv, m * K + b * BLOCK, bf16_io, block), q);
       int sum = 0;
       for (int i = 0; i < BLOCK; ++i) sum += q[i];
       xs[m * B + b] = -128 * sum;
@@ -157,10 +170,7 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
       default: int8_tile(wt, st, K, group, xq, dx, xs, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) {
-      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
-      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
-    }
+    for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + t * TILE, out + m * TILE, rows, bf16_io);
   }
   free(xq);
   free(dx);
@@ -269,8 +279,7 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
     for (int64_t b = 0; b < B; ++b) {
       int sum;
       float block[BLOCK];
-      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
-      const float* xb = bf16_io ? block : (const float*)xv + m * K + b * BLOCK;
+      const float* xb = x_block(xv, m * K + b * BLOCK, bf16_io, block);
       const float d = int4_quantize_block(xb, xq + (m * K / 8 + b * 4) * 2, &sum);
       dx[m * B + b] = d;
       xs[m * G + b * BLOCK / group] += d * (float)sum;
@@ -288,10 +297,7 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
       default: int4_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) {
-      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
-      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
-    }
+    for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + t * TILE, out + m * TILE, rows, bf16_io);
   }
   free(xq);
   free(dx);

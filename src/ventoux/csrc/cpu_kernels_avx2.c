@@ -135,19 +135,41 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
 static void bf16_from_floats(uint16_t* dst, const float* src, int64_t n);
 static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n);
 
+// The gemv kernels' bf16_io: x and y bfloat16 (a bf16 model's activations), converted a block at a time here.
+// Activations at..at + BLOCK of x as float32 (into buf when they are bfloat16).
+static inline const float* x_block(const void* xv, int64_t at, int bf16_io, float* buf) {
+  if (!bf16_io) return (const float*)xv + at;
+  floats_from_bf16(buf, (const uint16_t*)xv + at, BLOCK);
+  return buf;
+}
+
+// rows float32 results into y from element at (rounded to bfloat16 as PyTorch rounds, where bf16_io).
+static inline void store_y(void* yv, int64_t at, const float* out, int rows, int bf16_io) {
+  if (bf16_io) bf16_from_floats((uint16_t*)yv + at, out, rows);
+  else memcpy((float*)yv + at, out, rows * sizeof(float));
+}
+
+// quant_gemm on bf16_io's x and y: through float32 copies (this build's tile reads float32).
+static void quant_gemm_io(const void* xv, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                          const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+  if (!bf16_io) {
+    quant_gemm(xv, M, K, w, bits, scales, zeros, group, N, yv, nthreads);
+    return;
+  }
+  float* x = malloc(M * K * sizeof(float));
+  float* y = malloc(M * N * sizeof(float));
+  floats_from_bf16(x, xv, M * K);
+  quant_gemm(x, M, K, w, bits, scales, zeros, group, N, y, nthreads);
+  bf16_from_floats(yv, y, M * N);
+  free(x);
+  free(y);
+}
+
 // bf16_io: x and y are bfloat16, as in cpu_kernels.c.
 void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t group,
                   int64_t N, void* yv, int nthreads, int bf16_io) {
-  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file), on float32 copies if need be
-    float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
-    float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
-    if (bf16_io) floats_from_bf16(x, xv, M * K);
-    quant_gemm(x, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, y, nthreads);
-    if (bf16_io) {
-      bf16_from_floats(yv, y, M * N);
-      free(x);
-      free(y);
-    }
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+    quant_gemm_io(xv, M, K, (const uint8_t*)w, 8, scales, NULL, group, N, yv, nthreads, bf16_io);
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -156,8 +178,7 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       float block[BLOCK];
-      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
-      dx[m * B + b] = quantize_block(bf16_io ? block : (const float*)xv + m * K + b * BLOCK, xq + m * K + b * BLOCK);
+      dx[m * B + b] = quantize_block(x_block(xv, m * K + b * BLOCK, bf16_io, block), xq + m * K + b * BLOCK);
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
@@ -170,10 +191,7 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
       default: int8_tile(wt, st, K, group, xq, dx, (int)M, out); break;
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) {
-      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
-      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
-    }
+    for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + t * TILE, out + m * TILE, rows, bf16_io);
   }
   free(xq);
   free(dx);
@@ -353,16 +371,8 @@ static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n) {
 // bf16_io: x and y are bfloat16, as in cpu_kernels.c.
 void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                   const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
-  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file), on float32 copies if need be
-    float* x = bf16_io ? malloc(M * K * sizeof(float)) : (float*)xv;
-    float* y = bf16_io ? malloc(M * N * sizeof(float)) : (float*)yv;
-    if (bf16_io) floats_from_bf16(x, xv, M * K);
-    quant_gemm(x, M, K, w, 4, scales, zeros, group, N, y, nthreads);
-    if (bf16_io) {
-      bf16_from_floats(yv, y, M * N);
-      free(x);
-      free(y);
-    }
+  if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
+    quant_gemm_io(xv, M, K, w, 4, scales, zeros, group, N, yv, nthreads, bf16_io);
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -375,8 +385,7 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
     for (int64_t b = 0; b < B; ++b) {
       int sum;
       float block[BLOCK];
-      if (bf16_io) floats_from_bf16(block, (const uint16_t*)xv + m * K + b * BLOCK, BLOCK);
-      const float* xb = bf16_io ? block : (const float*)xv + m * K + b * BLOCK;
+      const float* xb = x_block(xv, m * K + b * BLOCK, bf16_io, block);
       const float d = int4_quantize_block(xb, xq + (m * K / 8 + b * 4) * 2, &sum);
       dx[m * B + b] = d;
       xs[m * G + b * BLOCK / group] += d * (float)sum;
@@ -394,10 +403,7 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
       default: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;  // 5..8 rows
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) {
-      if (bf16_io) bf16_from_floats((uint16_t*)yv + m * N + t * TILE, out + m * TILE, rows);
-      else memcpy((float*)yv + m * N + t * TILE, out + m * TILE, rows * sizeof(float));
-    }
+    for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + t * TILE, out + m * TILE, rows, bf16_io);
   }
   free(xq);
   free(dx);
