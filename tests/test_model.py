@@ -77,3 +77,25 @@ def test_last_only_prefill_runs_the_last_feed_forward_on_the_last_position_alone
     hook.remove()
     assert rows == [1] * 11
     torch.testing.assert_close(torch.cat(out), ref[19:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_rotary_are_bit_identical_to_transformers(pair, dtype):
+    """The decode step's fewer ops (F.rms_norm, rotary tables rounded once, rotate-half by roll) compute HF's
+    numbers exactly, not merely closely: a bf16 model's tokens do not drift from the reference's."""
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding, apply_rotary_pos_emb
+
+    from ventoux.model import apply_rotary, rotary_tables
+
+    hf, vx = (m.to(dtype) for m in pair)
+    gen = torch.Generator().manual_seed(3)
+    x = (4 * torch.randn(2, 9, vx.config.dim, generator=gen)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(vx.layers[1].ffn_norm(x), hf.model.layers[1].post_attention_layernorm(x))
+        positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8], [4090, 4091, 5000, 7, 8, 9, 100, 31, 32]])
+        q = torch.randn(2, vx.config.n_heads, 9, vx.config.head_dim, generator=gen).to(dtype)
+        k = torch.randn(2, vx.config.n_kv_heads, 9, vx.config.head_dim, generator=gen).to(dtype)
+        cos, sin = rotary_tables(positions, vx.config.head_dim, vx.config.rope_theta, dtype)
+        rotary = MistralRotaryEmbedding(hf.config)  # float32 frequencies (hf.to(dtype) would round its buffer)
+        ref_q, ref_k = apply_rotary_pos_emb(q, k, *rotary(x, positions))
+    assert torch.equal(apply_rotary(q, cos, sin), ref_q) and torch.equal(apply_rotary(k, cos, sin), ref_k)

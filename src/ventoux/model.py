@@ -12,6 +12,7 @@ consolidated q/k on the way in and out).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad and not self.weight.requires_grad and x.dtype != torch.float32:
             return _FrozenRMSNorm.apply(x, self.weight, self.eps)  # LoRA training: the same numbers, less memory
-        dtype = x.dtype
-        x = x.float()  # the statistics in float32, whatever the weights' dtype
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # the statistics in float32, whatever the weights' dtype; F.rms_norm is x * rsqrt(mean(x^2) + eps) in one
+        # op, bit-identical to HF's three (tests/test_model.py), 9 fewer small ops a decode step
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class _FrozenRMSNorm(torch.autograd.Function):
@@ -140,19 +140,25 @@ def _remaking(t: torch.Tensor, remake):
         del _REMAKES[key]
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) positions -> cos, sin of shape (B, 1, T, head_dim), float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-                                / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
-    return emb.cos(), emb.sin()
+@functools.cache
+def _inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a plain tensor, usable with autograd on, though first made in inference
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) positions -> cos, sin of shape (B, 1, T, head_dim): computed in float32 (as HF computes them), then
+    rounded to `dtype`, the activations', once for every layer. sin's first half is negated: apply_rotary's."""
+    freqs = positions[..., None].float() * _inverse_frequencies(head_dim, theta, positions.device)  # (B, T, D/2)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]  # (B, 1, T, D)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """HF's x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: that is roll(x) = [x2, x1] times the
+    sin table with its first half negated (-a * b and a * -b are the same number), 4 ops instead of 8."""
+    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * sin.to(x.dtype)
 
 
 def banded_causal_mask(t: int, window: int | None, device) -> torch.Tensor | None:
@@ -310,7 +316,8 @@ class Transformer(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
-        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         step = None
         if cache is None:
             window = self.config.sliding_window  # long sequences need no (T, T) mask: see banded_attention
@@ -318,7 +325,6 @@ class Transformer(nn.Module):
         else:
             step = cache.prepare(positions)
             mask = step.mask
-        x = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, step, i, last_only and i == len(self.layers) - 1)
         return x
