@@ -140,6 +140,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     """The loading pipeline, one step a call (as gpt-fast's _load_model). quantize: "int8", "int4-g64",
     "int4+output", ... (a quantized checkpoint loads as saved); lora: see load(); transform(name, module):
     a per-module hook while reading (weights.load_weights)."""
+    from .fastattention import use_attention_kernel
     from .fastlinear import use_cpu_kernels
     from .lora_files import load_adapter
     from .model import Transformer
@@ -151,6 +152,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     model, transform = prepare_load(model, folder, quantize, transform)  # 2. quantized layers, or a hook per linear
     model = load_weights(model, folder, dtype, device, transform)  # 3. the weights, streamed module by module
     use_cpu_kernels(model)  # 4. 16-bit linears on a CPU run on ventoux's kernels
+    use_attention_kernel(model)  # and decoding's attention
     always_on = isinstance(lora, (str, Path))
     adapters = {"default": lora} if always_on else dict(lora or {})
     for name, path in adapters.items():  # 5. LoRA: one adapter always on, or several chosen per request

@@ -157,6 +157,10 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = lib.vx_half_gemv.restype = None
     lib.vx_half_gemm.restype = None
+    if hasattr(lib, "vx_attend_decode"):
+        lib.vx_attend_decode.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int,
+                                         ctypes.c_int]
+        lib.vx_attend_decode.restype = None
     return lib
 
 
@@ -318,6 +322,30 @@ def half_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     library().vx_half_gemm(x.data_ptr(), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16), n,
                            y.data_ptr(), torch.get_num_threads())
     return y
+
+
+ATTEND_MAX_G = 16  # query heads a KV head attend_decode takes (csrc: ATTEND_MAX_G)
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row over a KV cache: q (B, H, G, D), its G query heads for each of the H KV
+    heads; k, v (B, H, S, D); allowed (B, S) bool, the slots it may attend to -> (B, H, G, D) in q's dtype
+    (bfloat16 or float32, as k and v), scaled by 1/sqrt(D), as F.scaled_dot_product_attention computes it up to
+    float32 rounding. A row allowed no slot gets zeros."""
+    b, h, g, d = q.shape
+    s = k.shape[2]
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float32)):
+        raise ValueError(f"attend_decode takes bfloat16 or float32 q, k and v of one dtype, not {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if k.shape != (b, h, s, d) or v.shape != k.shape or allowed.shape != (b, s) or g > ATTEND_MAX_G or d % 16:
+        raise ValueError(f"attend_decode: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} and allowed "
+                         f"{list(allowed.shape)} are not (B, H, G <= {ATTEND_MAX_G}, D % 16 == 0), (B, H, S, D), "
+                         "(B, S)")
+    q, k, v, allowed = q.contiguous(), k.contiguous(), v.contiguous(), allowed.to(torch.bool).contiguous()
+    out = torch.empty_like(q)
+    library().vx_attend_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), b, h, g, s, d,
+                               d ** -0.5, out.data_ptr(), q.dtype == torch.bfloat16, torch.get_num_threads())
+    return out
 
 
 # Registered as custom ops for torch.compile; eager calls skip the dispatcher (about 10 us a call).

@@ -219,11 +219,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, step)  # (B, Hkv, S, D)
         gqa = self.n_heads != self.n_kv_heads
-        if t == 1 and gqa and mask is not None:
-            # One token (decoding): the query heads sharing a KV head are that head's queries, so one plain
-            # attention call serves them; enable_gqa copies K and V per query head (6x slower in bf16 on CPU).
+        if t == 1 and mask is not None:  # one token a row (decoding), over the cache
             g = self.n_heads // self.n_kv_heads
-            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask)
+            out = self.attend_one(q.reshape(b, self.n_kv_heads, g, self.head_dim), k, v, mask)
             out = out.reshape(b, self.n_heads, 1, self.head_dim)
         elif cache is None and attends_by_blocks(t, self.window):
             out = banded_attention(q, k, v, self.window, gqa)
@@ -235,6 +233,13 @@ class Attention(nn.Module):
         # attention keeps its output for its own backward: wo's adapter need not keep this copy of it too
         with remade_in_backward(heads, lambda: out.transpose(1, 2).reshape(b, t, -1)):
             return self.wo(heads)  # (B, T, dim)
+
+
+    def attend_one(self, q, k, v, mask):
+        """One new token a row: q (B, Hkv, G, D), the G query heads sharing each KV head, are that head's queries,
+        so one plain attention call serves them (enable_gqa copies K and V per query head: 6x slower in bf16 on
+        the CPU); k, v (B, Hkv, S, D); mask (B, 1, 1, S) -> (B, Hkv, G, D). fastattention.py swaps in a kernel."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class FeedForward(nn.Module):

@@ -763,3 +763,133 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
   free(xs);
   free(yt);
 }
+
+// ---- Attention of one new token per row over the KV cache (a decode step): cpu_kernels.c's vx_attend_decode,
+// in 8-lane registers (its comment says why and how). ---------------------------------------------------------
+#define ATTEND_MAX_G 16  // query heads a KV head (attend_task keeps per-head values on the stack)
+#define ATTEND_GB 4      // query heads whose weighted sums stay in registers together
+
+// e^x for x <= 0, as cpu_kernels.c's attend_exp16; 2^n built in the exponent bits (n >= -126 after the clamp).
+static inline __m256 attend_exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+static inline __m256 attend_load8(const void* p, int64_t at, const int BF16) {
+  return BF16 ? half8((const uint16_t*)p + at, 1) : _mm256_loadu_ps((const float*)p + at);
+}
+
+static inline float attend_sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// e^(score - max) for 8 slots where allowed (ok: 8 bytes), exactly 0 elsewhere; returns them, stored in sg.
+static inline __m256 attend_weights8(float* sg, const uint8_t* ok, __m256 m) {
+  const __m256i allowed = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)ok)),
+                                             _mm256_setzero_si256());
+  const __m256 x = _mm256_and_ps(_mm256_loadu_ps(sg), _mm256_castsi256_ps(allowed));  // no NaN from unset scores
+  const __m256 e = _mm256_and_ps(attend_exp8(_mm256_sub_ps(x, m)), _mm256_castsi256_ps(allowed));
+  _mm256_storeu_ps(sg, e);
+  return e;
+}
+
+static inline __attribute__((always_inline)) void attend_task(const void* q, const void* k, const void* v,
+                                                             const uint8_t* ok, int64_t task, int64_t G, int64_t S,
+                                                             int64_t D, float scale, void* out, const int BF16,
+                                                             float* scores, float* qf, float* row) {
+  for (int64_t i = 0; i < G * D; i += 8)
+    _mm256_storeu_ps(qf + i, _mm256_mul_ps(attend_load8(q, task * G * D + i, BF16), _mm256_set1_ps(scale)));
+  float top[ATTEND_MAX_G];
+  for (int64_t g = 0; g < G; ++g) top[g] = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!ok[s]) continue;
+    for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(row + c, attend_load8(k, (task * S + s) * D + c, BF16));
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 16 <= D; c += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + c), _mm256_loadu_ps(row + c), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + c + 8), _mm256_loadu_ps(row + c + 8), a1);
+      }
+      if (c < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + c), _mm256_loadu_ps(row + c), a0);
+      const float dot = attend_sum8(_mm256_add_ps(a0, a1));
+      scores[g * S + s] = dot;
+      top[g] = dot > top[g] ? dot : top[g];
+    }
+  }
+  float total[ATTEND_MAX_G];
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * S;
+    const __m256 m = _mm256_set1_ps(top[g]);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) sum = _mm256_add_ps(sum, attend_weights8(sg + s, ok + s, m));
+    if (s < S) {  // the last slots through a padded copy
+      float tail[8] = {0.f};
+      uint8_t tail_ok[8] = {0};
+      memcpy(tail, sg + s, (S - s) * sizeof(float));
+      memcpy(tail_ok, ok + s, S - s);
+      sum = _mm256_add_ps(sum, attend_weights8(tail, tail_ok, m));
+      memcpy(sg + s, tail, (S - s) * sizeof(float));
+    }
+    total[g] = attend_sum8(sum);
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += ATTEND_GB)
+    for (int64_t c0 = 0; c0 < D; c0 += 16) {  // ATTEND_GB query heads x 16 dimensions of the weighted sums
+      __m256 acc[ATTEND_GB][2];
+      for (int g = 0; g < ATTEND_GB; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) {
+        if (!ok[s]) continue;
+        const __m256 v0 = attend_load8(v, (task * S + s) * D + c0, BF16);
+        const __m256 v1 = c0 + 8 < D ? attend_load8(v, (task * S + s) * D + c0 + 8, BF16) : _mm256_setzero_ps();
+        for (int g = 0; g < ATTEND_GB && g0 + g < G; ++g) {
+          const __m256 w = _mm256_set1_ps(scores[(g0 + g) * S + s]);
+          acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
+        }
+      }
+      for (int g = 0; g < ATTEND_GB && g0 + g < G; ++g) {
+        const __m256 inv = _mm256_set1_ps(total[g0 + g] > 0.f ? 1.f / total[g0 + g] : 0.f);
+        for (int j = 0; j < 2 && c0 + 8 * j < D; ++j) {
+          const __m256 y = _mm256_mul_ps(acc[g][j], inv);
+          const int64_t at = (task * G + g0 + g) * D + c0 + 8 * j;
+          if (BF16) _mm_storeu_si128((__m128i*)((uint16_t*)out + at), bf16_round8(y));
+          else _mm256_storeu_ps((float*)out + at, y);
+        }
+      }
+    }
+}
+
+// As cpu_kernels.c's vx_attend_decode (D % 16 == 0, G <= ATTEND_MAX_G).
+void vx_attend_decode(const void* q, const void* k, const void* v, const uint8_t* allowed, int64_t B, int64_t H,
+                      int64_t G, int64_t S, int64_t D, float scale, void* out, int bf16, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* scores = malloc(G * S * sizeof(float));
+    float* qf = malloc(G * D * sizeof(float));
+    float* row = malloc(D * sizeof(float));
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * H; ++task) {
+      const uint8_t* ok = allowed + task / H * S;
+      if (bf16) attend_task(q, k, v, ok, task, G, S, D, scale, out, 1, scores, qf, row);
+      else attend_task(q, k, v, ok, task, G, S, D, scale, out, 0, scores, qf, row);
+    }
+    free(scores);
+    free(qf);
+    free(row);
+  }
+}

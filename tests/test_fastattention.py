@@ -1,0 +1,98 @@
+"""Decoding's attention kernel (cpu_kernels.attend_decode, fastattention.KernelAttention) against float64
+attention and against F.scaled_dot_product_attention in a loaded model, under every kernel build this CPU runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_ISAS, TINY, TINY_FULL, hf_model, ventoux_from_hf
+
+from ventoux import cpu_kernels
+from ventoux.api import load_model
+from ventoux.cache import KVCache
+from ventoux.fastattention import KernelAttention
+from ventoux.model import Attention
+from ventoux.weights import save_hf
+
+attend = cpu_kernels.attend_decode  # the kernel itself, before a test wraps it
+
+
+def reference(q, k, v, allowed):
+    """float64 attention of q (B, H, G, D) over k, v (B, H, S, D) where allowed (B, S); zeros where none is."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5  # (B, H, G, S)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    weights = torch.nan_to_num(scores.softmax(-1))  # a row with no slot: 0/0 -> 0
+    return weights @ v.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,h,g,s,d", [(1, 8, 4, 257, 128), (3, 2, 1, 5, 16), (2, 1, 6, 40, 48), (1, 2, 16, 19, 64)])
+def test_attend_decode_is_attention_over_the_allowed_slots(kernel_isa, dtype, b, h, g, s, d):
+    gen = torch.Generator().manual_seed(s + d)
+    q, k, v = (3 * torch.randn(b, h, n, d, generator=gen).to(dtype) for n in (g, s, s))
+    allowed = torch.rand(b, s, generator=gen) > 0.4
+    allowed[:, 0] = True
+    if b > 1:
+        allowed[-1] = False  # a row that may attend to nothing (an idle row's mask never is, but it is defined)
+    out = cpu_kernels.attend_decode(q, k, v, allowed)
+    assert out.shape == q.shape and out.dtype == dtype
+    expected = reference(q, k, v, allowed)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    else:  # float32 sums, one rounding to bf16 (2^-9 relative)
+        torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-3)
+    # the mask is honoured: another mask's attention is far from it
+    assert not torch.allclose(cpu_kernels.attend_decode(q, k, v, allowed.roll(1, 1)).double(), expected, atol=0.05)
+
+
+def test_attend_decode_rejects_what_it_cannot_take():
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_kernels.attend_decode(q, k.bfloat16(), k.bfloat16(), torch.ones(1, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="D % 16"):
+        cpu_kernels.attend_decode(q[..., :8], k[..., :8], k[..., :8], torch.ones(1, 9, dtype=torch.bool))
+
+
+@pytest.fixture(scope="module", params=["windowed", "full"])
+def tiny_dir(request, tmp_path_factory):
+    cfg = TINY if request.param == "windowed" else TINY_FULL
+    folder = tmp_path_factory.mktemp("tiny") / request.param
+    save_hf(ventoux_from_hf(hf_model(cfg)), folder)
+    return folder, cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_models_decode_on_the_kernel_as_on_pytorchs_attention(kernel_isa, tiny_dir, dtype, monkeypatch):
+    """Loading swaps in the kernel; decode steps over a cache that wraps (the windowed model) give the logits that
+    PyTorch's attention gives, for two rows at different positions."""
+    folder, cfg = tiny_dir
+    model = load_model(folder, cfg, dtype, "cpu")
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attentions and all(type(m) is KernelAttention for m in attentions)
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "attend_decode", lambda *a: calls.append(1) or attend(*a))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for cls in (KernelAttention, Attention):
+        for m in attentions:
+            m.__class__ = cls
+        cache = KVCache(cfg, 2, dtype=dtype, capacity=16)
+        steps = []
+        with torch.inference_mode():
+            model(tokens[:, :3], torch.arange(3).expand(2, 3), cache=cache)
+            for t in range(3, 20):  # row 1 runs 2 positions ahead of row 0
+                positions = torch.tensor([[t], [t + 2]])
+                steps.append(model(tokens[:, t:t + 1], positions, cache=cache))
+        logits[cls] = torch.cat(steps, 1)
+    assert len(calls) == 17 * cfg.n_layers  # every decode step of every layer ran on the kernel
+    tol = 1e-5 if dtype == torch.float32 else 0.03
+    torch.testing.assert_close(logits[KernelAttention], logits[Attention], rtol=tol, atol=tol)
+
+
+
+def test_without_kernels_the_model_keeps_pytorchs_attention(tiny_dir, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "none")
+    folder, cfg = tiny_dir
+    model = load_model(folder, cfg, torch.float32, "cpu")
+    assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
+    assert bool(KERNEL_ISAS) or cpu_kernels.library() is None
