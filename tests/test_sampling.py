@@ -135,6 +135,20 @@ def test_sampler_rows_default_to_every_row_in_order():
     assert sampler(logits.flip(0), [2, 1, 0]).tolist() == logits.flip(0).argmax(-1).tolist()
 
 
+def test_greedy_rows_skip_the_processors_and_pick_what_they_would_pick():
+    """Greedy rows with every filter set take the raw logits' argmax without running the processors (the decode
+    step's shortcut); that is the token the processed logits give, and a row with a penalty still gets one."""
+    params = [SamplingParams(top_k=3, top_p=0.3, min_p=0.5), SamplingParams(top_k=1), SamplingParams(min_p=0.9)]
+    logits = random_logits(rows=3, seed=9)
+    sampler = Sampler.for_batch(params, [[1], [2], [3]], 64, "cpu")
+    ran = []
+    sampler.process = lambda *a: ran.append(a) or Sampler.process(sampler, *a)
+    assert sampler(logits).tolist() == Sampler.process(sampler, logits).argmax(-1).tolist() and not ran
+    penalised = Sampler.for_batch([SamplingParams(repetition_penalty=5.0)], [[int(logits[0].argmax())]], 64, "cpu")
+    penalised.process = lambda *a: ran.append(a) or Sampler.process(penalised, *a)
+    assert penalised(logits[:1]).tolist() != logits[:1].argmax(-1).tolist() and ran
+
+
 @pytest.mark.parametrize("presence, frequency, expected", [(0.0, 1.0, [0, 0, 1, 0, 2]), (1.0, 0.0, [0, 0, 0, 0, 0]),
                                                             (2.0, 0.0, [0, 1, 0, 0, 0]), (0.5, 0.75, [0, 0, 1, 0, 2])])
 def test_output_counts_grow_by_one_per_generated_token(presence, frequency, expected):
