@@ -11,7 +11,9 @@ finds its weights in the cache; GB/s is the bytes of one weight (quantized: with
 median (and best) time of one product: the figure a memory-bound decode step is held to. With --hot one copy
 is read again and again, so it stays in L2/L3 (pick --n so that it fits: 4096 x 2048 int4 is 4.7 MB): the
 kernel's arithmetic ceiling, which should be well above the DRAM figure for decode to stay bandwidth-bound on a
-machine with faster memory (issue 12).
+machine with faster memory (issue 12). --hot also times the product at n/2 rows and prints the marginal rate (the
+bytes the second half adds over the time it adds) and the fixed cost a call that remains: pick --n so that each
+thread's share stays in its L2 at n rows (2 threads: 256 for bf16, 512 for int8, 1024 for int4).
 """
 
 from __future__ import annotations
@@ -70,43 +72,59 @@ def main():
     k, n = args.k, args.n
     master = torch.randn(n, k) / k**0.5
 
-    rows = []  # (name, build one weight copy, run(x, copy), activation dtype)
+    rows = []  # (name, build one weight copy from a float32 (n, k) weight, run(x, copy), activation dtype)
     for dt in (torch.bfloat16, torch.float16, torch.float32):
-        rows.append((f"F.linear {str(dt)[6:]}", lambda dt=dt: master.to(dt), F.linear, dt))
+        rows.append((f"F.linear {str(dt)[6:]}", lambda w, dt=dt: w.to(dt), F.linear, dt))
     if cpu_kernels.library() is not None:  # ours (fastlinear.HalfLinear), float32 activations
         for dt in (torch.bfloat16, torch.float16):
-            rows.append((f"half_gemv {str(dt)[6:]}", lambda dt=dt: master.to(dt), cpu_kernels.half_gemv, torch.float32))
+            rows.append((f"half_gemv {str(dt)[6:]}", lambda w, dt=dt: w.to(dt), cpu_kernels.half_gemv, torch.float32))
         for dt in (torch.bfloat16, torch.float16):  # prefill-sized products (--m 128): 16-bit activations
-            rows.append((f"half_gemm {str(dt)[6:]}", lambda dt=dt: master.to(dt), cpu_kernels.half_gemm, dt))
-    schemes = [("int8", lambda kernel: Int8Linear.from_float(master, kernel=kernel), Int8Linear),
-               ("int8-g32", lambda kernel: Int8Linear.from_float(master, 32, kernel=kernel), Int8Linear)]
+            rows.append((f"half_gemm {str(dt)[6:]}", lambda w, dt=dt: w.to(dt), cpu_kernels.half_gemm, dt))
+    schemes = [("int8", lambda w, kernel: Int8Linear.from_float(w, kernel=kernel), Int8Linear),
+               ("int8-g32", lambda w, kernel: Int8Linear.from_float(w, 32, kernel=kernel), Int8Linear)]
     for g in (32, 64, 128):
-        schemes.append((f"int4-g{g}", lambda kernel, g=g: Int4Linear.from_float(master, g, kernel=kernel), Int4Linear))
+        schemes.append((f"int4-g{g}", lambda w, kernel, g=g: Int4Linear.from_float(w, g, kernel=kernel), Int4Linear))
     for name, build, cls in schemes:
         for kernel in cls.kernels("cpu"):
             if kernel == "int8pack" and name != "int8":
                 continue  # PyTorch's int8 kernel takes one scale a row, not int8-g32's groups
             if kernel != "fallback" or args.fallback:
-                rows.append((f"{name} {kernel}", lambda build=build, kernel=kernel: build(kernel),
+                rows.append((f"{name} {kernel}", lambda w, build=build, kernel=kernel: build(w, kernel),
                              lambda x, mod: mod(x), torch.bfloat16))
     only = set(args.only.split(",")) if args.only else None
     where = "hot in cache" if args.hot else f"from memory ({args.rotate_mb:.0f} MB of copies)"
     print(f"{args.m}x{k} @ {k}x{n}, {torch.get_num_threads()} threads, torch {torch.__version__}, ventoux kernels: "
           f"{cpu_kernels.isa()}, weights {where}")
-    print(f"{'format':24s} {'MB':>7s} {'median':>8s} {'GB/s':>6s} {'best':>8s} {'GB/s':>6s} {'GFLOP/s':>8s}")
+    print(f"{'format':24s} {'MB':>7s} {'median':>8s} {'GB/s':>6s} {'best':>8s} {'GB/s':>6s} {'GFLOP/s':>8s}"
+          + (f" {'marginal GB/s':>13s} {'fixed us':>8s}" if args.hot else ""))
     with torch.inference_mode():
         for name, build, run, dt in rows:
             if only and not any(o in name for o in only):
                 continue
-            first = build()
+            first = build(master)
             nbytes = _nbytes(first)
             n_copies = 1 if args.hot else max(1, math.ceil(args.rotate_mb * 1e6 / nbytes))
             copies = [first] + [copy.deepcopy(first) for _ in range(n_copies - 1)]
             x = torch.randn(args.m, k).to(dt)
             med, best = timed(run, x, copies, args.repeats)
-            print(f"{name:24s} {nbytes / 1e6:7.1f} {med * 1e3:8.3f} {nbytes / med / 1e9:6.1f} {best * 1e3:8.3f} "
-                  f"{nbytes / best / 1e9:6.1f} {2 * args.m * k * n / best / 1e9:8.1f}", flush=True)
+            line = (f"{name:24s} {nbytes / 1e6:7.1f} {med * 1e3:8.3f} {nbytes / med / 1e9:6.1f} {best * 1e3:8.3f} "
+                    f"{nbytes / best / 1e9:6.1f} {2 * args.m * k * n / best / 1e9:8.1f}")
+            if args.hot:
+                line += " " + _marginal(build(master[: n // 2]), run, x, args.repeats, nbytes, best)
+            print(line, flush=True)
             del copies, first
+
+
+def _marginal(half, run, x, repeats: int, nbytes: int, best: float) -> str:
+    """The rate at which a hot product reads its weights beyond its fixed cost a call (Python, the activations'
+    quantization, starting the threads): the bytes of the second half of the rows over the time they add, from the
+    best times of the product at n and at n/2 rows. A decode step's weights are big enough (58 MB for a Mistral 7B
+    feed-forward matrix in int8) that this rate, not the call's, is what faster memory would meet."""
+    half_bytes, (_, half_best) = _nbytes(half), timed(run, x, [half], repeats)
+    if best <= half_best:
+        return f"{'-':>13s} {'-':>8s}"  # noise: the larger product timed no slower
+    rate = (nbytes - half_bytes) / (best - half_best)
+    return f"{rate / 1e9:13.1f} {(best - nbytes / rate) * 1e6:8.1f}"
 
 
 def last_level_cache() -> int:
