@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import KERNEL_ISAS, TINY, TINY_FULL, hf_model, ventoux_from_hf
 
 from ventoux import cpu_kernels
@@ -96,3 +97,61 @@ def test_without_kernels_the_model_keeps_pytorchs_attention(tiny_dir, monkeypatc
     model = load_model(folder, cfg, torch.float32, "cpu")
     assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
     assert bool(KERNEL_ISAS) or cpu_kernels.library() is None
+
+
+def step_inputs(dtype=torch.bfloat16, g=2, d=16, s=11, float_mask=False):
+    gen = torch.Generator().manual_seed(g * d + s)
+    q, k, v = (torch.randn(2, 3, n, d, generator=gen).to(dtype) for n in (g, s, s))
+    mask = torch.rand(2, 1, 1, s, generator=gen) > 0.3
+    mask[..., 0] = True
+    if float_mask:  # an additive mask, as SDPA also takes
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return q, k, v, mask
+
+
+@pytest.fixture
+def kernel_step(kernel_isa, monkeypatch):
+    """A KernelAttention, and the list of its calls to the kernel."""
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "attend_decode", lambda *a: calls.append(a) or attend(*a))
+    module = Attention(TINY)
+    module.__class__ = KernelAttention
+    return module, calls
+
+
+@pytest.mark.parametrize("case", ["float16", "float mask", "D % 16", "G > 16", "no kernel"])
+def test_the_step_is_pytorchs_where_the_kernel_does_not_apply(kernel_step, monkeypatch, case):
+    module, calls = kernel_step
+    q, k, v, mask = step_inputs(dtype=torch.float16 if case == "float16" else torch.bfloat16,
+                                float_mask=case == "float mask", d=8 if case == "D % 16" else 16,
+                                g=17 if case == "G > 16" else 2)
+    if case == "no kernel":
+        monkeypatch.setattr("ventoux.fastattention.kernel_works", lambda: False)
+    out = module.attend_one(q, k, v, mask)
+    assert not calls and torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_mixed_dtypes_never_reach_the_kernel(kernel_step):
+    module, calls = kernel_step
+    q, k, v, mask = step_inputs()
+    with pytest.raises(RuntimeError):  # PyTorch's own error for q and k of two dtypes
+        module.attend_one(q.float(), k, v, mask)
+    assert not calls
+
+
+def test_gradients_flow_through_pytorchs_attention_and_inference_takes_the_kernel(kernel_step):
+    module, calls = kernel_step
+    q, k, v, mask = step_inputs(dtype=torch.float32)
+    q.requires_grad_(True)
+    module.attend_one(q, k, v, mask).sum().backward()  # autograd on, q needs a gradient: PyTorch's attention
+    assert not calls and q.grad is not None and q.grad.abs().sum() > 0
+    with torch.no_grad():  # the same q without autograd, and a q needing none with it on: the kernel
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = module.attend_one(q, k, v, mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.attend_one(q.detach(), k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+    assert calls[0][3].shape == (2, 11) and torch.equal(calls[0][3], mask[:, 0, 0])  # the (B, S) slots
+    with torch.no_grad():
+        module.attend_one(*step_inputs(g=cpu_kernels.ATTEND_MAX_G))  # as many query heads as the kernel takes
+    assert len(calls) == 3
