@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ventoux import cpu_kernels
+from ventoux.fastlinear import HalfLinear
 from ventoux.qlinear import Int4Linear, Int8Linear
 
 
@@ -78,6 +79,10 @@ def main():
     if cpu_kernels.library() is not None:  # ours (fastlinear.HalfLinear), float32 activations
         for dt in (torch.bfloat16, torch.float16):
             rows.append((f"half_gemv {str(dt)[6:]}", lambda w, dt=dt: w.to(dt), cpu_kernels.half_gemv, torch.float32))
+        # what a bf16 model's decode runs: HalfLinear on bf16 activations (bf16 in and out; vdpbf16ps where the CPU
+        # has AVX512_BF16)
+        rows.append(("HalfLinear bfloat16", lambda w: HalfLinear(_linear(w.to(torch.bfloat16))), lambda x, mod: mod(x),
+                     torch.bfloat16))
         for dt in (torch.bfloat16, torch.float16):  # prefill-sized products (--m 128): 16-bit activations
             rows.append((f"half_gemm {str(dt)[6:]}", lambda w, dt=dt: w.to(dt), cpu_kernels.half_gemm, dt))
     schemes = [("int8", lambda w, kernel: Int8Linear.from_float(w, kernel=kernel), Int8Linear),
@@ -145,7 +150,13 @@ def last_level_cache() -> int:
 def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    return sum(t.numel() * t.element_size() for t in obj.buffers())
+    return sum(t.numel() * t.element_size() for t in [*obj.parameters(), *obj.buffers()])
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear
 
 
 if __name__ == "__main__":
