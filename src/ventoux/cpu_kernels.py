@@ -17,6 +17,7 @@ products only).
     y = int4_gemv(x, *tile_int4(qweight, scales, zeros), group, n)   # tiled once, at load time
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
     y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
+    out = attend_decode(q, k, v, allowed)              # one new token a row over a KV cache (fastattention.py)
 
 Built at first use with the system C compiler (`$CC`, else cc; about a second) into
 ~/.cache/ventoux/kernels, keyed by the source, the flags and the CPU; loaded with ctypes. They are also
