@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import KERNEL_ISAS, TINY, TINY_FULL, hf_model, ventoux_from_hf
 
-from ventoux import cpu_kernels
+from ventoux import cpu_kernels, fastattention
 from ventoux.api import load_model
 from ventoux.cache import KVCache
 from ventoux.fastattention import KernelAttention
@@ -111,7 +111,8 @@ def step_inputs(dtype=torch.bfloat16, g=2, d=16, s=11, float_mask=False):
 
 @pytest.fixture
 def kernel_step(kernel_isa, monkeypatch):
-    """A KernelAttention, and the list of its calls to the kernel."""
+    """A KernelAttention, and the list of its calls to the kernel (after its one-time check, which calls it too)."""
+    assert fastattention.kernel_works()
     calls = []
     monkeypatch.setattr(cpu_kernels, "attend_decode", lambda *a: calls.append(a) or attend(*a))
     module = Attention(TINY)
@@ -155,3 +156,17 @@ def test_gradients_flow_through_pytorchs_attention_and_inference_takes_the_kerne
     with torch.no_grad():
         module.attend_one(*step_inputs(g=cpu_kernels.ATTEND_MAX_G))  # as many query heads as the kernel takes
     assert len(calls) == 3
+
+
+def test_a_kernel_that_disagrees_with_pytorch_is_not_used(kernel_isa, tiny_dir, monkeypatch):
+    """The one-time check (as the products have): a kernel off by its last query head is refused at load."""
+    folder, cfg = tiny_dir
+    broken = lambda q, k, v, allowed: attend(q, k, v, allowed).index_fill(2, torch.tensor([q.shape[2] - 1]), 0.0)  # noqa: E731
+    monkeypatch.setattr(cpu_kernels, "attend_decode", broken)
+    fastattention._kernel_check.cache_clear()
+    try:
+        assert not fastattention.kernel_works()
+        model = load_model(folder, cfg, torch.float32, "cpu")
+        assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
+    finally:
+        fastattention._kernel_check.cache_clear()  # the next test checks the real kernel again

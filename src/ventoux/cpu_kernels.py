@@ -158,10 +158,8 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = lib.vx_half_gemv.restype = None
     lib.vx_half_gemm.restype = None
-    if hasattr(lib, "vx_attend_decode"):
-        lib.vx_attend_decode.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int,
-                                         ctypes.c_int]
-        lib.vx_attend_decode.restype = None
+    lib.vx_attend_decode.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int, ctypes.c_int]
+    lib.vx_attend_decode.restype = None
     return lib
 
 

@@ -6,7 +6,7 @@ large code path runs cold. cpu_kernels.attend_decode reads each key and value on
 numbers up to float32 rounding (tests/test_fastattention.py). Prefill, training and other devices keep
 F.scaled_dot_product_attention.
 
-    use_attention_kernel(model)   # in place, where the kernel runs (a CPU build that has it)
+    use_attention_kernel(model)   # in place, where the kernel builds and passes its check
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
@@ -35,7 +36,7 @@ class KernelAttention(Attention):
 
 def use_attention_kernel(model: nn.Module) -> nn.Module:
     """Each Attention of `model` becomes a KernelAttention (the same module and state: only its one-token step
-    changes), where this CPU's kernel build has the kernel."""
+    changes), where the kernel runs and agrees with PyTorch's attention (kernel_works)."""
     if kernel_works():
         for module in model.modules():
             if type(module) is Attention:
@@ -44,10 +45,22 @@ def use_attention_kernel(model: nn.Module) -> nn.Module:
 
 
 def kernel_works() -> bool:
-    return _has_kernel(cpu_kernels.isa())
+    """Whether the kernel runs here and agrees with PyTorch's attention on small random cases (once per process and
+    kernel build, as fastlinear.kernel_works checks the products)."""
+    return _kernel_check(cpu_kernels.isa())
 
 
 @functools.cache
-def _has_kernel(isa: str | None) -> bool:
-    lib = cpu_kernels.library()
-    return lib is not None and hasattr(lib, "vx_attend_decode")
+def _kernel_check(isa: str | None) -> bool:
+    if cpu_kernels.library() is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 32, generator=gen) for n in (5, 21, 21))  # every loop's tail (S % 16, G)
+    allowed = torch.rand(2, 21, generator=gen) > 0.3
+    allowed[:, 0] = True
+    for dtype in (torch.float32, torch.bfloat16):
+        q2, k2, v2 = q.to(dtype), k.to(dtype), v.to(dtype)
+        expected = F.scaled_dot_product_attention(q2.float(), k2.float(), v2.float(), attn_mask=allowed[:, None, None])
+        if not torch.allclose(cpu_kernels.attend_decode(q2, k2, v2, allowed).float(), expected, rtol=1e-2, atol=1e-2):
+            return False
+    return True

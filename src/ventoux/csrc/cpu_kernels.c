@@ -934,7 +934,7 @@ void vx_attend_decode(const void* q, const void* k, const void* v, const uint8_t
                       int64_t G, int64_t S, int64_t D, float scale, void* out, int bf16, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
   {
-    float* scores = malloc((G * S + 16) * sizeof(float));
+    float* scores = malloc(G * S * sizeof(float));
     float* qf = malloc(G * D * sizeof(float));
     float* row = malloc(D * sizeof(float));
 #pragma omp for schedule(static)
