@@ -142,6 +142,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     a per-module hook while reading (weights.load_weights)."""
     from .fastattention import use_attention_kernel
     from .fastlinear import use_cpu_kernels
+    from .fastnorm import use_norm_kernel
     from .lora_files import load_adapter
     from .model import Transformer
     from .quantize import prepare_load
@@ -153,6 +154,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     model = load_weights(model, folder, dtype, device, transform)  # 3. the weights, streamed module by module
     use_cpu_kernels(model)  # 4. 16-bit linears on a CPU run on ventoux's kernels
     use_attention_kernel(model)  # and decoding's attention
+    use_norm_kernel(model)  # and its norms
     always_on = isinstance(lora, (str, Path))
     adapters = {"default": lora} if always_on else dict(lora or {})
     for name, path in adapters.items():  # 5. LoRA: one adapter always on, or several chosen per request

@@ -18,6 +18,7 @@ products only).
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
     y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
     out = attend_decode(q, k, v, allowed)              # one new token a row over a KV cache (fastattention.py)
+    h, n = add_rms_norm(x, weight, eps, residual)      # a decode step's residual add and RMS norm (fastnorm.py)
 
 Built at first use with the system C compiler (`$CC`, else cc; about a second) into
 ~/.cache/ventoux/kernels, keyed by the source, the flags and the CPU; loaded with ctypes. They are also
@@ -160,6 +161,8 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.vx_half_gemm.restype = None
     lib.vx_attend_decode.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int, ctypes.c_int]
     lib.vx_attend_decode.restype = None
+    lib.vx_add_rms_norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p, ctypes.c_int]
+    lib.vx_add_rms_norm.restype = None
     return lib
 
 
@@ -345,6 +348,30 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: to
     library().vx_attend_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), b, h, g, s, d,
                                d ** -0.5, out.data_ptr(), q.dtype == torch.bfloat16, torch.get_num_threads())
     return out
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm of x's rows, weight * x / sqrt(mean(x^2) + eps), rounded as model.RMSNorm rounds (bfloat16: the
+    normalized rows, then the product) -> n; with a residual, of h = x + residual -> (h, n). x, residual (..., D)
+    and weight (D,) all bfloat16 or all float32, D % 16 == 0. The same numbers as RMSNorm up to float32 rounding
+    of the sum of squares (csrc: vx_add_rms_norm)."""
+    dim = x.shape[-1]
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if not all(t.dtype == x.dtype for t in tensors) or x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("add_rms_norm takes bfloat16 or float32 x, weight and residual of one dtype, not "
+                         + ", ".join(str(t.dtype) for t in tensors))
+    if dim % 16 or weight.shape != (dim,) or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"add_rms_norm: x {list(x.shape)}, weight {list(weight.shape)} and residual "
+                         f"{None if residual is None else list(residual.shape)} are not (..., D % 16 == 0), (D,), "
+                         "x's shape")
+    x, weight = x.contiguous(), weight.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    n = torch.empty_like(x)
+    h = None if residual is None else torch.empty_like(x)
+    library().vx_add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                              eps, x.numel() // dim, dim, None if h is None else h.data_ptr(), n.data_ptr(),
+                              x.dtype == torch.bfloat16)
+    return n if h is None else (h, n)
 
 
 # Registered as custom ops for torch.compile; eager calls skip the dispatcher (about 10 us a call).

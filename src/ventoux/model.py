@@ -34,6 +34,12 @@ class RMSNorm(nn.Module):
         # op, bit-identical to HF's three (tests/test_model.py), 9 fewer small ops a decode step
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm): a block's residual add and the norm after it, one kernel call in
+        fastnorm.KernelRMSNorm."""
+        h = x + residual
+        return h, self(h)
+
 
 class _FrozenRMSNorm(torch.autograd.Function):
     """RMSNorm.forward's arithmetic with a frozen gain, keeping the input as it comes (bf16) and the float32
@@ -275,10 +281,10 @@ class Block(nn.Module):
         # each norm keeps its input: the adapters of the linears after it need not keep its output too
         n = self.attention_norm(x)
         with remade_in_backward(n, lambda: self.attention_norm(x)):
-            h = x + self.attention(n, cos, sin, mask, cache, step, layer)
+            a = self.attention(n, cos, sin, mask, cache, step, layer)
         if last_only:
-            h = h[:, -1:]
-        n = self.ffn_norm(h)
+            x, a = x[:, -1:], a[:, -1:]
+        h, n = self.ffn_norm.add_and_norm(x, a)
         with remade_in_backward(n, lambda: self.ffn_norm(h)):
             return h + self.feed_forward(n)
 
