@@ -143,6 +143,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     from .fastattention import use_attention_kernel
     from .fastlinear import use_cpu_kernels
     from .fastnorm import use_norm_kernel
+    from .fusedproducts import fuse_shared_inputs
     from .lora_files import load_adapter
     from .model import Transformer
     from .quantize import prepare_load
@@ -155,6 +156,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     use_cpu_kernels(model)  # 4. 16-bit linears on a CPU run on ventoux's kernels
     use_attention_kernel(model)  # and decoding's attention
     use_norm_kernel(model)  # and its norms
+    fuse_shared_inputs(model)  # quantized products that read one input: one call
     always_on = isinstance(lora, (str, Path))
     adapters = {"default": lora} if always_on else dict(lora or {})
     for name, path in adapters.items():  # 5. LoRA: one adapter always on, or several chosen per request

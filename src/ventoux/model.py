@@ -207,6 +207,8 @@ def banded_attention(q, k, v, window: int, gqa: bool) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    joined_qkv = None  # fusedproducts.SharedInputProducts: wq, wk and wv as one kernel call
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -218,9 +220,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.qkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, step)  # (B, Hkv, S, D)
@@ -241,6 +244,13 @@ class Attention(nn.Module):
             return self.wo(heads)  # (B, T, dim)
 
 
+    def qkv(self, x):
+        """wq(x), wk(x), wv(x): one kernel call where fusedproducts joined the three."""
+        joined = self.joined_qkv
+        if joined is not None and joined.applies((self.wq, self.wk, self.wv), x):
+            return joined(x)
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def attend_one(self, q, k, v, mask):
         """One new token a row: q (B, Hkv, G, D), the G query heads sharing each KV head, are that head's queries,
         so one plain attention call serves them (enable_gqa copies K and V per query head: 6x slower in bf16 on
@@ -249,6 +259,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    joined_gate_up = None  # fusedproducts.SharedInputProducts: w1 and w3 as one kernel call
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
@@ -256,7 +268,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
 
     def forward(self, x):
-        a, b = self.w1(x), self.w3(x)
+        a, b = self.gate_up(x)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             # training: the same numbers, two activations fewer kept: silu(a), and w2's input (its adapter
             # would keep it), remade from a and b, which _SiluMul keeps
@@ -264,6 +276,13 @@ class FeedForward(nn.Module):
             with remade_in_backward(m, lambda: F.silu(a).mul_(b)):  # one (tokens, hidden) tensor made, not two
                 return self.w2(m)
         return self.w2(F.silu(a) * b)
+
+    def gate_up(self, x):
+        """w1(x), w3(x): one kernel call where fusedproducts joined the two."""
+        joined = self.joined_gate_up
+        if joined is not None and joined.applies((self.w1, self.w3), x):
+            return joined(x)
+        return self.w1(x), self.w3(x)
 
 
 class Block(nn.Module):
