@@ -16,6 +16,7 @@ from ventoux.model import RMSNorm
 from ventoux.weights import save_hf
 
 add_rms_norm = cpu_kernels.add_rms_norm  # the kernel itself, before a test wraps it
+unchecked = cpu_kernels.add_rms_norm_unchecked
 
 
 def norm_of(dim, dtype, seed=0):
@@ -74,7 +75,7 @@ def test_loaded_models_decode_on_the_kernel_as_on_pytorchs_norms(kernel_isa, tin
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     assert len(norms) == 2 * TINY.n_layers + 1 and all(type(m) is KernelRMSNorm for m in norms)
     calls = []
-    monkeypatch.setattr(cpu_kernels, "add_rms_norm", lambda *a: calls.append(len(a)) or add_rms_norm(*a))
+    monkeypatch.setattr(cpu_kernels, "add_rms_norm_unchecked", lambda *a: calls.append(len(a)) or unchecked(*a))
     tokens = torch.randint(0, TINY.vocab_size, (2, 60), generator=torch.Generator().manual_seed(5))
     logits, kernel_calls = {}, {}
     for cls in (KernelRMSNorm, RMSNorm):
@@ -107,13 +108,14 @@ def kernel_norm(kernel_isa, monkeypatch):
     """A KernelRMSNorm of 64, and the list of its calls to the kernel (after its one-time check)."""
     assert fastnorm.kernel_works()
     calls = []
-    monkeypatch.setattr(cpu_kernels, "add_rms_norm", lambda *a: calls.append(a) or add_rms_norm(*a))
+    monkeypatch.setattr(cpu_kernels, "add_rms_norm_unchecked", lambda *a: calls.append(a) or unchecked(*a))
     module = norm_of(64, torch.bfloat16)
     module.__class__ = KernelRMSNorm
     return module, calls
 
 
-@pytest.mark.parametrize("case", ["float16", "mixed dtypes", "D % 16", "many rows", "shapes differ", "no kernel"])
+@pytest.mark.parametrize("case", ["float16", "mixed dtypes", "D % 16", "many rows", "shapes differ", "not contiguous",
+                                  "no kernel"])
 def test_the_norm_is_pytorchs_where_the_kernel_does_not_apply(kernel_norm, monkeypatch, case):
     module, calls = kernel_norm
     rows = fastnorm.MAX_ROWS + 1 if case == "many rows" else fastnorm.MAX_ROWS
@@ -129,6 +131,8 @@ def test_the_norm_is_pytorchs_where_the_kernel_does_not_apply(kernel_norm, monke
         x, residual = x[:, :56], residual[:, :56]
     elif case == "shapes differ":
         residual = residual[:1]
+    elif case == "not contiguous":  # every other column of a wider row
+        x = torch.randn(rows, 128, dtype=torch.bfloat16)[:, ::2]
     elif case == "no kernel":
         monkeypatch.setattr("ventoux.fastnorm.kernel_works", lambda: False)
     h, n = module.add_and_norm(x, residual)
@@ -160,8 +164,8 @@ def test_gradients_flow_through_pytorchs_norm_and_inference_takes_the_kernel(ker
 
 def test_a_kernel_that_disagrees_with_rmsnorm_is_not_used(kernel_isa, tiny_dir, monkeypatch):
     """The one-time check (as the products have): a kernel that drops the residual is refused at load."""
-    monkeypatch.setattr(cpu_kernels, "add_rms_norm", lambda x, w, eps, residual=None: add_rms_norm(x, w, eps) if
-                        residual is None else (x + residual, add_rms_norm(x, w, eps)))
+    monkeypatch.setattr(cpu_kernels, "add_rms_norm_unchecked", lambda x, w, eps, residual=None: unchecked(x, w, eps)
+                        if residual is None else (x + residual, unchecked(x, w, eps)))
     fastnorm._kernel_check.cache_clear()
     try:
         assert not fastnorm.kernel_works()

@@ -364,14 +364,22 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
         raise ValueError(f"add_rms_norm: x {list(x.shape)}, weight {list(weight.shape)} and residual "
                          f"{None if residual is None else list(residual.shape)} are not (..., D % 16 == 0), (D,), "
                          "x's shape")
-    x, weight = x.contiguous(), weight.contiguous()
-    residual = None if residual is None else residual.contiguous()
+    return add_rms_norm_unchecked(x.contiguous(), weight.contiguous(), eps,
+                                  None if residual is None else residual.contiguous())
+
+
+def add_rms_norm_unchecked(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """add_rms_norm for contiguous inputs its caller checked (KernelRMSNorm): between two weight streams the
+    checks cost more than the kernel."""
     n = torch.empty_like(x)
-    h = None if residual is None else torch.empty_like(x)
-    library().vx_add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                              eps, x.numel() // dim, dim, None if h is None else h.data_ptr(), n.data_ptr(),
-                              x.dtype == torch.bfloat16)
-    return n if h is None else (h, n)
+    if residual is None:
+        library().vx_add_rms_norm(x.data_ptr(), None, weight.data_ptr(), eps, x.numel() // x.shape[-1],
+                                  x.shape[-1], None, n.data_ptr(), x.dtype == torch.bfloat16)
+        return n
+    h = torch.empty_like(x)
+    library().vx_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), eps, x.numel() // x.shape[-1],
+                              x.shape[-1], h.data_ptr(), n.data_ptr(), x.dtype == torch.bfloat16)
+    return h, n
 
 
 # Registered as custom ops for torch.compile; eager calls skip the dispatcher (about 10 us a call).

@@ -27,18 +27,19 @@ class KernelRMSNorm(RMSNorm):
     def forward(self, x):
         if not self._applies(x):
             return super().forward(x)
-        return cpu_kernels.add_rms_norm(x, self.weight, self.eps)
+        return cpu_kernels.add_rms_norm_unchecked(x, self.weight, self.eps)
 
     def add_and_norm(self, x, residual):
         if not self._applies(x, residual):
             return super().add_and_norm(x, residual)
-        return cpu_kernels.add_rms_norm(x, self.weight, self.eps, residual)
+        return cpu_kernels.add_rms_norm_unchecked(x, self.weight, self.eps, residual)
 
     def _applies(self, x, residual=None) -> bool:
         w, residual = self.weight, x if residual is None else residual
         return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
                 and x.dtype == residual.dtype == w.dtype and x.shape == residual.shape
                 and x.shape[-1] % 16 == 0 and x.numel() <= MAX_ROWS * x.shape[-1]
+                and x.is_contiguous() and residual.is_contiguous() and w.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or w.requires_grad))
                 and not torch.compiler.is_compiling() and kernel_works())
 
