@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .model import Attention
+from .model import Attention, swap_class
 
 
 class KernelAttention(Attention):
@@ -37,11 +37,7 @@ class KernelAttention(Attention):
 def use_attention_kernel(model: nn.Module) -> nn.Module:
     """Each Attention of `model` becomes a KernelAttention (the same module and state: only its one-token step
     changes), where the kernel runs and agrees with PyTorch's attention (kernel_works)."""
-    if kernel_works():
-        for module in model.modules():
-            if type(module) is Attention:
-                module.__class__ = KernelAttention
-    return model
+    return swap_class(model, Attention, KernelAttention) if kernel_works() else model
 
 
 def kernel_works() -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .model import RMSNorm
+from .model import RMSNorm, swap_class
 
 MAX_ROWS = 32  # more rows (a prefill) run on PyTorch's ops, which use every thread
 
@@ -47,11 +47,7 @@ class KernelRMSNorm(RMSNorm):
 def use_norm_kernel(model: nn.Module) -> nn.Module:
     """Each RMSNorm of `model` becomes a KernelRMSNorm (the same module and state: only its few-row calls change),
     where the kernel runs and agrees with RMSNorm (kernel_works)."""
-    if kernel_works():
-        for module in model.modules():
-            if type(module) is RMSNorm:
-                module.__class__ = KernelRMSNorm
-    return model
+    return swap_class(model, RMSNorm, KernelRMSNorm) if kernel_works() else model
 
 
 def kernel_works() -> bool:

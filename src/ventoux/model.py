@@ -360,6 +360,15 @@ class Transformer(nn.Module):
         return x
 
 
+def swap_class(model: nn.Module, old: type, new: type) -> nn.Module:
+    """Each submodule of exactly class `old` becomes a `new`, a subclass: the same module and state, other
+    methods (the CPU kernels' fast paths: fastattention.py, fastnorm.py). In place."""
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+    return model
+
+
 def swap_modules(model: nn.Module, transform) -> nn.Module:
     """Replace, in place, each submodule for which transform(name, module) returns another module."""
     for name, module in list(model.named_modules()):
