@@ -110,8 +110,21 @@ def kernel_norm(kernel_isa, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_kernels, "add_rms_norm_unchecked", lambda *a: calls.append(a) or unchecked(*a))
     module = norm_of(64, torch.bfloat16)
+    module.weight.requires_grad_(False)  # as loaded for inference: a weight that trains takes PyTorch's ops
     module.__class__ = KernelRMSNorm
     return module, calls
+
+
+def test_up_to_max_rows_the_norm_runs_on_the_kernel(kernel_norm):
+    """The control for the cases below: MAX_ROWS rows of bf16 with a residual of the same shape and dtype."""
+    module, calls = kernel_norm
+    x = torch.randn(fastnorm.MAX_ROWS, 64, dtype=torch.bfloat16)
+    residual = torch.randn_like(x)
+    h, n = module.add_and_norm(x, residual)
+    assert len(calls) == 1 and calls[0][3] is residual and torch.equal(h, x + residual)
+    torch.testing.assert_close(n.float(), RMSNorm.forward(module, h).float(), rtol=2**-7, atol=1e-6)
+    module(x)
+    assert len(calls) == 2 and len(calls[1]) == 3
 
 
 @pytest.mark.parametrize("case", ["float16", "mixed dtypes", "D % 16", "many rows", "shapes differ", "not contiguous",
@@ -136,10 +149,15 @@ def test_the_norm_is_pytorchs_where_the_kernel_does_not_apply(kernel_norm, monke
     elif case == "no kernel":
         monkeypatch.setattr("ventoux.fastnorm.kernel_works", lambda: False)
     h, n = module.add_and_norm(x, residual)
-    assert not calls
-    assert torch.equal(h, x + residual) and torch.equal(n, RMSNorm.forward(module, x + residual))
-    if case not in ("mixed dtypes", "shapes differ"):
-        assert torch.equal(module(x), RMSNorm.forward(module, x)) and not calls
+    assert not [c for c in calls if len(c) == 4]  # the add never on the kernel (a broadcast sum's norm may be)
+    assert calls == [] or case in ("shapes differ", "not contiguous")
+    torch.testing.assert_close(n.float(), RMSNorm.forward(module, x + residual).float(), rtol=2**-7, atol=1e-6)
+    assert torch.equal(h, x + residual)
+    if case not in ("mixed dtypes", "shapes differ"):  # the norm alone
+        before = len(calls)
+        assert torch.equal(module(x), RMSNorm.forward(module, x)) and len(calls) == before
+    if case == "float16":
+        assert n.dtype == torch.float16
 
 
 def test_gradients_flow_through_pytorchs_norm_and_inference_takes_the_kernel(kernel_norm):
@@ -151,8 +169,11 @@ def test_gradients_flow_through_pytorchs_norm_and_inference_takes_the_kernel(ker
     assert not calls and x.grad is not None and x.grad.abs().sum() > 0
     module.weight.requires_grad_(True)
     module(x.detach())  # the weight trains (a full fine-tune): PyTorch's ops too
+    module.add_and_norm(x.detach(), x.detach())
     assert not calls
     module.weight.requires_grad_(False)
+    module.add_and_norm(x.detach(), x)  # the residual needs a gradient
+    assert not calls
     with torch.no_grad():
         n = module(x)
         h, n2 = module.add_and_norm(x, x)

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from ventoux import fusedproducts
 from ventoux.api import load_model
 from ventoux.cache import KVCache
-from ventoux.fusedproducts import SharedInputProducts
+from ventoux.fusedproducts import SharedInputProducts, joinable
 from ventoux.lora import LoraConfig, add_adapter
 from ventoux.model import Attention, FeedForward
+from ventoux.qlinear import Int4Linear, Int8Linear
 from ventoux.weights import save_hf
 
 
@@ -60,16 +61,21 @@ def storage_bytes(model) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int8-g32", "int4"])
-def test_joined_products_give_the_layers_numbers_in_four_calls_a_block(kernel_isa, tiny_dir, scheme, joined_calls):
-    model = load_model(tiny_dir, TINY, torch.bfloat16, quantize=scheme)
+@pytest.mark.parametrize("scheme,dtype", [("int8", torch.bfloat16), ("int8-g32", torch.bfloat16),
+                                          ("int4", torch.bfloat16), ("int4", torch.float16)])
+def test_joined_products_give_the_layers_numbers_in_four_calls_a_block(kernel_isa, tiny_dir, scheme, dtype,
+                                                                       joined_calls):
+    model = load_model(tiny_dir, TINY, dtype, quantize=scheme)
     joined = decode(model)
     q, kv, hidden = TINY.n_heads * TINY.head_dim, TINY.n_kv_heads * TINY.head_dim, TINY.hidden_dim
     # the prefill and each of the 6 steps: one call for wq/wk/wv and one for w1/w3, per block
     assert joined_calls == 7 * TINY.n_layers * [(q, kv, kv), (hidden, hidden)]
+    with torch.inference_mode():  # in the activations' dtype, as each layer's
+        outputs = model.layers[0].attention.joined_qkv(torch.ones(1, TINY.dim, dtype=dtype))
+    assert [y.dtype for y in outputs] == 3 * [dtype]
     unjoin(model)
     assert torch.equal(decode(model), joined)  # the same numbers as the layers one by one
-    assert len(joined_calls) == 7 * 2 * TINY.n_layers
+    assert len(joined_calls) == 7 * 2 * TINY.n_layers + 1  # one direct call above, none once unjoined
 
 
 def test_joining_keeps_one_copy_of_the_weights_and_the_saved_tensors(kernel_isa, tiny_dir, tmp_path, monkeypatch):
@@ -119,3 +125,24 @@ def test_gradients_and_restored_layers_run_the_layers_one_by_one(kernel_isa, tin
     assert len(joined_calls) == 1 and attention.joined_qkv.tiles is None
     with torch.no_grad():
         assert torch.equal(out[1], attention.wk(x))
+
+
+def layer(cls, rows, group=32, kernel="vnni"):
+    w = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+    return (Int8Linear.from_float(w, group, kernel=kernel) if cls is Int8Linear
+            else Int4Linear.from_float(w, group, kernel=kernel))
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_only_vnni_layers_of_one_kind_and_width_are_joined(kernel_isa, cls):
+    assert joinable([layer(cls, 32), layer(cls, 16), layer(cls, 16)])
+    other = Int4Linear if cls is Int8Linear else Int8Linear
+    assert not joinable([layer(cls, 32), layer(other, 16)])  # two kinds of product
+    assert not joinable([layer(other, 32), layer(cls, 16)])
+    assert not joinable([layer(cls, 32), layer(cls, 16, group=64)])  # two group sizes
+    assert not joinable([layer(cls, 32), layer(cls, 16, kernel="fallback")])  # a layer off the kernel
+    assert not joinable([layer(cls, 32), layer(cls, 24)])  # rows that end inside a 16-row tile
+    assert not joinable([torch.nn.Linear(128, 32), torch.nn.Linear(128, 16)])  # float layers: their own kernels
+    wide = layer(cls, 16)
+    wide.in_features = 100  # 100 inputs padded to 128: another width than 128 inputs
+    assert not joinable([layer(cls, 32), wide])

@@ -32,10 +32,11 @@ class SharedInputProducts:
         # rows of the concatenation: every layer's out_features is a multiple of the 16-row tiles (joinable)
         self.tiles = tuple(torch.cat(parts) for parts in zip(*(m._tiles[:-1] if isinstance(m, Int8Linear)
                                                                else m._tiles for m in layers)))
-        for m in layers:  # each layer's tiles become its rows of the joined ones: the old tensors are freed
-            start = sum(self.sizes[:layers.index(m)]) // cpu_kernels.TILE
-            views = [t[start:start + m.out_features // cpu_kernels.TILE] if t.dim() > 1
-                     else t[start * cpu_kernels.TILE:start * cpu_kernels.TILE + m.out_features] for t in self.tiles]
+        for i, m in enumerate(layers):  # each layer's tiles become its rows of the joined ones: the old are freed
+            start = sum(self.sizes[:i])
+            rows, tiles = slice(start, start + m.out_features), slice(start // cpu_kernels.TILE,
+                                                                      (start + m.out_features) // cpu_kernels.TILE)
+            views = [t[rows] if t.dim() == 1 else t[tiles] for t in self.tiles]  # int8's one scale a row: (N,)
             names = ("qweight", "scales", "zeros")[:len(views)]
             for name, view in zip(names, views):
                 m._buffers[name] = view
@@ -51,8 +52,8 @@ class SharedInputProducts:
             return False
         if layers != self.layers or any(m._tiles is None or m._tiles[0].untyped_storage().data_ptr() !=
                                         self.tiles[0].untyped_storage().data_ptr() for m in layers):
-            self.tiles = None  # swapped or re-stored: the layers run alone from now on; the joined copy is freed
-            return False
+            self.tiles = None  # swapped or re-stored: the layers run alone from now on (the joined tensor lives
+            return False       # on while a layer's tiles still view it)
         return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
             and not torch.compiler.is_compiling()
 
