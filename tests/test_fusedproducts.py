@@ -78,13 +78,18 @@ def test_joined_products_give_the_layers_numbers_in_four_calls_a_block(kernel_is
     assert len(joined_calls) == 7 * 2 * TINY.n_layers + 1  # one direct call above, none once unjoined
 
 
-def test_joining_keeps_one_copy_of_the_weights_and_the_saved_tensors(kernel_isa, tiny_dir, tmp_path, monkeypatch):
-    model = load_model(tiny_dir, TINY, torch.bfloat16, quantize="int4")
+@pytest.mark.parametrize("scheme", ["int4", "int8"])  # int8: one scale a row, an (N,) tensor
+def test_joining_keeps_one_copy_of_the_weights_and_the_saved_tensors(kernel_isa, tiny_dir, tmp_path, monkeypatch,
+                                                                     scheme):
+    model = load_model(tiny_dir, TINY, torch.bfloat16, quantize=scheme)
     monkeypatch.setattr(fusedproducts, "fuse_shared_inputs", lambda m: m)
-    alone = load_model(tiny_dir, TINY, torch.bfloat16, quantize="int4")
+    alone = load_model(tiny_dir, TINY, torch.bfloat16, quantize=scheme)
     assert model.layers[0].attention.joined_qkv is not None and alone.layers[0].attention.joined_qkv is None
     # the joined tiles are the layers' storage: nothing is held twice (a scale tensor rounds up to 64 bytes)
     assert abs(storage_bytes(model) - storage_bytes(alone)) < 64 * 5 * TINY.n_layers
+    # each layer's tiles are its own rows of the joined ones, no more (what the benchmarks count as bytes read)
+    shapes = {name: b.shape for name, b in model.named_buffers()}
+    assert shapes == {name: b.shape for name, b in alone.named_buffers()}
     wq = model.layers[0].attention.wq
     assert wq.qweight.untyped_storage().data_ptr() == model.layers[0].attention.joined_qkv.tiles[0].data_ptr()
     state, expected = model.state_dict(), alone.state_dict()
