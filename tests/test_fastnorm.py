@@ -187,10 +187,10 @@ def test_a_kernel_that_disagrees_with_rmsnorm_is_not_used(kernel_isa, tiny_dir, 
     """The one-time check (as the products have): a kernel that drops the residual is refused at load."""
     monkeypatch.setattr(cpu_kernels, "add_rms_norm_unchecked", lambda x, w, eps, residual=None: unchecked(x, w, eps)
                         if residual is None else (x + residual, unchecked(x, w, eps)))
-    fastnorm._kernel_check.cache_clear()
+    fastnorm.kernel_works.cache_clear()
     try:
         assert not fastnorm.kernel_works()
         model = load_model(tiny_dir, TINY, torch.float32, "cpu")
         assert all(type(m) is RMSNorm for m in model.modules() if isinstance(m, RMSNorm))
     finally:
-        fastnorm._kernel_check.cache_clear()  # the next test checks the real kernel again
+        fastnorm.kernel_works.cache_clear()  # the next test checks the real kernel again

@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,6 +125,21 @@ def library() -> ctypes.CDLL | None:
 
 
 _libraries: dict[str | None, ctypes.CDLL | None] = {}
+
+
+def once_per_build(check: Callable[[], bool]) -> Callable[[], bool]:
+    """A fast path's kernel_works (fastlinear, fastattention, fastnorm): check(), its kernels against PyTorch on
+    small random cases, runs once per kernel build where one loads, and is remembered; .cache_clear() forgets.
+    Keyed as library() is, by VENTOUX_CPU_ISA's value: it is asked on every decode step's kernel call."""
+    @functools.cache
+    def per_build(wanted: str | None) -> bool:
+        return library() is not None and check()
+
+    def works() -> bool:
+        return per_build(os.environ.get(ISA_VARIABLE))
+
+    works.cache_clear = per_build.cache_clear
+    return functools.update_wrapper(works, check)
 
 
 @functools.cache

@@ -11,8 +11,6 @@ F.scaled_dot_product_attention.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,16 +38,9 @@ def use_attention_kernel(model: nn.Module) -> nn.Module:
     return swap_class(model, Attention, KernelAttention) if kernel_works() else model
 
 
+@cpu_kernels.once_per_build
 def kernel_works() -> bool:
-    """Whether the kernel runs here and agrees with PyTorch's attention on small random cases (once per process and
-    kernel build, as fastlinear.kernel_works checks the products)."""
-    return _kernel_check(cpu_kernels.isa())
-
-
-@functools.cache
-def _kernel_check(isa: str | None) -> bool:
-    if cpu_kernels.library() is None:
-        return False
+    """Whether the kernel runs here and agrees with PyTorch's attention on small random cases."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 32, generator=gen) for n in (5, 21, 21))  # every loop's tail (S % 16, G)
     allowed = torch.rand(2, 21, generator=gen) > 0.3

@@ -86,16 +86,9 @@ def _gemm_beats_pytorch(isa: str | None) -> bool:
     return not ("amx_bf16" in flags or ("avx512_bf16" in flags and cpu_kernels.cpu_vendor() == "AuthenticAMD"))
 
 
+@cpu_kernels.once_per_build
 def kernel_works() -> bool:
-    """Whether the kernels run here and agree with F.linear on small random cases (once per process and
-    kernel build: VENTOUX_CPU_ISA may change it)."""
-    return _kernel_check(cpu_kernels.isa())
-
-
-@functools.cache
-def _kernel_check(isa: str | None) -> bool:
-    if cpu_kernels.library() is None:
-        return False
+    """Whether the kernels run here and agree with F.linear on small random cases."""
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(37, 544, generator=gen), torch.randn(29, 544, generator=gen)  # every tile's tail
     for dtype in HALF:

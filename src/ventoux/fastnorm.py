@@ -10,8 +10,6 @@ squares (tests/test_fastnorm.py). Prefill (more than MAX_ROWS rows), training an
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -50,16 +48,9 @@ def use_norm_kernel(model: nn.Module) -> nn.Module:
     return swap_class(model, RMSNorm, KernelRMSNorm) if kernel_works() else model
 
 
+@cpu_kernels.once_per_build
 def kernel_works() -> bool:
-    """Whether the kernel runs here and agrees with RMSNorm on small random rows (once per process and kernel
-    build, as fastlinear.kernel_works checks the products)."""
-    return _kernel_check(cpu_kernels.isa())
-
-
-@functools.cache
-def _kernel_check(isa: str | None) -> bool:
-    if cpu_kernels.library() is None:
-        return False
+    """Whether the kernel runs here and agrees with RMSNorm on small random rows."""
     gen = torch.Generator().manual_seed(0)
     x, residual, weight = (torch.randn(n, 48, generator=gen) for n in (3, 3, 1))
     for dtype in (torch.float32, torch.bfloat16):

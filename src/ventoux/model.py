@@ -243,7 +243,6 @@ class Attention(nn.Module):
         with remade_in_backward(heads, lambda: out.transpose(1, 2).reshape(b, t, -1)):
             return self.wo(heads)  # (B, T, dim)
 
-
     def qkv(self, x):
         """wq(x), wk(x), wv(x): one kernel call where fusedproducts joined the three."""
         joined = self.joined_qkv
