@@ -11,8 +11,9 @@ from conftest import KERNEL_ISAS, TINY, hf_model, ventoux_from_hf
 from ventoux import cpu_kernels, fastnorm
 from ventoux.api import load_model
 from ventoux.cache import KVCache
+from ventoux.fastblock import KernelBlock
 from ventoux.fastnorm import KernelRMSNorm
-from ventoux.model import RMSNorm
+from ventoux.model import Block, RMSNorm, swap_class
 from ventoux.weights import save_hf
 
 add_rms_norm = cpu_kernels.add_rms_norm  # the kernel itself, before a test wraps it
@@ -71,7 +72,7 @@ def tiny_dir(tmp_path_factory):
 def test_loaded_models_decode_on_the_kernel_as_on_pytorchs_norms(kernel_isa, tiny_dir, dtype, monkeypatch):
     """Loading swaps in the kernel; decode steps give the logits PyTorch's norms give, with every norm of every
     step on the kernel (a block's two and the final one), and the prefill on PyTorch's ops."""
-    model = load_model(tiny_dir, TINY, dtype, "cpu")
+    model = swap_class(load_model(tiny_dir, TINY, dtype, "cpu"), KernelBlock, Block)  # blocks on the module path
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     assert len(norms) == 2 * TINY.n_layers + 1 and all(type(m) is KernelRMSNorm for m in norms)
     calls = []

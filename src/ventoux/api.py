@@ -141,6 +141,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     "int4+output", ... (a quantized checkpoint loads as saved); lora: see load(); transform(name, module):
     a per-module hook while reading (weights.load_weights)."""
     from .fastattention import use_attention_kernel
+    from .fastblock import use_block_kernel
     from .fastlinear import use_cpu_kernels
     from .fastnorm import use_norm_kernel
     from .fusedproducts import fuse_shared_inputs
@@ -157,6 +158,7 @@ def load_model(folder, config, dtype: torch.dtype | None, device="cpu", quantize
     use_attention_kernel(model)  # and decoding's attention
     use_norm_kernel(model)  # and its norms
     fuse_shared_inputs(model)  # quantized products that read one input: one call
+    use_block_kernel(model)  # and a decode step's blocks whose parts are all on kernels: one call each
     always_on = isinstance(lora, (str, Path))
     adapters = {"default": lora} if always_on else dict(lora or {})
     for name, path in adapters.items():  # 5. LoRA: one adapter always on, or several chosen per request

@@ -140,9 +140,21 @@ class KVCache:
             ok &= k > q - self.window
         return ok
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def buffers(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers (B, Hkv, capacity + 1, D) for the step's rows: contiguous views, no
+        copy. A kernel that writes a write_first step's keys at step.slots itself attends over these
+        (fastattention.py, fastblock.py)."""
+        if step.rows == slice(None):  # every row: the buffers themselves (a view costs a cold op a layer)
+            return self.k[layer], self.v[layer]
+        return self.k[layer][step.rows], self.v[layer][step.rows]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: Step):
         """Store the new keys/values (B, Hkv, T, D); return the keys/values to attend over."""
-        kb, vb = self.k[layer][step.rows], self.v[layer][step.rows]  # views, no copy
+        kb, vb = self.buffers(layer, step)
         if step.write_first:
             _write(kb, step.slots, k)
             _write(vb, step.slots, v)
@@ -160,6 +172,13 @@ class _RowView:
 
     def prepare(self, positions):
         return self.cache.prepare(positions, self.rows_slice)
+
+    @property
+    def dtype(self):
+        return self.cache.dtype
+
+    def buffers(self, layer, step):
+        return self.cache.buffers(layer, step)
 
     def update(self, layer, k, v, step):
         return self.cache.update(layer, k, v, step)

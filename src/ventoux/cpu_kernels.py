@@ -18,7 +18,9 @@ products only).
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
     y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
     out = attend_decode(q, k, v, allowed)              # one new token a row over a KV cache (fastattention.py)
+    out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, allowed)   # rotary, cache write, attention
     h, n = add_rms_norm(x, weight, eps, residual)      # a decode step's residual add and RMS norm (fastnorm.py)
+    y = decode_block(layout, x, cos, sin, k_cache, v_cache, slots, allowed, scratch)   # a whole block (fastblock.py)
 
 Built at first use with the system C compiler (`$CC`, else cc; about a second) into
 ~/.cache/ventoux/kernels, keyed by the source, the flags and the CPU; loaded with ctypes. They are also
@@ -147,7 +149,8 @@ def build(which: str) -> ctypes.CDLL | None:
     """The kernels of one build (see SOURCES), compiled on first use; None if that fails."""
     source, flags = SOURCES[which], [*FLAGS, *isa_flags(which)]
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags, *sorted(cpu_flags())]).encode()).hexdigest()
+    sources = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # what it includes
+    key = hashlib.sha256(sources + " ".join([cc, *flags, *sorted(cpu_flags())]).encode()).hexdigest()
     path = cache_dir() / f"cpu_kernels-{which}-{key[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +182,14 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.vx_attend_decode.restype = None
     lib.vx_add_rms_norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p, ctypes.c_int]
     lib.vx_add_rms_norm.restype = None
+    lib.vx_decode_attention.argtypes = [p, i64, p, i64, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i64,
+                                        ctypes.c_float, p, ctypes.c_int, ctypes.c_int]
+    lib.vx_decode_attention.restype = None
+    block = ctypes.POINTER(BlockLayout)
+    lib.vx_decode_block_scratch.argtypes = [block, i64, ctypes.c_int]
+    lib.vx_decode_block_scratch.restype = i64
+    lib.vx_decode_block.argtypes = [block, p, i64, p, p, p, p, p, p, i64, p, p, ctypes.c_int, ctypes.c_int]
+    lib.vx_decode_block.restype = None
     return lib
 
 
@@ -363,6 +374,115 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: to
     out = torch.empty_like(q)
     library().vx_attend_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), b, h, g, s, d,
                                d ** -0.5, out.data_ptr(), q.dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     allowed: torch.Tensor) -> torch.Tensor:
+    """A decode step's attention from its q, k, v products: q (B, H*G*D), k and v (B, H*D), the new token of each
+    row (its rows may be apart: views of one joined product); rotary by cos, sin (B, D) as model.apply_rotary
+    rotates (the same bits); the rotated key and the value written to each row's slot, slots (B,), of k_cache and
+    v_cache (B, H, S, D); then attention over the cache where allowed (B, S), as attend_decode -> (B, H*G*D).
+    All bfloat16 or all float32, D % 16 == 0, G <= ATTEND_MAX_G."""
+    b, s = allowed.shape
+    h, d = k_cache.shape[1], k_cache.shape[3]
+    tensors = (q, k, v, cos, sin, k_cache, v_cache)
+    if not all(t.dtype == q.dtype for t in tensors) or q.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("decode_attention takes bfloat16 or float32 q, k, v, cos, sin and caches of one dtype, not "
+                         + ", ".join(str(t.dtype) for t in tensors))
+    g = q.shape[-1] // (h * d) if h * d else 0
+    if (k_cache.shape != (b, h, s, d) or v_cache.shape != k_cache.shape or q.shape != (b, h * g * d)
+            or k.shape != (b, h * d) or v.shape != k.shape or cos.shape != (b, d) or sin.shape != cos.shape
+            or slots.shape != (b,) or not 0 < g <= ATTEND_MAX_G or d % 16):
+        raise ValueError(f"decode_attention: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, cos "
+                         f"{list(cos.shape)}, caches {list(k_cache.shape)}, slots {list(slots.shape)} and allowed "
+                         f"{list(allowed.shape)} are not (B, H*G*D), (B, H*D), (B, H*D), (B, D), (B, H, S, D), (B,), "
+                         f"(B, S) with G <= {ATTEND_MAX_G} and D % 16 == 0")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not bool(((slots >= 0) & (slots < s)).all()):
+        raise ValueError("decode_attention writes to contiguous caches, at slots within them")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return decode_attention_unchecked(q, k, v, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
+                                      slots.to(torch.int64).contiguous(), allowed.to(torch.bool).contiguous())
+
+
+def decode_attention_unchecked(q, k, v, cos, sin, k_cache, v_cache, slots, allowed) -> torch.Tensor:
+    """decode_attention for inputs its caller checked (fastattention.KernelAttention): rows of q, k and v with
+    unit strides within, everything else contiguous, slots int64 within the caches, allowed bool."""
+    b, h, s, d = k_cache.shape
+    out = q.new_empty(b, q.shape[-1])
+    library().vx_decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                  cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                  slots.data_ptr(), allowed.data_ptr(), b, h, q.shape[-1] // (h * d), s, d, d ** -0.5,
+                                  out.data_ptr(), q.dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+class Product(ctypes.Structure):
+    """One linear layer on a kernel (csrc/decode_block.h's vx_product): kind INT8, INT4 or HALF, its input and
+    output widths K and N, and its arguments to int8_gemv, int4_gemv or half_gemv."""
+    _fields_ = [("kind", ctypes.c_int64), ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("half_bf16", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("zeros", ctypes.c_void_p)]
+    INT8, INT4, HALF = 0, 1, 2
+
+
+class Products(ctypes.Structure):
+    """The products of one input (vx_products): one joined product (n = 1) whose rows hold every output side by
+    side, or one product a layer."""
+    _fields_ = [("p", Product * 3), ("n", ctypes.c_int64)]
+
+
+class BlockLayout(ctypes.Structure):
+    """A transformer block's weights and shape for decode_block (vx_block)."""
+    _fields_ = [("qkv", Products), ("gate_up", Products), ("wo", Product), ("w2", Product),
+                ("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("dim", ctypes.c_int64), ("hidden", ctypes.c_int64),
+                ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64)]
+
+
+def decode_block_scratch_bytes(layout: BlockLayout, rows: int, dtype: torch.dtype) -> int:
+    """The bytes of scratch memory decode_block needs for `rows` rows of `dtype` activations."""
+    return library().vx_decode_block_scratch(ctypes.byref(layout), rows, dtype == torch.bfloat16)
+
+
+def decode_block(layout: BlockLayout, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor,
+                 scratch: torch.Tensor) -> torch.Tensor:
+    """A transformer block's decode step as model.Block.forward computes it, in one call: x (B, dim), one new
+    token a row -> (B, dim). The attention is decode_attention's over k_cache, v_cache (B, Hkv, S, D), written at
+    slots (B,), with cos, sin (B, D) and allowed (B, S); the layout's products are their kernels'. x, cos, sin and
+    the caches all bfloat16 or all float32, contiguous; scratch, made once and reused, decode_block_scratch_bytes
+    bytes for at least B rows.
+    The caller keeps the layout's tensors alive and unchanged (fastblock.py checks them before each call)."""
+    b, s, d = x.shape[0], k_cache.shape[2], k_cache.shape[3]
+    tensors = (x, cos, sin, k_cache, v_cache)
+    if not all(t.dtype == x.dtype for t in tensors) or x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("decode_block takes bfloat16 or float32 x, cos, sin and caches of one dtype, not "
+                         + ", ".join(str(t.dtype) for t in tensors))
+    if (x.shape != (b, layout.dim) or k_cache.shape != (b, layout.n_kv_heads, s, layout.head_dim)
+            or v_cache.shape != k_cache.shape or cos.shape != (b, d) or sin.shape != cos.shape
+            or slots.shape != (b,) or allowed.shape != (b, s) or not all(t.is_contiguous() for t in tensors)):
+        raise ValueError(f"decode_block: x {list(x.shape)}, caches {list(k_cache.shape)}, cos {list(cos.shape)}, "
+                         f"slots {list(slots.shape)} and allowed {list(allowed.shape)} are not contiguous (B, "
+                         f"{layout.dim}), (B, {layout.n_kv_heads}, S, {layout.head_dim}), (B, D), (B,), (B, S)")
+    if not bool(((slots >= 0) & (slots < s)).all()):
+        raise ValueError("decode_block writes to the caches at slots within them")
+    if scratch.numel() * scratch.element_size() < decode_block_scratch_bytes(layout, b, x.dtype):
+        raise ValueError("decode_block: scratch is smaller than decode_block_scratch_bytes for these rows")
+    return decode_block_unchecked(layout, x, cos, sin, k_cache, v_cache, slots.to(torch.int64).contiguous(),
+                                  allowed.to(torch.bool).contiguous(), scratch)
+
+
+def decode_block_unchecked(layout, x, cos, sin, k_cache, v_cache, slots, allowed, scratch) -> torch.Tensor:
+    """decode_block for inputs its caller checked (fastblock.KernelBlock), in any shapes holding decode_block's
+    (x (B, 1, dim), cos (B, 1, 1, D), ...): between two weight streams a check or a view costs more than a small
+    kernel. The result has x's shape."""
+    out = torch.empty_like(x)
+    library().vx_decode_block(ctypes.byref(layout), x.data_ptr(), k_cache.shape[0], cos.data_ptr(), sin.data_ptr(),
+                              k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), allowed.data_ptr(),
+                              k_cache.shape[2], scratch.data_ptr(), out.data_ptr(), x.dtype == torch.bfloat16,
+                              torch.get_num_threads())
     return out
 
 

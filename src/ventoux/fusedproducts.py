@@ -48,14 +48,18 @@ class SharedInputProducts:
 
     def applies(self, layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
         """Whether these are still the joined layers, holding the joined tiles, and x needs no gradient."""
+        return self.joins(layers) and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
+            and not torch.compiler.is_compiling()
+
+    def joins(self, layers: tuple[nn.Module, ...]) -> bool:
+        """Whether these are still the joined layers, holding the joined tiles."""
         if self.tiles is None:
             return False
         if layers != self.layers or any(m._tiles is None or m._tiles[0].untyped_storage().data_ptr() !=
                                         self.tiles[0].untyped_storage().data_ptr() for m in layers):
             self.tiles = None  # swapped or re-stored: the layers run alone from now on (the joined tensor lives
             return False       # on while a layer's tiles still view it)
-        return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
-            and not torch.compiler.is_compiling()
+        return True
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x2 = x.reshape(-1, self.in_features)

@@ -221,6 +221,16 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, step=None, layer=0):
         b, t, _ = x.shape
         q, k, v = self.qkv(x)
+        out = self.attend(q, k, v, cos, sin, mask, cache, step, layer)  # (B, H, T, D)
+        heads = out.transpose(1, 2).reshape(b, t, -1)  # (B, H, T, D) -> (B, T, H*D): a copy
+        # attention keeps its output for its own backward: wo's adapter need not keep this copy of it too
+        with remade_in_backward(heads, lambda: out.transpose(1, 2).reshape(b, t, -1)):
+            return self.wo(heads)  # (B, T, dim)
+
+    def attend(self, q, k, v, cos, sin, mask, cache=None, step=None, layer=0):
+        """The products' q (B, T, H*D), k and v (B, T, Hkv*D) -> attention's output (B, H, T, D): rotary, the
+        cache's update, then attention. fastattention.py runs a decode step's as one kernel call."""
+        b, t, _ = q.shape
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -231,17 +241,12 @@ class Attention(nn.Module):
         if t == 1 and mask is not None:  # one token a row (decoding), over the cache
             g = self.n_heads // self.n_kv_heads
             out = self.attend_one(q.reshape(b, self.n_kv_heads, g, self.head_dim), k, v, mask)
-            out = out.reshape(b, self.n_heads, 1, self.head_dim)
-        elif cache is None and attends_by_blocks(t, self.window):
-            out = banded_attention(q, k, v, self.window, gqa)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        heads = out.transpose(1, 2).reshape(b, t, -1)  # (B, H, T, D) -> (B, T, H*D): a copy
-        # attention keeps its output for its own backward: wo's adapter need not keep this copy of it too
-        with remade_in_backward(heads, lambda: out.transpose(1, 2).reshape(b, t, -1)):
-            return self.wo(heads)  # (B, T, dim)
+            return out.reshape(b, self.n_heads, 1, self.head_dim)
+        if cache is None and attends_by_blocks(t, self.window):
+            return banded_attention(q, k, v, self.window, gqa)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def qkv(self, x):
         """wq(x), wk(x), wv(x): one kernel call where fusedproducts joined the three."""
@@ -253,7 +258,8 @@ class Attention(nn.Module):
     def attend_one(self, q, k, v, mask):
         """One new token a row: q (B, Hkv, G, D), the G query heads sharing each KV head, are that head's queries,
         so one plain attention call serves them (enable_gqa copies K and V per query head: 6x slower in bf16 on
-        the CPU); k, v (B, Hkv, S, D); mask (B, 1, 1, S) -> (B, Hkv, G, D). fastattention.py swaps in a kernel."""
+        the CPU); k, v (B, Hkv, S, D); mask (B, 1, 1, S) -> (B, Hkv, G, D). fastattention.py runs the whole
+        step (rotary, cache write, this) on a kernel."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

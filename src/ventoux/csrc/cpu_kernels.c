@@ -949,17 +949,109 @@ void vx_attend_decode(const void* q, const void* k, const void* v, const uint8_t
   }
 }
 
+// n values of a bfloat16 (bf16_io) or float32 array as float32.
+static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
+  if (bf16_io) floats_from_bf16(dst, (const uint16_t*)src, n);
+  else memcpy(dst, src, n * sizeof(float));
+}
+
+// ---- A decode step's attention with its rotary and cache write (fastattention.KernelAttention) ---------------
+// As separate calls between two weight streams, the rotary of q and k (8 PyTorch ops), the two cache writes and
+// the attention cost about 470 us a layer on a 2-core Xeon VM, each call cold. Here each (row, KV head) task
+// rotates its new key into the row's cache slot, copies the value into it, rotates its G query heads, then
+// attends over the cache as vx_attend_decode does. Rotary is model.apply_rotary's x * cos + roll(x, D/2) * sin
+// (sin's first half negated by rotary_tables) with each product and the sum rounded as PyTorch's ops round them
+// (bfloat16: each to bfloat16; float32: no fused multiply-add), so the cache holds the bits PyTorch would write.
+
+// a * b, kept apart from any add after it: the compiler may not fuse the two into one rounding (an FMA).
+static inline __m512 product16(__m512 a, __m512 b) {
+  __m512 p = _mm512_mul_ps(a, b);
+  __asm__("" : "+v"(p));
+  return p;
+}
+
+static inline __m512 bf16_rounded16(__m512 v) {  // v rounded to bfloat16, as float32 lanes
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round16(v)), 16));
+}
+
+// One head: dst = x * c + roll(x, D/2) * s, in x's dtype; c, s (D) float32; xf (2D floats) scratch.
+static inline void rotate_head(void* dst, const void* x, const float* c, const float* s, int64_t D, const int BF16,
+                               float* xf) {
+  float* xr = xf + D;
+  const int64_t half = D / 2;
+  floats_of(xf, x, D, BF16);
+  memcpy(xr, xf + half, (D - half) * sizeof(float));  // xr[i] = x[(i - D/2) mod D]
+  memcpy(xr + (D - half), xf, half * sizeof(float));
+  for (int64_t i = 0; i < D; i += 16) {
+    __m512 a = product16(_mm512_loadu_ps(xf + i), _mm512_loadu_ps(c + i));
+    __m512 b = product16(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(s + i));
+    if (BF16) {
+      _mm256_storeu_si256((__m256i*)((uint16_t*)dst + i),
+                          bf16_round16(_mm512_add_ps(bf16_rounded16(a), bf16_rounded16(b))));
+    } else {
+      _mm512_storeu_ps((float*)dst + i, _mm512_add_ps(a, b));
+    }
+  }
+}
+
+static inline __attribute__((always_inline)) void rotate_store_attend_task(
+    const char* q, const char* k, const char* v, const float* c, const float* s, char* kt, char* vt, int64_t slot,
+    const uint8_t* ok, int64_t G, int64_t S, int64_t D, float scale, char* out, const int BF16, float* scores,
+    float* qf, float* row, char* qr) {
+  const int64_t size = BF16 ? 2 : 4;
+  rotate_head(kt + slot * D * size, k, c, s, D, BF16, qf);
+  memcpy(vt + slot * D * size, v, D * size);
+  for (int64_t g = 0; g < G; ++g) rotate_head(qr + g * D * size, q + g * D * size, c, s, D, BF16, qf);
+  attend_task(qr, kt, vt, ok, 0, G, S, D, scale, out, BF16, scores, qf, row);
+}
+
+// q (B, H*G*D), k and v (B, H*D): a row's new token from the products, rows q_row, k_row, v_row elements apart;
+// cos, sin (B, D): its rotary tables; kc, vc (B, H, S, D): the cache, written at slots[b] of each row; allowed (B, S)
+// the slots it may attend to, after the write; out (B, H*G*D). bf16: q, k, v, cos, sin, kc, vc and out bfloat16,
+// else float32. D % 16 == 0, G <= ATTEND_MAX_G (the caller checks).
+void vx_decode_attention(const void* q, int64_t q_row, const void* k, int64_t k_row, const void* v, int64_t v_row,
+                         const void* cos, const void* sin, void* kc, void* vc, const int64_t* slots,
+                         const uint8_t* allowed, int64_t B, int64_t H, int64_t G, int64_t S, int64_t D, float scale,
+                         void* out, int bf16, int nthreads) {
+  const int64_t size = bf16 ? 2 : 4;
+  float* tables = malloc(2 * B * D * sizeof(float));  // cos then sin, float32
+  floats_of(tables, cos, B * D, bf16);
+  floats_of(tables + B * D, sin, B * D, bf16);
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* scores = malloc(G * S * sizeof(float));
+    float* qf = malloc((G + 1) * D * sizeof(float));
+    float* row = malloc(D * sizeof(float));
+    char* qr = malloc(G * D * size);  // the task's query heads, rotated
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * H; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const char* qt = (const char*)q + (b * q_row + h * G * D) * size;
+      const char* kt = (const char*)k + (b * k_row + h * D) * size;
+      const char* vt = (const char*)v + (b * v_row + h * D) * size;
+      const float *c = tables + b * D, *s = tables + (B + b) * D;
+      char* kct = (char*)kc + task * S * D * size;
+      char* vct = (char*)vc + task * S * D * size;
+      char* ot = (char*)out + task * G * D * size;
+      if (bf16) rotate_store_attend_task(qt, kt, vt, c, s, kct, vct, slots[b], allowed + b * S, G, S, D, scale, ot, 1,
+                                         scores, qf, row, qr);
+      else rotate_store_attend_task(qt, kt, vt, c, s, kct, vct, slots[b], allowed + b * S, G, S, D, scale, ot, 0,
+                                    scores, qf, row, qr);
+    }
+    free(scores);
+    free(qf);
+    free(row);
+    free(qr);
+  }
+  free(tables);
+}
+
 // ---- RMS norm of a decode step's rows, after the residual add (RMSNorm and Block.forward's x + attention) ----
 // Between two weight streams every small PyTorch op runs cold (about 90 us each on a 2-core Xeon VM): the add and
 // the norm's four ops cost about 470 us a call there, this one about 180. h = x + r (r NULL: no add, h not
 // written), n = w * (h / sqrt(mean(h^2) + eps)), rounded where RMSNorm.forward rounds: bf16_io, everything
 // bfloat16 (h, the normalized row and n each rounded once); else float32. The squares are summed in 16 float32
 // partial sums, PyTorch's in its own order: the same numbers up to float32 rounding. Requires dim % 16 == 0.
-static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
-  if (bf16_io) floats_from_bf16(dst, (const uint16_t*)src, n);
-  else memcpy(dst, src, n * sizeof(float));
-}
-
 void vx_add_rms_norm(const void* x, const void* r, const void* w, float eps, int64_t rows, int64_t dim, void* h,
                      void* n, int bf16_io) {
   const int64_t size = bf16_io ? 2 : 4;
@@ -999,3 +1091,23 @@ void vx_add_rms_norm(const void* x, const void* r, const void* w, float eps, int
   }
   free(hf);
 }
+
+// ---- silu(g) * u for a decode step's feed-forward (decode_block.h) ---------------------------------------------
+// m (M, n) = silu(g) * u, g and u rows g_row and u_row elements apart, rounded as FeedForward's F.silu(a) * b
+// rounds: bf16_io, silu's x / (1 + e^-x) to bfloat16, then the product; else float32. e^-x by attend_exp16's
+// polynomial (PyTorch's is Sleef's: the same up to float32 rounding). n % 16 == 0.
+static void silu_mul(const void* g, int64_t g_row, const void* u, int64_t u_row, int64_t M, int64_t n, void* m,
+                     int bf16_io) {
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 x = attend_load16(g, r * g_row + i, bf16_io), up = attend_load16(u, r * u_row + i, bf16_io);
+      const __m512 e = attend_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));  // +inf past e^88: silu(x) = -0
+      const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+      if (bf16_io)
+        _mm256_storeu_si256((__m256i*)((uint16_t*)m + r * n + i), bf16_round16(product16(bf16_rounded16(s), up)));
+      else
+        _mm512_storeu_ps((float*)m + r * n + i, product16(s, up));
+    }
+}
+
+#include "decode_block.h"

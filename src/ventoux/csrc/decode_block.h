@@ -1,0 +1,106 @@
+// ---- A decode step's whole transformer block in one call (fastblock.py) ------------------------------------
+// Included at the end of both builds (cpu_kernels.c, cpu_kernels_avx2.c): it only sequences their kernels
+// (the products, the norm, vx_decode_attention, silu_mul, add_rows). Between two weight streams, each call from
+// Python into a kernel or a PyTorch op runs cold, about 100 us on a 2-core Xeon VM whatever it computes, and a
+// block's decode step made ten of them: about 1.2 ms a layer. Here the block's steps run back to back in C, in
+// model.Block.forward's order and with its roundings: each step's result is what that step's kernel returns.
+
+enum { VX_INT8 = 0, VX_INT4 = 1, VX_HALF = 2 };
+
+typedef struct {  // one linear layer on a kernel: its arguments to vx_int8_gemv, vx_int4_gemv or vx_half_gemv
+  int64_t kind, K, N, group, half_bf16;  // half_bf16: VX_HALF's weight is bfloat16 (else float16)
+  const void *w, *scales, *zeros;
+} vx_product;
+
+typedef struct {  // the products of one input: one joined product (fusedproducts.py), n = 1, or one a layer
+  vx_product p[3];
+  int64_t n;
+} vx_products;
+
+typedef struct {  // a block's weights and shape (cpu_kernels.BlockLayout mirrors it)
+  vx_products qkv, gate_up;
+  vx_product wo, w2;
+  const void *attention_norm, *ffn_norm;
+  float eps, scale;  // the norms' epsilon; attention's 1/sqrt(head_dim)
+  int64_t dim, hidden, n_heads, n_kv_heads, head_dim;
+} vx_block;
+
+static void product(const vx_product* p, const void* x, int64_t M, void* y, int nthreads, int bf16_io) {
+  if (p->kind == VX_INT8)
+    vx_int8_gemv(x, M, p->K, p->w, p->scales, p->group, p->N, y, nthreads, bf16_io);
+  else if (p->kind == VX_INT4)
+    vx_int4_gemv(x, M, p->K, p->w, p->scales, p->zeros, p->group, p->N, y, nthreads, bf16_io);
+  else
+    vx_half_gemv(x, M, p->K, p->w, (int)p->half_bf16, p->N, y, nthreads, bf16_io);
+}
+
+// The outputs of ps on x (M rows) into y, and where each of their parts (of widths[i] columns) begins, part[i],
+// with its rows row[i] elements apart: a joined product's parts are column ranges of its (M, N) rows; separate
+// products' outputs lie one after the other, each (M, its N).
+static void run_products(const vx_products* ps, const void* x, int64_t M, char* y, const int64_t* widths,
+                         char** part, int64_t* row, int nthreads, int bf16_io) {
+  const int64_t size = bf16_io ? 2 : 4;
+  int64_t at = 0;
+  for (int64_t i = 0; i < ps->n; ++i) {
+    product(&ps->p[i], x, M, y + at * size, nthreads, bf16_io);
+    part[i] = y + at * size;
+    row[i] = ps->p[i].N;
+    at += M * ps->p[i].N;
+  }
+  for (int64_t i = 1, column = 0; ps->n == 1 && i < 3; ++i) {  // a joined product: its parts side by side
+    column += widths[i - 1];
+    part[i] = y + column * size;
+    row[i] = ps->p[0].N;
+  }
+}
+
+// out = h + f for M rows of dim values (bfloat16 rounded once, as PyTorch's add; else float32).
+static void add_rows(const void* h, const void* f, int64_t M, int64_t dim, void* out, int bf16_io, float* a,
+                     float* b) {
+  const int64_t size = bf16_io ? 2 : 4;
+  for (int64_t m = 0; m < M; ++m) {
+    floats_of(a, (const char*)h + m * dim * size, dim, bf16_io);
+    floats_of(b, (const char*)f + m * dim * size, dim, bf16_io);
+    for (int64_t i = 0; i < dim; ++i) a[i] += b[i];
+    if (bf16_io) bf16_from_floats((uint16_t*)out + m * dim, a, dim);
+    else memcpy((float*)out + m * dim, a, dim * sizeof(float));
+  }
+}
+
+// Bytes of the scratch vx_decode_block needs for M rows (its caller allocates it once and reuses it).
+int64_t vx_decode_block_scratch(const vx_block* b, int64_t M, int bf16_io) {
+  const int64_t nq = b->n_heads * b->head_dim, nkv = b->n_kv_heads * b->head_dim;
+  return M * (bf16_io ? 2 : 4) * (4 * b->dim + 2 * nq + 2 * nkv + 3 * b->hidden) + 2 * b->dim * sizeof(float);
+}
+
+// x (M, dim): the block's input, one new token a row; cos, sin (M, head_dim); kc, vc (M, Hkv, S, head_dim): this
+// layer's cache, written at slots (M,); allowed (M, S) -> out (M, dim), the block's output. bf16_io: x, cos, sin,
+// the cache and out bfloat16, else float32. As model.Block.forward: n = attention_norm(x); a = wo(attention(n));
+// h = x + a; n = ffn_norm(h); out = h + w2(silu(w1(n)) * w3(n)).
+void vx_decode_block(const vx_block* b, const void* x, int64_t M, const void* cos, const void* sin, void* kc, void* vc,
+                     const int64_t* slots, const uint8_t* allowed, int64_t S, void* scratch, void* out, int bf16_io,
+                     int nthreads) {
+  const int64_t size = bf16_io ? 2 : 4, D = b->head_dim, nq = b->n_heads * D, nkv = b->n_kv_heads * D;
+  char* n = scratch;                         // (M, dim): a norm's output
+  char* qkv = n + M * b->dim * size;         // (M, nq + 2 nkv)
+  char* att = qkv + M * (nq + 2 * nkv) * size;  // (M, nq): attention's
+  char* a = att + M * nq * size;             // (M, dim): wo's
+  char* h = a + M * b->dim * size;           // (M, dim): x + a
+  char* gu = h + M * b->dim * size;          // (M, 2 hidden): w1's and w3's
+  char* m = gu + 2 * M * b->hidden * size;   // (M, hidden): silu(w1's) * w3's
+  char* f = m + M * b->hidden * size;        // (M, dim): w2's
+  float* rows = (float*)(f + M * b->dim * size);  // 2 dim floats for add_rows
+  char* part[3];
+  int64_t row[3];
+  vx_add_rms_norm(x, NULL, b->attention_norm, b->eps, M, b->dim, NULL, n, bf16_io);
+  const int64_t qkv_widths[3] = {nq, nkv, nkv}, gate_up_widths[3] = {b->hidden, b->hidden, b->hidden};
+  run_products(&b->qkv, n, M, qkv, qkv_widths, part, row, nthreads, bf16_io);
+  vx_decode_attention(part[0], row[0], part[1], row[1], part[2], row[2], cos, sin, kc, vc, slots, allowed, M,
+                      b->n_kv_heads, b->n_heads / b->n_kv_heads, S, D, b->scale, att, bf16_io, nthreads);
+  product(&b->wo, att, M, a, nthreads, bf16_io);
+  vx_add_rms_norm(x, a, b->ffn_norm, b->eps, M, b->dim, h, n, bf16_io);
+  run_products(&b->gate_up, n, M, gu, gate_up_widths, part, row, nthreads, bf16_io);
+  silu_mul(part[0], row[0], part[1], row[1], M, b->hidden, m, bf16_io);
+  product(&b->w2, m, M, f, nthreads, bf16_io);
+  add_rows(h, f, M, b->dim, out, bf16_io, rows, rows + b->dim);
+}
