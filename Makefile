@@ -53,7 +53,7 @@ MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_
 	tokenizer:test_tokenizer.py,test_tokenizer_mutants.py weights:test_weights.py,test_hardening.py,test_weights_mutants.py qlinear:test_quantize.py,test_qlinear_mutants.py,test_kleidiai.py \
 	kleidiai:test_kleidiai.py,test_kleidiai_mutants.py lora:test_lora.py \
 	fastattention:test_fastattention.py fastnorm:test_fastnorm.py \
-	fusedproducts:test_fusedproducts.py
+	fusedproducts:test_fusedproducts.py fastblock:test_fastblock.py
 # MUTMUT_CHILDREN=1 on a machine shared with other jobs (and nice: the run yields to them)
 MUTMUT_CHILDREN ?= 2
 mutants: install-dev

@@ -961,7 +961,8 @@ static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
 // rotates its new key into the row's cache slot, copies the value into it, rotates its G query heads, then
 // attends over the cache as vx_attend_decode does. Rotary is model.apply_rotary's x * cos + roll(x, D/2) * sin
 // (sin's first half negated by rotary_tables) with each product and the sum rounded as PyTorch's ops round them
-// (bfloat16: each to bfloat16; float32: no fused multiply-add), so the cache holds the bits PyTorch would write.
+// (bfloat16: each to bfloat16; float32: no fused multiply-add), so the cache holds the bits PyTorch would write. The
+// task loop, vx_decode_attention, is in decode_block.h (shared by both builds); rotate_head is this build's part.
 
 // a * b, kept apart from any add after it: the compiler may not fuse the two into one rounding (an FMA).
 static inline __m512 product16(__m512 a, __m512 b) {
@@ -992,58 +993,6 @@ static inline void rotate_head(void* dst, const void* x, const float* c, const f
       _mm512_storeu_ps((float*)dst + i, _mm512_add_ps(a, b));
     }
   }
-}
-
-static inline __attribute__((always_inline)) void rotate_store_attend_task(
-    const char* q, const char* k, const char* v, const float* c, const float* s, char* kt, char* vt, int64_t slot,
-    const uint8_t* ok, int64_t G, int64_t S, int64_t D, float scale, char* out, const int BF16, float* scores,
-    float* qf, float* row, char* qr) {
-  const int64_t size = BF16 ? 2 : 4;
-  rotate_head(kt + slot * D * size, k, c, s, D, BF16, qf);
-  memcpy(vt + slot * D * size, v, D * size);
-  for (int64_t g = 0; g < G; ++g) rotate_head(qr + g * D * size, q + g * D * size, c, s, D, BF16, qf);
-  attend_task(qr, kt, vt, ok, 0, G, S, D, scale, out, BF16, scores, qf, row);
-}
-
-// q (B, H*G*D), k and v (B, H*D): a row's new token from the products, rows q_row, k_row, v_row elements apart;
-// cos, sin (B, D): its rotary tables; kc, vc (B, H, S, D): the cache, written at slots[b] of each row; allowed (B, S)
-// the slots it may attend to, after the write; out (B, H*G*D). bf16: q, k, v, cos, sin, kc, vc and out bfloat16,
-// else float32. D % 16 == 0, G <= ATTEND_MAX_G (the caller checks).
-void vx_decode_attention(const void* q, int64_t q_row, const void* k, int64_t k_row, const void* v, int64_t v_row,
-                         const void* cos, const void* sin, void* kc, void* vc, const int64_t* slots,
-                         const uint8_t* allowed, int64_t B, int64_t H, int64_t G, int64_t S, int64_t D, float scale,
-                         void* out, int bf16, int nthreads) {
-  const int64_t size = bf16 ? 2 : 4;
-  float* tables = malloc(2 * B * D * sizeof(float));  // cos then sin, float32
-  floats_of(tables, cos, B * D, bf16);
-  floats_of(tables + B * D, sin, B * D, bf16);
-#pragma omp parallel num_threads(nthreads)
-  {
-    float* scores = malloc(G * S * sizeof(float));
-    float* qf = malloc((G + 1) * D * sizeof(float));
-    float* row = malloc(D * sizeof(float));
-    char* qr = malloc(G * D * size);  // the task's query heads, rotated
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < B * H; ++task) {
-      const int64_t b = task / H, h = task % H;
-      const char* qt = (const char*)q + (b * q_row + h * G * D) * size;
-      const char* kt = (const char*)k + (b * k_row + h * D) * size;
-      const char* vt = (const char*)v + (b * v_row + h * D) * size;
-      const float *c = tables + b * D, *s = tables + (B + b) * D;
-      char* kct = (char*)kc + task * S * D * size;
-      char* vct = (char*)vc + task * S * D * size;
-      char* ot = (char*)out + task * G * D * size;
-      if (bf16) rotate_store_attend_task(qt, kt, vt, c, s, kct, vct, slots[b], allowed + b * S, G, S, D, scale, ot, 1,
-                                         scores, qf, row, qr);
-      else rotate_store_attend_task(qt, kt, vt, c, s, kct, vct, slots[b], allowed + b * S, G, S, D, scale, ot, 0,
-                                    scores, qf, row, qr);
-    }
-    free(scores);
-    free(qf);
-    free(row);
-    free(qr);
-  }
-  free(tables);
 }
 
 // ---- RMS norm of a decode step's rows, after the residual add (RMSNorm and Block.forward's x + attention) ----

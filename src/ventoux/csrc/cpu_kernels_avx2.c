@@ -894,8 +894,8 @@ void vx_attend_decode(const void* q, const void* k, const void* v, const uint8_t
   }
 }
 
-// ---- A decode step's attention with its rotary and cache write: cpu_kernels.c's vx_decode_attention, in 8-lane
-// registers (its comment says why and how). -------------------------------------------------------------------
+// ---- A decode step's attention with its rotary and cache write: cpu_kernels.c's rotate_head in 8-lane registers
+// (vx_decode_attention, in decode_block.h, says why and how). -------------------------------------------------
 // n values of a bfloat16 (bf16_io) or float32 array as float32.
 static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
   if (bf16_io) floats_from_bf16(dst, (const uint16_t*)src, n);
@@ -930,55 +930,6 @@ static inline void rotate_head(void* dst, const void* x, const float* c, const f
       _mm256_storeu_ps((float*)dst + i, _mm256_add_ps(a, b));
     }
   }
-}
-
-static inline __attribute__((always_inline)) void rotate_store_attend_task(
-    const char* q, const char* k, const char* v, const float* c, const float* s, char* kt, char* vt, int64_t slot,
-    const uint8_t* ok, int64_t G, int64_t S, int64_t D, float scale, char* out, const int BF16, float* scores,
-    float* qf, float* row, char* qr) {
-  const int64_t size = BF16 ? 2 : 4;
-  rotate_head(kt + slot * D * size, k, c, s, D, BF16, qf);
-  memcpy(vt + slot * D * size, v, D * size);
-  for (int64_t g = 0; g < G; ++g) rotate_head(qr + g * D * size, q + g * D * size, c, s, D, BF16, qf);
-  attend_task(qr, kt, vt, ok, 0, G, S, D, scale, out, BF16, scores, qf, row);
-}
-
-// As cpu_kernels.c's vx_decode_attention (D % 16 == 0, G <= ATTEND_MAX_G).
-void vx_decode_attention(const void* q, int64_t q_row, const void* k, int64_t k_row, const void* v, int64_t v_row,
-                         const void* cos, const void* sin, void* kc, void* vc, const int64_t* slots,
-                         const uint8_t* allowed, int64_t B, int64_t H, int64_t G, int64_t S, int64_t D, float scale,
-                         void* out, int bf16, int nthreads) {
-  const int64_t size = bf16 ? 2 : 4;
-  float* tables = malloc(2 * B * D * sizeof(float));  // cos then sin, float32
-  floats_of(tables, cos, B * D, bf16);
-  floats_of(tables + B * D, sin, B * D, bf16);
-#pragma omp parallel num_threads(nthreads)
-  {
-    float* scores = malloc(G * S * sizeof(float));
-    float* qf = malloc((G + 1) * D * sizeof(float));
-    float* row = malloc(D * sizeof(float));
-    char* qr = malloc(G * D * size);  // the task's query heads, rotated
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < B * H; ++task) {
-      const int64_t b = task / H, h = task % H;
-      const char* qt = (const char*)q + (b * q_row + h * G * D) * size;
-      const char* kt = (const char*)k + (b * k_row + h * D) * size;
-      const char* vt = (const char*)v + (b * v_row + h * D) * size;
-      const float *c = tables + b * D, *s = tables + (B + b) * D;
-      char* kct = (char*)kc + task * S * D * size;
-      char* vct = (char*)vc + task * S * D * size;
-      char* ot = (char*)out + task * G * D * size;
-      if (bf16) rotate_store_attend_task(qt, kt, vt, c, s, kct, vct, slots[b], allowed + b * S, G, S, D, scale, ot, 1,
-                                         scores, qf, row, qr);
-      else rotate_store_attend_task(qt, kt, vt, c, s, kct, vct, slots[b], allowed + b * S, G, S, D, scale, ot, 0,
-                                    scores, qf, row, qr);
-    }
-    free(scores);
-    free(qf);
-    free(row);
-    free(qr);
-  }
-  free(tables);
 }
 
 // ---- RMS norm of a decode step's rows, after the residual add (RMSNorm and Block.forward's x + attention) ----
