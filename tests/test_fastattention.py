@@ -210,6 +210,15 @@ def test_gradients_flow_through_pytorchs_ops_and_inference_takes_the_kernel(kern
     assert len(kernel_calls) == 2
     slots, allowed = kernel_calls[0][7], kernel_calls[0][8]
     assert torch.equal(slots, step.slots[:, 0]) and torch.equal(allowed, step.mask[:, 0, 0])
+    for needs_gradient in ("k", "v"):  # the key or the value alone needing one: PyTorch's ops
+        q, k, v, cos, sin, mask, cache, step = step_inputs(dtype=torch.float32)
+        (k if needs_gradient == "k" else v).requires_grad_(True)
+        module.attend(q, k, v, cos, sin, mask, cache, step)
+    assert len(kernel_calls) == 2
+    with torch.no_grad():  # as many query heads a KV head as the kernel takes: on it
+        module = kernel_attention(TINY.replace(n_heads=cpu_kernels.ATTEND_MAX_G * TINY.n_kv_heads))
+        module.attend(*step_inputs(cfg=TINY.replace(n_heads=cpu_kernels.ATTEND_MAX_G * TINY.n_kv_heads)))
+    assert len(kernel_calls) == 3
 
 
 def test_a_kernel_that_disagrees_with_pytorch_is_not_used(kernel_isa, tiny_dir, monkeypatch):

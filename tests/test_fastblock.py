@@ -14,7 +14,7 @@ from ventoux.api import load_model
 from ventoux.cache import KVCache
 from ventoux.fastblock import MAX_ROWS, KernelBlock
 from ventoux.lora import LoraConfig, add_adapter
-from ventoux.model import Block, rotary_tables
+from ventoux.model import Attention, Block, RMSNorm, rotary_tables
 from ventoux.weights import save_hf
 
 # widths the quantized layers take unpadded (multiples of 128); a window of 8 so that the cache wraps
@@ -39,11 +39,13 @@ def block_calls(kernel_isa, monkeypatch):
 
 
 def decode(model, rows=2, steps=8, cfg=CFG):
-    """Logits of a 5-token prefill and `steps` decode steps for `rows` rows at different positions, and the cache."""
+    """Logits of a 5-token prefill in two chunks (the second's last position only, as the engine asks) and
+    `steps` decode steps for `rows` rows at different positions, and the cache."""
     tokens = torch.randint(0, cfg.vocab_size, (rows, 5 + steps), generator=torch.Generator().manual_seed(3))
     cache = KVCache(cfg, rows, dtype=model.dtype, capacity=32)
     with torch.inference_mode():
-        out = [model(tokens[:, :5], torch.arange(5).expand(rows, 5), cache=cache)]
+        out = [model(tokens[:, :3], torch.arange(3).expand(rows, 3), cache=cache),
+               model(tokens[:, 3:5], torch.arange(3, 5).expand(rows, 2), cache=cache, last_only=True)]
         for t in range(5, 5 + steps):  # each row one position further than the one before
             out.append(model(tokens[:, t:t + 1], torch.arange(t, t + rows)[:, None], cache=cache))
     return torch.cat(out, 1), cache
@@ -70,6 +72,48 @@ def test_every_decode_step_of_every_block_runs_on_the_kernel_as_on_the_blocks_pa
     assert torch.equal(cache.k[0], expected_cache.k[0]) and torch.equal(cache.v[0], expected_cache.v[0])
     tol = 1e-4 if dtype == torch.float32 else 0.05
     torch.testing.assert_close(on_kernel, expected, rtol=tol, atol=tol)
+
+
+def test_a_plan_is_made_once_and_every_block_shares_one_scratch(kernel_isa, model_dir, block_calls):
+    """The checks before each call find the modules unchanged, so the plan made at the first step serves every
+    step (making one costs more than checking it); the scratch memory is one buffer, allocated once."""
+    model = load_model(model_dir, CFG, torch.bfloat16, quantize="int4")
+    if hasattr(fastblock._scratch, "buffer"):
+        del fastblock._scratch.buffer  # as in a new thread: the first call allocates it
+    decode(model)
+    plans, buffer = [m._plan for m in model.layers], fastblock._scratch.buffer
+    decode(model)
+    assert all(m._plan is plan for m, plan in zip(model.layers, plans)) and fastblock._scratch.buffer is buffer
+    assert all(call[-1] is buffer for call in block_calls) and len(block_calls) == 16 * CFG.n_layers
+    layout = plans[0].layout  # fusedproducts' groups run as one product each; bf16 layers one by one
+    assert (layout.qkv.n, layout.gate_up.n) == (1, 1)
+    assert layout.qkv.p[0].N == (CFG.n_heads + 2 * CFG.n_kv_heads) * CFG.head_dim and layout.qkv.p[1].N == 0
+    layout = fastblock.BlockPlan(load_model(model_dir, CFG, torch.bfloat16).layers[0]).layout
+    assert (layout.qkv.n, layout.gate_up.n) == (3, 2) and layout.qkv.p[2].N == CFG.n_kv_heads * CFG.head_dim
+
+
+@pytest.mark.parametrize("change", ["eps", "hidden % 16", "head_dim % 16", "17 query heads a KV head",
+                                    "attention", "norm", "strided norm", "16 query heads a KV head"])
+def test_layout_of_refuses_blocks_the_kernel_cannot_run(kernel_isa, model_dir, change):
+    block = load_model(model_dir, CFG, torch.bfloat16, quantize="int4").layers[0]
+    assert fastblock.layout_of(block) is not None
+    attention = block.attention
+    if change == "eps":
+        block.ffn_norm.eps = 1e-6
+    elif change == "hidden % 16":
+        block.feed_forward.w1.out_features = 250
+    elif change == "head_dim % 16":
+        attention.head_dim = 24
+    elif change.endswith("query heads a KV head"):
+        attention.n_heads = int(change.split()[0]) * attention.n_kv_heads
+    elif change == "attention":
+        attention.__class__ = Attention
+    elif change == "norm":
+        block.ffn_norm.__class__ = RMSNorm
+    else:
+        block.attention_norm.weight = torch.nn.Parameter(torch.ones(2 * CFG.dim, dtype=torch.bfloat16)[::2])
+    refused = fastblock.layout_of(block) is None
+    assert refused == (change != "16 query heads a KV head")  # as many as the attention kernel takes
 
 
 def test_the_block_kernel_matches_the_blocks_path_at_every_batch_size_it_takes(kernel_isa, model_dir, block_calls):

@@ -60,14 +60,12 @@ class BlockPlan:
         children = ((block, ("attention_norm", "ffn_norm", "attention", "feed_forward")),
                     (attention, ("wq", "wk", "wv", "wo")), (ff, ("w1", "w2", "w3")))
         self.same = [(parent._modules, name, parent._modules[name]) for parent, names in children for name in names]
-        joined = [(attention.__dict__, "joined_qkv"), (ff.__dict__, "joined_gate_up")]
-        self.same += [(d, name, d.get(name)) for d, name in joined]
+        # (a joined group's tiles are its layers' views: re-joined or re-stored, the layers' tiles change too)
         self.same += [(m.__dict__, "_tiles", m.__dict__["_tiles"]) for m in linears if "_tiles" in m.__dict__]
         weighted = [m for m in (*norms, *linears) if "weight" in m._parameters]  # the norms, 16-bit layers
         self.same += [(m._parameters, "weight", m._parameters["weight"]) for m in weighted]
         self.pointers = [(m.weight, m.weight.data_ptr()) for m in weighted]
-        self.layout = layout_of(block)
-        self.keep = [d[name].tiles for d, name in joined if d.get(name) is not None]  # what the layout points at
+        self.layout = layout_of(block)  # its pointers stay valid: `same` holds every tensor they point into
         self.dtype = block.attention_norm.weight.dtype
         self._scratch: dict[torch.dtype, int] = {}
 
