@@ -127,7 +127,7 @@ def test_the_block_kernel_matches_the_blocks_path_at_every_batch_size_it_takes(k
         torch.testing.assert_close(on_kernel, expected, rtol=0.05, atol=0.05)
 
 
-def test_the_block_steps_aside_for_adapters_and_gradients_and_back(kernel_isa, model_dir, block_calls):
+def test_the_block_steps_aside_for_adapters_and_gradients(kernel_isa, model_dir, block_calls):
     model = load_model(model_dir, CFG, torch.bfloat16, quantize="int4")
     expected, _ = decode(model)
     add_adapter(model, LoraConfig(rank=4, targets=("wq", "wv")), dtype=torch.bfloat16)
