@@ -25,7 +25,7 @@ class KernelAttention(Attention):
     cpu_kernels.decode_attention call where it applies."""
 
     def attend(self, q, k, v, cos, sin, mask, cache=None, step=None, layer=0):
-        if not self._decodes_on_kernel(q, k, v, cos, sin, mask, cache, step, layer):
+        if not self._decodes_on_kernel(q, k, v, cos, sin, mask, cache, step):
             return super().attend(q, k, v, cos, sin, mask, cache, step, layer)
         b = q.shape[0]
         k_cache, v_cache = cache.buffers(layer, step)
@@ -33,15 +33,16 @@ class KernelAttention(Attention):
                                                      k_cache, v_cache, step.slots.view(b), mask.view(b, -1))
         return out.view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def _decodes_on_kernel(self, q, k, v, cos, sin, mask, cache, step, layer) -> bool:
+    def _decodes_on_kernel(self, q, k, v, cos, sin, mask, cache, step) -> bool:
+        """Whether the step fits the kernel: the cache's buffers are contiguous (KVCache.buffers), the rest is
+        checked here."""
         if cache is None or q.shape[1] != 1 or mask is None or not step.write_first:
             return False
-        k_cache, v_cache = cache.buffers(layer, step)
         return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and mask.dtype == torch.bool
-                and all(t.dtype == q.dtype for t in (k, v, cos, sin, k_cache, v_cache))
+                and all(t.dtype == q.dtype for t in (k, v, cos, sin)) and cache.dtype == q.dtype
                 and self.head_dim % 16 == 0 and self.n_heads // self.n_kv_heads <= cpu_kernels.ATTEND_MAX_G
                 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
-                and k_cache.is_contiguous() and v_cache.is_contiguous() and mask.is_contiguous()
+                and mask.is_contiguous()
                 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
                 and not torch.compiler.is_compiling() and kernel_works())
 

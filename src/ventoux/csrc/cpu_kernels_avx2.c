@@ -932,53 +932,6 @@ static inline void rotate_head(void* dst, const void* x, const float* c, const f
   }
 }
 
-// ---- RMS norm of a decode step's rows, after the residual add (RMSNorm and Block.forward's x + attention) ----
-// Between two weight streams every small PyTorch op runs cold (about 90 us each on a 2-core Xeon VM): the add and
-// the norm's four ops cost about 470 us a call there, this one about 180. h = x + r (r NULL: no add, h not
-// written), n = w * (h / sqrt(mean(h^2) + eps)), rounded where RMSNorm.forward rounds: bf16_io, everything
-// bfloat16 (h, the normalized row and n each rounded once); else float32. The squares are summed in 16 float32
-// partial sums, PyTorch's in its own order: the same numbers up to float32 rounding. Requires dim % 16 == 0.
-
-void vx_add_rms_norm(const void* x, const void* r, const void* w, float eps, int64_t rows, int64_t dim, void* h,
-                     void* n, int bf16_io) {
-  const int64_t size = bf16_io ? 2 : 4;
-  float* hf = malloc(3 * dim * sizeof(float));
-  float *rf = hf + dim, *wf = rf + dim;
-  floats_of(wf, w, dim, bf16_io);
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t at = row * dim * size;
-    floats_of(hf, (const char*)x + at, dim, bf16_io);
-    if (r) {
-      floats_of(rf, (const char*)r + at, dim, bf16_io);
-      for (int64_t i = 0; i < dim; ++i) hf[i] += rf[i];
-      if (bf16_io) {  // h rounded, and normalized as rounded
-        bf16_from_floats((uint16_t*)((char*)h + at), hf, dim);
-        floats_from_bf16(hf, (const uint16_t*)((char*)h + at), dim);
-      } else {
-        memcpy((char*)h + at, hf, dim * sizeof(float));
-      }
-    }
-    float part[16] = {0};
-    for (int64_t i = 0; i < dim; i += 16)
-      for (int j = 0; j < 16; ++j) part[j] += hf[i + j] * hf[i + j];
-    float sum = 0.f;
-    for (int j = 0; j < 16; ++j) sum += part[j];
-    const float scale = 1.f / sqrtf(sum / (float)dim + eps);
-    for (int64_t i = 0; i < dim; ++i) hf[i] *= scale;
-    if (bf16_io) {  // the normalized row rounded to bfloat16 (RMSNorm's .to(x.dtype)), then times w, rounded
-      uint16_t* out = (uint16_t*)((char*)n + at);
-      bf16_from_floats(out, hf, dim);
-      floats_from_bf16(hf, out, dim);
-      for (int64_t i = 0; i < dim; ++i) hf[i] *= wf[i];
-      bf16_from_floats(out, hf, dim);
-    } else {
-      float* out = (float*)((char*)n + at);
-      for (int64_t i = 0; i < dim; ++i) out[i] = wf[i] * hf[i];
-    }
-  }
-  free(hf);
-}
-
 // ---- silu(g) * u for a decode step's feed-forward (decode_block.h): cpu_kernels.c's silu_mul in 8 lanes; e^-x by
 // attend_exp8, whose 2^n needs x <= 88 (e^88 is about 1.7e38: silu(x) below -88 is -6e-37 here, not -0).
 static void silu_mul(const void* g, int64_t g_row, const void* u, int64_t u_row, int64_t M, int64_t n, void* m,

@@ -1,9 +1,56 @@
-// ---- A decode step's attention, and its whole transformer block, in one call each (fastattention.py, fastblock.py)
-// Included at the end of both builds (cpu_kernels.c, cpu_kernels_avx2.c): it only sequences their kernels (the
-// products, the norm, rotate_head, attend_task, silu_mul), so it is written once. Between two weight streams, each
-// call from Python into a kernel or a PyTorch op runs cold, about 100 us on a 2-core Xeon VM whatever it computes,
-// and a block's decode step made ten of them: about 1.2 ms a layer. Here the block's steps run back to back in C,
-// in model.Block.forward's order and with its roundings: each step's result is what that step's kernel returns.
+// ---- A decode step's norms, its attention, and its whole transformer block (fastnorm.py, fastattention.py,
+// fastblock.py). Included at the end of both builds (cpu_kernels.c, cpu_kernels_avx2.c): it is written once over
+// each build's own vector parts (the products, rotate_head, attend_task, silu_mul, the bfloat16 conversions).
+// Between two weight streams, each call from Python into a kernel or a PyTorch op runs cold, about 100 us on a
+// 2-core Xeon VM whatever it computes, and a block's decode step made ten of them: about 1.2 ms a layer. Here the
+// block's steps run back to back in C, in model.Block.forward's order and with its roundings: each step's result
+// is what that step's kernel returns.
+
+// ---- RMS norm of a decode step's rows, after the residual add (RMSNorm and Block.forward's x + attention) ----
+// Between two weight streams every small PyTorch op runs cold (about 90 us each on a 2-core Xeon VM): the add and
+// the norm's four ops cost about 470 us a call there, this one about 180. h = x + r (r NULL: no add, h not
+// written), n = w * (h / sqrt(mean(h^2) + eps)), rounded where RMSNorm.forward rounds: bf16_io, everything
+// bfloat16 (h, the normalized row and n each rounded once); else float32. The squares are summed in 16 float32
+// partial sums, PyTorch's in its own order: the same numbers up to float32 rounding. Requires dim % 16 == 0.
+void vx_add_rms_norm(const void* x, const void* r, const void* w, float eps, int64_t rows, int64_t dim, void* h,
+                     void* n, int bf16_io) {
+  const int64_t size = bf16_io ? 2 : 4;
+  float* hf = malloc(3 * dim * sizeof(float));
+  float *rf = hf + dim, *wf = rf + dim;
+  floats_of(wf, w, dim, bf16_io);
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t at = row * dim * size;
+    floats_of(hf, (const char*)x + at, dim, bf16_io);
+    if (r) {
+      floats_of(rf, (const char*)r + at, dim, bf16_io);
+      for (int64_t i = 0; i < dim; ++i) hf[i] += rf[i];
+      if (bf16_io) {  // h rounded, and normalized as rounded
+        bf16_from_floats((uint16_t*)((char*)h + at), hf, dim);
+        floats_from_bf16(hf, (const uint16_t*)((char*)h + at), dim);
+      } else {
+        memcpy((char*)h + at, hf, dim * sizeof(float));
+      }
+    }
+    float part[16] = {0};
+    for (int64_t i = 0; i < dim; i += 16)
+      for (int j = 0; j < 16; ++j) part[j] += hf[i + j] * hf[i + j];
+    float sum = 0.f;
+    for (int j = 0; j < 16; ++j) sum += part[j];
+    const float scale = 1.f / sqrtf(sum / (float)dim + eps);
+    for (int64_t i = 0; i < dim; ++i) hf[i] *= scale;
+    if (bf16_io) {  // the normalized row rounded to bfloat16 (RMSNorm's .to(x.dtype)), then times w, rounded
+      uint16_t* out = (uint16_t*)((char*)n + at);
+      bf16_from_floats(out, hf, dim);
+      floats_from_bf16(hf, out, dim);
+      for (int64_t i = 0; i < dim; ++i) hf[i] *= wf[i];
+      bf16_from_floats(out, hf, dim);
+    } else {
+      float* out = (float*)((char*)n + at);
+      for (int64_t i = 0; i < dim; ++i) out[i] = wf[i] * hf[i];
+    }
+  }
+  free(hf);
+}
 
 // One (row, KV head) task of vx_decode_attention: the new key rotated into its slot, the value copied there, the
 // G query heads rotated, then attention over the cache.
