@@ -124,3 +124,32 @@ def test_relayout_moves_rows_keeps_dtype_and_refuses_moves_that_do_not_fit():
         assert not new[1, :, 3:].any() and not new[:, :, 6].any()  # the rest starts empty
     with pytest.raises(AssertionError):
         cache.relayout(2, 4, [(0, 0, 5)])  # 5 slots do not fit a ring of 4
+
+
+def test_a_one_token_chunk_on_a_row_view_runs_on_the_kernels_as_on_the_modules(kernel_isa, tmp_path, monkeypatch):
+    """A prefill whose last chunk is one token, on one row of the cache (cache.rows): the block kernel writes and
+    attends through the view's buffers, where model.Block's path writes the same bits."""
+    from ventoux import cpu_kernels
+    from ventoux.api import load_model
+    from ventoux.fastblock import KernelBlock
+    from ventoux.model import Block, swap_class
+    from ventoux.weights import save_hf
+
+    cfg = TINY.replace(dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32, n_layers=2)
+    save_hf(ventoux_from_hf(hf_model(cfg)), tmp_path / "model")
+    model = load_model(tmp_path / "model", cfg, torch.bfloat16)
+    calls, kernel = [], cpu_kernels.decode_block_unchecked
+    monkeypatch.setattr(cpu_kernels, "decode_block_unchecked", lambda *a: calls.append(1) or kernel(*a))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(6))
+    results = []
+    for cls in (KernelBlock, Block):
+        swap_class(model, Block if cls is KernelBlock else KernelBlock, cls)
+        cache = KVCache(cfg, 2, dtype=torch.bfloat16, capacity=16)
+        with torch.inference_mode():
+            model(tokens[:, :4], torch.arange(4).expand(2, 4), cache=cache)
+            logits = model(tokens[1:, 4:], torch.tensor([[4]]), cache=cache.rows(slice(1, 2)))
+        results.append((logits, cache.k[0], cache.v[0]))
+    assert len(calls) == cfg.n_layers  # the one-token chunk of each block on the kernel
+    (on_kernel, k0, v0), (expected, k1, v1) = results
+    assert torch.equal(k0, k1) and torch.equal(v0, v1) and k0[1, :, 4].abs().sum() > 0 and not k0[0, :, 4].any()
+    torch.testing.assert_close(on_kernel, expected, rtol=0.05, atol=0.05)
