@@ -11,9 +11,11 @@ finds its weights in the cache; GB/s is the bytes of one weight (quantized: with
 median (and best) time of one product: the figure a memory-bound decode step is held to. With --hot one copy
 is read again and again, so it stays in L2/L3 (pick --n so that it fits: 4096 x 2048 int4 is 4.7 MB): the
 kernel's arithmetic ceiling, which should be well above the DRAM figure for decode to stay bandwidth-bound on a
-machine with faster memory (issue 12). --hot also times the product at n/2 rows and prints the marginal rate (the
-bytes the second half adds over the time it adds) and the fixed cost a call that remains: pick --n so that each
-thread's share stays in its L2 at n rows (2 threads: 256 for bf16, 512 for int8, 1024 for int4).
+machine with faster memory (issue 12: at least 2.5x). --hot also times the product at n/2 rows, call by call in
+turn with the n-row one, and prints the marginal rate (the bytes the second half adds over the median time it
+adds), the fixed cost a call that remains, and the marginal rate over the DRAM figure of the same format at
+4096 x 14336, measured in the same run: pick --n so that each thread's share stays in its L2 at n rows
+(2 threads: 256 for bf16, 512 for int8, 1024 for int4).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main():
     torch.manual_seed(0)
     k, n = args.k, args.n
     master = torch.randn(n, k) / k**0.5
+    full = torch.randn(DRAM_N, k) / k**0.5 if args.hot else None  # the DRAM figure's weight
 
     rows = []  # (name, build one weight copy from a float32 (n, k) weight, run(x, copy), activation dtype)
     for dt in (torch.bfloat16, torch.float16, torch.float32):
@@ -101,35 +104,62 @@ def main():
     print(f"{args.m}x{k} @ {k}x{n}, {torch.get_num_threads()} threads, torch {torch.__version__}, ventoux kernels: "
           f"{cpu_kernels.isa()}, weights {where}")
     print(f"{'format':24s} {'MB':>7s} {'median':>8s} {'GB/s':>6s} {'best':>8s} {'GB/s':>6s} {'GFLOP/s':>8s}"
-          + (f" {'marginal GB/s':>13s} {'fixed us':>8s}" if args.hot else ""))
+          + (f" {'marginal GB/s':>13s} {'fixed us':>8s} {'DRAM GB/s':>9s} {'x DRAM':>6s}" if args.hot else ""))
     with torch.inference_mode():
         for name, build, run, dt in rows:
             if only and not any(o in name for o in only):
                 continue
             first = build(master)
             nbytes = _nbytes(first)
-            n_copies = 1 if args.hot else max(1, math.ceil(args.rotate_mb * 1e6 / nbytes))
-            copies = [first] + [copy.deepcopy(first) for _ in range(n_copies - 1)]
             x = torch.randn(args.m, k).to(dt)
-            med, best = timed(run, x, copies, args.repeats)
+            if args.hot:  # the product at n and at n/2 rows, call by call in turn
+                half = build(master[: n // 2])
+                times, half_times = timed_in_turn(run, x, [first, half], args.repeats)
+                med, best = statistics.median(times), min(times)
+            else:
+                med, best = timed(run, x, copies_of(first, args.rotate_mb), args.repeats)
             line = (f"{name:24s} {nbytes / 1e6:7.1f} {med * 1e3:8.3f} {nbytes / med / 1e9:6.1f} {best * 1e3:8.3f} "
                     f"{nbytes / best / 1e9:6.1f} {2 * args.m * k * n / best / 1e9:8.1f}")
             if args.hot:
-                line += " " + _marginal(build(master[: n // 2]), run, x, args.repeats, nbytes, best)
+                rate = marginal_rate(nbytes, med, _nbytes(half), statistics.median(half_times))
+                big = build(full)
+                dram = _nbytes(big) / timed(run, x, copies_of(big, args.rotate_mb), args.repeats)[0]
+                line += (f" {rate / 1e9:13.1f} {(med - nbytes / rate) * 1e6:8.1f} {dram / 1e9:9.1f} {rate / dram:6.2f}"
+                         if rate else f" {'-':>13s} {'-':>8s} {dram / 1e9:9.1f} {'-':>6s}")
+                del big
             print(line, flush=True)
-            del copies, first
+            del first
 
 
-def _marginal(half, run, x, repeats: int, nbytes: int, best: float) -> str:
-    """The rate at which a hot product reads its weights beyond its fixed cost a call (Python, the activations'
-    quantization, starting the threads): the bytes of the second half of the rows over the time they add, from the
-    best times of the product at n and at n/2 rows. A decode step's weights are big enough (58 MB for a Mistral 7B
-    feed-forward matrix in int8) that this rate, not the call's, is what faster memory would meet."""
-    half_bytes, (_, half_best) = _nbytes(half), timed(run, x, [half], repeats)
-    if best <= half_best:
-        return f"{'-':>13s} {'-':>8s}"  # noise: the larger product timed no slower
-    rate = (nbytes - half_bytes) / (best - half_best)
-    return f"{rate / 1e9:13.1f} {(best - nbytes / rate) * 1e6:8.1f}"
+DRAM_N = 14336  # the outputs of --hot's DRAM figure: a Mistral 7B feed-forward matrix
+
+
+def copies_of(mod, rotate_mb: float) -> list:
+    """mod and copies of it, over rotate_mb MB in all: read in turn, no product finds its weights in the cache."""
+    return [mod] + [copy.deepcopy(mod) for _ in range(math.ceil(rotate_mb * 1e6 / _nbytes(mod)) - 1)]
+
+
+def timed_in_turn(fn, inputs, mods, repeats: int) -> list[list[float]]:
+    """Each module's times of fn(inputs, module) over `repeats` rounds, one call of each a round: on a shared
+    machine whose speed drifts, each round sees all of them in the same state."""
+    for mod in mods:
+        fn(inputs, mod)  # warm up
+    times = [[] for _ in mods]
+    for _ in range(repeats):
+        for mod, out in zip(mods, times):
+            t = time.perf_counter()
+            fn(inputs, mod)
+            out.append(time.perf_counter() - t)
+    return times
+
+
+def marginal_rate(nbytes: int, med: float, half_bytes: int, half_med: float) -> float | None:
+    """The rate (bytes/s) at which a hot product reads its weights beyond its fixed cost a call (Python, the
+    activations' quantization, starting the threads): the bytes of the second half of the rows over the time they
+    add, from the median times of the product at n and at n/2 rows, timed in turn; None where noise made the larger
+    product no slower. A decode step's weights are big enough (58 MB for a Mistral 7B feed-forward matrix in int8)
+    that this rate, not the call's, is what faster memory would meet."""
+    return (nbytes - half_bytes) / (med - half_med) if med > half_med else None
 
 
 def last_level_cache() -> int:

@@ -12,13 +12,13 @@
 //   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16     -> y (M, N) float32 (bf16_io: x and y bfloat16)
 //   vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16                         -> y (M, N) the same
 //
-// Decoding (a few rows) is bound by the memory bandwidth: the gemv kernels share weight rows among OpenMP
-// threads (the same runtime as PyTorch's), read ROWS at a time (int4: tiles of 16 interleaved rows), prefetching
-// ahead, and reuse each row from L1 for the M activation rows (16-bit: two rows a converted weight line; at
-// K = 256 and 8 rows the float32 multiply-adds bound them, not the conversions). PyTorch's own bf16 / fp16
-// products at batch 1 reach about 60% of the bandwidth here. Prefill (more than GEMV_MAX_ROWS rows) is bound by
-// arithmetic: vx_int8_gemv and vx_int4_gemv pass it to quant_gemm, and vx_half_gemm is its 16-bit counterpart,
-// both register-tiled (at the end of the file).
+// Decoding (a few rows) is bound by the memory bandwidth: the gemv kernels share weight rows among OpenMP threads (the
+// same runtime as PyTorch's), read ROWS at a time (int8, int4: one or two tiles of 16 interleaved rows), prefetching
+// ahead, and reuse each row from L1 for the M activation rows (16-bit: two rows a converted weight line; at K = 256 and
+// 8 rows the float32 multiply-adds bound them, not the conversions). PyTorch's own bf16 / fp16 products at batch 1
+// reach about 60% of the bandwidth here. Prefill (more than GEMV_MAX_ROWS rows) is bound by arithmetic: vx_int8_gemv
+// and vx_int4_gemv pass it to quant_gemm, and vx_half_gemm is its 16-bit counterpart, both register-tiled (at the end
+// of the file).
 //
 // 16-bit weights are ventoux's device-independent layout (qlinear.py); int8 and int4 weights are its tiled
 // form (before vx_int8_gemv and vx_int4_gemv), whose bytes are the device-independent ones: int4 byte j of a row
@@ -92,32 +92,50 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
 // (one a row: at the end).
 static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, const uint16_t* st, int64_t K,
                                                            int64_t group, const int8_t* xq, const float* dx,
-                                                           const int32_t* xs, const int MR, float* out) {
+                                                           const int32_t* xs, const int NT, const int MR,
+                                                           float* out) {
+  // NT tiles (TILE * K bytes apart) times MR activation rows, as int4_tile: out (NT, MR, 16)
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
-  __m512 acc[GEMV_MAX_ROWS], ga[GEMV_MAX_ROWS];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  __m512 acc[2][GEMV_MAX_ROWS], ga[2][GEMV_MAX_ROWS];
+  for (int v = 0; v < NT; ++v)
+    for (int m = 0; m < MR; ++m) acc[v][m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    for (int m = 0; m < MR; ++m) ga[m] = _mm512_setzero_ps();
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 512 bytes
-      const int8_t* p = wt + b * 512;
-      for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
-      __m512i u[8];
-      for (int j = 0; j < 8; ++j) u[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
+    for (int v = 0; v < NT; ++v)
+      for (int m = 0; m < MR; ++m) ga[v][m] = _mm512_setzero_ps();
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 512 bytes a tile
+      __m512i u[2][8];
+      for (int v = 0; v < NT; ++v) {
+        const int8_t* p = wt + v * TILE * K + b * 512;
+        for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+        for (int j = 0; j < 8; ++j) u[v][j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
+      }
       for (int m = 0; m < MR; ++m) {
         const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
-        __m512i d0 = _mm512_set1_epi32(xs[m * B + b]), d1 = _mm512_setzero_si512();
-        for (int j = 0; j < 8; j += 2) {
-          d0 = _mm512_dpbusd_epi32(d0, u[j], _mm512_set1_epi32(q[j]));
-          d1 = _mm512_dpbusd_epi32(d1, u[j + 1], _mm512_set1_epi32(q[j + 1]));
+        __m512i d0[2], d1[2];
+        for (int v = 0; v < NT; ++v) {
+          d0[v] = _mm512_set1_epi32(xs[m * B + b]);
+          d1[v] = _mm512_setzero_si512();
         }
-        ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(dx[m * B + b]), ga[m]);
+        for (int j = 0; j < 8; j += 2) {
+          const __m512i even = _mm512_set1_epi32(q[j]), odd = _mm512_set1_epi32(q[j + 1]);
+          for (int v = 0; v < NT; ++v) {
+            d0[v] = _mm512_dpbusd_epi32(d0[v], u[v][j], even);
+            d1[v] = _mm512_dpbusd_epi32(d1[v], u[v][j + 1], odd);
+          }
+        }
+        const __m512 d = _mm512_set1_ps(dx[m * B + b]);
+        for (int v = 0; v < NT; ++v)
+          ga[v][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0[v], d1[v])), d, ga[v][m]);
       }
     }
-    const __m512 s = bf16x16(st + g * TILE, 0xFFFF);
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
+    for (int v = 0; v < NT; ++v) {
+      const __m512 s = bf16x16(st + v * G * TILE + g * TILE, 0xFFFF);
+      for (int m = 0; m < MR; ++m) acc[v][m] = _mm512_fmadd_ps(s, ga[v][m], acc[v][m]);
+    }
   }
-  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, acc[m]);
+  for (int v = 0; v < NT; ++v)
+    for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + (v * MR + m) * TILE, acc[v][m]);
 }
 
 static void bf16_from_floats(uint16_t* dst, const float* src, int64_t n);
@@ -135,6 +153,14 @@ static inline const float* x_block(const void* xv, int64_t at, int bf16_io, floa
 static inline void store_y(void* yv, int64_t at, const float* out, int rows, int bf16_io) {
   if (bf16_io) bf16_from_floats((uint16_t*)yv + at, out, rows);
   else memcpy((float*)yv + at, out, rows * sizeof(float));
+}
+
+// A pass's results, out (tiles, M, 16) for the tiles from t on, into y (M, N): the rows that exist.
+static inline void store_tiles(void* yv, const float* out, int64_t t, int tiles, int64_t M, int64_t N, int bf16_io) {
+  for (int u = 0; u < tiles; ++u) {
+    const int rows = N - (t + u) * TILE < TILE ? (int)(N - (t + u) * TILE) : TILE;
+    for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + (t + u) * TILE, out + (u * M + m) * TILE, rows, bf16_io);
+  }
 }
 
 // bf16_io: x and y are bfloat16, as vx_int4_gemv's (read its comment).
@@ -157,20 +183,24 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
       for (int i = 0; i < BLOCK; ++i) sum += q[i];
       xs[m * B + b] = -128 * sum;
     }
+  const int NT = M <= 2 ? 2 : 1;  // two tiles a pass, as vx_int4_gemv; at 2 rows, since a tile holds 8 vectors
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    float out[GEMV_MAX_ROWS * TILE];
+  for (int64_t pass = 0; pass < (T + NT - 1) / NT; ++pass) {
+    float out[2 * GEMV_MAX_ROWS * TILE];
+    const int64_t t = pass * NT;
+    const int tiles = T - t < NT ? 1 : NT;
     const int8_t* wt = w + t * TILE * K;
     const uint16_t* st = scales + t * G * TILE;
-    switch (M) {  // M as a constant: the sums stay in registers
-      case 1: int8_tile(wt, st, K, group, xq, dx, xs, 1, out); break;
-      case 2: int8_tile(wt, st, K, group, xq, dx, xs, 2, out); break;
-      case 3: int8_tile(wt, st, K, group, xq, dx, xs, 3, out); break;
-      case 4: int8_tile(wt, st, K, group, xq, dx, xs, 4, out); break;
-      default: int8_tile(wt, st, K, group, xq, dx, xs, (int)M, out); break;
+    if (tiles == 2 && M == 1) int8_tile(wt, st, K, group, xq, dx, xs, 2, 1, out);  // constants: the sums stay
+    else if (tiles == 2) int8_tile(wt, st, K, group, xq, dx, xs, 2, 2, out);       // in registers
+    else switch (M) {
+      case 1: int8_tile(wt, st, K, group, xq, dx, xs, 1, 1, out); break;
+      case 2: int8_tile(wt, st, K, group, xq, dx, xs, 1, 2, out); break;
+      case 3: int8_tile(wt, st, K, group, xq, dx, xs, 1, 3, out); break;
+      case 4: int8_tile(wt, st, K, group, xq, dx, xs, 1, 4, out); break;
+      default: int8_tile(wt, st, K, group, xq, dx, xs, 1, (int)M, out); break;
     }
-    const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + t * TILE, out + m * TILE, rows, bf16_io);
+    store_tiles(yv, out, t, tiles, M, N, bf16_io);
   }
   free(xq);
   free(dx);
@@ -186,42 +216,58 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
 // as one vector, there is no horizontal sum, and each thread reads one sequential stream. llama.cpp's CPU_REPACK
 // interleaves Q4_0 rows the same way (8 rows there).
 
-// One tile of 16 rows times M activation rows (MR, a constant in each use): out (MR, 16).
+// NT tiles of 16 rows (NT * 16 rows, tiles TILE * K / 2 bytes apart) times MR activation rows (NT and MR
+// constants in each use): out (NT, MR, 16). Two tiles at a time share each activation broadcast and the loop's
+// overhead: with the weights in the caches, 10-15% faster at 1 to 4 rows than one (benchmarks/kernel_ab.py).
 static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
                                                            const uint16_t* zt, int64_t K, int64_t group,
                                                            const int32_t* xq, const float* dx, const float* xs,
-                                                           const int MR, float* out) {
+                                                           const int NT, const int MR, float* out) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8((char)0xF0), zero = _mm512_setzero_si512();
   const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
-  __m512 acc[GEMV_MAX_ROWS];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  __m512 acc[2][GEMV_MAX_ROWS];
+  for (int u = 0; u < NT; ++u)
+    for (int m = 0; m < MR; ++m) acc[u][m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const __m512 s = bf16x16(st + g * TILE, 0xFFFF);
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 256 bytes
-      const uint8_t* p = wt + b * 256;
-      for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
-      __m512i lo[4], hi[4];  // the high nibbles stay in place (16 x code): no shift, and exact after the sums
-      for (int j = 0; j < 4; ++j) {
-        const __m512i v = _mm512_loadu_si512(p + 64 * j);
-        lo[j] = _mm512_and_si512(v, low4);
-        hi[j] = _mm512_and_si512(v, high4);
+    __m512 s[2];
+    for (int u = 0; u < NT; ++u) s[u] = bf16x16(st + u * G * TILE + g * TILE, 0xFFFF);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 256 bytes a tile
+      __m512i lo[2][4], hi[2][4];  // the high nibbles stay in place (16 x code): no shift, and exact after the sums
+      for (int u = 0; u < NT; ++u) {
+        const uint8_t* p = wt + u * TILE * K / 2 + b * 256;
+        for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(p + 64 * j);
+          lo[u][j] = _mm512_and_si512(v, low4);
+          hi[u][j] = _mm512_and_si512(v, high4);
+        }
       }
       for (int m = 0; m < MR; ++m) {
         const int32_t* q = xq + (m * (K / 8) + b * 4) * 2;  // per 8 inputs: the even, then the odd 4
-        __m512i dl = zero, dh = zero;
+        __m512i dl[2], dh[2];
+        for (int u = 0; u < NT; ++u) dl[u] = dh[u] = zero;
         for (int j = 0; j < 4; ++j) {
-          dl = _mm512_dpbusd_epi32(dl, lo[j], _mm512_set1_epi32(q[2 * j]));
-          dh = _mm512_dpbusd_epi32(dh, hi[j], _mm512_set1_epi32(q[2 * j + 1]));
+          const __m512i even = _mm512_set1_epi32(q[2 * j]), odd = _mm512_set1_epi32(q[2 * j + 1]);
+          for (int u = 0; u < NT; ++u) {
+            dl[u] = _mm512_dpbusd_epi32(dl[u], lo[u][j], even);
+            dh[u] = _mm512_dpbusd_epi32(dh[u], hi[u][j], odd);
+          }
         }
-        const __m512i dot = _mm512_add_epi32(dl, _mm512_srai_epi32(dh, 4));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx[m * B + b])), acc[m]);
+        const __m512 d = _mm512_set1_ps(dx[m * B + b]);
+        for (int u = 0; u < NT; ++u) {
+          const __m512i dot = _mm512_add_epi32(dl[u], _mm512_srai_epi32(dh[u], 4));
+          acc[u][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s[u], d), acc[u][m]);
+        }
       }
     }
     // w = (q - 8) s + z = q s + off: plus off times the group's sum of the quantized x
-    const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, bf16x16(zt + g * TILE, 0xFFFF));
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * G + g]), acc[m]);
+    for (int u = 0; u < NT; ++u) {
+      const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s[u], bf16x16(zt + u * G * TILE + g * TILE, 0xFFFF));
+      for (int m = 0; m < MR; ++m) acc[u][m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * G + g]), acc[u][m]);
+    }
   }
-  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * TILE, acc[m]);
+  for (int u = 0; u < NT; ++u)
+    for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + (u * MR + m) * TILE, acc[u][m]);
 }
 
 // One block of 32 activations quantized as quantize_block does, in vx_int4_gemv's order: per 8 inputs the even 4,
@@ -284,20 +330,29 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
       dx[m * B + b] = d;
       xs[m * G + b * BLOCK / group] += d * (float)sum;
     }
+  // two tiles a pass at up to 4 rows, one at more: their sums would outgrow the registers
+  const int NT = M <= 4 ? 2 : 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    float out[GEMV_MAX_ROWS * TILE];
+  for (int64_t pass = 0; pass < (T + NT - 1) / NT; ++pass) {
+    float out[2 * GEMV_MAX_ROWS * TILE];
+    const int64_t t = pass * NT;
+    const int tiles = T - t < NT ? 1 : NT;
     const uint8_t* wt = w + t * TILE * K / 2;
     const uint16_t *st = scales + t * G * TILE, *zt = zeros + t * G * TILE;
-    switch (M) {  // M as a constant: the sums stay in registers
-      case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
-      case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
-      case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 3, out); break;
-      case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 4, out); break;
-      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
+    if (tiles == 2) switch (M) {  // the tiles and M as constants: the sums stay in registers
+      case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 1, out); break;
+      case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 2, out); break;
+      case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 3, out); break;
+      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 4, out); break;
     }
-    const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
-    for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + t * TILE, out + m * TILE, rows, bf16_io);
+    else switch (M) {
+      case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 1, out); break;
+      case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 2, out); break;
+      case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 3, out); break;
+      case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 4, out); break;
+      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, (int)M, out); break;
+    }
+    store_tiles(yv, out, t, tiles, M, N, bf16_io);
   }
   free(xq);
   free(dx);

@@ -1,0 +1,97 @@
+"""A/B of the decode products' C kernels (vx_int4_gemv, vx_int8_gemv) against those of a git revision, called
+straight through ctypes, with the weights hot in the caches: the kernels' arithmetic, without the Python a module
+call adds (about 25 us a call on this project's 2-core VM, a third of a hot 2.6 MB product).
+
+    .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1
+    .venv/bin/python benchmarks/kernel_ab.py --base 6a04a12 --formats int4 --rows 1,2,4 --n 512,1024
+
+Each round calls the base's kernel and this tree's in turn, on the same weights and activations; the medians over
+the rounds give each side's GB/s (weights with their scales and zeros over the time of a call). Both must give
+the same bits unless the change means to alter the arithmetic ("same bits" says). ventoux against itself: no peer
+runs here (benchmarks/bench_linear.py and decode.py compare with PyTorch and llama.cpp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ventoux import cpu_kernels
+from ventoux.qlinear import quantize_int4, quantize_int8
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_at(rev: str, isa: str, folder: Path):
+    """The kernel library of one build (cpu_kernels.SOURCES) as it was at git revision rev."""
+    csrc = cpu_kernels.CSRC.relative_to(ROOT)
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{csrc}"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        (folder / name).write_bytes(subprocess.run(["git", "show", f"{rev}:{csrc}/{name}"], cwd=ROOT, check=True,
+                                                   capture_output=True).stdout)
+    out = folder / "base.so"
+    subprocess.run([cpu_kernels.compiler(), *cpu_kernels.FLAGS, *cpu_kernels.isa_flags(isa), "-o", str(out),
+                    str(folder / cpu_kernels.SOURCES[isa].name)], check=True)
+    return cpu_kernels.load(out)
+
+
+def product(lib, fmt: str, x: torch.Tensor, tiles: tuple, group: int, n: int, y: torch.Tensor) -> None:
+    """One call of the format's kernel: y = x @ w^T for float32 x, y."""
+    gemv = lib.vx_int4_gemv if fmt.startswith("int4") else lib.vx_int8_gemv
+    gemv(x.data_ptr(), *x.shape, *(t.data_ptr() for t in tiles), group, n, y.data_ptr(), torch.get_num_threads(), 0)
+
+
+def tiles_of(fmt: str, w: torch.Tensor) -> tuple[tuple, int]:
+    """The format's tiled tensors (cpu_kernels.tile_int4 / tile_int8) of w, and its group size."""
+    group = int(fmt.partition("-g")[2] or (32 if fmt.startswith("int4") else w.shape[1]))
+    if fmt.startswith("int4"):
+        return cpu_kernels.tile_int4(*quantize_int4(w, group)), group
+    return cpu_kernels.tile_int8(*quantize_int8(w, None if group == w.shape[1] else group)), group
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="HEAD", help="the git revision to compare with (default: HEAD)")
+    p.add_argument("--formats", default="int4,int8,int8-g32", help="comma-separated: int4[-gG], int8[-gG]")
+    p.add_argument("--rows", default="1,2,4", help="activation rows (decode: up to 8)")
+    p.add_argument("--n", default="1024", help="outputs (pick a size that fits the L2 caches: 1024 int4, 512 int8)")
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=400)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isa", choices=["avx512", "avx2"], default=cpu_kernels.isa())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = {args.base: build_at(args.base, args.isa, Path(tmp)), "this tree": cpu_kernels.build(args.isa)}
+        print(f"{cpu_kernels._cpuinfo('model name')}, {args.threads} threads, {args.isa} build, weights hot in cache")
+        print(f"{'format':10s} {'rows':>4s} {'n':>6s} {'MB':>6s} " + " ".join(f"{s[:12]:>12s}" for s in sides)
+              + f" {'change':>7s} {'same bits':>9s}   (GB/s, medians of {args.rounds} calls)")
+        gen = torch.Generator().manual_seed(0)
+        for fmt in args.formats.split(","):
+            for n in map(int, args.n.split(",")):
+                tiles, group = tiles_of(fmt, torch.randn(n, args.k, generator=gen) / args.k**0.5)
+                nbytes = sum(t.numel() * t.element_size() for t in tiles)
+                for m in map(int, args.rows.split(",")):
+                    x = torch.randn(m, args.k, generator=gen)
+                    ys = {s: torch.empty(m, n) for s in sides}
+                    times = {s: [] for s in sides}
+                    for _ in range(args.rounds):
+                        for s, lib in sides.items():
+                            t = time.perf_counter()
+                            product(lib, fmt, x, tiles, group, n, ys[s])
+                            times[s].append(time.perf_counter() - t)
+                    rates = [nbytes / statistics.median(times[s]) / 1e9 for s in sides]
+                    same = torch.equal(*ys.values())
+                    print(f"{fmt:10s} {m:4d} {n:6d} {nbytes / 1e6:6.2f} " + " ".join(f"{r:12.1f}" for r in rates)
+                          + f" {rates[1] / rates[0] - 1:+7.1%} {'yes' if same else 'NO':>9s}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
