@@ -70,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         sides = {args.base: build_at(args.base, args.isa, Path(tmp)), "this tree": cpu_kernels.build(args.isa)}
-        print(f"{cpu_kernels._cpuinfo('model name')}, {args.threads} threads, {args.isa} build, weights hot in cache")
+        print(f"{cpu_kernels.cpu_model()}, {args.threads} threads, {args.isa} build, weights hot in cache")
         print(f"{'format':10s} {'rows':>4s} {'n':>6s} {'MB':>6s} " + " ".join(f"{s[:12]:>12s}" for s in sides)
               + f" {'change':>7s} {'same bits':>9s}   (GB/s, medians of {args.rounds} calls)")
         gen = torch.Generator().manual_seed(0)

@@ -327,9 +327,9 @@ def main() -> None:
 
 
 def _machine(threads: int) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads per server, load {os.getloadavg()[0]:.1f}"
+    from ventoux.cpu_kernels import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {threads} threads per server, load {os.getloadavg()[0]:.1f}"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,22 @@ def test_the_build_follows_the_cpu_and_the_override(monkeypatch):
                 cpu_kernels.isa()
 
 
+@pytest.mark.skipif(not shutil.which("lscpu") or not cpu_kernels.cpu_flags(), reason="needs lscpu, x86's cpuinfo")
+def test_the_cpu_model_is_the_one_lscpu_names():
+    # every benchmark prints it beside its figures, and llama.cpp's build folder is keyed on it
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True, env={"LC_ALL": "C"}).stdout.splitlines()
+    named = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("Model name:")), None)
+    if named is None:
+        pytest.skip("lscpu names no model here")
+    assert cpu_kernels.cpu_model() == named
+
+
+def test_the_cpu_model_falls_back_to_what_platform_knows(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_cpuinfo", lambda field: "")
+    monkeypatch.setattr(cpu_kernels.platform, "processor", lambda: "")
+    assert cpu_kernels.cpu_model() == cpu_kernels.platform.machine() != ""
+
+
 @pytest.mark.skipif("avx2" not in KERNEL_ISAS or not shutil.which("objdump"), reason="needs the AVX2 build, objdump")
 def test_the_avx2_build_holds_no_avx512_instruction():
     # It must run on CPUs without AVX-512, though it is built and tested on one: no zmm nor mask register

@@ -82,6 +82,11 @@ def cpu_vendor() -> str:
     return _cpuinfo("vendor_id")
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as lscpu shows it (else what platform knows)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ventoux" / "kernels"
 

@@ -99,14 +99,9 @@ def measure_bandwidth(threads: int | None, nbytes: int = 2**30, repeats: int = 5
 def describe_machine(threads: int | None) -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ..cpu_kernels import cpu_model
+
+    cpu = cpu_model()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

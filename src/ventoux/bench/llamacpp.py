@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -71,7 +70,7 @@ def cmake_args(isa: str = "native", flags: frozenset[str] | None = None) -> str:
 def install_dir(isa: str = "native") -> Path:
     """Where llama-cpp-python built for `isa` on this CPU lives: one folder per build and CPU, so a
     build is never reused on another machine (nor a native build as the AVX2 one)."""
-    from ..cpu_kernels import cache_dir, cpu_flags
+    from ..cpu_kernels import cache_dir, cpu_flags, cpu_model
 
     key = hashlib.sha1(f"{cpu_model()}|{' '.join(sorted(cpu_flags()))}|{cmake_args(isa)}".encode()).hexdigest()
     return cache_dir().parent / "llama-cpp" / f"{isa}-{key[:10]}"
@@ -83,13 +82,10 @@ def build_for(isa: str | None) -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """cpu_kernels.cpu_model (this module imports PyTorch's side lazily)."""
+    from ..cpu_kernels import cpu_model
+
+    return cpu_model()
 
 
 def ensure_installed(isa: str = "native", log: Callable[[str], None] = print) -> Path:
