@@ -169,6 +169,16 @@ def test_a_rows_decode_product_is_the_same_bits_alone_and_in_any_batch(kernel_is
                 assert torch.equal(batch, alone[start:start + size]), (name, size, start)
 
 
+def test_a_product_of_no_rows_is_empty(kernel_isa):
+    # a batch can run out of rows (the engine's last stream ends): every decode kernel must take M = 0
+    w = torch.randn(37, 256, generator=torch.Generator().manual_seed(0))
+    x = torch.empty(0, 256)
+    int8, int4 = cpu_kernels.tile_int8(*quantize_int8(w)), cpu_kernels.tile_int4(*quantize_int4(w, 32))
+    for y in (cpu_kernels.int8_gemv(x, *int8, 256, 37), cpu_kernels.int4_gemv(x, *int4, 32, 37),
+              cpu_kernels.half_gemv(x, w.bfloat16()), cpu_kernels.int4_gemv_unchecked(x.bfloat16(), *int4, 32, 37)):
+        assert y.shape == (0, 37)
+
+
 @pytest.mark.parametrize("n", [37, 130])
 def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
     # int4_gemv_unchecked with a bfloat16 x (Int4Linear in a bf16 model) converts in the kernel: the same bits as

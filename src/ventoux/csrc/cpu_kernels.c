@@ -192,7 +192,8 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
     const int8_t* wt = w + t * TILE * K;
     const uint16_t* st = scales + t * G * TILE;
     if (tiles == 2 && M == 1) int8_tile(wt, st, K, group, xq, dx, xs, 2, 1, out);  // constants: the sums stay
-    else if (tiles == 2) int8_tile(wt, st, K, group, xq, dx, xs, 2, 2, out);       // in registers
+    else if (tiles == 2 && M == 2) int8_tile(wt, st, K, group, xq, dx, xs, 2, 2, out);  // in registers
+    else if (tiles == 2) int8_tile(wt, st, K, group, xq, dx, xs, 2, (int)M, out);  // no rows
     else switch (M) {
       case 1: int8_tile(wt, st, K, group, xq, dx, xs, 1, 1, out); break;
       case 2: int8_tile(wt, st, K, group, xq, dx, xs, 1, 2, out); break;
@@ -343,7 +344,8 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
       case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 1, out); break;
       case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 2, out); break;
       case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 3, out); break;
-      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 4, out); break;
+      case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 4, out); break;
+      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, (int)M, out); break;  // no rows
     }
     else switch (M) {
       case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 1, out); break;
