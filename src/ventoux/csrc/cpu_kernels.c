@@ -1006,12 +1006,6 @@ void vx_attend_decode(const void* q, const void* k, const void* v, const uint8_t
   }
 }
 
-// n values of a bfloat16 (bf16_io) or float32 array as float32.
-static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
-  if (bf16_io) floats_from_bf16(dst, (const uint16_t*)src, n);
-  else memcpy(dst, src, n * sizeof(float));
-}
-
 // ---- A decode step's attention with its rotary and cache write (fastattention.KernelAttention) ---------------
 // As separate calls between two weight streams, the rotary of q and k (8 PyTorch ops), the two cache writes and
 // the attention cost about 470 us a layer on a 2-core Xeon VM, each call cold. Here each (row, KV head) task
@@ -1019,7 +1013,8 @@ static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
 // attends over the cache as vx_attend_decode does. Rotary is model.apply_rotary's x * cos + roll(x, D/2) * sin
 // (sin's first half negated by rotary_tables) with each product and the sum rounded as PyTorch's ops round them
 // (bfloat16: each to bfloat16; float32: no fused multiply-add), so the cache holds the bits PyTorch would write. The
-// task loop, vx_decode_attention, is in decode_block.h (shared by both builds); rotate_head is this build's part.
+// task loop, vx_decode_attention, and rotate_head are in decode_block.h (shared by both builds); rotate_rolled is
+// this build's part.
 
 // a * b, kept apart from any add after it: the compiler may not fuse the two into one rounding (an FMA).
 static inline __m512 product16(__m512 a, __m512 b) {
@@ -1032,14 +1027,10 @@ static inline __m512 bf16_rounded16(__m512 v) {  // v rounded to bfloat16, as fl
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round16(v)), 16));
 }
 
-// One head: dst = x * c + roll(x, D/2) * s, in x's dtype; c, s (D) float32; xf (2D floats) scratch.
-static inline void rotate_head(void* dst, const void* x, const float* c, const float* s, int64_t D, const int BF16,
-                               float* xf) {
-  float* xr = xf + D;
-  const int64_t half = D / 2;
-  floats_of(xf, x, D, BF16);
-  memcpy(xr, xf + half, (D - half) * sizeof(float));  // xr[i] = x[(i - D/2) mod D]
-  memcpy(xr + (D - half), xf, half * sizeof(float));
+// One head: dst = xf * c + xr * s in the head's dtype (BF16: bfloat16), xf and xr (D) its float32 values and
+// their roll by D/2, c, s (D) float32 (decode_block.h's rotate_head makes them).
+static inline void rotate_rolled(void* dst, const float* xf, const float* xr, const float* c, const float* s,
+                                 int64_t D, const int BF16) {
   for (int64_t i = 0; i < D; i += 16) {
     __m512 a = product16(_mm512_loadu_ps(xf + i), _mm512_loadu_ps(c + i));
     __m512 b = product16(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(s + i));

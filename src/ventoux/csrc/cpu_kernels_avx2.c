@@ -894,13 +894,8 @@ void vx_attend_decode(const void* q, const void* k, const void* v, const uint8_t
   }
 }
 
-// ---- A decode step's attention with its rotary and cache write: cpu_kernels.c's rotate_head in 8-lane registers
+// ---- A decode step's attention with its rotary and cache write: cpu_kernels.c's rotate_rolled in 8-lane registers
 // (vx_decode_attention, in decode_block.h, says why and how). -------------------------------------------------
-// n values of a bfloat16 (bf16_io) or float32 array as float32.
-static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
-  if (bf16_io) floats_from_bf16(dst, (const uint16_t*)src, n);
-  else memcpy(dst, src, n * sizeof(float));
-}
 
 // a * b, kept apart from any add after it: the compiler may not fuse the two into one rounding (an FMA).
 static inline __m256 product8(__m256 a, __m256 b) {
@@ -913,14 +908,9 @@ static inline __m256 bf16_rounded8(__m256 v) {  // v rounded to bfloat16, as flo
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16_round8(v)), 16));
 }
 
-// One head: dst = x * c + roll(x, D/2) * s, in x's dtype; c, s (D) float32; xf (2D floats) scratch.
-static inline void rotate_head(void* dst, const void* x, const float* c, const float* s, int64_t D, const int BF16,
-                               float* xf) {
-  float* xr = xf + D;
-  const int64_t half = D / 2;
-  floats_of(xf, x, D, BF16);
-  memcpy(xr, xf + half, (D - half) * sizeof(float));  // xr[i] = x[(i - D/2) mod D]
-  memcpy(xr + (D - half), xf, half * sizeof(float));
+// One head: dst = xf * c + xr * s in the head's dtype, as cpu_kernels.c's rotate_rolled.
+static inline void rotate_rolled(void* dst, const float* xf, const float* xr, const float* c, const float* s,
+                                 int64_t D, const int BF16) {
   for (int64_t i = 0; i < D; i += 8) {
     __m256 a = product8(_mm256_loadu_ps(xf + i), _mm256_loadu_ps(c + i));
     __m256 b = product8(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(s + i));

@@ -1,10 +1,16 @@
 // ---- A decode step's norms, its attention, and its whole transformer block (fastnorm.py, fastattention.py,
 // fastblock.py). Included at the end of both builds (cpu_kernels.c, cpu_kernels_avx2.c): it is written once over
-// each build's own vector parts (the products, rotate_head, attend_task, silu_mul, the bfloat16 conversions).
+// each build's own vector parts (the products, rotate_rolled, attend_task, silu_mul, the bfloat16 conversions).
 // Between two weight streams, each call from Python into a kernel or a PyTorch op runs cold, about 100 us on a
 // 2-core Xeon VM whatever it computes, and a block's decode step made ten of them: about 1.2 ms a layer. Here the
 // block's steps run back to back in C, in model.Block.forward's order and with its roundings: each step's result
 // is what that step's kernel returns.
+
+// n values of a bfloat16 (bf16_io) or float32 array as float32.
+static void floats_of(float* dst, const void* src, int64_t n, int bf16_io) {
+  if (bf16_io) floats_from_bf16(dst, (const uint16_t*)src, n);
+  else memcpy(dst, src, n * sizeof(float));
+}
 
 // ---- RMS norm of a decode step's rows, after the residual add (RMSNorm and Block.forward's x + attention) ----
 // Between two weight streams every small PyTorch op runs cold (about 90 us each on a 2-core Xeon VM): the add and
@@ -50,6 +56,18 @@ void vx_add_rms_norm(const void* x, const void* r, const void* w, float eps, int
     }
   }
   free(hf);
+}
+
+// One head: dst = x * c + roll(x, D/2) * s, in x's dtype; c, s (D) float32; xf (2D floats) scratch. The build's
+// rotate_rolled does the arithmetic.
+static inline void rotate_head(void* dst, const void* x, const float* c, const float* s, int64_t D, const int BF16,
+                               float* xf) {
+  float* xr = xf + D;
+  const int64_t half = D / 2;
+  floats_of(xf, x, D, BF16);
+  memcpy(xr, xf + half, (D - half) * sizeof(float));  // xr[i] = x[(i - D/2) mod D]
+  memcpy(xr + (D - half), xf, half * sizeof(float));
+  rotate_rolled(dst, xf, xr, c, s, D, BF16);
 }
 
 // One (row, KV head) task of vx_decode_attention: the new key rotated into its slot, the value copied there, the
