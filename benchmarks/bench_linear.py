@@ -4,18 +4,23 @@
     python benchmarks/bench_linear.py                  # batch 1, 2 threads
     python benchmarks/bench_linear.py --m 128 --only bfloat16,int4   # a prefill-sized product
     python benchmarks/bench_linear.py --isa avx2           # ventoux's AVX2 kernels (VENTOUX_CPU_ISA)
-    python benchmarks/bench_linear.py --hot --n 2048       # the compute ceiling: one copy, kept in the caches
+    python benchmarks/bench_linear.py --hot --n 512 --only int4   # the compute ceiling: weights kept in L2
 
 Copies of each weight, over twice the size of the last-level cache in all, are rotated so that no product
 finds its weights in the cache; GB/s is the bytes of one weight (quantized: with its scales and zeros) over the
-median (and best) time of one product: the figure a memory-bound decode step is held to. With --hot one copy
-is read again and again, so it stays in L2/L3 (pick --n so that it fits: 4096 x 2048 int4 is 4.7 MB): the
-kernel's arithmetic ceiling, which should be well above the DRAM figure for decode to stay bandwidth-bound on a
-machine with faster memory (issue 12: at least 2.5x). --hot also times the product at n/2 rows, call by call in
-turn with the n-row one, and prints the marginal rate (the bytes the second half adds over the median time it
-adds), the fixed cost a call that remains, and the marginal rate over the DRAM figure of the same format at
-4096 x 14336, measured in the same run: pick --n so that each thread's share stays in its L2 at n rows
-(2 threads: 256 for bf16, 512 for int8, 1024 for int4).
+median (and best) time of one product: the figure a memory-bound decode step is held to. With --hot each weight
+is read again and again, so it stays in the caches: the kernel's arithmetic ceiling, which should be well above
+the DRAM figure for decode to stay bandwidth-bound on a machine with faster memory (issue 12: at least 2.5x).
+--hot times the product at n/4, n/2, 3n/4 and n rows, call by call in turn (300 rounds unless --repeats says),
+fits a line to the fastest time of each size against the bytes read, and prints its slope as the marginal rate
+(the rate the weights stream at, beyond the fixed cost of a call: Python, the activations' quantization,
+starting the threads), the fixed cost, and the marginal rate over the DRAM figure (its fastest product) of the
+same format at 4096 x 14336, measured in the same run. Fastest, not median: the speed of a core shared with
+another VM drifts for seconds at a time (on this project's Xeon VM, hot products ran up to 2x slower for a
+whole run), and the fastest calls are the ones that had the core to themselves.
+Pick --n so that each thread's share of the weights stays well inside its L2 (2 threads, 2 MB L2s: 128 for
+bf16, 256 for int8, 512 for int4): a share near the L2's size loses lines to the Python between calls, and one
+past it streams from L3, whose bandwidth then bounds the rate, not the kernel.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def main():
     ap.add_argument("--rotate-mb", type=float, default=None,
                     help="rotate through at least this many MB of weight copies (default: twice the last-level "
                          "cache the OS reports, at least 640 MB)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="rounds over the copies (default 5; --hot: 300 calls of each size, as one is short)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated parts of the row names to run (default: all)")
     ap.add_argument("--fallback", action="store_true", help="also time the (slow) dequantize-and-matmul fallback")
@@ -68,6 +74,8 @@ def main():
     args = ap.parse_args()
     if args.isa:
         os.environ[cpu_kernels.ISA_VARIABLE] = args.isa
+    if args.repeats is None:
+        args.repeats = 300 if args.hot else 5
     if args.rotate_mb is None:
         args.rotate_mb = max(640, 2 * last_level_cache() / 1e6)
     torch.set_num_threads(args.threads)
@@ -112,26 +120,27 @@ def main():
             first = build(master)
             nbytes = _nbytes(first)
             x = torch.randn(args.m, k).to(dt)
-            if args.hot:  # the product at n and at n/2 rows, call by call in turn
-                half = build(master[: n // 2])
-                times, half_times = timed_in_turn(run, x, [first, half], args.repeats)
-                med, best = statistics.median(times), min(times)
+            if args.hot:  # the product at n/4, n/2, 3n/4 and n rows, call by call in turn
+                sizes = [first] + [build(master[: n * i // 4 // 16 * 16]) for i in (3, 2, 1)]
+                times = timed_in_turn(run, x, sizes, args.repeats)
+                med, best = statistics.median(times[0]), min(times[0])
             else:
                 med, best = timed(run, x, copies_of(first, args.rotate_mb), args.repeats)
             line = (f"{name:24s} {nbytes / 1e6:7.1f} {med * 1e3:8.3f} {nbytes / med / 1e9:6.1f} {best * 1e3:8.3f} "
                     f"{nbytes / best / 1e9:6.1f} {2 * args.m * k * n / best / 1e9:8.1f}")
             if args.hot:
-                rate = marginal_rate(nbytes, med, _nbytes(half), statistics.median(half_times))
+                rate, fixed = streaming_rate([_nbytes(m) for m in sizes], [min(t) for t in times])
                 big = build(full)
-                dram = _nbytes(big) / timed(run, x, copies_of(big, args.rotate_mb), args.repeats)[0]
-                line += (f" {rate / 1e9:13.1f} {(med - nbytes / rate) * 1e6:8.1f} {dram / 1e9:9.1f} {rate / dram:6.2f}"
+                dram = _nbytes(big) / timed(run, x, copies_of(big, args.rotate_mb), DRAM_REPEATS)[1]
+                line += (f" {rate / 1e9:13.1f} {fixed * 1e6:8.1f} {dram / 1e9:9.1f} {rate / dram:6.2f}"
                          if rate else f" {'-':>13s} {'-':>8s} {dram / 1e9:9.1f} {'-':>6s}")
-                del big
+                del big, sizes
             print(line, flush=True)
             del first
 
 
 DRAM_N = 14336  # the outputs of --hot's DRAM figure: a Mistral 7B feed-forward matrix
+DRAM_REPEATS = 5  # rounds over its copies (each round reads the rotated copies once)
 
 
 def copies_of(mod, rotate_mb: float) -> list:
@@ -153,13 +162,13 @@ def timed_in_turn(fn, inputs, mods, repeats: int) -> list[list[float]]:
     return times
 
 
-def marginal_rate(nbytes: int, med: float, half_bytes: int, half_med: float) -> float | None:
-    """The rate (bytes/s) at which a hot product reads its weights beyond its fixed cost a call (Python, the
-    activations' quantization, starting the threads): the bytes of the second half of the rows over the time they
-    add, from the median times of the product at n and at n/2 rows, timed in turn; None where noise made the larger
-    product no slower. A decode step's weights are big enough (58 MB for a Mistral 7B feed-forward matrix in int8)
-    that this rate, not the call's, is what faster memory would meet."""
-    return (nbytes - half_bytes) / (med - half_med) if med > half_med else None
+def streaming_rate(nbytes: list[int], times: list[float]) -> tuple[float | None, float]:
+    """The rate (bytes/s) at which a hot product reads its weights beyond its fixed cost a call, and that cost (s):
+    the slope and intercept of a line fit to the times against the bytes read; None where noise made the
+    larger products no slower. A decode step's weights are big enough (58 MB for a Mistral 7B feed-forward matrix
+    in int8) that this rate, not the call's, is what faster memory would meet."""
+    slope, intercept = statistics.linear_regression(nbytes, times)
+    return (1 / slope if slope > 0 else None), intercept
 
 
 def last_level_cache() -> int:
