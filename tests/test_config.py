@@ -62,3 +62,45 @@ def test_preset_name_loads_its_repo_and_says_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(VentouxError, match="mistralai/Mistral-7B-Instruct-v0.3"):
         ventoux.load("mistral-7b-instruct-v0.3")
+
+
+@pytest.mark.parametrize("bad, word", [
+    ({**V03_HF, "architectures": 5}, "architectures=5 must be a list of strings"),
+    ({**V03_HF, "architectures": "MistralForCausalLM"}, "architectures=.* must be a list of strings"),
+    ({**V03_HF, "hidden_act": "relu"}, "hidden_act='relu' is not supported"),
+    ({**V03_HF, "hidden_act": None}, "hidden_act=None is not supported"),
+    ({**V03_HF, "rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling=.* RoPE scaling"),
+    ({**V03_HF, "rope_scaling": {"factor": 4.0}}, "rope_scaling=.* RoPE scaling"),
+    ({**V03_HF, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters=.* RoPE scaling"),
+])
+def test_hf_fields_that_would_change_the_model_are_refused_in_one_line(bad, word):
+    with pytest.raises(VentouxError, match=word) as e:
+        ModelConfig.from_hf(bad)
+    assert "config.json field" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra", [
+    {"hidden_act": "silu"}, {"hidden_act": "swish"}, {"rope_scaling": None},
+    {"rope_scaling": {"rope_type": "default"}}, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    {"torch_dtype": "int7"}, {"torch_dtype": 5}, {"dtype": "bfloat16"},  # the dtype fields are never read
+])
+def test_hf_fields_meaning_plain_mistral_are_accepted(extra):
+    assert ModelConfig.from_hf({**V03_HF, **extra}) == PRESETS["mistral-7b-v0.3"].config
+
+
+@pytest.mark.parametrize("key, value", [("yarn", {"factor": 16, "original_max_position_embeddings": 16384}),
+                                        ("rope_scaling", {"type": "linear", "factor": 2.0})])
+def test_params_rope_scaling_is_refused(key, value):
+    with pytest.raises(VentouxError, match=f"params.json field {key}=.* RoPE scaling"):
+        ModelConfig.from_params({**V01_PARAMS, key: value})
+    assert ModelConfig.from_params({**V01_PARAMS, key: None}).rope_theta == 10000.0
+
+
+def test_read_config_names_the_file_for_a_bad_architectures(tmp_path):
+    import json
+
+    from ventoux.config import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**V03_HF, "architectures": 5}))
+    with pytest.raises(VentouxError, match=r"config\.json: config\.json field architectures=5"):
+        read_config(tmp_path)

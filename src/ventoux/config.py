@@ -45,10 +45,10 @@ class ModelConfig:
             )
         if self.sliding_window is not None:
             _check_size("sliding_window", self.sliding_window, "a positive integer or null")
-        if not (_number(self.norm_eps) and 0 < self.norm_eps < 1):
+        if not (finite_number(self.norm_eps) and 0 < self.norm_eps < 1):
             raise VentouxError(f"config norm_eps (rms_norm_eps)={self.norm_eps!r} must be a number in (0, 1), "
                                "e.g. 1e-5")
-        if not (_number(self.rope_theta) and self.rope_theta > 1):
+        if not (finite_number(self.rope_theta) and self.rope_theta > 1):
             raise VentouxError(f"config rope_theta={self.rope_theta!r} must be a finite number > 1, e.g. 10000.0 "
                                "(Mistral 7B v0.1) or 1000000.0 (v0.2, v0.3)")
         object.__setattr__(self, "rope_theta", float(self.rope_theta))
@@ -79,6 +79,9 @@ class ModelConfig:
         _check_object(d, "config.json")
         arch = d.get("model_type") or ""
         archs = d.get("architectures") or []
+        if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise VentouxError(f"config.json field architectures={archs!r} must be a list of strings, "
+                               'e.g. ["MistralForCausalLM"]')
         if arch not in ("mistral", "") or any(a != "MistralForCausalLM" for a in archs):
             raise VentouxError(
                 f"config.json describes model_type={arch!r} {archs}; ventoux runs Mistral "
@@ -86,6 +89,13 @@ class ModelConfig:
             )
         if d.get("num_local_experts") or d.get("num_experts_per_tok"):
             raise VentouxError("config.json describes a mixture-of-experts model; ventoux runs dense Mistral only")
+        # The model hard-codes SiLU; "swish" is the same function in transformers' ACT2FN.
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise VentouxError(f"config.json field hidden_act={d['hidden_act']!r} is not supported; ventoux runs "
+                               'Mistral\'s SiLU only ("silu" or "swish")')
+        # rope_parameters is where transformers 5 moves rope_scaling; without a type it only carries rope_theta.
+        _check_plain_rope(d, "config.json", {"rope_scaling": "unknown", "rope_parameters": "default"})
+        # torch_dtype (or dtype) is not read: the load dtype comes from the caller or the device, not the file.
         try:
             return cls(
                 dim=d["hidden_size"],
@@ -111,6 +121,7 @@ class ModelConfig:
         _check_object(d, "params.json")
         if d.get("moe"):
             raise VentouxError("params.json describes a mixture-of-experts model; ventoux runs dense Mistral only")
+        _check_plain_rope(d, "params.json", {"rope_scaling": "unknown", "yarn": "yarn"})  # newer Mistral: "yarn"
         try:
             return cls(
                 dim=d["dim"],
@@ -175,6 +186,16 @@ def _check_object(d, name: str) -> None:
         raise VentouxError(f"{name} must hold a JSON object of config fields, not {type(d).__name__}")
 
 
+def _check_plain_rope(d: dict, name: str, default_types: dict) -> None:
+    """Refuse RoPE scaling (YaRN, linear, ...): the model runs plain RoPE, so a scaled checkpoint would run wrong."""
+    for key, default in default_types.items():
+        rope = d.get(key)
+        kind = rope.get("rope_type", rope.get("type", default)) if isinstance(rope, dict) else rope
+        if kind not in (None, "default"):
+            raise VentouxError(f"{name} field {key}={rope!r} asks for RoPE scaling, which ventoux does not implement "
+                               "(Mistral 7B checkpoints have none); use a checkpoint without it")
+
+
 def _rope_parameters(d: dict) -> dict:
     rope = d.get("rope_parameters")
     return rope if isinstance(rope, dict) else {}
@@ -197,7 +218,8 @@ def _integer(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _number(x) -> bool:
+def finite_number(x) -> bool:
+    """A real number (not a bool), neither NaN nor infinite: NaN passes no comparison, so ranges alone let it in."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
