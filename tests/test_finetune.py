@@ -226,9 +226,10 @@ def test_resume_after_kill_9_gives_the_same_adapter_bytes(tiny, tmp_path):
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {proc.stderr.read()[-2000:]}"
     assert not (cut / "adapter").exists()
 
-    conflict = subprocess.run([*CLI, "finetune", "--out", str(cut), "--resume", "--lr", "1e-3", "--rank", "8"],
-                              env=ENV, capture_output=True, text=True, timeout=120)
+    conflict = subprocess.run([*CLI, "finetune", "--out", str(cut), "--resume", "--lr", "1e-3", "--rank", "8",
+                               "--accumulate", "2"], env=ENV, capture_output=True, text=True, timeout=120)
     assert conflict.returncode == 1 and "--lr 0.001 (the run has 0.003)" in conflict.stderr
+    assert "--accumulate 2 (the run has 1)" in conflict.stderr  # the flag finetune has, not --grad-accum
     assert "--rank 8 (the run has 16)" in conflict.stderr and len(conflict.stderr.strip().splitlines()) == 1
     lines = data.read_text()
     data.write_text(lines.replace("king", "queen"))  # the data changed under the run: refused
@@ -286,6 +287,48 @@ def test_bad_settings_are_one_line_errors(tiny, tmp_path):
         with pytest.raises(VentouxError, match=match):
             finetune(FinetuneArgs(**{**base, **kw}), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "nan"], "--alpha must be a positive number"), (["--alpha", "inf"], "--alpha must be"),
+    (["--alpha", "-1"], "--alpha must be"), (["--lr", "inf"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be"), (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be"), (["--min-lr", "inf"], "--min-lr must be"),
+    (["--clip", "nan"], "--clip must be"), (["--warmup", "-1"], "--warmup must be at least 0"),
+    (["--dropout", "nan"], "--dropout must be in [0, 1)"), (["--steps", "0"], "--steps must be at least 1"),
+    (["--epochs", "inf"], "--epochs must be a positive number"),
+    (["--accumulate", "0"], "--accumulate must be at least 1"),  # the flag finetune has, not --grad-accum
+])
+def test_bad_flags_are_one_line_errors_before_anything_is_written(tiny, tmp_path, capsys, flags, message):
+    """NaN and inf pass no comparison: unchecked, they trained an adapter of NaN (and wrote invalid JSON)."""
+    data = reversals(tmp_path / "train.jsonl", 4, seed=1)
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(tiny), "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet"]
+    steps = [] if {"--steps", "--epochs"} & set(flags) else ["--steps", "1"]
+    assert main([*argv, *steps, *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ventoux: error: ") and message in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_up_front(tiny, tmp_path, capsys):
+    data = reversals(tmp_path / "train.jsonl", 4, seed=1)
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["finetune", "--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "file"),
+                 "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and "is a file" in err and "must be a folder" in err and "\n" not in err, err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_a_diverging_run_stops_without_writing_an_adapter(tiny, tmp_path):
+    """A learning rate that overflows the weights: the loss becomes NaN or inf and the run stops, naming the step."""
+    data = reversals(tmp_path / "train.jsonl", 8, seed=1)
+    args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=4, batch_size=2,
+                        lr=1e30, warmup=0, device="cpu")
+    with pytest.raises(VentouxError, match=r"loss became (nan|inf) at step \d.*lower --lr"):
+        finetune(args, progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

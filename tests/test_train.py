@@ -252,6 +252,38 @@ def test_bad_inputs(corpus, tmp_path, capsys):
                                            "--vocab-size", "100000", "--out", str(out))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"), (["--grad-accum", "0"], "--grad-accum must be"),
+    (["--eval-tokens", "0"], "--eval-tokens must be at least 1"), (["--steps", "0"], "--steps must be at least 1"),
+    (["--context", "0"], "--context must be"), (["--dropout", "2"], "--dropout must be in [0, 1)"),
+    (["--lr", "inf"], "--lr must be a positive number"), (["--lr", "-1"], "--lr must be"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"), (["--warmup", "-1"], "--warmup"),
+    (["--val-fraction", "nan"], "--val-fraction must be in [0, 1)"), (["--clip", "inf"], "--clip must be"),
+])
+def test_bad_flags(corpus, tmp_path, capsys, flags, message):
+    """Each once a traceback, or a model trained to NaN (or not trained at all) written with exit status 0."""
+    out = tmp_path / "out"
+    assert message in _fails(capsys, out, *_pretrain(corpus, out, corpus / "text.txt", *flags))
+
+
+def test_binary_config_and_out_that_is_a_file(corpus, tmp_path, capsys):
+    binary = tmp_path / "garbage.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    out = tmp_path / "out"
+    err = _fails(capsys, out, *_pretrain(corpus, out, corpus / "text.txt", "--config", str(binary)))
+    assert f"--config {binary} is not a JSON config" in err
+    assert main(_pretrain(corpus, binary, corpus / "text.txt")) == 1  # checked before the token cache is written
+    err = capsys.readouterr().err.strip()
+    assert f"--out {binary} is a file" in err and "must be a folder" in err and "\n" not in err, err
+
+
+def test_a_diverging_run_stops_without_writing_a_model(corpus, tmp_path):
+    """A learning rate that overflows the weights: the loss becomes NaN or inf and the run stops, naming the step."""
+    with pytest.raises(VentouxError, match=r"loss became (nan|inf) at step \d.*lower --lr"):
+        pretrain(_args(corpus, tmp_path / "run", steps=4, lr=1e30, warmup=0), progress=False)
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path):
     pretrain(_args(corpus, tmp_path / "run", steps=4, save_every=4, eval_every=4), progress=False)
     with pytest.raises(VentouxError, match="--resume"):

@@ -68,12 +68,13 @@ def _finetune_args(p):
 @command("finetune", "Fine-tune a LoRA adapter on chat or text data (mistral-finetune's formats).", _finetune_args)
 def run_finetune(args):
     from ..errors import VentouxError
-    from ..train.finetune import FinetuneArgs, check_data, finetune, model_folder
+    from ..train.finetune import FinetuneArgs, check_data, check_settings, finetune, model_folder
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneArgs)
              if getattr(args, f.name, None) is not None}
     settings = FinetuneArgs(**given)
     if args.validate_only:
+        check_settings(settings)  # --batch-size 0 would divide by zero in the report
         from ..tokenizer import load_tokenizer
 
         train, evals, report = check_data(settings, load_tokenizer(model_folder(settings.model)).mistral)

@@ -18,13 +18,15 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..config import finite_number
 from ..errors import VentouxError
 from . import memory
-from .loop import Job, LoopArgs, add_checkpointing, draw_plot, given_fields, resume_point, train
+from .loop import Job, LoopArgs, add_checkpointing, check_args, draw_plot, given_fields, require, resume_point, train
 from .sft_data import SFTData, collate
 
 ADAPTER_STATE = "adapter_state.safetensors"  # a checkpoint's adapter tensors, under the model's own names
@@ -54,6 +56,8 @@ class FinetuneArgs(LoopArgs):
     eval_every: int = 100
     save_every: int = 100
 
+    FLAGS: ClassVar[dict[str, str]] = {"grad_accum": "--accumulate"}
+
 
 def check_data(args: FinetuneArgs, tokenizer) -> tuple[SFTData, SFTData | None, str]:
     """Read and encode the training and evaluation data; (train, eval, report). The report lists every bad
@@ -68,16 +72,15 @@ def check_data(args: FinetuneArgs, tokenizer) -> tuple[SFTData, SFTData | None, 
     return data, evals, "\n".join(lines)
 
 
-def _check_args(args: FinetuneArgs) -> None:
-    for name in ("rank", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep"):
-        if getattr(args, name) < 1:
-            raise VentouxError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+def check_settings(args: FinetuneArgs) -> None:
+    """Every setting in range, each bad one a one-line error naming its flag; before anything is loaded."""
     if args.steps is not None and args.epochs is not None:
         raise VentouxError("give --steps or --epochs, not both")
-    if (args.steps is not None and args.steps < 1) or (args.epochs is not None and not args.epochs > 0):
-        raise VentouxError("--steps and --epochs must be positive")
-    if not args.lr > 0:
-        raise VentouxError(f"--lr must be positive, not {args.lr}")
+    check_args(args, counts=("rank", "seq_len"), fractions=("dropout",))
+    if args.epochs is not None:
+        require(args, "epochs", finite_number(args.epochs) and args.epochs > 0, "a positive number")
+    require(args, "alpha", finite_number(args.alpha) and args.alpha > 0,
+            "a positive number (the scaling is alpha/rank)")
 
 
 def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None = None) -> Path:
@@ -90,7 +93,7 @@ def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None =
     from ..tokenizer import load_tokenizer
     from ..weights import _write_atomically, parse_dtype
 
-    _check_args(args)
+    check_settings(args)
     args, last = resume_point(args, given_fields(args) if given is None else given)
     folder = model_folder(args.model)
     tokenizer = load_tokenizer(folder)

@@ -24,12 +24,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..config import finite_number
 from ..errors import VentouxError
 from .checkpoint import checkpoints, rng_state, save_checkpoint, set_rng_state, trainer_state
 from .plot import plot_run, read_metrics
@@ -56,6 +58,39 @@ class LoopArgs:
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     resume: bool = False
     device: str = "auto"  # auto: cuda, then mps, then cpu
+
+    FLAGS: ClassVar[dict[str, str]] = {}  # settings whose CLI flag is not --the-name (finetune: --accumulate)
+
+
+def flag(args, name: str) -> str:
+    """The command-line flag of a setting, as the user typed it."""
+    return args.FLAGS.get(name) or "--" + name.replace("_", "-")
+
+
+def require(args, name: str, ok: bool, want: str) -> None:
+    """A one-line error naming the flag unless `ok`."""
+    if not ok:
+        raise VentouxError(f"{flag(args, name)} must be {want}, not {getattr(args, name)!r}")
+
+
+def check_args(args: LoopArgs, counts: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
+    """Refuse settings the loop cannot train with, before anything is loaded or written. Floats must be
+    finite: NaN passes no comparison and would train NaN weights without a word. `counts`: the caller's
+    integer settings that must be at least 1; `fractions`: its settings in [0, 1)."""
+    for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep", *counts):
+        require(args, name, getattr(args, name) >= 1, "at least 1")
+    if args.steps is not None:  # finetune: None counts the steps from --epochs
+        require(args, "steps", args.steps >= 1, "at least 1")
+    require(args, "warmup", args.warmup >= 0, "at least 0")
+    require(args, "seed", args.seed >= 0, "at least 0")
+    require(args, "lr", finite_number(args.lr) and args.lr > 0, "a positive number, e.g. 1e-4")
+    for name in ("min_lr", "weight_decay", "clip"):
+        require(args, name, finite_number(getattr(args, name)) and getattr(args, name) >= 0, "a finite number >= 0")
+    for name in fractions:
+        require(args, name, finite_number(getattr(args, name)) and 0 <= getattr(args, name) < 1, "in [0, 1)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise VentouxError(f"--out {out} is a file; --out must be a folder (the run folder): choose another path")
 
 
 # float32 logits per chunk of summed_loss (16 MB): rows = LOGIT_CHUNK // vocab. Against 64 MB chunks, on the
@@ -135,7 +170,7 @@ def resumed_args(args, saved: dict, given: set[str], done: int):
     for name in sorted(given - FREE_ON_RESUME - {"steps"}):
         mine, theirs = getattr(args, name), saved.get(name)
         if _normal(mine) != _normal(theirs):
-            conflicts.append(f"--{name.replace('_', '-')} {_show(mine)} (the run has {_show(theirs)})")
+            conflicts.append(f"{flag(args, name)} {_show(mine)} (the run has {_show(theirs)})")
     if conflicts:
         raise VentouxError(f"--resume continues {args.out} with its own settings, but these flags differ: "
                            f"{'; '.join(conflicts)}; drop them, or start a new run with another --out")
@@ -246,6 +281,10 @@ def train(job: Job, args: LoopArgs, out: Path, last: Path | None, device: torch.
             loss = summed / max(1, int((y != -100).sum())) / args.grad_accum  # no target: no loss, no gradient
             loss.backward()
             losses.append(loss.item() * args.grad_accum)
+            if not math.isfinite(losses[-1]):  # diverged: every later step and the weights written would be NaN
+                bar.close()
+                raise VentouxError(f"the training loss became {losses[-1]} at step {step + 1} (the run diverged; no "
+                                   f"model written): start a new run, another --out, with a lower --lr than {args.lr}")
             tokens += n
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, args.clip)

@@ -29,7 +29,7 @@ from ..model import Transformer
 from ..weights import find_checkpoint, load_model, save_hf
 from .data import load_corpus
 from .evaluate import segment_loss
-from .loop import Job, LoopArgs, add_checkpointing, draw_plot, given_fields, resume_point, train
+from .loop import Job, LoopArgs, add_checkpointing, check_args, draw_plot, given_fields, resume_point, train
 
 
 @dataclass
@@ -63,6 +63,9 @@ def resolve_config(args: TrainArgs, vocab: int) -> ModelConfig:
             cfg = ModelConfig.from_hf(json.loads(Path(src).read_text()))
         except json.JSONDecodeError as e:
             raise VentouxError(f"{src} is not valid JSON ({e.msg}); give an HF config.json") from None
+        except UnicodeDecodeError:  # a binary file
+            raise VentouxError(f"--config {src} is not a JSON config (not text); give an HF config.json, "
+                               "a preset name or a checkpoint folder") from None
     else:
         raise VentouxError(f"--config {src} is neither a preset ({', '.join(PRESETS)}) nor a file or folder")
     if cfg.vocab_size < vocab:
@@ -95,6 +98,7 @@ def _setup(args: TrainArgs, given: set[str]):
     """Everything that can fail on bad input runs here, before anything is written to `out`."""
     import sentencepiece as spm
 
+    check_args(args, counts=("context", "eval_tokens"), fractions=("dropout", "val_fraction"))
     args, last = resume_point(args, given)  # the run's own settings win: the result must equal an uninterrupted run
     out = Path(args.out)
     if args.tokenizer is None:
