@@ -422,3 +422,31 @@ def test_small_parsers_junk(text):
             parse(text)
         except VentouxError:
             pass
+
+
+# ---- output folders the OS refuses; quantization that contradicts config.json -----------------------------
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, where no one may create folders")
+def test_an_output_folder_the_os_refuses_is_named_before_loading(model_dir, capsys):
+    for argv in (["quantize", model_dir, "/sys/ventoux-out", "--scheme", "int8"],
+                 ["convert", model_dir, "/sys/ventoux-out", "--format", "hf"]):
+        err = fails(capsys, argv, "/sys")
+        assert "tmp-" not in err and "Errno" not in err, err
+
+
+def _without_quantization(cfg):
+    del cfg["quantization"]
+
+
+@pytest.mark.parametrize("source, edit", [("int8", _without_quantization),
+                                          ("float", lambda c: c.update(quantization={"scheme": "int8"}))],
+                         ids=["quantized-weights-float-config", "float-weights-quantized-config"])
+def test_quantization_that_contradicts_config_json_is_named(model_dir, int8_dir, tmp_path, source, edit):
+    bad = copy_of(int8_dir if source == "int8" else model_dir, tmp_path / "m", config_edit=edit)
+    with pytest.raises(VentouxError, match="quantization does not match its config.json's") as e:
+        ventoux.load(str(bad), dtype="float32", device="cpu")
+    assert "n_layers" not in str(e.value)
+
+
+def test_quantize_of_a_quantized_checkpoint_is_refused(int8_dir, tmp_path, capsys):
+    fails(capsys, ["quantize", int8_dir, tmp_path / "out", "--scheme", "int4"], "already quantized (int8)")
+    assert not (tmp_path / "out").exists()

@@ -162,6 +162,32 @@ def test_merge_cli_output_loads_in_transformers_with_the_unmerged_logits(tiny_ch
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "m2")]) == 1
 
 
+def test_merge_overwrite_replaces_only_a_checkpoint_folder(tiny_checkpoint, capsys, monkeypatch):
+    from ventoux.cli import main
+
+    tmp_path, _ = tiny_checkpoint
+    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+    precious = tmp_path / "precious"
+    (precious / "chapters").mkdir(parents=True)
+    (precious / "thesis.txt").write_text("years of work")
+    afile = tmp_path / "garbage.bin"
+    afile.write_text("mine")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, words in [(precious, ["holds chapters", "will not delete it"]), (afile, ["is not a folder"]),
+                       (".", ["has no name of its own"]), ("..", ["has no name of its own"])]:
+        assert main(["merge", "--overwrite", base, adapter, str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing moved or deleted
+    assert (precious / "thesis.txt").read_text() == "years of work" and afile.read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    for out in ("empty", "merged", "merged"):  # an empty folder, a new one, then ventoux's own output again
+        assert main(["merge", "--overwrite", base, adapter, str(tmp_path / out)]) == 0
+        assert (tmp_path / out / "model.safetensors").is_file()
+
+
 def test_loading_pipeline_quantizes_then_applies_the_adapter(tiny_checkpoint):
     from ventoux.api import load_model
 

@@ -1,6 +1,7 @@
 """Checkpoints: HF (single, sharded) and consolidated (safetensors, .pth) against transformers and against the
 rotary math itself; every bad input fails with one VentouxError naming the culprit."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -253,11 +254,13 @@ def test_existing_output_and_crash_leave_nothing_half_written(hf_dir, monkeypatc
 
     def crash(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(weights, "save_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(VentouxError) as e:  # one line naming the folder asked for, not the temporary one
         save_hf(model, tmp_path / "out", max_shard_bytes=60_000)
+    assert str(e.value) == (f"cannot write the output folder {tmp_path / 'out'}: No space left on device; "
+                            "free some space or choose another output path")
     assert list(tmp_path.iterdir()) == []
 
 

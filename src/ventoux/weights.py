@@ -175,6 +175,11 @@ def _plan(model: nn.Module, layout: str, files: list[WeightFile], index: Path) -
                 continue
             vx = _hf_to_vx(fname) if layout == "hf" else fname
             if vx not in expected:
+                why = _quantization_differs(vx, expected)
+                if why:
+                    raise VentouxError(f"{file.path} holds tensor {fname!r}, which this model config does not have: "
+                                       f"the checkpoint's quantization does not match its config.json's ({why}); "
+                                       f"{_REQUANTIZE}")
                 raise VentouxError(
                     f"{file.path} holds tensor {fname!r}, which this model config does not have; the config "
                     "contradicts the weights (check n_layers) or this is not a Mistral checkpoint")
@@ -182,6 +187,9 @@ def _plan(model: nn.Module, layout: str, files: list[WeightFile], index: Path) -
     for vx, shape in expected.items():
         if vx not in found:
             fname = _vx_to_hf(vx) if layout == "hf" else vx
+            if vx.endswith(_QUANTIZED_SUFFIXES):
+                raise VentouxError(f"tensor {fname!r} is missing from {index}: the checkpoint's quantization does "
+                                   f"not match its config.json's (which declares it quantized); {_REQUANTIZE}")
             raise VentouxError(f"tensor {fname!r} is missing from {index}; the file is incomplete (re-download it) "
                                "or the config contradicts the weights")
         fname, file = found[vx]
@@ -195,6 +203,24 @@ def _plan(model: nn.Module, layout: str, files: list[WeightFile], index: Path) -
             raise VentouxError(f"tensor {fname!r} in {file.path} is stored as {stored} but the model needs {want} "
                                "tensor there; the file is not a (float or ventoux-quantized) Mistral checkpoint")
     return found
+
+
+_QUANTIZED_SUFFIXES = (".qweight", ".scales", ".zeros")  # what a quantized linear holds in place of .weight
+_REQUANTIZE = ("fix the \"quantization\" entry of config.json, or quantize the float checkpoint again with "
+               "`ventoux quantize`")
+
+
+def _quantization_differs(vx: str | None, expected: dict) -> str | None:
+    """Why the model lacks a tensor when the file and config.json disagree on which modules are quantized (a
+    quantized tensor where the model wants a float weight, or the reverse); None for any other reason."""
+    if vx is None:
+        return None
+    module, _, attr = vx.rpartition(".")
+    if "." + attr in _QUANTIZED_SUFFIXES and (f"{module}.weight" in expected or f"{module}.qweight" in expected):
+        return "the weights are quantized there, in a scheme config.json does not declare"
+    if attr == "weight" and f"{module}.qweight" in expected:
+        return "the weights are float there, but config.json declares them quantized"
+    return None
 
 
 def check_config(folder: str | Path, config: ModelConfig, config_path: Path) -> None:
@@ -365,12 +391,26 @@ def _save(items, path: Path, dtype: torch.dtype | None) -> None:
               metadata={"format": "pt"})
 
 
+# The files ventoux writes into a checkpoint or adapter folder (save_hf, save_consolidated, lora_files'
+# save_adapter, training checkpoints: adapter_state.safetensors and trainer.pt); --overwrite replaces only a
+# folder holding nothing else, so a mistyped OUT never deletes the user's own files.
+_WRITTEN_FILES = ("config.json", "params.json", "model.safetensors", "model-*-of-*.safetensors", HF_INDEX,
+                  "consolidated.safetensors", "adapter_config.json", "adapter_model.safetensors",
+                  "adapter_state.safetensors", "trainer.pt", *TOKENIZER_FILES)
+
+
 def check_output_folder(folder: str | Path, overwrite: bool = False) -> None:
-    """An output folder can be written: it does not exist (unless overwrite), its parent is (or can be made) a
-    folder. Temporary folders that killed writers left beside it (.NAME.tmp-PID, PID gone) are removed."""
+    """An output folder can be written: it does not exist (or, with overwrite, it is a checkpoint or adapter
+    folder ventoux writes: nothing else is ever replaced), its parent is (or can be made) a writable folder.
+    Temporary folders that killed writers left beside it (.NAME.tmp-PID, PID gone) are removed."""
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise VentouxError(f"{folder} already exists; choose a new output folder or remove it")
+    if folder.name in ("", ".", ".."):
+        raise VentouxError(f"the output folder {str(folder)!r} has no name of its own; give a new folder's path "
+                           "such as ./out")
+    if folder.exists() or folder.is_symlink():
+        if not overwrite:
+            raise VentouxError(f"{folder} already exists; choose a new output folder or remove it")
+        _check_replaceable(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a folder of the path should be, no permission, read-only disk
@@ -382,6 +422,32 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> None:
         pid = stale.name.rpartition("-")[2]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
+    # A trial folder where the real one will be written: os.access says yes to root even on /sys.
+    probe = _tmp_name(folder)
+    try:
+        shutil.rmtree(probe, ignore_errors=True)  # left by an earlier crash of this same pid
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise VentouxError(f"cannot write the output folder {folder}: {e.strerror or e} in {folder.parent}; "
+                           "choose another output path") from None
+
+
+def _check_replaceable(folder: Path) -> None:
+    """overwrite: only an empty folder or one holding just the files ventoux writes is replaced."""
+    if folder.is_symlink() or not folder.is_dir():
+        kind = "a symbolic link" if folder.is_symlink() else "not a folder"
+        raise VentouxError(f"{folder} is {kind}; --overwrite replaces only a checkpoint or adapter folder ventoux "
+                           "wrote: remove it yourself or choose another output path")
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() or not entry.is_file() or not any(entry.match(p) for p in _WRITTEN_FILES):
+            raise VentouxError(f"{folder} holds {entry.name}, which is not part of a checkpoint or adapter ventoux "
+                               "writes; --overwrite will not delete it: remove it yourself or choose another output "
+                               "path")
+
+
+def _tmp_name(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
 
 
 def _alive(pid: int) -> bool:
@@ -398,10 +464,10 @@ def _write_atomically(folder: Path, write: Callable[[Path], None], extra_files: 
                       overwrite: bool) -> Path:
     """Write into a temporary folder beside `folder`, then rename: a crash leaves no half-written checkpoint."""
     check_output_folder(folder, overwrite)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(folder)
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of this same pid
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write(tmp)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
@@ -412,7 +478,10 @@ def _write_atomically(folder: Path, write: Callable[[Path], None], extra_files: 
             shutil.rmtree(old)
         else:
             tmp.rename(folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, permissions: name the folder the user gave, not the temporary one
+            raise VentouxError(f"cannot write the output folder {folder}: {e.strerror or e}; free some space or "
+                               "choose another output path") from None
         raise
     return folder

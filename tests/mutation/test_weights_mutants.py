@@ -260,6 +260,9 @@ def test_save_consolidated_over_a_folder(tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     assert _error(save_consolidated, model, out) == f"{out} already exists; choose a new output folder or remove it"
+    assert _error(save_consolidated, model, out, overwrite=True).startswith(f"{out} holds stale.txt, which is not")
+    (out / "stale.txt").unlink()  # a file ventoux writes is replaced
+    (out / "model-00001-of-00002.safetensors").write_text("old")
     save_consolidated(model, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["consolidated.safetensors", "params.json"]
     with torch.no_grad():
@@ -356,6 +359,10 @@ def test_save_hf_single_file_dtype_overwrite_and_refusals(tmp_path):
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
     assert AutoConfig.from_pretrained(out).torch_dtype == torch.float16
     (out / "stale.txt").write_text("old")
+    assert _error(weights.save_hf, model, out, overwrite=True).startswith(f"{out} holds stale.txt, which is not")
+    assert (out / "stale.txt").exists()  # refused: nothing deleted
+    (out / "stale.txt").unlink()
+    (out / "model-00001-of-00002.safetensors").write_text("old")  # a file ventoux writes is replaced
     weights.save_hf(model, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}

@@ -25,10 +25,11 @@ def run_merge(args):
     from ..config import read_config
     from ..hub import resolve
     from ..lora import merge
-    from ..weights import parse_dtype, save_hf, tokenizer_files
+    from ..weights import check_output_folder, parse_dtype, save_hf, tokenizer_files
 
-    folder = resolve(args.base)
     dtype = parse_dtype(args.dtype) if args.dtype else None  # None keeps the stored dtype
+    check_output_folder(args.out, args.overwrite)  # before the (long) load and merge, not only when writing
+    folder = resolve(args.base)
     model = load_model(folder, read_config(folder), dtype, "cpu", lora=args.adapter)
     out = save_hf(merge(model), args.out, dtype=dtype, extra_files=tokenizer_files(folder), overwrite=args.overwrite)
     print(f"merged {args.adapter} into {args.base}: {out}")
