@@ -219,3 +219,35 @@ def test_cli_errors_are_one_line(full_model_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("ventoux: error:"), (args, stderr)
         assert all(word in lines[0] for word in cases[args]), lines[0]
     assert not out.exists() and not list(tmp_path.glob(".result.json*"))  # nothing half-written
+
+
+def test_out_and_data_folders_are_refused_before_the_model_loads(tmp_path, capsys):
+    from ventoux.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    nowhere = ["--model", tmp_path / "no-model"]  # never loaded: the inputs fail first
+    cases = {("perplexity", "--data", text, "--out", tmp_path, *nowhere): [f"--out {tmp_path} is a folder"],
+             ("perplexity", "--data", tmp_path, *nowhere): [f"{tmp_path} is a folder, not a file"],
+             ("tasks", "--tasks", tmp_path, *nowhere): [f"{tmp_path} is a folder, not a file"],
+             ("tasks", "--tasks", DATA / "mc.jsonl", DATA / ".." / "eval" / "mc.jsonl", *nowhere): ["twice"]}
+    for args, words in cases.items():
+        assert main(["eval", *map(str, args)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_tasks_of_files_with_the_same_name_are_all_kept(full_model_dir, tmp_path, capsys):
+    from ventoux.cli import main
+    from ventoux.eval import read_tasks
+
+    for sub in ("da", "db"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(DATA / "mc.jsonl", tmp_path / sub / "t.jsonl")
+    paths = [tmp_path / "da" / "t.jsonl", tmp_path / "db" / "t.jsonl", DATA / "gen.jsonl"]
+    assert [t.name for t in read_tasks(paths)] == [str(paths[0]), str(paths[1]), "gen"]  # unique stems stay
+    assert main(["eval", "tasks", "--model", str(full_model_dir), "--tasks", *map(str, paths[:2]),
+                 "--quiet"]) == 0
+    tasks = json.loads(capsys.readouterr().out)["tasks"]
+    assert set(tasks) == {str(paths[0]), str(paths[1])} and tasks[str(paths[0])] == tasks[str(paths[1])]

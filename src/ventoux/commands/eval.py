@@ -72,7 +72,7 @@ def _without_samples(result: dict) -> dict:
 def run_eval(args):
     from ..eval.data import check_out, read_documents, write_json_atomic
     from ..eval.perplexity import check_context, perplexity
-    from ..eval.tasks import read_task, run_task
+    from ..eval.tasks import read_tasks, run_task
 
     progress = not args.quiet
     if args.out:
@@ -88,7 +88,7 @@ def run_eval(args):
               f"{result['nats_per_character']:.4f} nats per character over {result['tokens']:,} tokens "
               f"(context {context}, stride {result['stride']}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     else:
-        tasks = [read_task(path) for path in args.tasks]
+        tasks = read_tasks(args.tasks)
         llm = _load(args)
         stop = args.stop if args.stop is not None else ([] if args.chat else ["\n"])
         result = {"tasks": {}}

@@ -10,6 +10,6 @@ ventoux.eval.lm_eval_backend (the `ventoux` model).
 from .data import Document, read_documents
 from .perplexity import perplexity, strided_loss
 from .scoring import score
-from .tasks import read_task, run_task
+from .tasks import read_task, read_tasks, run_task
 
-__all__ = ["Document", "perplexity", "read_documents", "read_task", "run_task", "score", "strided_loss"]
+__all__ = ["Document", "perplexity", "read_documents", "read_task", "read_tasks", "run_task", "score", "strided_loss"]

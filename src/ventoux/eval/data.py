@@ -26,6 +26,8 @@ class Document:
 
 def read_file(path: str | Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise VentouxError(f"{path} is a folder, not a file: name a file in it")
     if not path.is_file():
         raise VentouxError(f"{path}: no such file")
     try:
@@ -88,18 +90,32 @@ def read_documents(paths: list[str | Path]) -> list[Document]:
 
 def check_out(path: str | Path) -> None:
     """Fails before any work when the result could not be written."""
+    if Path(path).is_dir():
+        raise VentouxError(f"--out {path} is a folder: give a file name, such as {Path(path) / 'result.json'}")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise VentouxError(f"--out {path}: the folder {parent} does not exist")
+    tmp = _tmp(Path(path))
+    try:  # a trial write of the temporary file: os.access says yes to root even on /sys or a read-only disk
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        raise VentouxError(f"--out {path} cannot be written ({e.strerror or e}); choose another path") from None
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_json_atomic(obj, path: str | Path) -> None:
     """Write JSON to a temporary file beside `path`, then rename it: readers see the old file or the whole new one."""
     path = Path(path)
     check_out(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp(path)
     try:
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as e:  # disk full: name the file the user gave, not the temporary one
+        raise VentouxError(f"--out {path} cannot be written ({e.strerror or e}); choose another path") from None
     finally:
         tmp.unlink(missing_ok=True)

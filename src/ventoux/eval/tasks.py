@@ -1,6 +1,6 @@
 """Local JSONL tasks: multiple choice by log-likelihood, and generation by greedy exact match.
 
-    tasks = [read_task("mc.jsonl"), read_task("qa.jsonl")]
+    tasks = read_tasks(["mc.jsonl", "qa.jsonl"])   # named "mc" and "qa" (by path if two stems are alike)
     results = {t.name: run_task(llm, t, batch_size=8, chat=False) for t in tasks}
 
 Multiple choice, a line {"question": ..., "choices": [...], "answer": index or choice text}: each
@@ -58,6 +58,21 @@ def read_task(path: str | Path) -> Task:
             raise VentouxError(f'{path}:{n}: field "answer" {answer} is not a choice index (0 to {len(choices) - 1})')
         task.items.append({"line": n, "question": question, "choices": choices, "answer": answer})
     return task
+
+
+def read_tasks(paths: list[str | Path]) -> list[Task]:
+    """read_task of each file. A task is named by its file's stem, unless two files share a stem: those are
+    named by their paths as given (as perplexity names its files), so no result overwrites another."""
+    resolved = [Path(p).resolve() for p in paths]
+    for i, path in enumerate(paths):
+        if resolved.index(resolved[i]) != i:
+            raise VentouxError(f"--tasks names the file {path} twice: give each file once")
+    tasks = [read_task(path) for path in paths]
+    stems = [t.name for t in tasks]
+    for task in tasks:
+        if stems.count(task.name) > 1:
+            task.name = task.path
+    return tasks
 
 
 def encode_pair(tokenizer, context: str, continuation: str, chat: bool = False) -> tuple[list[int], list[int]]:
