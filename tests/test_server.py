@@ -536,3 +536,37 @@ def test_cli_serve_binds_localhost_prints_the_url_and_stops_on_sigterm(tmp_path,
     finally:
         proc.terminate()  # uvicorn shuts down gracefully, then exits by the signal it caught
         assert proc.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_cli_serve_refuses_an_empty_key_and_a_port_out_of_range(monkeypatch, capsys):
+    from ventoux.cli import main
+
+    cases = {("--api-key", ""): "--api-key is empty", ("--api-key", "  "): "--api-key is empty",
+             ("--port", "99999"): "--port 99999 is not a port", ("--port", "-1"): "--port -1 is not a port"}
+    for argv, words in cases.items():
+        assert main(["serve", *argv]) == 1  # before anything loads or listens
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    monkeypatch.setenv("VENTOUX_API_KEY", "")  # no authentication must be asked for, not fallen into
+    assert main(["serve"]) == 1
+    assert "$VENTOUX_API_KEY is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("message, param, words", [
+    ("hi", "messages[0]", "must be a JSON object, not a string"),
+    (None, "messages[0]", "must be a JSON object, not null"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+     "messages[0].content[0]", "only text parts"),
+    ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text", "missing"),
+])
+def test_a_malformed_message_is_named(demo, message, param, words):
+    r = httpx.post(demo.url + "/v1/chat/completions", json={"messages": [message]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param and words in error["message"], error
+
+
+@pytest.mark.parametrize("field, value", [("top_logprobs", 100), ("max_completion_tokens", 0)])
+def test_sampling_errors_name_the_field_the_client_sent(demo, field, value):
+    r = httpx.post(demo.url + "/v1/chat/completions", json={"messages": HI, "logprobs": True, field: value})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == field and f"{field}={value}" in error["message"], error

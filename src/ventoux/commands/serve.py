@@ -32,7 +32,7 @@ def _serve_args(p):
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model` (default: ventoux-demo, or the --model name)")
     key = p.add_mutually_exclusive_group()
-    key.add_argument("--api-key", default=os.environ.get("VENTOUX_API_KEY"),
+    key.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every route but /health and the page "
                           "(default: $VENTOUX_API_KEY; --api-key-file keeps it out of the process list)")
     key.add_argument("--api-key-file", default=None, help="file holding the API key")
@@ -50,7 +50,12 @@ def _serve_args(p):
 
 def _api_key(args) -> str | None:
     if args.api_key_file is None:
-        return args.api_key or None
+        key, source, instead = args.api_key, "--api-key", "leave the flag out"
+        if key is None:
+            key, source, instead = os.environ.get("VENTOUX_API_KEY"), "$VENTOUX_API_KEY", "unset it"
+        if key is not None and not key.strip():  # an empty key would serve with no authentication at all
+            raise VentouxError(f"{source} is empty: give the key, or {instead} to serve without one")
+        return key
     try:
         key = Path(args.api_key_file).read_text().strip()
     except OSError as e:
@@ -81,6 +86,8 @@ def run_serve(args):
     for name in ("max_batch", "max_queue", "max_tokens_cap", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise VentouxError(f"--{name.replace('_', '-')}={getattr(args, name)}: it must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise VentouxError(f"--port {args.port} is not a port: give 1 to 65535, or 0 for any free one")
     served = args.served_model_name or ("ventoux-demo" if args.model is None else Path(args.model).name)
     settings = Settings(served_name=served, api_key=_api_key(args), cors_origins=tuple(args.cors_origin),
                         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_batch)

@@ -94,17 +94,32 @@ def parse(model: type[BaseModel], body: bytes):
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()
+        err = errors[0]
         if err["type"] == "json_invalid":
             raise APIError(400, f"the request body is not valid JSON ({err['msg']})", code="invalid_json") from None
+        if err["loc"] and _is_tag(err["loc"][-1]):  # a union (text or list): the branch that got furthest says most
+            union = err["loc"][:-1]
+            err = max((x for x in errors if x["loc"][:len(union)] == union), key=lambda x: len(x["loc"]))
         param = _param_name(err["loc"])
+        if err["type"] == "literal_error" and "list[TextPart]" in err["loc"] and err["loc"][-1] == "type":
+            part = _param_name(err["loc"][:-1])
+            raise APIError(400, f"{part}: content parts of type {err['input']!r} are not supported; only text "
+                           'parts ({"type": "text", "text": "..."}) are', param=part) from None
         if err["type"] == "model_type":
-            raise APIError(400, "the request body must be a JSON object") from None
+            what = param or "the request body"
+            raise APIError(400, f"{what} must be a JSON object, not {_json_type(err['input'])}",
+                           param=param or None) from None
         if err["type"] == "extra_forbidden":
             raise APIError(400, f"unknown parameter {param!r}", param=param) from None
         if err["type"] == "missing":
             raise APIError(400, f"missing required parameter {param!r}", param=param) from None
         raise APIError(400, f"invalid {param}: {err['msg']}", param=param) from None
+
+
+def _is_tag(x) -> bool:
+    """A union member's tag in an error's location, e.g. "str" or "list[TextPart]"; not a field name."""
+    return isinstance(x, str) and (x in {"str", "int", "float", "bool", "TextPart"} or not x.isidentifier())
 
 
 def _param_name(loc: tuple) -> str:
@@ -113,9 +128,16 @@ def _param_name(loc: tuple) -> str:
     for x in loc:
         if isinstance(x, int):
             out += f"[{x}]"
-        elif x.isidentifier() and x not in {"str", "int", "float", "bool", "TextPart"}:
+        elif not _is_tag(x):
             out += f".{x}" if out else x
     return out
+
+
+def _json_type(value) -> str:
+    """How JSON calls a value's type, for "must be an object, not a string"."""
+    kinds = {type(None): "null", bool: "a boolean", str: "a string", int: "a number", float: "a number",
+             list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def sampling_params(req: Common, max_tokens_cap: int, logprobs: int | None = None) -> SamplingParams:
@@ -132,12 +154,18 @@ def sampling_params(req: Common, max_tokens_cap: int, logprobs: int | None = Non
     if isinstance(values["max_tokens"], int) and values["max_tokens"] > max_tokens_cap:
         raise APIError(400, f"{param}={values['max_tokens']} is over this server's cap of {max_tokens_cap} "
                        "(--max-tokens-cap)", param=param)
+    sent = {"max_tokens": param}  # SamplingParams' name -> the field the client sent
+    if isinstance(req, ChatRequest):
+        sent["logprobs"] = "top_logprobs"  # chat's logprobs is a flag; the count is top_logprobs
     try:
         params = SamplingParams(**values, logprobs=logprobs)
     except VentouxError as e:
         named = re.match(r"invalid sampling parameter (\w+)=", str(e))
-        name = named and named.group(1)
-        raise APIError(400, str(e), param=param if name == "max_tokens" else name) from None
+        if named is None:
+            raise APIError(400, str(e)) from None
+        name = sent.get(named.group(1), named.group(1))
+        message = f"invalid sampling parameter {name}={str(e)[named.end():]}"
+        raise APIError(400, message, param=name) from None
     return params
 
 
