@@ -19,8 +19,9 @@ same format at 4096 x 14336, measured in the same run. Fastest, not median: the 
 another VM drifts for seconds at a time (on this project's Xeon VM, hot products ran up to 2x slower for a
 whole run), and the fastest calls are the ones that had the core to themselves.
 Pick --n so that each thread's share of the weights stays well inside its L2 (2 threads, 2 MB L2s: 128 for
-bf16, 256 for int8, 512 for int4): a share near the L2's size loses lines to the Python between calls, and one
-past it streams from L3, whose bandwidth then bounds the rate, not the kernel.
+bf16, 256 for int8, 512 for int4; halve them where a core's L2 is 1 MB, as on AMD Zen 4 and 5): a share near
+the L2's size loses lines to the Python between calls, and one past it streams from L3, whose bandwidth then
+bounds the rate, not the kernel.
 """
 
 from __future__ import annotations
