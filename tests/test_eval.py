@@ -230,7 +230,9 @@ def test_out_and_data_folders_are_refused_before_the_model_loads(tmp_path, capsy
     cases = {("perplexity", "--data", text, "--out", tmp_path, *nowhere): [f"--out {tmp_path} is a folder"],
              ("perplexity", "--data", tmp_path, *nowhere): [f"{tmp_path} is a folder, not a file"],
              ("tasks", "--tasks", tmp_path, *nowhere): [f"{tmp_path} is a folder, not a file"],
-             ("tasks", "--tasks", DATA / "mc.jsonl", DATA / ".." / "eval" / "mc.jsonl", *nowhere): ["twice"]}
+             ("tasks", "--tasks", DATA / "mc.jsonl", DATA / ".." / "eval" / "mc.jsonl", *nowhere): ["twice"],
+             ("perplexity", "--data", text, "--context", "0", *nowhere): ["--context 0 must be at least 1"],
+             ("perplexity", "--data", text, "--stride", "0", *nowhere): ["--stride 0 must be at least 1"]}
     for args, words in cases.items():
         assert main(["eval", *map(str, args)]) == 1
         err = capsys.readouterr().err

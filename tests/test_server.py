@@ -538,11 +538,14 @@ def test_cli_serve_binds_localhost_prints_the_url_and_stops_on_sigterm(tmp_path,
         assert proc.wait(timeout=30) == -signal.SIGTERM
 
 
-def test_cli_serve_refuses_an_empty_key_and_a_port_out_of_range(monkeypatch, capsys):
+def test_cli_serve_refuses_an_empty_key_or_name_and_a_port_out_of_range(monkeypatch, capsys):
     from ventoux.cli import main
 
     cases = {("--api-key", ""): "--api-key is empty", ("--api-key", "  "): "--api-key is empty",
-             ("--port", "99999"): "--port 99999 is not a port", ("--port", "-1"): "--port -1 is not a port"}
+             ("--port", "99999"): "--port 99999 is not a port", ("--port", "-1"): "--port -1 is not a port",
+             # a model that fails to load: were the name let through, serve would stop, not listen on
+             ("--served-model-name", "", "--model", "/nonexistent/model", "--port", "0"):
+                 "--served-model-name is empty"}
     for argv, words in cases.items():
         assert main(["serve", *argv]) == 1  # before anything loads or listens
         err = capsys.readouterr().err

@@ -70,6 +70,7 @@ def _without_samples(result: dict) -> dict:
 
 @command("eval", "Perplexity of text files, or accuracy on local JSONL tasks.", _eval_args)
 def run_eval(args):
+    from ..errors import VentouxError
     from ..eval.data import check_out, read_documents, write_json_atomic
     from ..eval.perplexity import check_context, perplexity
     from ..eval.tasks import read_tasks, run_task
@@ -78,9 +79,13 @@ def run_eval(args):
     if args.out:
         check_out(args.out)
     if args.eval_command == "perplexity":
+        if args.context is not None:  # before the load; 0 is an error, not "the default"
+            check_context(None, args.context)
+        if args.stride is not None and args.stride < 1:
+            raise VentouxError(f"--stride {args.stride} must be at least 1")
         docs = read_documents(args.data)
         llm = _load(args)
-        context = args.context or min(llm.config.max_seq_len, 4096)
+        context = args.context if args.context is not None else min(llm.config.max_seq_len, 4096)
         check_context(llm.config, context)
         t0 = time.perf_counter()
         result = perplexity(llm.model, llm.tokenizer, docs, context, args.stride, args.batch_size, progress)

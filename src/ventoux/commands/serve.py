@@ -88,6 +88,8 @@ def run_serve(args):
             raise VentouxError(f"--{name.replace('_', '-')}={getattr(args, name)}: it must be >= 1")
     if not 0 <= args.port <= 65535:
         raise VentouxError(f"--port {args.port} is not a port: give 1 to 65535, or 0 for any free one")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise VentouxError("--served-model-name is empty: give the name clients pass as `model`, or leave it out")
     served = args.served_model_name or ("ventoux-demo" if args.model is None else Path(args.model).name)
     settings = Settings(served_name=served, api_key=_api_key(args), cors_origins=tuple(args.cors_origin),
                         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_batch)

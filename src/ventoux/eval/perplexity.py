@@ -44,10 +44,11 @@ def strided_loss(model, ids: Sequence[int], context: int, stride: int | None = N
 
 
 def check_context(config, context: int) -> None:
-    """A full-attention model cannot see past its trained context; a sliding-window one attends in bands."""
+    """A full-attention model cannot see past its trained context; a sliding-window one attends in bands. With no
+    config (before the model loads), only that the context is positive."""
     if context < 1:
         raise VentouxError(f"--context {context} must be at least 1")
-    if config.sliding_window is None and context > config.max_seq_len:
+    if config is not None and config.sliding_window is None and context > config.max_seq_len:
         raise VentouxError(f"--context {context} is longer than the model's context of {config.max_seq_len} tokens "
                            f"(full attention): use --context {config.max_seq_len} or less")
 
