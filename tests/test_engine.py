@@ -294,6 +294,32 @@ def test_a_long_prompt_is_prefilled_in_budgeted_chunks_between_decode_steps(wind
     assert tokens[1] == alone(windowed, tok, ids(1201, 60), SamplingParams(max_tokens=5))
 
 
+def test_a_short_prompt_is_not_held_behind_a_long_prefill(windowed, tok):
+    """A short prompt admitted while a long one prefills gets its chunk (and its first token) at the next
+    step, not after the long prompt's last chunk; both still give the tokens they get alone."""
+    batch = Batch(windowed, tok, max_batch=2, prefill_budget=8)
+    tokens = {0: [], 1: []}
+
+    def request(i, prompt, n):
+        need, max_new = check_request(windowed.config, prompt, SamplingParams(max_tokens=n))
+        return Request(prompt, SamplingParams(max_tokens=n), need, max_new, emit=lambda ev: tokens[i].append(ev.token),
+                       index=i)
+
+    with torch.inference_mode():
+        long = request(0, ids(1210, 80), 3)
+        assert batch.admit(long)
+        batch.step()
+        assert batch.admit(request(1, ids(1211, 5), 4))
+        batch.step()  # the short prompt's 5 tokens leave 3 of the budget: less than the long one's chunk
+        assert len(tokens[1]) == 2 and len(long.fed) == 8  # its first token, and the step's decode
+        batch.step()
+        assert len(long.fed) == 16 and len(tokens[1]) == 3  # the long prefill goes on between decode steps
+        while batch.active():
+            batch.step()
+    assert tokens[0] == alone(windowed, tok, ids(1210, 80), SamplingParams(max_tokens=3))
+    assert tokens[1] == alone(windowed, tok, ids(1211, 5), SamplingParams(max_tokens=4))
+
+
 def test_relayouts_carry_sampling_state_along(full, tok, monkeypatch):
     """A running request's row moves to new buffers when a longer one arrives (the budget fits two rows of
     exactly the longer need): its generator and token history (penalties that boost repeats) move with it."""

@@ -6,8 +6,9 @@ together one token per step; a finished or cancelled request gives its row back 
     if batch.admit(req): ...          # False: no room now; try again after a step
     while batch.active(): batch.step()  # events go to each request's emit()
 
-One step = prompt chunks of the prefilling requests, in admission order, up to `prefill_budget` tokens
-(chunk boundaries depend only on the request, so its tokens do not depend on what else runs), then one
+One step = prompt chunks of the prefilling requests, the fewest prompt tokens left first (admission order
+among equals), up to `prefill_budget` tokens (chunk boundaries depend only on the request, so its tokens do
+not depend on what else runs), then one
 batched decode step over the rows [0, hi) that hold decoding requests. Rows in that range that do not
 decode (free, prefilling, kept) get position -1: the cache sends their writes to its scratch slot.
 
@@ -202,7 +203,10 @@ class Batch:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> None:
         budget = self.prefill_budget or 1 << 62
-        for req in self.active():
+        # Fewest prompt tokens left first: in admission order a 56k-token prompt took every step's budget for
+        # 8 s and a short request behind it waited as long for its first token (vLLM lets short prefills
+        # through for the same reason). Rows bound the wait of the long one: at most max_batch - 1 prompts.
+        for req in sorted(self.active(), key=lambda r: len(r.prompt) - len(r.fed)):
             while len(req.fed) < len(req.prompt):
                 n = min(req.chunk, len(req.prompt) - len(req.fed))
                 if len(req.fed) < req.checkpoint < len(req.fed) + n:
