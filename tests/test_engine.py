@@ -320,6 +320,25 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(windowed, tok):
     assert tokens[1] == alone(windowed, tok, ids(1211, 5), SamplingParams(max_tokens=4))
 
 
+def test_a_stream_of_short_prompts_does_not_starve_a_long_one(windowed, tok):
+    """A new short prompt every step would take part of every step's budget, and the long prompt's whole chunk
+    would never fit: the one the last step left out goes first, so it gets a chunk every other step."""
+    batch = Batch(windowed, tok, max_batch=4, prefill_budget=8)
+
+    def request(i, prompt, n):
+        need, max_new = check_request(windowed.config, prompt, SamplingParams(max_tokens=n))
+        return Request(prompt, SamplingParams(max_tokens=n), need, max_new, emit=lambda ev: None, index=i)
+
+    with torch.inference_mode():
+        long = request(0, ids(1220, 40), 2)
+        assert batch.admit(long)
+        batch.step()
+        for k in range(1, 10):
+            assert batch.admit(request(k, ids(1220 + k, 3), 1))  # one token: its row is free again at once
+            batch.step()
+        assert len(long.fed) >= len(long.prompt)  # 8 at the first step, then 8 at least every other step
+
+
 def test_relayouts_carry_sampling_state_along(full, tok, monkeypatch):
     """A running request's row moves to new buffers when a longer one arrives (the budget fits two rows of
     exactly the longer need): its generator and token history (penalties that boost repeats) move with it."""

@@ -6,10 +6,10 @@ together one token per step; a finished or cancelled request gives its row back 
     if batch.admit(req): ...          # False: no room now; try again after a step
     while batch.active(): batch.step()  # events go to each request's emit()
 
-One step = prompt chunks of the prefilling requests, the fewest prompt tokens left first (admission order
-among equals), up to `prefill_budget` tokens (chunk boundaries depend only on the request, so its tokens do
-not depend on what else runs), then one
-batched decode step over the rows [0, hi) that hold decoding requests. Rows in that range that do not
+One step = prompt chunks of the prefilling requests, the fewest prompt tokens left first (one the last step
+left out before all; admission order among equals), up to `prefill_budget` tokens (chunk boundaries depend
+only on the request, so its tokens do not depend on what else runs), then one batched decode step over the
+rows [0, hi) that hold decoding requests. Rows in that range that do not
 decode (free, prefilling, kept) get position -1: the cache sends their writes to its scratch slot.
 
 Cache layout: R rows x C slots, one capacity for every row (decode stays one batched product with static
@@ -74,6 +74,7 @@ class Request:
     stop_ids: frozenset = frozenset()
     order: int = 0
     checkpoint: int = 0  # a prefix length to snapshot during prefill (0: none)
+    stalled: bool = False  # prefilling, and the last step fed it nothing: it goes first in the next
 
 
 class Batch:
@@ -205,8 +206,10 @@ class Batch:
         budget = self.prefill_budget or 1 << 62
         # Fewest prompt tokens left first: in admission order a 56k-token prompt took every step's budget for
         # 8 s and a short request behind it waited as long for its first token (vLLM lets short prefills
-        # through for the same reason). Rows bound the wait of the long one: at most max_batch - 1 prompts.
-        for req in sorted(self.active(), key=lambda r: len(r.prompt) - len(r.fed)):
+        # through for the same reason). A prompt the last step fed nothing goes first, so a stream of short
+        # ones cannot starve a long one: it gets a chunk at least every other step.
+        for req in sorted(self.active(), key=lambda r: (not r.stalled, len(r.prompt) - len(r.fed))):
+            fed = len(req.fed)
             while len(req.fed) < len(req.prompt):
                 n = min(req.chunk, len(req.prompt) - len(req.fed))
                 if len(req.fed) < req.checkpoint < len(req.fed) + n:
@@ -219,6 +222,7 @@ class Batch:
                     self._snapshot(req)
                 if len(req.fed) == len(req.prompt):
                     self._deliver([req], logits[None])
+            req.stalled = len(req.fed) == fed < len(req.prompt)
         decoding = [r for r in self.active() if r.next_token is not None]
         if decoding:
             self._decode(decoding)
