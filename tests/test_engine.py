@@ -272,19 +272,21 @@ def test_threads_submitting_at_once(windowed, tok):
     assert got == want
 
 
+def greedy(model, i, prompt, n, tokens=None):
+    """A greedy Request for Batch driven by hand: its tokens go to tokens[i] (None: dropped)."""
+    need, max_new = check_request(model.config, prompt, SamplingParams(max_tokens=n))
+    emit = (lambda ev: None) if tokens is None else (lambda ev: tokens[i].append(ev.token))
+    return Request(prompt, SamplingParams(max_tokens=n), need, max_new, emit=emit, index=i)
+
+
 def test_a_long_prompt_is_prefilled_in_budgeted_chunks_between_decode_steps(windowed, tok):
     batch = Batch(windowed, tok, max_batch=2, prefill_budget=8)
     tokens = {0: [], 1: []}
 
-    def request(i, prompt, n):
-        need, max_new = check_request(windowed.config, prompt, SamplingParams(max_tokens=n))
-        return Request(prompt, SamplingParams(max_tokens=n), need, max_new, emit=lambda ev: tokens[i].append(ev.token),
-                       index=i)
-
     with torch.inference_mode():
-        assert batch.admit(request(0, ids(1200, 3), 30))
+        assert batch.admit(greedy(windowed, 0, ids(1200, 3), 30, tokens))
         batch.step()
-        long = request(1, ids(1201, 60), 5)
+        long = greedy(windowed, 1, ids(1201, 60), 5, tokens)
         assert batch.admit(long)
         for k in range(1, 8):  # 60 prompt tokens at 8 a step; the other request decodes at every step
             batch.step()
@@ -300,16 +302,11 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(windowed, tok):
     batch = Batch(windowed, tok, max_batch=2, prefill_budget=8)
     tokens = {0: [], 1: []}
 
-    def request(i, prompt, n):
-        need, max_new = check_request(windowed.config, prompt, SamplingParams(max_tokens=n))
-        return Request(prompt, SamplingParams(max_tokens=n), need, max_new, emit=lambda ev: tokens[i].append(ev.token),
-                       index=i)
-
     with torch.inference_mode():
-        long = request(0, ids(1210, 80), 3)
+        long = greedy(windowed, 0, ids(1210, 80), 3, tokens)
         assert batch.admit(long)
         batch.step()
-        assert batch.admit(request(1, ids(1211, 5), 4))
+        assert batch.admit(greedy(windowed, 1, ids(1211, 5), 4, tokens))
         batch.step()  # the short prompt's 5 tokens leave 3 of the budget: less than the long one's chunk
         assert len(tokens[1]) == 2 and len(long.fed) == 8  # its first token, and the step's decode
         batch.step()
@@ -325,16 +322,12 @@ def test_a_stream_of_short_prompts_does_not_starve_a_long_one(windowed, tok):
     would never fit: the one the last step left out goes first, so it gets a chunk every other step."""
     batch = Batch(windowed, tok, max_batch=4, prefill_budget=8)
 
-    def request(i, prompt, n):
-        need, max_new = check_request(windowed.config, prompt, SamplingParams(max_tokens=n))
-        return Request(prompt, SamplingParams(max_tokens=n), need, max_new, emit=lambda ev: None, index=i)
-
     with torch.inference_mode():
-        long = request(0, ids(1220, 40), 2)
+        long = greedy(windowed, 0, ids(1220, 40), 2)
         assert batch.admit(long)
         batch.step()
         for k in range(1, 10):
-            assert batch.admit(request(k, ids(1220 + k, 3), 1))  # one token: its row is free again at once
+            assert batch.admit(greedy(windowed, k, ids(1220 + k, 3), 1))  # one token: its row frees at once
             batch.step()
         assert len(long.fed) >= len(long.prompt)  # 8 at the first step, then 8 at least every other step
 
