@@ -72,6 +72,7 @@ def test_preset_name_loads_its_repo_and_says_offline(monkeypatch, tmp_path):
     ({**V03_HF, "rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling=.* RoPE scaling"),
     ({**V03_HF, "rope_scaling": {"factor": 4.0}}, "rope_scaling=.* RoPE scaling"),
     ({**V03_HF, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters=.* RoPE scaling"),
+    ({**V03_HF, "tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
 ])
 def test_hf_fields_that_would_change_the_model_are_refused_in_one_line(bad, word):
     with pytest.raises(VentouxError, match=word) as e:

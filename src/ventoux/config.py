@@ -95,6 +95,11 @@ class ModelConfig:
                                'Mistral\'s SiLU only ("silu" or "swish")')
         # rope_parameters is where transformers 5 moves rope_scaling; without a type it only carries rope_theta.
         _check_plain_rope(d, "config.json", {"rope_scaling": "unknown", "rope_parameters": "default"})
+        # Mistral keeps a separate output head: a tied checkpoint has no lm_head.weight, which would read as a
+        # truncated download.
+        if d.get("tie_word_embeddings"):
+            raise VentouxError(f"config.json field tie_word_embeddings={d['tie_word_embeddings']!r} is not "
+                               "supported; Mistral keeps a separate output head (lm_head.weight)")
         # torch_dtype (or dtype) is not read: the load dtype comes from the caller or the device, not the file.
         try:
             return cls(
