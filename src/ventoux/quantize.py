@@ -327,6 +327,10 @@ def quantize_checkpoint(src, dst, scheme: str | Scheme, include_output: bool | s
     from .config import read_config
     from .weights import load_model, tokenizer_files
 
+    stored = read_quantization(src)
+    if stored is not None:
+        raise VentouxError(f"{src} is already quantized ({stored[0].name}); quantize its float checkpoint, or "
+                           "dequantize it first with `ventoux convert SRC DST --format hf --dtype bfloat16`")
     hook = quantizer(scheme, include_output, kernel="fallback")
     model = load_model(src, read_config(src), dtype, "cpu", transform=hook)
     return save_quantized(model, dst, scheme, include_output, extra_files=tokenizer_files(src), overwrite=overwrite)

@@ -463,9 +463,8 @@ def _alive(pid: int) -> bool:
 def _write_atomically(folder: Path, write: Callable[[Path], None], extra_files: Iterable[Path],
                       overwrite: bool) -> Path:
     """Write into a temporary folder beside `folder`, then rename: a crash leaves no half-written checkpoint."""
-    check_output_folder(folder, overwrite)
+    check_output_folder(folder, overwrite)  # also clears a temporary folder an earlier crash of this pid left
     tmp = _tmp_name(folder)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of this same pid
     try:
         tmp.mkdir()
         write(tmp)

@@ -19,7 +19,7 @@ def _args(p):
 @command("quantize", "Quantize a checkpoint's linear layers (the scheme is recorded in its config.json).", _args)
 def run(args):
     from ..hub import resolve
-    from ..quantize import quantize_checkpoint, read_quantization
+    from ..quantize import quantize_checkpoint
     from ..weights import check_output_folder, parse_dtype
 
     scheme = args.scheme
@@ -29,10 +29,5 @@ def run(args):
         scheme = f"int4-g{args.group_size}"
     dtype = parse_dtype(args.dtype) if args.dtype else None
     check_output_folder(args.dst)  # before the (long) load, not only when writing
-    src = resolve(args.src)
-    stored = read_quantization(src)
-    if stored is not None:
-        raise VentouxError(f"{args.src} is already quantized ({stored[0].name}); quantize its float checkpoint, or "
-                           "dequantize it first with `ventoux convert SRC DST --format hf --dtype bfloat16`")
-    out = quantize_checkpoint(src, args.dst, scheme, args.include_output, dtype)
+    out = quantize_checkpoint(resolve(args.src), args.dst, scheme, args.include_output, dtype)
     print(f"wrote {out} ({scheme})")
