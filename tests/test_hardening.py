@@ -445,6 +445,14 @@ def test_quantization_that_contradicts_config_json_is_named(model_dir, int8_dir,
     with pytest.raises(VentouxError, match="quantization does not match its config.json's") as e:
         ventoux.load(str(bad), dtype="float32", device="cpu")
     assert "n_layers" not in str(e.value)
+    tensor, why = (("lm_head.qweight", "the weights are quantized there, in a scheme config.json does not declare")
+                   if source == "int8" else
+                   ("model.layers.0.mlp.down_proj.weight", "the weights are float there, but config.json declares "
+                    "them quantized"))
+    assert str(e.value) == (
+        f"{bad / 'model.safetensors'} holds tensor {tensor!r}, which this model config does not have: the "
+        f"checkpoint's quantization does not match its config.json's ({why}); fix the \"quantization\" entry of "
+        "config.json, or quantize the float checkpoint again with `ventoux quantize`")
 
 
 def test_quantize_of_a_quantized_checkpoint_is_refused(int8_dir, tmp_path, capsys):

@@ -437,3 +437,24 @@ def test_stale_folder_of_a_dead_writer_of_a_dashed_name_is_removed(tmp_path):
     (stale / "model.safetensors").write_bytes(b"partial")
     weights.check_output_folder(tmp_path / "my-model")
     assert not stale.exists()
+
+
+def test_overwrite_refusals_are_exact_and_touch_nothing(tmp_path):
+    for name in ("/", ".", ".."):  # Path("/").name is ""
+        assert _error(weights.check_output_folder, name, overwrite=True) == (
+            f"the output folder {name!r} has no name of its own; give a new folder's path such as ./out")
+    afile, link, mine = tmp_path / "a.bin", tmp_path / "link", tmp_path / "mine"
+    afile.write_text("x")
+    link.symlink_to(afile)
+    (mine / "sub").mkdir(parents=True)
+    tail = ("; --overwrite replaces only a checkpoint or adapter folder ventoux wrote: remove it yourself or choose "
+            "another output path")
+    assert _error(weights.check_output_folder, afile, overwrite=True) == f"{afile} is not a folder{tail}"
+    assert _error(weights.check_output_folder, link, overwrite=True) == f"{link} is a symbolic link{tail}"
+    assert _error(weights.check_output_folder, mine, overwrite=True) == (
+        f"{mine} holds sub, which is not part of a checkpoint or adapter ventoux writes; --overwrite will not "
+        "delete it: remove it yourself or choose another output path")
+    (mine / "sub").rmdir()
+    (mine / "config.json").symlink_to(afile)  # a link, even under a name ventoux writes, is not its file
+    assert _error(weights.check_output_folder, mine, overwrite=True).startswith(f"{mine} holds config.json,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "link", "mine"] and afile.read_text() == "x"
