@@ -431,6 +431,7 @@ def test_an_output_folder_the_os_refuses_is_named_before_loading(model_dir, caps
                  ["convert", model_dir, "/sys/ventoux-out", "--format", "hf"]):
         err = fails(capsys, argv, "/sys")
         assert "tmp-" not in err and "Errno" not in err, err
+        assert err.rstrip().endswith("; choose another output path"), err
 
 
 def _without_quantization(cfg):

@@ -404,7 +404,7 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> None:
     folder ventoux writes: nothing else is ever replaced), its parent is (or can be made) a writable folder.
     Temporary folders that killed writers left beside it (.NAME.tmp-PID, PID gone) are removed."""
     folder = Path(folder)
-    if folder.name in ("", ".", ".."):
+    if folder.name in ("", ".."):  # Path(".").name and Path("/").name are ""
         raise VentouxError(f"the output folder {str(folder)!r} has no name of its own; give a new folder's path "
                            "such as ./out")
     if folder.exists() or folder.is_symlink():
