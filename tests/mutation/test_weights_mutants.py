@@ -202,6 +202,26 @@ def test_integer_tensor_stored_as_float_names_the_integer_dtype(tmp_path):
         "needs an int8 tensor there; the file is not a (float or ventoux-quantized) Mistral checkpoint")
 
 
+def test_missing_quantized_tensor_blames_the_quantization(tmp_path):
+    sd = _ventoux_sd()
+    w = sd.pop("output.weight")
+    sd["output.qweight"] = torch.zeros(w.shape[0], 128, dtype=torch.int8)  # its scales left out
+    folder = _consolidated(tmp_path / "m", sd)
+    assert _error(load_weights, _int8_head_model(), folder, torch.float32) == (
+        f"tensor 'output.scales' is missing from {folder / 'consolidated.safetensors'}: the checkpoint's "
+        "quantization does not match its config.json's (which declares it quantized); fix the \"quantization\" "
+        "entry of config.json, or quantize the float checkpoint again with `ventoux quantize`")
+
+
+def test_a_quantized_tensor_of_a_layer_the_config_lacks_blames_n_layers(tmp_path):
+    """A quantized checkpoint with more layers than its config: the layer count is wrong, not the quantization."""
+    extra = "model.layers.5.mlp.down_proj.qweight"
+    folder, _ = _hf_folder(tmp_path / "m", lambda sd: sd.update({extra: torch.ones(2, dtype=torch.int8)}))
+    assert _error(load_model, folder, CFG, torch.float32) == (
+        f"{folder / 'model.safetensors'} holds tensor {extra!r}, which this model config does not have; the "
+        "config contradicts the weights (check n_layers) or this is not a Mistral checkpoint")
+
+
 def test_non_finite_error_gives_its_whole_advice(tmp_path):
     folder, _ = _hf_folder(tmp_path / "m", lambda sd: sd["model.norm.weight"].__setitem__(0, float("nan")))
     assert _error(load_model, folder, CFG, torch.float32) == (
