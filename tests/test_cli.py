@@ -56,8 +56,24 @@ def test_chat_repl_multi_turn_reset_and_system(model_dir):
     assert replies[:2] == [first, second]
 
 
+def test_logit_bias_flags_give_the_apis_tokens(model_dir):
+    llm = ventoux.load(str(model_dir))
+    banned = llm.generate("Hello world", max_tokens=8).tokens[0]
+    expected = llm.generate("Hello world", max_tokens=8, logit_bias={banned: -100, 13: 1.5})
+    r = cli("generate", "--model", str(model_dir), "--max-tokens", "8", "--temperature", "0",
+            "--logit-bias", f"{banned}=-100", "--logit-bias", "13=1.5", "Hello world")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Hello world" + expected.text + "\n" and banned not in expected.tokens
+    bad = cli("generate", "--model", str(model_dir), "--logit-bias", "13", "Hello")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and not bad.stdout
+    assert bad.stderr.strip().splitlines()[-1].endswith("argument --logit-bias: '13' is not ID=BIAS (a token id, =, "
+                                                        "a number), e.g. 1234=-100")
+
+
 @pytest.mark.parametrize("args, words", [
     (["--model", "/nonexistent/folder"], ["/nonexistent/folder"]),
+    (["--logit-bias", "32000=1"], ["logit_bias names token id 32000, outside the vocabulary [0, 32000)"]),
+    (["--logit-bias", "5=-100.5"], ["logit_bias={5: -100.5}", "[-100, 100]"]),
     (["--temperature", "-1"], ["temperature"]),
     (["--top-p", "1.5"], ["top_p"]),
     (["--dtype", "float7"], ["float7"]),
@@ -65,7 +81,9 @@ def test_chat_repl_multi_turn_reset_and_system(model_dir):
 ])
 def test_generate_bad_input_is_one_line(model_dir, args, words):
     base = ["--model", str(model_dir)] if "--model" not in args else []
-    assert_one_line_error(cli("generate", *base, *args, "Hello"), *words)
+    r = cli("generate", *base, *args, "Hello")
+    assert_one_line_error(r, *words)
+    assert not r.stdout  # the prompt is echoed only for a request that runs
 
 
 def test_empty_prompt_is_refused(model_dir):

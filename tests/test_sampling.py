@@ -149,6 +149,38 @@ def test_greedy_rows_skip_the_processors_and_pick_what_they_would_pick():
     assert penalised(logits[:1]).tolist() != logits[:1].argmax(-1).tolist() and ran
 
 
+def test_logit_bias_then_the_processors_equal_transformers():
+    """Each row's logit_bias is added before temperature and the filters, as transformers' SequenceBias
+    processor (one-token sequences) runs before its warpers; rows without a bias are left as they are."""
+    from transformers import SequenceBiasLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper
+
+    logits = random_logits(rows=3, seed=10)
+    top = logits.argmax(-1).tolist()
+    biases = [{top[0]: -100.0, 7: 2.5, 9: 100.0}, None, {top[2]: -3.25}]
+    params = [SamplingParams(temperature=0.7, top_k=5, logit_bias=b, seed=1) for b in biases]
+    ours = Sampler.for_batch(params, [[1]] * 3, 64, "cpu").process(logits)
+    for row, bias in enumerate(biases):
+        ref = logits[row:row + 1].clone()
+        if bias:
+            ref = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()])(torch.tensor([[1]]), ref)
+        ref = TopKLogitsWarper(5)(None, TemperatureLogitsWarper(0.7)(None, ref))
+        torch.testing.assert_close(ours[row:row + 1], ref, rtol=0, atol=1e-6)
+
+
+def test_a_greedy_row_with_a_logit_bias_takes_the_biased_argmax_and_keeps_it_when_moved():
+    logits = random_logits(rows=2, seed=11)
+    first, second = logits[0].topk(2).indices.tolist()
+    params = [SamplingParams(logit_bias={first: -100}), SamplingParams()]
+    sampler = Sampler.for_batch(params, [[1], [2]], 64, "cpu")
+    assert sampler(logits).tolist() == [second, int(logits[1].argmax())]
+    moved = sampler.moved(3, [(0, 2), (1, 0)])  # a relayout: row 0's request now holds row 2
+    assert moved(logits.flip(0), [0, 2]).tolist() == [int(logits[1].argmax()), second]
+    moved.take(2, SamplingParams(), [1])  # a new request in that row: no bias left over
+    assert moved(logits[:1], [2]).tolist() == [first]
+    forced = Sampler.for_batch([SamplingParams(logit_bias={"63": 100})], [[1]], 64, "cpu")  # JSON's string key
+    assert forced(logits[:1]).tolist() == [63]
+
+
 @pytest.mark.parametrize("presence, frequency, expected", [(0.0, 1.0, [0, 0, 1, 0, 2]), (1.0, 0.0, [0, 0, 0, 0, 0]),
                                                             (2.0, 0.0, [0, 1, 0, 0, 0]), (0.5, 0.75, [0, 0, 1, 0, 2])])
 def test_output_counts_grow_by_one_per_generated_token(presence, frequency, expected):
@@ -217,6 +249,20 @@ def test_presence_frequency_over_steps_follow_openai(models, presence, frequency
     assert out.tokens != openai_penalised_greedy(hf, prompt, n, presence, frequency, count_prompt=True)
 
 
+def test_logit_bias_over_steps_equals_transformers_generate(models):
+    """Greedy decoding with the model's two favourite first tokens banned and a third pushed up: the same tokens
+    as transformers' generate with that sequence_bias, and other tokens than without it."""
+    hf, llm = models
+    banned = raw_logits(hf, PROMPT)[-1].topk(2).indices.tolist()
+    bias = {banned[0]: -100.0, banned[1]: -100.0, 1014: 4.0}
+    out = llm.generate(PROMPT, max_tokens=16, logit_bias=bias)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, sequence_bias={(t,): b for t, b in bias.items()})[0, len(PROMPT):]
+    assert out.tokens == ref.tolist()
+    assert not set(banned) & set(out.tokens) and out.tokens != llm.generate(PROMPT, max_tokens=16).tokens
+
+
 def test_logprobs_are_the_raw_log_softmax_whatever_the_processors(models):
     """We chose OpenAI's definition: logprobs / top_logprobs are the log-softmax of the model's raw logits,
     before penalties, temperature and filters; the chosen token's entry is there even when it is not in the
@@ -275,6 +321,8 @@ def test_min_p_filters_every_sampled_token(models):
     ("seed", [None, 0, 2**63 - 1, 2**64 - 1, -(2**63)], [2**64, -(2**63) - 1, 1.5, "1", True]),
     ("stop", [None, "x", ["a", "bc"]], [[""], [1], ""]),
     ("stop_token_ids", [None, [], [0, 5]], [[1.5], [-1], "5", [True]]),
+    ("logit_bias", [None, {}, {0: -100, 5: 100, 7: 0.5}, {"12": -1}],
+     [{-1: 1}, {1: 100.5}, {1: -101}, {1: math.nan}, {1.5: 1}, {True: 1}, {"x": 1}, {"-3": 1}, {1: "2"}, [1]]),
     ("logprobs", [None, 0, 20], [-1, 21, 1.0, True]),
     ("prefill_chunk", [None, 1, 4096], [0, -5, 2.5]),
 ])

@@ -187,6 +187,39 @@ def test_logprobs_chat_and_completions_match_a_reference_forward(demo):
     assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
 
 
+def test_logit_bias_bans_and_pushes_tokens_as_a_reference_forward_does(demo):
+    """OpenAI's logit_bias (string keys, as JSON has them): greedy tokens equal whole-sequence forwards with
+    the bias added to the logits; chat streamed equals chat whole; logprobs stay the model's own."""
+    llm = demo.app.state.ventoux.llm
+    ids = llm.tokenizer.encode(ROMEO, bos=True)
+    plain = [x[0] for x in reference_greedy(llm, ids, 10, 1)]
+    bias = {plain[0]: -100.0, plain[1]: -100.0, 300: 3.0}
+    ref, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(10):
+            logits = llm.model(torch.tensor([ref]))[0, -1].float()
+            for t, b in bias.items():
+                logits[t] += b
+            out.append(int(logits.argmax()))
+            ref.append(out[-1])
+    assert out != plain and not {plain[0], plain[1]} & set(out)
+    c = client(demo)
+    r = c.completions.create(model="test-model", prompt=ids, max_tokens=10, temperature=0, logprobs=0,
+                             logit_bias={str(t): b for t, b in bias.items()})
+    assert r.choices[0].text == llm.tokenizer.decode(out) and r.usage.completion_tokens == 10
+    with torch.no_grad():
+        first = llm.model(torch.tensor([ids]))[0, -1].float()
+    biased = first.clone()
+    biased[list(bias)] += torch.tensor(list(bias.values()))
+    unbiased_lp, biased_lp = first.log_softmax(-1)[out[0]].item(), biased.log_softmax(-1)[out[0]].item()
+    assert r.choices[0].logprobs.token_logprobs[0] == pytest.approx(unbiased_lp, abs=2e-3)
+    assert abs(unbiased_lp - biased_lp) > 0.1
+    kw = dict(model="test-model", messages=HI, max_tokens=8, temperature=0, logit_bias={"300": 100})
+    whole = c.chat.completions.create(**kw).choices[0].message.content
+    assert whole == llm.tokenizer.decode([300] * 8)
+    assert "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kw)) == whole
+
+
 def test_stop_sequences_cut_the_text_whole_and_streamed(demo):
     c = client(demo)
     full = c.completions.create(model="test-model", prompt=ROMEO, max_tokens=30, temperature=0).choices[0].text
@@ -310,6 +343,11 @@ BAD = [
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"2048": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"five": -100}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"5": "ban"}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MSG, "logit_bias": [5]}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/detokenize", {"tokens": [-5]}, 400, "tokens"),
     ("/v1/nothing", {}, 404, None),

@@ -61,14 +61,30 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         flags = ["--" + f.name.replace("_", "-")] + (["-t"] if f.name == "temperature" else [])
         if get_origin(kind) is list:  # stop: repeat the flag
             p.add_argument(*flags, action="append", type=get_args(kind)[0], default=default, help=f.metadata["help"])
+        elif get_origin(kind) is dict:  # logit_bias: ID=BIAS, repeated; a dict in sampling_kwargs
+            p.add_argument(*flags, action="append", type=_pair, default=default, metavar="ID=BIAS",
+                           help=f.metadata["help"])
         else:
             p.add_argument(*flags, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})")
+
+
+def _pair(text: str) -> tuple[int, float]:
+    """"ID=BIAS" -> (ID, BIAS), as --logit-bias takes it."""
+    key, _, value = text.partition("=")
+    try:
+        return int(key), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS (a token id, =, a number), e.g. 1234=-100") \
+            from None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     from .params import SamplingParams
 
-    return {f.name: getattr(args, f.name) for f, _ in SamplingParams.surface_fields("cli")}
+    kwargs = {f.name: getattr(args, f.name) for f, _ in SamplingParams.surface_fields("cli")}
+    if kwargs["logit_bias"] is not None:
+        kwargs["logit_bias"] = dict(kwargs["logit_bias"])
+    return kwargs
 
 
 def sampling_params(args: argparse.Namespace):

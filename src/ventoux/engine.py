@@ -42,7 +42,11 @@ from .params import SamplingParams
 
 
 class RequestError(VentouxError):
-    """A request that can never run as given (HTTP 400)."""
+    """A request that can never run as given (HTTP 400); `param`: the request field at fault, if not the prompt."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFull(VentouxError):
@@ -70,6 +74,9 @@ def check_request(config, ids, params: SamplingParams, name: str = "the prompt")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids) or max(ids) >= config.vocab_size \
             or min(ids) < 0:
         raise RequestError(f"{name} has a token id outside the vocabulary [0, {config.vocab_size})")
+    if params.logit_bias and max(params.logit_bias) >= config.vocab_size:
+        raise RequestError(f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary "
+                           f"[0, {config.vocab_size})", param="logit_bias")
     if config.sliding_window is None and len(ids) >= config.max_seq_len:
         raise RequestError(f"{name} has {len(ids)} tokens but the model's context is {config.max_seq_len} "
                            "(full attention): shorten the prompt")

@@ -26,7 +26,8 @@ from .sampling import SamplingParams
 def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams],
            decode=None, adapters: list[str | None] | None = None) -> Iterator[Event]:
     """Prefill each prompt, then decode every row together (with `decode`, a compiled model, if given).
-    adapters: each prompt's LoRA adapter name (None: the model's active ones; lora.py)."""
+    adapters: each prompt's LoRA adapter name (None: the model's active ones; lora.py). A request that cannot
+    run raises here, before the first event is asked for (the CLI has not echoed the prompt yet)."""
     if not prompts:
         from .errors import VentouxError
 
@@ -39,6 +40,10 @@ def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingPara
         adapter = adapters[i] if adapters else None
         admitted = batch.admit(Request(list(ids), p, need, max_new, emit=events.append, index=i, adapter=adapter))
         assert admitted  # the budget is max_batch rows of the largest need
+    return _run(model, batch, events)
+
+
+def _run(model, batch: Batch, events: deque[Event]) -> Iterator[Event]:
     try:
         while True:
             with torch.inference_mode():

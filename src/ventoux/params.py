@@ -11,7 +11,8 @@ Defaults differ on purpose in two places, each the convention of that surface's 
     (every other field has the Python default on every surface)
 
 logprobs is a request field of its own shape (chat: logprobs + top_logprobs; completions: logprobs=N),
-stop_token_ids a request field only, prefill_chunk a CLI flag only (a server chooses its own chunks).
+stop_token_ids a request field only, prefill_chunk a CLI flag only (a server chooses its own chunks),
+logit_bias a dict in Python and over HTTP and repeated ID=BIAS flags on the CLI.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class SamplingParams:
     seed: int | None = _field(None, "random seed of this request's sampling")
     stop: list[str] | None = _field(None, "stop string (repeatable)")
     stop_token_ids: list[int] | None = _field(None, "token ids that end the sequence", cli=False)
+    # OpenAI's logit_bias; JSON's string keys ("123") are taken as the ids they spell
+    logit_bias: dict[int, float] | None = _field(None, "ID=BIAS: add BIAS in [-100, 100] to token ID's logit "
+                                                 "before sampling; -100 bans it, 100 forces it (repeatable)")
     # None: off; n >= 0: chosen token's logprob and the top n alternatives
     logprobs: int | None = _field(None, "log-probabilities of the chosen and top-n tokens", cli=False, http=False)
     prefill_chunk: int | None = _field(None, "prompt tokens per prefill step", http=False)
@@ -48,6 +52,9 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {int(k) if isinstance(k, str) and k.isdecimal() else k: v
+                               for k, v in self.logit_bias.items()}
         # Bounds keep every value finite and nonzero in the float32 columns the sampler divides by.
         checks = [
             ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
@@ -71,6 +78,10 @@ class SamplingParams:
                 isinstance(self.stop_token_ids, (list, tuple)) and all(_int(t) and t >= 0 for t in self.stop_token_ids)
             ),
              "a list of token ids (integers >= 0)"),
+            ("logit_bias", self.logit_bias is None or (
+                isinstance(self.logit_bias, dict) and all(_int(t) and t >= 0 and _finite(b) and -100 <= b <= 100
+                                                          for t, b in self.logit_bias.items())),
+             "a map of token ids (integers >= 0) to biases in [-100, 100]"),
             ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "None or an integer in [0, 20]"),
             ("prefill_chunk", self.prefill_chunk is None or (_int(self.prefill_chunk) and self.prefill_chunk >= 1),
@@ -78,7 +89,8 @@ class SamplingParams:
         ]
         for name, ok, want in checks:
             if not ok:
-                raise VentouxError(f"invalid sampling parameter {name}={getattr(self, name)!r}: it must be {want}")
+                value = _short(getattr(self, name))
+                raise VentouxError(f"invalid sampling parameter {name}={value}: it must be {want}")
 
     @classmethod
     def names(cls) -> set[str]:
@@ -93,6 +105,12 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _short(value) -> str:
+    """A value's repr for a one-line message: a 10,000-entry logit_bias is not printed whole."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _finite(x) -> bool:

@@ -69,6 +69,7 @@ class Sampler:
         self.columns = {n: torch.full((rows, 1), float(getattr(default, n)), device=self.device)
                         for n in self.COLUMNS}
         self.seen = self.counts = None  # (R, V) prompt + output tokens, output counts: once a row needs them
+        self.bias = None  # (R, V) each row's logit_bias, added to its logits first: once a row has one
         self._flags()
 
     @classmethod
@@ -91,6 +92,14 @@ class Sampler:
             self.seen[row] = False
             self.seen[row, torch.tensor(prompt, device=self.device)] = True
             self.counts[row] = 0
+        if params.logit_bias and self.bias is None:
+            self.bias = torch.zeros(len(self.params), self.vocab_size, device=self.device)
+        if self.bias is not None:
+            self.bias[row] = 0
+            if params.logit_bias:
+                ids = torch.tensor(list(params.logit_bias), device=self.device)
+                self.bias[row, ids] = torch.tensor(list(params.logit_bias.values()), dtype=self.bias.dtype,
+                                                   device=self.device)
         self.generators[row] = None
         if params.temperature > 0:
             g = torch.Generator(device=self.device)
@@ -114,6 +123,10 @@ class Sampler:
             out.counts = torch.zeros(rows, self.vocab_size, device=self.device)
             for old, new in moves:
                 out.seen[new], out.counts[new] = self.seen[old], self.counts[old]
+        if self.bias is not None:
+            out.bias = torch.zeros(rows, self.vocab_size, device=self.device)
+            for old, new in moves:
+                out.bias[new] = self.bias[old]
         out._flags()
         return out
 
@@ -124,6 +137,7 @@ class Sampler:
         self.use_top_p = any(p.top_p < 1 for p in ps)
         self.use_min_p = any(p.min_p > 0 for p in ps)
         self.use_penalties = any(p.needs_history for p in ps)
+        self.use_bias = any(p.logit_bias for p in ps)
 
     def _index(self, rows):
         rows = range(len(self.params)) if rows is None else rows
@@ -132,8 +146,10 @@ class Sampler:
         return torch.tensor(list(rows), device=self.device)
 
     def process(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
-        """Penalties, temperature, then top-k / top-p / min-p, as transformers orders them."""
+        """logit_bias, penalties, temperature, then top-k / top-p / min-p, as transformers orders them."""
         idx = self._index(rows)
+        if self.use_bias:
+            logits = logits + self.bias[idx]
         col = {n: c[idx] for n, c in self.columns.items()}
         if self.use_penalties:
             logits = apply_penalties(logits, self.seen[idx], self.counts[idx], col["repetition_penalty"],
@@ -152,8 +168,8 @@ class Sampler:
         """(n, V) logits of `rows` (default: every row, in order) -> (n,) tokens."""
         rows = list(range(len(self.params)) if rows is None else rows)
         sampled = [i for i, r in enumerate(rows) if self.generators[r] is not None]
-        if not (sampled or self.use_penalties):  # greedy rows: temperature 0 divides by 1, and the filters keep
-            return logits.argmax(-1)  # the top token, so the argmax is the raw logits' (a dozen ops a step fewer)
+        if not (sampled or self.use_penalties or self.use_bias):  # greedy rows: temperature 0 divides by 1, and
+            return logits.argmax(-1)  # the filters keep the top token: the raw logits' argmax (a dozen ops fewer)
         logits = self.process(logits, rows)
         tokens = logits.argmax(-1)
         if sampled:

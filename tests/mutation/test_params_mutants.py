@@ -11,7 +11,7 @@ from ventoux.errors import VentouxError
 from ventoux.params import SamplingParams
 
 ALL = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-       "frequency_penalty", "seed", "stop", "stop_token_ids", "logprobs", "prefill_chunk"]
+       "frequency_penalty", "seed", "stop", "stop_token_ids", "logit_bias", "logprobs", "prefill_chunk"]
 
 
 @pytest.mark.parametrize("name, value, want", [
@@ -38,8 +38,8 @@ def test_each_invalid_value_names_the_range_it_must_be_in(name, value, want):
 def test_python_defaults_and_the_surfaces_table():
     p = SamplingParams()
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.presence_penalty,
-            p.frequency_penalty, p.seed, p.stop, p.stop_token_ids, p.logprobs, p.prefill_chunk) == \
-        (256, 0.0, 1.0, 0, 0.0, 1.0, 0.0, 0.0, None, None, None, None, None)
+            p.frequency_penalty, p.seed, p.stop, p.stop_token_ids, p.logit_bias, p.logprobs, p.prefill_chunk) == \
+        (256, 0.0, 1.0, 0, 0.0, 1.0, 0.0, 0.0, None, None, None, None, None, None)
     assert sorted(SamplingParams.names()) == sorted(ALL)
     python = {name: getattr(p, name) for name in ALL}
     cli = {f.name: default for f, default in SamplingParams.surface_fields("cli")}

@@ -27,8 +27,8 @@ def run_generate(args):
     if args.chat_template:
         events = llm.chat_stream([{"role": "user", "content": prompt}], **kwargs)
     else:
+        events = llm.stream(prompt, **kwargs)  # raises for a request that cannot run: nothing echoed then
         sys.stdout.write(prompt)
-        events = llm.stream(prompt, **kwargs)
     for ev in events:
         sys.stdout.write(ev.text)
         sys.stdout.flush()

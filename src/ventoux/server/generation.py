@@ -88,7 +88,7 @@ class Run:
                            headers={"Retry-After": "1"}) from None
         except VentouxError as e:
             self.cancel()
-            raise APIError(400, str(e), param=prompt_param) from None
+            raise APIError(400, str(e), param=getattr(e, "param", None) or prompt_param) from None
         self.state.metrics.prompt_tokens.inc(len(self.ids))
 
     def cancel(self) -> None:

@@ -110,6 +110,9 @@ def parse(model: type[BaseModel], body: bytes):
             what = param or "the request body"
             raise APIError(400, f"{what} must be a JSON object, not {_json_type(err['input'])}",
                            param=param or None) from None
+        if err["loc"][:1] == ("logit_bias",) and len(err["loc"]) > 1:  # a key or value: a map's entries are no fields
+            raise APIError(400, f"invalid logit_bias entry {err['loc'][1]!r}: {err['msg']} (it maps token ids to "
+                           "biases in [-100, 100])", param="logit_bias") from None
         if err["type"] == "extra_forbidden":
             raise APIError(400, f"unknown parameter {param!r}", param=param) from None
         if err["type"] == "missing":
