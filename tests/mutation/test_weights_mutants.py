@@ -459,6 +459,34 @@ def test_stale_folder_of_a_dead_writer_of_a_dashed_name_is_removed(tmp_path):
     assert not stale.exists()
 
 
+def test_a_stale_name_that_is_not_a_folder_is_left_alone(tmp_path):
+    """A file named like a dead writer's temporary folder: removing it fails (it is no folder), which must not
+    stop the save."""
+    odd = tmp_path / f".out.tmp-{_dead_pid()}"
+    odd.write_text("not ours")
+    out = save_consolidated(_ventoux_model(), tmp_path / "out")
+    assert (out / "consolidated.safetensors").is_file() and odd.read_text() == "not ours"
+
+
+def test_a_disk_that_fills_before_the_first_byte_is_one_line(tmp_path, monkeypatch):
+    """The temporary folder cannot be made (the disk filled after the output check): the OS's reason, not a
+    FileNotFoundError from cleaning up a folder that never was."""
+    mkdir, tries = Path.mkdir, []
+
+    def full(self, *a, **k):
+        if self.name.startswith(".out.tmp-"):
+            tries.append(self)
+            if len(tries) > 1:  # the check's own trial folder is made; the real one is not
+                raise OSError(28, "No space left on device")
+        return mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    assert _error(save_consolidated, _ventoux_model(), tmp_path / "out") == (
+        f"cannot write the output folder {tmp_path / 'out'}: No space left on device; free some space or choose "
+        "another output path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_overwrite_refusals_are_exact_and_touch_nothing(tmp_path):
     for name in ("/", ".", ".."):  # Path("/").name is ""
         assert _error(weights.check_output_folder, name, overwrite=True) == (
