@@ -58,8 +58,10 @@ MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_
 MUTMUT_CHILDREN ?= 2
 mutants: install-dev
 	$(PIP) -e '.[mutation]'
-	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) "ventoux.names.x_to_hf__mutmut_1"  # refresh who-calls-what
+	rm -f mutants/mutmut-stats.json  # who-calls-what, recorded again from every test (mutmut alone keeps it stale)
+	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) "ventoux.names.x_to_hf__mutmut_1"
 	for spec in $(MUTATE); do tests=$$(echo $${spec#*:} | sed 's/,/ or /g'); \
+	  (bash mutation/watchdog.sh &); \
 	  PYTEST_ADDOPTS="-k '$$tests'" OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) "ventoux.$${spec%%:*}.*" \
 	  || exit 1; done
 	$(PY) mutation/report.py
