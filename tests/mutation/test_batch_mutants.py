@@ -19,8 +19,29 @@ from ventoux.sampling import SamplingParams
 
 
 def _model(cfg, seed=0, dtype=torch.float32):
+    """A tiny model whose greedy tokens depend on every key (its norms perturbed, as test_engine.py's)."""
     torch.manual_seed(seed)
-    return Transformer(cfg.replace(vocab_size=32000)).eval().to(dtype)
+    model = Transformer(cfg.replace(vocab_size=32000)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    """A windowed model with one adapter, "a", that requests choose (None: the base)."""
+    from ventoux import lora
+
+    model = _model(TINY, 5)
+    lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8), name="a", activate=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if ".adapters.a." in key:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +180,136 @@ def test_a_prompt_that_branches_off_a_row_reuses_it_only_unwrapped(windowed, v1_
     assert batch.admit(_request(windowed, branch, 5, events))
     _run(batch)
     assert [e.token for e in events if e.token is not None] == want and batch.prefix_tokens == reused
+
+
+def _tokens_of(events):
+    return [e.token for e in events if e.token is not None]
+
+
+def test_prefill_goes_to_the_prompt_with_the_fewest_tokens_left(windowed, v1_tokenizer):
+    """A prompt 4 tokens from its end goes before a new 10-token one (not by prompt + fed, 36 > 10)."""
+    batch, events = Batch(windowed, v1_tokenizer, max_batch=2, prefill_budget=8), []
+    long = _request(windowed, _ids(60, 20), 3, events)
+    assert batch.admit(long)
+    with torch.inference_mode():
+        batch.step()
+        batch.step()
+        assert len(long.fed) == 16
+        short = _request(windowed, _ids(61, 10), 3, events)
+        assert batch.admit(short)
+        batch.step()
+    assert len(long.fed) >= 20 and len(short.fed) == 0  # its whole 8-token chunk no longer fit the budget
+
+
+def test_the_longest_reusable_row_is_the_source_whatever_the_row_order(full, v1_tokenizer):
+    """Two finished rows: row 0 shares 10 tokens with the new prompt, row 1 shares 4. The keys come from row 0;
+    borrowing row 1's with row 0's count would feed the model wrong keys."""
+    common = _ids(70, 10)
+    batch = Batch(full, v1_tokenizer, max_batch=2)
+    for prompt in (common + _ids(71, 3), common[:4] + _ids(72, 9)):
+        assert batch.admit(_request(full, prompt, 2, []))
+    _run(batch)
+    prompt = common + _ids(73, 2)  # need 12 + 4: the rows' capacity (16), so no relayout reorders them
+    want = generate(full, v1_tokenizer, [prompt], [SamplingParams(max_tokens=4)])[0].tokens
+    assert [batch._reusable(r, prompt) for r in batch.rows] == [10, 4] and batch.cache.capacity == 16
+    events = []
+    assert batch.admit(_request(full, prompt, 4, events))
+    _run(batch)
+    assert _tokens_of(events) == want and batch.prefix_tokens == 10
+
+
+def test_a_new_prompt_takes_a_free_row_before_a_finished_one(full, v1_tokenizer):
+    """With a free row and a finished one, an unrelated prompt takes the free row, and then the oldest finished
+    one: the prefixes the rows hold stay reusable as long as can be."""
+    a, b = _ids(85, 6), _ids(86, 6)
+    batch = Batch(full, v1_tokenizer, max_batch=2)
+    assert batch.admit(_request(full, a, 2, []))  # row 0; row 1 stays free
+    _run(batch)
+    assert batch.admit(_request(full, b, 2, []))  # the free row 1, not a's
+    _run(batch)
+    assert batch.admit(_request(full, a + [5], 2, []))  # a's keys are still there
+    _run(batch)
+    assert batch.prefix_tokens == 6
+    assert batch.admit(_request(full, _ids(87, 4), 2, []))  # takes b's row (used longest ago), not a's (row 0)
+    _run(batch)
+    assert batch.admit(_request(full, a + [5, 6], 2, []))
+    _run(batch)
+    assert batch.prefix_tokens == 6 + 7
+
+
+def test_a_new_prompt_takes_the_least_recently_used_finished_row(full, v1_tokenizer):
+    """Rows keep finished requests' keys; an unrelated prompt takes the row used longest ago, so the newer
+    prefix stays reusable. Counts: every reuse is a hit, and the tokens add up."""
+    a, b = _ids(80, 6), _ids(81, 6)
+    batch = Batch(full, v1_tokenizer, max_batch=2)
+    for prompt in (a, b):  # a in row 0, b in row 1
+        assert batch.admit(_request(full, prompt, 2, []))
+    _run(batch)
+    assert batch.admit(_request(full, a, 2, []))  # a again, in its own row: row 0 is now the newer
+    _run(batch)
+    assert (batch.prefix_hits, batch.prefix_tokens) == (1, 5)
+    assert batch.admit(_request(full, _ids(82, 6), 2, []))  # unrelated: it takes row 1 (b's)
+    _run(batch)
+    assert batch.admit(_request(full, a + [7], 2, []))  # a is still there: 6 tokens reused
+    _run(batch)
+    assert (batch.prefix_hits, batch.prefix_tokens) == (2, 11)
+    assert batch.admit(_request(full, [9, 8], 5, []))
+    with torch.inference_mode():
+        batch.step()
+    assert batch.admit(_request(full, [9, 8], 2, []))  # a running one lends its one token: a hit of 1
+    assert (batch.prefix_hits, batch.prefix_tokens) == (3, 12)
+
+
+@pytest.mark.parametrize("shared", [16, 15])  # SNAPSHOT_MIN_TOKENS: a shorter shared prefix is not kept
+def test_a_shared_prefix_is_snapshotted_from_16_tokens(windowed, v1_tokenizer, shared):
+    system = _ids(90, shared)
+    batch = Batch(windowed, v1_tokenizer, max_batch=1)
+    assert batch.admit(_request(windowed, system + _ids(91, 3), 4, []))
+    _run(batch)  # its ring wrapped: its row lends nothing back to position 0
+    assert batch.admit(_request(windowed, system + _ids(92, 3), 4, []))
+    _run(batch)
+    assert (batch.store.nbytes > 0) == (shared >= 16)
+
+
+def _adapter_request(model, prompt, n, events, adapter):
+    params = SamplingParams(max_tokens=n)
+    need, max_new = check_request(model.config, prompt, params)
+    return Request(prompt, params, need, max_new, emit=events.append, adapter=adapter)
+
+
+def test_snapshots_serve_only_requests_of_their_adapter(tuned, v1_tokenizer):
+    """A system prompt shared under adapter "a", then with no adapter, then under "a" again: each request's
+    tokens are those it gets alone, so no request starts from keys another adapter made."""
+    model = tuned
+    system = _ids(100, 20)
+    slot = Batch(model, v1_tokenizer, 1).slot_bytes
+    batch = Batch(model, v1_tokenizer, max_batch=1, kv_cache_bytes=100 * slot)  # room for both snapshots
+    params = SamplingParams(max_tokens=4)
+    for i, adapter in enumerate(["a", "a", None, None, "a", None]):
+        prompt = system + _ids(101 + i, 3)
+        want = generate(model, v1_tokenizer, [prompt], [params], adapters=[adapter])[0].tokens
+        events = []
+        assert batch.admit(_adapter_request(model, prompt, 4, events, adapter))
+        _run(batch)
+        assert _tokens_of(events) == want, (i, adapter)
+    assert batch.prefix_tokens == 2 * 20 and len(batch.store.snapshots) == 2
+    prompt = system + _ids(101, 3)  # the adapter changes the tokens: keys of the wrong one would show
+    with_a, plain = (generate(model, v1_tokenizer, [prompt], [params], adapters=[a])[0].tokens for a in ("a", None))
+    assert with_a != plain
+
+
+def test_a_row_of_another_adapter_does_not_end_the_search_for_a_prefix(tuned, v1_tokenizer):
+    """Row 0 holds a request under adapter "a", row 1 one with no adapter: a prompt with no adapter that starts
+    like row 1's reuses it (rows of other adapters are skipped, not the end of the search)."""
+    batch = Batch(tuned, v1_tokenizer, max_batch=2)
+    base = _ids(110, 5)  # with 2 new tokens, 6 fed: the ring (8) has not wrapped
+    assert batch.admit(_adapter_request(tuned, _ids(111, 5), 2, [], "a"))
+    assert batch.admit(_adapter_request(tuned, base, 2, [], None))
+    _run(batch)
+    assert [r.adapter for r in batch.rows] == ["a", None]
+    prompt = base + _ids(112, 2)
+    want = generate(tuned, v1_tokenizer, [prompt], [SamplingParams(max_tokens=4)])[0].tokens
+    events = []
+    assert batch.admit(_adapter_request(tuned, prompt, 4, events, None))
+    _run(batch)
+    assert _tokens_of(events) == want and batch.prefix_tokens == 5
