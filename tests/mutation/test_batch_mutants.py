@@ -313,3 +313,20 @@ def test_a_row_of_another_adapter_does_not_end_the_search_for_a_prefix(tuned, v1
     assert batch.admit(_adapter_request(tuned, prompt, 4, events, None))
     _run(batch)
     assert _tokens_of(events) == want and batch.prefix_tokens == 5
+
+
+@pytest.mark.parametrize("room", [8, 7])  # slots beyond the row's 9 (8 and its scratch): a snapshot takes 8
+def test_snapshots_stay_within_the_budget_and_the_newest_is_kept(windowed, v1_tokenizer, room):
+    slot = Batch(windowed, v1_tokenizer, 1).slot_bytes
+    batch = Batch(windowed, v1_tokenizer, max_batch=1, kv_cache_bytes=(9 + room) * slot)
+    kept = []
+    for system in (_ids(120, 20), _ids(121, 20)):
+        for i in range(2):  # the second request shares the first's 20 tokens: a snapshot, if it fits
+            assert batch.admit(_request(windowed, system + _ids(122 + i, 3), 4, []))
+            _run(batch)
+            assert batch.cache.nbytes + batch.store.nbytes <= batch.budget_bytes
+        kept.append([s.tokens for s in batch.store.snapshots])
+    if room == 8:  # one fits exactly; the second system prompt's replaces the first's
+        assert kept == [[_ids(120, 20)], [_ids(121, 20)]]
+    else:
+        assert kept == [[], []]
