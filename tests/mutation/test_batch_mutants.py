@@ -330,3 +330,25 @@ def test_snapshots_stay_within_the_budget_and_the_newest_is_kept(windowed, v1_to
         assert kept == [[_ids(120, 20)], [_ids(121, 20)]]
     else:
         assert kept == [[], []]
+
+
+def test_a_relayout_keeps_the_newest_finished_rows_it_has_room_for(full, v1_tokenizer):
+    """Three finished rows at capacity 16; a 40-position request needs capacity 64, where the budget holds two
+    rows: the relayout keeps the newest finished row (and the request takes the other), so its prompt is still
+    reusable after."""
+    slot = Batch(full, v1_tokenizer, 1).slot_bytes
+    batch = Batch(full, v1_tokenizer, max_batch=3, kv_cache_bytes=2 * (64 + 1) * slot)
+    prompts = [_ids(130 + i, 6) for i in range(3)]
+    for prompt in prompts:
+        assert batch.admit(_request(full, prompt, 2, []))
+    _run(batch)
+    assert (batch.cache.batch_size, batch.cache.capacity) == (3, 16)
+    assert batch.admit(_request(full, _ids(134, 30), 10, []))
+    _run(batch)
+    assert (batch.cache.batch_size, batch.cache.capacity) == (2, 64)
+    newest = prompts[-1] + [5]
+    want = generate(full, v1_tokenizer, [newest], [SamplingParams(max_tokens=3)])[0].tokens
+    events = []
+    assert batch.admit(_request(full, newest, 3, events))
+    _run(batch)
+    assert _tokens_of(events) == want and batch.prefix_tokens == 6
