@@ -352,3 +352,22 @@ def test_a_relayout_keeps_the_newest_finished_rows_it_has_room_for(full, v1_toke
     assert batch.admit(_request(full, newest, 3, events))
     _run(batch)
     assert _tokens_of(events) == want and batch.prefix_tokens == 6
+
+
+def test_a_relayout_that_shrinks_the_rows_evicts_snapshots_to_stay_in_the_budget(v1_tokenizer):
+    """Window 32, a budget of one row at capacity 32 (33 slots) and a 20-slot snapshot. Two short requests then
+    relayout to two rows of capacity 16 (34 slots): the snapshot must go for the budget to hold."""
+    model = _model(TINY.replace(sliding_window=32), 6)
+    slot = Batch(model, v1_tokenizer, 1).slot_bytes
+    batch = Batch(model, v1_tokenizer, max_batch=2, kv_cache_bytes=(33 + 20) * slot)
+    system = _ids(140, 20)
+    for i in range(2):  # the first wraps its ring; the second shares its 20 tokens: a snapshot
+        assert batch.admit(_request(model, system + _ids(141 + i, 3), 20, []))
+        _run(batch)
+    assert (batch.cache.batch_size, batch.cache.capacity, batch.store.nbytes) == (1, 32, 20 * slot)
+    assert batch.admit(_request(model, _ids(143, 4), 8, []))  # the free row
+    with torch.inference_mode():
+        batch.step()
+    assert batch.admit(_request(model, _ids(144, 4), 8, []))  # no free row: two rows of 16
+    assert (batch.cache.batch_size, batch.cache.capacity, batch.store.nbytes) == (2, 16, 0)
+    assert batch.cache.nbytes + batch.store.nbytes <= batch.budget_bytes
