@@ -52,3 +52,24 @@ def test_python_defaults_and_the_surfaces_table():
     for f, _ in SamplingParams.surface_fields("cli") + SamplingParams.surface_fields("http"):
         assert isinstance(f.metadata["help"], str) and len(f.metadata["help"]) > 8, f.name
     assert SamplingParams.surface_fields("grpc") == []
+
+
+def _message(**kw) -> str:
+    with pytest.raises(VentouxError) as e:
+        SamplingParams(**kw)
+    return str(e.value)
+
+
+def test_a_value_is_printed_whole_up_to_80_characters_then_cut():
+    def stop_of(length):  # an invalid stop list (its "" entry) whose repr is `length` characters
+        value = ["a" * (length - 8), ""]
+        assert len(repr(value)) == length
+        return value
+
+    whole = stop_of(80)
+    assert _message(stop=whole) == f"invalid sampling parameter stop={whole!r}: it must be a non-empty string or a " \
+                                   "list of them"
+    cut = stop_of(81)
+    assert _message(stop=cut).startswith(f"invalid sampling parameter stop={repr(cut)[:77]}...: it must be")
+    assert _message(logit_bias={-1: 1}) == ("invalid sampling parameter logit_bias={-1: 1}: it must be a map of "
+                                            "token ids (integers >= 0) to biases in [-100, 100]")
