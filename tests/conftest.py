@@ -51,6 +51,23 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
     return model
 
 
+def engine_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A tiny ventoux model with the real tokenizers' vocabulary whose greedy tokens depend on every key (its norms
+    perturbed): the engine's tests compare token sequences, which a plain random init makes too uniform."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg.replace(vocab_size=32000)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype)
+
+
+def random_ids(seed: int, n: int) -> list[int]:
+    """n token ids of the 32000-token vocabulary (none of the specials 0-2), the same for the same seed."""
+    return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def ventoux_from_hf(hf) -> Transformer:
     cfg = ModelConfig.from_hf(hf.config.to_dict())
     model = Transformer(cfg).eval()

@@ -9,28 +9,19 @@ import time
 import pytest
 import torch
 from conftest import TINY, TINY_FULL
+from conftest import engine_model as tiny
+from conftest import random_ids as ids
 
 from ventoux.batch import Batch, Request
 from ventoux.engine import Engine, EngineError, QueueFull, RequestError, check_request
 from ventoux.errors import VentouxError
 from ventoux.generate import generate
-from ventoux.model import Transformer
 from ventoux.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
 def tok(v1_tokenizer):
     return v1_tokenizer
-
-
-def tiny(cfg, seed):
-    torch.manual_seed(seed)
-    model = Transformer(cfg.replace(vocab_size=32000)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +32,6 @@ def windowed():  # window 8: every sequence here outgrows it, the ring wraps
 @pytest.fixture(scope="module")
 def full():  # full attention, context 96
     return tiny(TINY_FULL, 4)
-
-
-def ids(seed, n):
-    return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def alone(model, tok, prompt, params):

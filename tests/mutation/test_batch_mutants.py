@@ -9,24 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, TINY_FULL
+from conftest import TINY, TINY_FULL, engine_model, random_ids
 
 from ventoux.batch import Batch, Request, default_chunk
 from ventoux.engine import check_request
 from ventoux.generate import generate
-from ventoux.model import Transformer
 from ventoux.sampling import SamplingParams
-
-
-def _model(cfg, seed=0, dtype=torch.float32):
-    """A tiny model whose greedy tokens depend on every key (its norms perturbed, as test_engine.py's)."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg.replace(vocab_size=32000)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +22,7 @@ def tuned():
     """A windowed model with one adapter, "a", that requests choose (None: the base)."""
     from ventoux import lora
 
-    model = _model(TINY, 5)
+    model = engine_model(TINY, 5)
     lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8), name="a", activate=False)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -46,16 +34,12 @@ def tuned():
 
 @pytest.fixture(scope="module")
 def windowed():  # window 8
-    return _model(TINY, 3)
+    return engine_model(TINY, 3)
 
 
 @pytest.fixture(scope="module")
 def full():  # full attention, context 96
-    return _model(TINY_FULL, 4)
-
-
-def _ids(seed, n):
-    return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return engine_model(TINY_FULL, 4)
 
 
 def _request(model, prompt, n, events, index=0):
@@ -75,7 +59,7 @@ def _run(batch, steps=200):
 
 def test_cancel_ends_with_one_empty_event_of_the_requests_index(windowed, v1_tokenizer):
     batch, events = Batch(windowed, v1_tokenizer, max_batch=2), []
-    req = _request(windowed, _ids(1, 4), 50, events, index=7)
+    req = _request(windowed, random_ids(1, 4), 50, events, index=7)
     assert batch.admit(req)
     with torch.inference_mode():
         batch.step()
@@ -84,7 +68,7 @@ def test_cancel_ends_with_one_empty_event_of_the_requests_index(windowed, v1_tok
     assert (last.index, last.text, last.token, last.finish_reason) == (7, "", None, "cancelled")
     count = len(events)
     batch.cancel(req)  # cancelled already: nothing more
-    done = _request(windowed, _ids(2, 4), 2, events, index=8)
+    done = _request(windowed, random_ids(2, 4), 2, events, index=8)
     assert batch.admit(done)
     _run(batch)
     assert events[-1].finish_reason == "length"
@@ -95,11 +79,11 @@ def test_cancel_ends_with_one_empty_event_of_the_requests_index(windowed, v1_tok
 
 def test_reset_ends_every_running_request_and_forgets_the_prefixes(windowed, v1_tokenizer):
     batch, events = Batch(windowed, v1_tokenizer, max_batch=2), []
-    system = _ids(3, 20)
-    first = _request(windowed, system + _ids(4, 3), 2, events)
+    system = random_ids(3, 20)
+    first = _request(windowed, system + random_ids(4, 3), 2, events)
     assert batch.admit(first)
     _run(batch)
-    second = _request(windowed, system + _ids(5, 3), 30, events)  # shares 20 tokens: snapshotted on the way
+    second = _request(windowed, system + random_ids(5, 3), 30, events)  # shares 20 tokens: snapshotted on the way
     assert batch.admit(second)
     with torch.inference_mode():
         batch.step()
@@ -113,7 +97,7 @@ def test_the_budget_arithmetic(full, v1_tokenizer):
     # the default: max_batch rows at the model's limit, and as much again for prefix snapshots
     assert Batch(full, v1_tokenizer, max_batch=3).budget_bytes == 2 * 3 * (limit + 1) * slot
     events = []
-    a, b = _request(full, _ids(6, 10), 5, events), _request(full, _ids(7, 20), 7, events)
+    a, b = _request(full, random_ids(6, 10), 5, events), _request(full, random_ids(7, 20), 7, events)
     exact = Batch(full, v1_tokenizer, max_batch=2, kv_cache_bytes=(a.need + 1) * slot)
     assert exact.fits_ever(a.need) and not exact.fits_ever(a.need + 1)  # one row and its scratch slot, exactly
     roomy = Batch(full, v1_tokenizer, max_batch=4)
@@ -121,7 +105,7 @@ def test_the_budget_arithmetic(full, v1_tokenizer):
     assert roomy.used_bytes() == (a.need + 1 + b.need + 1) * slot
     # just under three rows at the limit: two rows, never three
     tight = Batch(full, v1_tokenizer, max_batch=4, kv_cache_bytes=3 * (limit + 1) * slot - 1)
-    reqs = [_request(full, _ids(10 + i, 40), limit - 40, events) for i in range(3)]
+    reqs = [_request(full, random_ids(10 + i, 40), limit - 40, events) for i in range(3)]
     assert [tight.admit(r) for r in reqs] == [True, True, False]
     assert tight.cache.nbytes <= tight.budget_bytes
 
@@ -130,15 +114,15 @@ def test_prefill_chunks_and_the_cache_dtype(windowed, full, v1_tokenizer):
     assert default_chunk(windowed) == 8 and default_chunk(full) == 2048
     assert default_chunk(SimpleNamespace(config=SimpleNamespace(sliding_window=4096))) == 1024
     batch, events = Batch(windowed, v1_tokenizer, max_batch=1), []
-    req = _request(windowed, _ids(20, 5), 2, events)
+    req = _request(windowed, random_ids(20, 5), 2, events)
     assert batch.admit(req) and req.chunk == 8
-    half = _model(TINY, 3, torch.bfloat16)
+    half = engine_model(TINY, 3, torch.bfloat16)
     assert Batch(half, v1_tokenizer, max_batch=1).cache.k[0].dtype == torch.bfloat16
 
 
 def test_a_finished_row_lends_all_but_the_last_prompt_token(full, v1_tokenizer):
     """The same prompt again reuses every prompt token but the last (whose logits the new request needs)."""
-    prompt = _ids(30, 12)
+    prompt = random_ids(30, 12)
     want = generate(full, v1_tokenizer, [prompt], [SamplingParams(max_tokens=6)])[0].tokens
     batch, tokens = Batch(full, v1_tokenizer, max_batch=1), []
     for _ in range(2):
@@ -151,13 +135,13 @@ def test_a_finished_row_lends_all_but_the_last_prompt_token(full, v1_tokenizer):
 
 @pytest.mark.parametrize("generated", [4, 11])  # fed 8, the ring's capacity exactly; fed 15: wrapped
 def test_a_chat_that_continues_a_row_reuses_all_it_fed(windowed, v1_tokenizer, generated):
-    prompt = _ids(40, 5)
+    prompt = random_ids(40, 5)
     batch, events = Batch(windowed, v1_tokenizer, max_batch=1), []
     first = _request(windowed, prompt, generated, events)
     assert batch.admit(first)
     _run(batch)
     assert batch.cache.capacity == 8 and len(first.fed) == 5 + generated - 1
-    turn = first.fed + _ids(41, 3)
+    turn = first.fed + random_ids(41, 3)
     want = generate(windowed, v1_tokenizer, [turn], [SamplingParams(max_tokens=5)])[0].tokens
     events = []
     assert batch.admit(_request(windowed, turn, 5, events))
@@ -171,10 +155,10 @@ def test_a_prompt_that_branches_off_a_row_reuses_it_only_unwrapped(windowed, v1_
     """A prompt that leaves a row's tokens at position 6: a row that fed 8 tokens (its capacity, the ring
     not wrapped) still holds positions 0..5; one that fed 15 holds only 7..14, so nothing is reused."""
     batch, events = Batch(windowed, v1_tokenizer, max_batch=1), []
-    first = _request(windowed, _ids(50, 5), generated, events)
+    first = _request(windowed, random_ids(50, 5), generated, events)
     assert batch.admit(first)
     _run(batch)
-    branch = first.fed[:6] + _ids(51, 4)
+    branch = first.fed[:6] + random_ids(51, 4)
     want = generate(windowed, v1_tokenizer, [branch], [SamplingParams(max_tokens=5)])[0].tokens
     events = []
     assert batch.admit(_request(windowed, branch, 5, events))
@@ -189,13 +173,13 @@ def _tokens_of(events):
 def test_prefill_goes_to_the_prompt_with_the_fewest_tokens_left(windowed, v1_tokenizer):
     """A prompt 4 tokens from its end goes before a new 10-token one (not by prompt + fed, 36 > 10)."""
     batch, events = Batch(windowed, v1_tokenizer, max_batch=2, prefill_budget=8), []
-    long = _request(windowed, _ids(60, 20), 3, events)
+    long = _request(windowed, random_ids(60, 20), 3, events)
     assert batch.admit(long)
     with torch.inference_mode():
         batch.step()
         batch.step()
         assert len(long.fed) == 16
-        short = _request(windowed, _ids(61, 10), 3, events)
+        short = _request(windowed, random_ids(61, 10), 3, events)
         assert batch.admit(short)
         batch.step()
     assert len(long.fed) >= 20 and len(short.fed) == 0  # its whole 8-token chunk no longer fit the budget
@@ -204,12 +188,12 @@ def test_prefill_goes_to_the_prompt_with_the_fewest_tokens_left(windowed, v1_tok
 def test_the_longest_reusable_row_is_the_source_whatever_the_row_order(full, v1_tokenizer):
     """Two finished rows: row 0 shares 10 tokens with the new prompt, row 1 shares 4. The keys come from row 0;
     borrowing row 1's with row 0's count would feed the model wrong keys."""
-    common = _ids(70, 10)
+    common = random_ids(70, 10)
     batch = Batch(full, v1_tokenizer, max_batch=2)
-    for prompt in (common + _ids(71, 3), common[:4] + _ids(72, 9)):
+    for prompt in (common + random_ids(71, 3), common[:4] + random_ids(72, 9)):
         assert batch.admit(_request(full, prompt, 2, []))
     _run(batch)
-    prompt = common + _ids(73, 2)  # need 12 + 4: the rows' capacity (16), so no relayout reorders them
+    prompt = common + random_ids(73, 2)  # need 12 + 4: the rows' capacity (16), so no relayout reorders them
     want = generate(full, v1_tokenizer, [prompt], [SamplingParams(max_tokens=4)])[0].tokens
     assert [batch._reusable(r, prompt) for r in batch.rows] == [10, 4] and batch.cache.capacity == 16
     events = []
@@ -221,7 +205,7 @@ def test_the_longest_reusable_row_is_the_source_whatever_the_row_order(full, v1_
 def test_a_new_prompt_takes_a_free_row_before_a_finished_one(full, v1_tokenizer):
     """With a free row and a finished one, an unrelated prompt takes the free row, and then the oldest finished
     one: the prefixes the rows hold stay reusable as long as can be."""
-    a, b = _ids(85, 6), _ids(86, 6)
+    a, b = random_ids(85, 6), random_ids(86, 6)
     batch = Batch(full, v1_tokenizer, max_batch=2)
     assert batch.admit(_request(full, a, 2, []))  # row 0; row 1 stays free
     _run(batch)
@@ -230,7 +214,7 @@ def test_a_new_prompt_takes_a_free_row_before_a_finished_one(full, v1_tokenizer)
     assert batch.admit(_request(full, a + [5], 2, []))  # a's keys are still there
     _run(batch)
     assert batch.prefix_tokens == 6
-    assert batch.admit(_request(full, _ids(87, 4), 2, []))  # takes b's row (used longest ago), not a's (row 0)
+    assert batch.admit(_request(full, random_ids(87, 4), 2, []))  # takes b's row (used longest ago), not a's (row 0)
     _run(batch)
     assert batch.admit(_request(full, a + [5, 6], 2, []))
     _run(batch)
@@ -240,7 +224,7 @@ def test_a_new_prompt_takes_a_free_row_before_a_finished_one(full, v1_tokenizer)
 def test_a_new_prompt_takes_the_least_recently_used_finished_row(full, v1_tokenizer):
     """Rows keep finished requests' keys; an unrelated prompt takes the row used longest ago, so the newer
     prefix stays reusable. Counts: every reuse is a hit, and the tokens add up."""
-    a, b = _ids(80, 6), _ids(81, 6)
+    a, b = random_ids(80, 6), random_ids(81, 6)
     batch = Batch(full, v1_tokenizer, max_batch=2)
     for prompt in (a, b):  # a in row 0, b in row 1
         assert batch.admit(_request(full, prompt, 2, []))
@@ -248,7 +232,7 @@ def test_a_new_prompt_takes_the_least_recently_used_finished_row(full, v1_tokeni
     assert batch.admit(_request(full, a, 2, []))  # a again, in its own row: row 0 is now the newer
     _run(batch)
     assert (batch.prefix_hits, batch.prefix_tokens) == (1, 5)
-    assert batch.admit(_request(full, _ids(82, 6), 2, []))  # unrelated: it takes row 1 (b's)
+    assert batch.admit(_request(full, random_ids(82, 6), 2, []))  # unrelated: it takes row 1 (b's)
     _run(batch)
     assert batch.admit(_request(full, a + [7], 2, []))  # a is still there: 6 tokens reused
     _run(batch)
@@ -262,11 +246,11 @@ def test_a_new_prompt_takes_the_least_recently_used_finished_row(full, v1_tokeni
 
 @pytest.mark.parametrize("shared", [16, 15])  # SNAPSHOT_MIN_TOKENS: a shorter shared prefix is not kept
 def test_a_shared_prefix_is_snapshotted_from_16_tokens(windowed, v1_tokenizer, shared):
-    system = _ids(90, shared)
+    system = random_ids(90, shared)
     batch = Batch(windowed, v1_tokenizer, max_batch=1)
-    assert batch.admit(_request(windowed, system + _ids(91, 3), 4, []))
+    assert batch.admit(_request(windowed, system + random_ids(91, 3), 4, []))
     _run(batch)  # its ring wrapped: its row lends nothing back to position 0
-    assert batch.admit(_request(windowed, system + _ids(92, 3), 4, []))
+    assert batch.admit(_request(windowed, system + random_ids(92, 3), 4, []))
     _run(batch)
     assert (batch.store.nbytes > 0) == (shared >= 16)
 
@@ -281,19 +265,19 @@ def test_snapshots_serve_only_requests_of_their_adapter(tuned, v1_tokenizer):
     """A system prompt shared under adapter "a", then with no adapter, then under "a" again: each request's
     tokens are those it gets alone, so no request starts from keys another adapter made."""
     model = tuned
-    system = _ids(100, 20)
+    system = random_ids(100, 20)
     slot = Batch(model, v1_tokenizer, 1).slot_bytes
     batch = Batch(model, v1_tokenizer, max_batch=1, kv_cache_bytes=100 * slot)  # room for both snapshots
     params = SamplingParams(max_tokens=4)
     for i, adapter in enumerate(["a", "a", None, None, "a", None]):
-        prompt = system + _ids(101 + i, 3)
+        prompt = system + random_ids(101 + i, 3)
         want = generate(model, v1_tokenizer, [prompt], [params], adapters=[adapter])[0].tokens
         events = []
         assert batch.admit(_adapter_request(model, prompt, 4, events, adapter))
         _run(batch)
         assert _tokens_of(events) == want, (i, adapter)
     assert batch.prefix_tokens == 2 * 20 and len(batch.store.snapshots) == 2
-    prompt = system + _ids(101, 3)  # the adapter changes the tokens: keys of the wrong one would show
+    prompt = system + random_ids(101, 3)  # the adapter changes the tokens: keys of the wrong one would show
     with_a, plain = (generate(model, v1_tokenizer, [prompt], [params], adapters=[a])[0].tokens for a in ("a", None))
     assert with_a != plain
 
@@ -302,12 +286,12 @@ def test_a_row_of_another_adapter_does_not_end_the_search_for_a_prefix(tuned, v1
     """Row 0 holds a request under adapter "a", row 1 one with no adapter: a prompt with no adapter that starts
     like row 1's reuses it (rows of other adapters are skipped, not the end of the search)."""
     batch = Batch(tuned, v1_tokenizer, max_batch=2)
-    base = _ids(110, 5)  # with 2 new tokens, 6 fed: the ring (8) has not wrapped
-    assert batch.admit(_adapter_request(tuned, _ids(111, 5), 2, [], "a"))
+    base = random_ids(110, 5)  # with 2 new tokens, 6 fed: the ring (8) has not wrapped
+    assert batch.admit(_adapter_request(tuned, random_ids(111, 5), 2, [], "a"))
     assert batch.admit(_adapter_request(tuned, base, 2, [], None))
     _run(batch)
     assert [r.adapter for r in batch.rows] == ["a", None]
-    prompt = base + _ids(112, 2)
+    prompt = base + random_ids(112, 2)
     want = generate(tuned, v1_tokenizer, [prompt], [SamplingParams(max_tokens=4)])[0].tokens
     events = []
     assert batch.admit(_adapter_request(tuned, prompt, 4, events, None))
@@ -320,14 +304,14 @@ def test_snapshots_stay_within_the_budget_and_the_newest_is_kept(windowed, v1_to
     slot = Batch(windowed, v1_tokenizer, 1).slot_bytes
     batch = Batch(windowed, v1_tokenizer, max_batch=1, kv_cache_bytes=(9 + room) * slot)
     kept = []
-    for system in (_ids(120, 20), _ids(121, 20)):
+    for system in (random_ids(120, 20), random_ids(121, 20)):
         for i in range(2):  # the second request shares the first's 20 tokens: a snapshot, if it fits
-            assert batch.admit(_request(windowed, system + _ids(122 + i, 3), 4, []))
+            assert batch.admit(_request(windowed, system + random_ids(122 + i, 3), 4, []))
             _run(batch)
             assert batch.cache.nbytes + batch.store.nbytes <= batch.budget_bytes
         kept.append([s.tokens for s in batch.store.snapshots])
     if room == 8:  # one fits exactly; the second system prompt's replaces the first's
-        assert kept == [[_ids(120, 20)], [_ids(121, 20)]]
+        assert kept == [[random_ids(120, 20)], [random_ids(121, 20)]]
     else:
         assert kept == [[], []]
 
@@ -338,12 +322,12 @@ def test_a_relayout_keeps_the_newest_finished_rows_it_has_room_for(full, v1_toke
     reusable after."""
     slot = Batch(full, v1_tokenizer, 1).slot_bytes
     batch = Batch(full, v1_tokenizer, max_batch=3, kv_cache_bytes=2 * (64 + 1) * slot)
-    prompts = [_ids(130 + i, 6) for i in range(3)]
+    prompts = [random_ids(130 + i, 6) for i in range(3)]
     for prompt in prompts:
         assert batch.admit(_request(full, prompt, 2, []))
     _run(batch)
     assert (batch.cache.batch_size, batch.cache.capacity) == (3, 16)
-    assert batch.admit(_request(full, _ids(134, 30), 10, []))
+    assert batch.admit(_request(full, random_ids(134, 30), 10, []))
     _run(batch)
     assert (batch.cache.batch_size, batch.cache.capacity) == (2, 64)
     newest = prompts[-1] + [5]
@@ -357,17 +341,17 @@ def test_a_relayout_keeps_the_newest_finished_rows_it_has_room_for(full, v1_toke
 def test_a_relayout_that_shrinks_the_rows_evicts_snapshots_to_stay_in_the_budget(v1_tokenizer):
     """Window 32, a budget of one row at capacity 32 (33 slots) and a 20-slot snapshot. Two short requests then
     relayout to two rows of capacity 16 (34 slots): the snapshot must go for the budget to hold."""
-    model = _model(TINY.replace(sliding_window=32), 6)
+    model = engine_model(TINY.replace(sliding_window=32), 6)
     slot = Batch(model, v1_tokenizer, 1).slot_bytes
     batch = Batch(model, v1_tokenizer, max_batch=2, kv_cache_bytes=(33 + 20) * slot)
-    system = _ids(140, 20)
+    system = random_ids(140, 20)
     for i in range(2):  # the first wraps its ring; the second shares its 20 tokens: a snapshot
-        assert batch.admit(_request(model, system + _ids(141 + i, 3), 20, []))
+        assert batch.admit(_request(model, system + random_ids(141 + i, 3), 20, []))
         _run(batch)
     assert (batch.cache.batch_size, batch.cache.capacity, batch.store.nbytes) == (1, 32, 20 * slot)
-    assert batch.admit(_request(model, _ids(143, 4), 8, []))  # the free row
+    assert batch.admit(_request(model, random_ids(143, 4), 8, []))  # the free row
     with torch.inference_mode():
         batch.step()
-    assert batch.admit(_request(model, _ids(144, 4), 8, []))  # no free row: two rows of 16
+    assert batch.admit(_request(model, random_ids(144, 4), 8, []))  # no free row: two rows of 16
     assert (batch.cache.batch_size, batch.cache.capacity, batch.store.nbytes) == (2, 16, 0)
     assert batch.cache.nbytes + batch.store.nbytes <= batch.budget_bytes
