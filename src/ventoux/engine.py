@@ -159,7 +159,8 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, kv_cache_bytes: int | None = None,
                  max_queue: int | None = None, prefill_budget: int | None = None, decode=None,
                  prefix_cache: bool = True):
-        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+        # max_queue counts every request not yet in a row (each passes through the queue): 0 would refuse all
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                  ("prefill_budget", prefill_budget, 1), ("kv_cache_bytes", kv_cache_bytes, 1)):
             if (value is not None or name == "max_batch") and (not isinstance(value, int) or value < low):
                 raise VentouxError(f"{name}={value!r}: it must be an integer >= {low}")
