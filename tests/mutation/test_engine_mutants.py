@@ -76,3 +76,39 @@ def test_a_failed_handle_read_again_ends_at_once(windowed, v1_tokenizer, monkeyp
         reader.start()
         reader.join(5)
         assert again == [[]]  # no event and no wait: the handle has finished
+
+
+def test_the_engines_defaults_prefill_budget_and_memory_cap(windowed, v1_tokenizer, monkeypatch):
+    from ventoux import engine as engine_module
+    from ventoux.batch import Batch
+
+    with Engine(windowed, v1_tokenizer) as engine:  # a prefill budget of one default chunk (the window here)
+        assert engine._batch.prefill_budget == 8
+    slot = Batch(windowed, v1_tokenizer, 1).slot_bytes
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 201 * slot + 1)
+    with Engine(windowed, v1_tokenizer, max_batch=8) as engine:  # half the free memory, below the default
+        assert engine._batch.budget_bytes == (201 * slot + 1) // 2  # the default: 2 x 8 rows x 9 slots = 144
+    with Engine(windowed, v1_tokenizer, kv_cache_bytes=1000 * slot) as engine:  # a budget given is kept whole
+        assert engine._batch.budget_bytes == 1000 * slot
+
+
+def test_the_smallest_budget_holds_one_position_and_its_scratch_slot(windowed, v1_tokenizer):
+    from ventoux.batch import Batch
+
+    slot = Batch(windowed, v1_tokenizer, 1).slot_bytes
+    Engine(windowed, v1_tokenizer, kv_cache_bytes=2 * slot).close()
+    with pytest.raises(VentouxError) as e:
+        Engine(windowed, v1_tokenizer, kv_cache_bytes=2 * slot - 1)
+    assert str(e.value) == f"kv_cache_bytes={2 * slot - 1} holds not even one position ({2 * slot} bytes): give more"
+
+
+def test_a_compiled_decode_step_given_is_the_one_that_decodes(windowed, v1_tokenizer):
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(args[0].shape)
+        return windowed(*args, **kwargs)
+
+    with Engine(windowed, v1_tokenizer, max_batch=2, decode=step) as engine:
+        tokens = [e.token for e in engine.submit(random_ids(20, 4), SamplingParams(max_tokens=4)) if e.token]
+    assert len(tokens) == 4 and len(calls) == 3 and all(shape == (2, 1) for shape in calls)  # every row, always
