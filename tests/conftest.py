@@ -63,6 +63,21 @@ def engine_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32
     return model.to(dtype)
 
 
+def adapter_model(seed: int = 5) -> Transformer:
+    """engine_model(TINY) with one adapter, "a", random (a fresh B = 0 would change nothing) and not active:
+    requests choose it by name, None is the base."""
+    from ventoux import lora
+
+    model = engine_model(TINY, seed)
+    lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8), name="a", activate=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if ".adapters.a." in key:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def random_ids(seed: int, n: int) -> list[int]:
     """n token ids of the 32000-token vocabulary (none of the specials 0-2), the same for the same seed."""
     return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

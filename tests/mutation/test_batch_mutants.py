@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, TINY_FULL, engine_model, random_ids
+from conftest import TINY, TINY_FULL, adapter_model, engine_model, random_ids
 
 from ventoux.batch import Batch, Request, default_chunk
 from ventoux.engine import check_request
@@ -19,17 +19,7 @@ from ventoux.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def tuned():
-    """A windowed model with one adapter, "a", that requests choose (None: the base)."""
-    from ventoux import lora
-
-    model = engine_model(TINY, 5)
-    lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8), name="a", activate=False)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if ".adapters.a." in key:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    return model
+    return adapter_model()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import threading
 
 import pytest
 import torch
-from conftest import TINY, engine_model, random_ids
+from conftest import TINY, adapter_model, engine_model, random_ids
 
-from ventoux.engine import Engine, EngineError, RequestError, check_request, free_memory
+from ventoux.engine import Engine, EngineError, QueueFull, RequestError, check_request, free_memory
 from ventoux.errors import VentouxError
+from ventoux.generate import generate
 from ventoux.sampling import SamplingParams
 
 
@@ -112,3 +113,39 @@ def test_a_compiled_decode_step_given_is_the_one_that_decodes(windowed, v1_token
     with Engine(windowed, v1_tokenizer, max_batch=2, decode=step) as engine:
         tokens = [e.token for e in engine.submit(random_ids(20, 4), SamplingParams(max_tokens=4)) if e.token]
     assert len(tokens) == 4 and len(calls) == 3 and all(shape == (2, 1) for shape in calls)  # every row, always
+
+
+def test_the_engine_thread_is_named_a_daemon_and_joined_on_close(windowed, v1_tokenizer):
+    engine = Engine(windowed, v1_tokenizer)
+    assert engine._thread.name == "ventoux-engine" and engine._thread.daemon  # never holds the process open
+    engine.close()
+    assert not engine._thread.is_alive()
+    with pytest.raises(VentouxError) as e:
+        engine.submit([5, 6], SamplingParams())
+    assert str(e.value) == "the engine is closed: start a new one with llm.engine()"
+
+
+def test_a_full_queue_and_a_request_cancelled_while_it_waits(windowed, v1_tokenizer):
+    with Engine(windowed, v1_tokenizer, max_batch=1, max_queue=1) as engine:
+        busy = engine.submit(random_ids(30, 3), SamplingParams(max_tokens=10**6))
+        next(iter(busy))  # it holds the only row
+        waiting = engine.submit(random_ids(31, 3), SamplingParams(max_tokens=2))
+        with pytest.raises(QueueFull) as e:
+            engine.submit(random_ids(32, 3), SamplingParams(max_tokens=2))
+        assert str(e.value) == "1 requests are already waiting (max_queue=1): retry later"
+        waiting.cancel()
+        events = list(waiting)
+        busy.cancel()
+    assert [(ev.index, ev.text, ev.token, ev.finish_reason) for ev in events] == [(0, "", None, "cancelled")]
+
+
+def test_requests_run_on_the_adapter_they_name(v1_tokenizer):
+    model = adapter_model()
+    prompt, params = random_ids(40, 5), SamplingParams(max_tokens=5)
+    with Engine(model, v1_tokenizer, max_batch=2) as engine:
+        got = {a: [ev.token for ev in engine.submit(prompt, params, adapter=a) if ev.token is not None]
+               for a in ("a", None)}
+        with pytest.raises(RequestError, match="unknown adapter 'nope'"):
+            engine.submit(prompt, params, adapter="nope")
+    assert got == {a: generate(model, v1_tokenizer, [prompt], [params], adapters=[a])[0].tokens for a in ("a", None)}
+    assert got["a"] != got[None]
