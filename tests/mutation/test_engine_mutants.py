@@ -149,3 +149,30 @@ def test_requests_run_on_the_adapter_they_name(v1_tokenizer):
             engine.submit(prompt, params, adapter="nope")
     assert got == {a: generate(model, v1_tokenizer, [prompt], [params], adapters=[a])[0].tokens for a in ("a", None)}
     assert got["a"] != got[None]
+
+
+def test_stats_while_a_request_runs(windowed, v1_tokenizer):
+    from ventoux.batch import Batch
+
+    slot = Batch(windowed, v1_tokenizer, 1).slot_bytes
+    with Engine(windowed, v1_tokenizer, max_batch=2, kv_cache_bytes=40 * slot) as engine:
+        busy = engine.submit(random_ids(50, 3), SamplingParams(max_tokens=10**6))
+        next(iter(busy))
+        s, b = engine.stats(), engine._batch
+        assert (s.running, s.waiting, s.max_batch) == (1, 0, 2)
+        assert (s.kv_cache_used_bytes, s.kv_cache_total_bytes) == ((8 + 1) * slot, 40 * slot)  # need: the window
+        assert s.usage_ratio == 9 / 40 and s.kv_cache_allocated_bytes == b.cache.nbytes + b.store.nbytes > 0
+        assert (s.prefix_hits, s.prefix_tokens) == (0, 0)
+        busy.cancel()
+
+
+def test_closing_ends_running_and_waiting_requests_with_one_line(windowed, v1_tokenizer):
+    engine = Engine(windowed, v1_tokenizer, max_batch=1)
+    busy = engine.submit(random_ids(60, 3), SamplingParams(max_tokens=10**6))
+    next(iter(busy))
+    waiting = engine.submit(random_ids(61, 3), SamplingParams(max_tokens=2))
+    engine.close()
+    for handle in (busy, waiting):
+        with pytest.raises(VentouxError) as e:
+            list(handle)
+        assert str(e.value) == "the engine was closed before this request finished"
