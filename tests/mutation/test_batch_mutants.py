@@ -32,10 +32,10 @@ def full():  # full attention, context 96
     return engine_model(TINY_FULL, 4)
 
 
-def _request(model, prompt, n, events, index=0):
+def _request(model, prompt, n, events, index=0, adapter=None):
     params = SamplingParams(max_tokens=n)
     need, max_new = check_request(model.config, prompt, params)
-    return Request(prompt, params, need, max_new, emit=events.append, index=index)
+    return Request(prompt, params, need, max_new, emit=events.append, index=index, adapter=adapter)
 
 
 def _run(batch, steps=200):
@@ -245,12 +245,6 @@ def test_a_shared_prefix_is_snapshotted_from_16_tokens(windowed, v1_tokenizer, s
     assert (batch.store.nbytes > 0) == (shared >= 16)
 
 
-def _adapter_request(model, prompt, n, events, adapter):
-    params = SamplingParams(max_tokens=n)
-    need, max_new = check_request(model.config, prompt, params)
-    return Request(prompt, params, need, max_new, emit=events.append, adapter=adapter)
-
-
 def test_snapshots_serve_only_requests_of_their_adapter(tuned, v1_tokenizer):
     """A system prompt shared under adapter "a", then with no adapter, then under "a" again: each request's
     tokens are those it gets alone, so no request starts from keys another adapter made."""
@@ -263,7 +257,7 @@ def test_snapshots_serve_only_requests_of_their_adapter(tuned, v1_tokenizer):
         prompt = system + random_ids(101 + i, 3)
         want = generate(model, v1_tokenizer, [prompt], [params], adapters=[adapter])[0].tokens
         events = []
-        assert batch.admit(_adapter_request(model, prompt, 4, events, adapter))
+        assert batch.admit(_request(model, prompt, 4, events, adapter=adapter))
         _run(batch)
         assert _tokens_of(events) == want, (i, adapter)
     assert batch.prefix_tokens == 2 * 20 and len(batch.store.snapshots) == 2
@@ -277,14 +271,14 @@ def test_a_row_of_another_adapter_does_not_end_the_search_for_a_prefix(tuned, v1
     like row 1's reuses it (rows of other adapters are skipped, not the end of the search)."""
     batch = Batch(tuned, v1_tokenizer, max_batch=2)
     base = random_ids(110, 5)  # with 2 new tokens, 6 fed: the ring (8) has not wrapped
-    assert batch.admit(_adapter_request(tuned, random_ids(111, 5), 2, [], "a"))
-    assert batch.admit(_adapter_request(tuned, base, 2, [], None))
+    assert batch.admit(_request(tuned, random_ids(111, 5), 2, [], adapter="a"))
+    assert batch.admit(_request(tuned, base, 2, []))
     _run(batch)
     assert [r.adapter for r in batch.rows] == ["a", None]
     prompt = base + random_ids(112, 2)
     want = generate(tuned, v1_tokenizer, [prompt], [SamplingParams(max_tokens=4)])[0].tokens
     events = []
-    assert batch.admit(_adapter_request(tuned, prompt, 4, events, None))
+    assert batch.admit(_request(tuned, prompt, 4, events))
     _run(batch)
     assert _tokens_of(events) == want and batch.prefix_tokens == 5
 
