@@ -49,9 +49,9 @@ lint: install-dev
 # that call the function it changed (MUTATE="names:test_weights.py" narrows the run). Then the score per module
 # and the survivors not yet triaged. The first run records which test calls what, from every selected test.
 MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_sampling.py,test_params_mutants.py names:test_weights.py \
-	cache:test_model.py,test_generate.py,test_cache_mutants.py generate:test_generate.py,test_generate_mutants.py batch:test_generate.py,test_engine.py,test_generate_mutants.py,test_batch_mutants.py engine:test_engine.py \
+	cache:test_model.py,test_generate.py,test_cache_mutants.py generate:test_generate.py,test_generate_mutants.py batch:test_generate.py,test_engine.py,test_generate_mutants.py,test_batch_mutants.py engine:test_engine.py,test_engine_mutants.py \
 	tokenizer:test_tokenizer.py,test_tokenizer_mutants.py weights:test_weights.py,test_hardening.py,test_weights_mutants.py,test_lora_files.py qlinear:test_quantize.py,test_qlinear_mutants.py,test_kleidiai.py \
-	kleidiai:test_kleidiai.py,test_kleidiai_mutants.py lora:test_lora.py \
+	kleidiai:test_kleidiai.py,test_kleidiai_mutants.py lora:test_lora.py,test_lora_files.py,test_lora_mutants.py \
 	fastattention:test_fastattention.py fastnorm:test_fastnorm.py \
 	fusedproducts:test_fusedproducts.py fastblock:test_fastblock.py
 # MUTMUT_CHILDREN=1 on a machine shared with other jobs (and nice: the run yields to them)

@@ -281,10 +281,9 @@ class Engine:
             err = EngineError(f"generation failed: {type(e).__name__}: {e}")
             err.__cause__ = e
             failed = self._batch.reset()
-            if head is not None:
+            if head is not None:  # still first in the queue: only this thread removes from it
                 with self._lock:
-                    if self._waiting and self._waiting[0] is head:
-                        self._waiting.popleft()
+                    self._waiting.popleft()
                 failed += [head.request] if head.request not in failed else []
             for req in failed:
                 req.emit(err)

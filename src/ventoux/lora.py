@@ -78,7 +78,8 @@ class Adapter(nn.Module):
         return (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+        """scaling * B @ A in float32, whatever the adapter's dtype (merge rounds it once, with the weight)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
 
 BLOCK = 1 << 22  # float32 values in one of _LowRank's temporaries (16 MB)
@@ -197,6 +198,8 @@ def install(model: nn.Module, name: str, tensors: dict[str, tuple[torch.Tensor, 
     swapping LoRA layers in where needed and freezing every other tensor of the model."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise VentouxError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+    if hasattr(nn.ModuleDict(), name):  # each layer keeps its adapters in a ModuleDict, keyed by name
+        raise VentouxError(f"adapter name {name!r} is taken by PyTorch (a module attribute): choose another name")
     if name in adapter_names(model):
         raise VentouxError(f"the model already has an adapter called {name!r}; choose another name")
     sel = _selection(model) or Selection()
@@ -213,8 +216,7 @@ def install(model: nn.Module, name: str, tensors: dict[str, tuple[torch.Tensor, 
             layer = LoRALinear(layer, sel)
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
-        shape = (a.shape[0], layer.in_features, layer.out_features, a.shape[0])
-        if a.dim() != 2 or b.dim() != 2 or (*a.shape, *b.shape) != shape:
+        if a.dim() != 2 or (*a.shape, *b.shape) != (a.shape[0], layer.in_features, layer.out_features, a.shape[0]):
             raise VentouxError(f"adapter {name!r} for {module_name} has A {list(a.shape)} and B {list(b.shape)}, "
                                f"but the model's layer is {layer.out_features}x{layer.in_features}: the adapter "
                                "was made for another model")
@@ -240,9 +242,9 @@ def add_adapter(model: nn.Module, config: LoraConfig = LoraConfig(), name: str =
         for target in config.targets:
             module_name = f"layers.{layer}.{_PARENT[target]}.{target}"
             base = model.get_submodule(module_name)
-            a = torch.empty(config.rank, base.in_features, dtype=dtype)
+            a = torch.empty(config.rank, base.in_features)  # drawn in float32; install casts to dtype
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            tensors[module_name] = (a, torch.zeros(base.out_features, config.rank, dtype=dtype))
+            tensors[module_name] = (a, torch.zeros(base.out_features, config.rank))
     return install(model, name, tensors, config.scaling, config.dropout, activate, dtype)
 
 
@@ -348,7 +350,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
                                    "load the base model unquantized to merge an adapter")
             w = layer.base.weight
             with torch.no_grad():  # summed in float32, rounded once to the weight's dtype
-                w.copy_(w.float() + layer.adapters[name].delta_weight().to(w.device, torch.float32))
+                w.copy_(w.float() + layer.adapters[name].delta_weight().to(w.device))
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
     model.__dict__.pop("lora_selection", None)

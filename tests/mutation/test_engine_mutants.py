@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
-from conftest import TINY, adapter_model, engine_model, random_ids
+from conftest import TINY, TINY_FULL, adapter_model, engine_model, random_ids
 
 from ventoux.engine import Engine, EngineError, QueueFull, RequestError, check_request, free_memory
 from ventoux.errors import VentouxError
@@ -84,7 +85,7 @@ def test_the_engines_defaults_prefill_budget_and_memory_cap(windowed, v1_tokeniz
     from ventoux.batch import Batch
 
     with Engine(windowed, v1_tokenizer) as engine:  # a prefill budget of one default chunk (the window here)
-        assert engine._batch.prefill_budget == 8
+        assert engine._batch.prefill_budget == 8 and engine.stats().max_batch == 8
     slot = Batch(windowed, v1_tokenizer, 1).slot_bytes
     monkeypatch.setattr(engine_module, "free_memory", lambda device: 201 * slot + 1)
     with Engine(windowed, v1_tokenizer, max_batch=8) as engine:  # half the free memory, below the default
@@ -176,3 +177,150 @@ def test_closing_ends_running_and_waiting_requests_with_one_line(windowed, v1_to
         with pytest.raises(VentouxError) as e:
             list(handle)
         assert str(e.value) == "the engine was closed before this request finished"
+
+
+@pytest.mark.parametrize("cfg, prompt, params, want", [
+    (TINY, [0, 210], SamplingParams(max_tokens=3), (5, 3)),  # the vocabulary's ends are token ids
+    (TINY, list(range(3, 200)), SamplingParams(max_tokens=4), (8, 4)),  # a window: any length, the window's slots
+    (TINY.replace(sliding_window=512), [5] * 10, SamplingParams(max_tokens=1000), (256, 1000)),  # window > context
+    (TINY_FULL, [5] * 95, SamplingParams(max_tokens=10), (96, 1)),  # full attention: max_tokens cut to the context
+    (TINY_FULL, [5] * 90, SamplingParams(max_tokens=3), (93, 3)),
+    (TINY, [5], SamplingParams(logit_bias={0: 1.0, 210: -1.0}), (8, 256)),
+])
+def test_what_a_request_may_use(cfg, prompt, params, want):
+    assert check_request(cfg, prompt, params) == want
+
+
+@pytest.mark.parametrize("cfg, prompt, params, message", [
+    (TINY, [], SamplingParams(), "the prompt is empty: give at least one token of text"),
+    (TINY, [211], SamplingParams(), "the prompt has a token id outside the vocabulary [0, 211)"),
+    (TINY, [5, -1], SamplingParams(), "the prompt has a token id outside the vocabulary [0, 211)"),
+    (TINY, [5, True], SamplingParams(), "the prompt has a token id outside the vocabulary [0, 211)"),
+    (TINY, [5, 1.5], SamplingParams(), "the prompt has a token id outside the vocabulary [0, 211)"),
+    (TINY, [5], SamplingParams(logit_bias={5: 1.0, 211: 1.0}),
+     "logit_bias names token id 211, outside the vocabulary [0, 211)"),
+    (TINY_FULL, [5] * 96, SamplingParams(),
+     "the prompt has 96 tokens but the model's context is 96 (full attention): shorten the prompt"),
+])
+def test_each_refusal_of_a_request_whole(cfg, prompt, params, message):
+    with pytest.raises(RequestError) as e:
+        check_request(cfg, prompt, params)
+    assert str(e.value) == message
+    if "empty" in message:
+        with pytest.raises(RequestError, match="^prompt 2 is empty"):
+            check_request(cfg, prompt, params, name="prompt 2")
+
+
+def _fails_once(model, monkeypatch):
+    """model.forward raises RuntimeError("boom") at its next call, then works again."""
+    real = model.forward
+
+    def forward(*args, **kwargs):
+        monkeypatch.setattr(model, "forward", real)
+        raise RuntimeError("boom")
+    monkeypatch.setattr(model, "forward", forward)
+
+
+def test_a_failed_step_spares_the_request_waiting_for_a_row(windowed, v1_tokenizer, monkeypatch):
+    with Engine(windowed, v1_tokenizer, max_batch=1) as engine:
+        busy = engine.submit(random_ids(70, 3), SamplingParams(max_tokens=10**6))
+        events = iter(busy)
+        next(events)  # it holds the only row
+        waiting = engine.submit(random_ids(71, 3), SamplingParams(max_tokens=2))
+        _fails_once(windowed, monkeypatch)
+        with pytest.raises(EngineError) as e:
+            list(events)
+        assert str(e.value) == "generation failed: RuntimeError: boom" and str(e.value.__cause__) == "boom"
+        got = list(waiting)  # never admitted when the step failed: it runs after
+    assert [ev.finish_reason for ev in got] == [None, "length"]
+    assert [ev.token for ev in got] == generate(windowed, v1_tokenizer, [random_ids(71, 3)],
+                                                [SamplingParams(max_tokens=2)])[0].tokens
+
+
+def test_a_failed_admission_fails_that_request_once_and_the_next_one_runs(windowed, v1_tokenizer, monkeypatch):
+    with Engine(windowed, v1_tokenizer, max_batch=2) as engine:
+        admit = engine._batch.admit
+        first = random_ids(80, 3)
+
+        def admit_then_fail(req):  # the request holds a row when its admission fails
+            admitted = admit(req)
+            if req.prompt == first:
+                raise MemoryError("no room")
+            return admitted
+        monkeypatch.setattr(engine._batch, "admit", admit_then_fail)
+        failing = engine.submit(first, SamplingParams(max_tokens=2))
+        after = engine.submit(random_ids(81, 3), SamplingParams(max_tokens=2))
+        with pytest.raises(EngineError, match="^generation failed: MemoryError: no room$"):
+            list(failing)
+        assert not failing._items  # one error, not one from the reset and one as the head
+        assert [ev.finish_reason for ev in after] == [None, "length"]
+
+
+def test_a_failed_cancel_fails_what_was_running_and_the_engine_goes_on(windowed, v1_tokenizer, monkeypatch):
+    with Engine(windowed, v1_tokenizer, max_batch=1) as engine:
+        busy = engine.submit(random_ids(90, 3), SamplingParams(max_tokens=10**6))
+        events = iter(busy)
+        next(events)
+        cancel = engine._batch.cancel
+
+        def fail_once(req):
+            monkeypatch.setattr(engine._batch, "cancel", cancel)
+            raise RuntimeError("cannot free the row")
+        monkeypatch.setattr(engine._batch, "cancel", fail_once)
+        busy.cancel()
+        with pytest.raises(EngineError, match="^generation failed: RuntimeError: cannot free the row$"):
+            list(events)
+        after = list(engine.submit(random_ids(91, 3), SamplingParams(max_tokens=2)))
+    assert [ev.finish_reason for ev in after] == [None, "length"]
+
+
+def test_allocated_bytes_count_the_prefix_snapshots(windowed, v1_tokenizer):
+    system = random_ids(95, 20)  # shared by two requests, past the window: a snapshot keeps it
+    with Engine(windowed, v1_tokenizer, max_batch=2) as engine:
+        busy = engine.submit(system + random_ids(96, 3), SamplingParams(max_tokens=10**6))
+        next(iter(busy))
+        list(engine.submit(system + random_ids(97, 3), SamplingParams(max_tokens=2)))
+        for _ in range(3000):  # the stats of the step after the second one's last: busy keeps the engine stepping
+            if engine.stats().running == 1:
+                break
+            time.sleep(0.01)
+        s, b = engine.stats(), engine._batch  # busy decodes: nothing is allocated or freed meanwhile
+        assert b.store.nbytes > 0 and s.kv_cache_allocated_bytes == b.cache.nbytes + b.store.nbytes
+        busy.cancel()
+
+
+def test_an_async_reader_waits_without_blocking_its_loop_after_a_late_wake_up(windowed, v1_tokenizer, monkeypatch):
+    """Wake-ups queued while the loop was busy arrive after the reader has taken every event; it must wait
+    again, not spin on the stale wake-up and hold its loop (here the loop's own timer then never lets the
+    engine, stalled until it fires, make the rest)."""
+    import asyncio
+
+    gate, calls, real = threading.Event(), [], windowed.forward
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the prompt and 3 decode steps done: stall until the loop's timer opens the gate
+            gate.wait(60)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(windowed, "forward", forward)
+
+    async def read(handle):
+        got = []
+        async for ev in handle:
+            got.append(ev.token)
+            if len(got) == 1:
+                time.sleep(0.5)  # the loop busy: tokens 2-4 arrive, their wake-ups queue behind this
+            if len(got) == 4:
+                asyncio.get_running_loop().call_later(0.05, gate.set)
+        return got
+
+    with Engine(windowed, v1_tokenizer, max_batch=1) as engine:
+        handle = engine.submit(random_ids(98, 3), SamplingParams(max_tokens=8))
+        result = []
+        reader = threading.Thread(target=lambda: result.append(asyncio.run(read(handle))), daemon=True)
+        reader.start()
+        reader.join(30)
+        gate.set()  # unstick a reader that spun, so the engine can close
+        reader.join(30)
+    assert len(result) == 1 and len(result[0]) == 8
+    assert calls[4:] and not reader.is_alive()
