@@ -70,11 +70,16 @@ def adapter_model(seed: int = 5) -> Transformer:
 
     model = engine_model(TINY, seed)
     lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8), name="a", activate=False)
-    gen = torch.Generator().manual_seed(1)
+    return randomize_adapters(model, scale=0.3, seed=1, name="a")
+
+
+def randomize_adapters(model, scale: float = 0.05, seed: int = 1, name: str | None = None):
+    """Give the adapters (or adapter `name`) random tensors: a fresh B = 0 would hide any layout mistake."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, p in model.named_parameters():
-            if ".adapters.a." in key:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            if ".adapters." in key and (name is None or f".adapters.{name}." in key):
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
     return model
 
 

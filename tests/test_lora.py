@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
+from conftest import TINY, TINY_FULL, hf_model, randomize_adapters, ventoux_from_hf
 from torch import nn
 
 from ventoux import fastlinear, lora
@@ -22,20 +22,11 @@ def _tokens(b=2, t=12, seed=0):
     return torch.randint(0, TINY.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _randomize(model, scale=0.05, seed=1, name=None):
-    """Give the adapters non-zero B (a fresh one is B = 0, which would hide any layout mistake)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if ".adapters." in key and (name is None or f".adapters.{name}." in key):
-                p.copy_(scale * torch.randn(p.shape, generator=gen))
-
-
 def _adapted(cfg=TINY_FULL, rank=4, alpha=8, seed=1, **kw):
     hf = hf_model(cfg)
     model = ventoux_from_hf(hf)
     lora.add_adapter(model, lora.LoraConfig(rank=rank, alpha=alpha, **kw))
-    _randomize(model, seed=seed)
+    randomize_adapters(model, seed=seed)
     return hf, model
 
 
@@ -101,7 +92,7 @@ def test_state_dict_round_trip_restores_the_adapter():
     state = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
     with torch.no_grad():
         expected = model(_tokens())
-    _randomize(model, seed=7)
+    randomize_adapters(model, seed=7)
     lora.load_lora_state_dict(model, state)
     with torch.no_grad():
         torch.testing.assert_close(model(_tokens()), expected, rtol=0, atol=0)
@@ -296,7 +287,7 @@ def test_training_remakes_the_inputs_adapters_keep_instead_of_keeping_them():
 
     model = ventoux_from_hf(hf_model(TINY)).to(torch.bfloat16)
     lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8))
-    _randomize(model)
+    randomize_adapters(model)
     trainable = lora.trainable_parameters(model)
     tokens = _tokens()
 
@@ -394,7 +385,7 @@ def test_two_adapters_in_one_batch_give_each_row_what_it_gets_alone():
     model = ventoux_from_hf(hf_model(TINY))
     lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8), name="a")
     lora.add_adapter(model, lora.LoraConfig(rank=2, alpha=8, targets=("wv", "w1")), name="b")
-    _randomize(model)
+    randomize_adapters(model)
     assert lora.adapter_names(model) == ["a", "b"]
     tokens = _tokens(4, 10)
     alone = {}

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, hf_model, ventoux_from_hf
+from conftest import TINY, hf_model, randomize_adapters, ventoux_from_hf
 
 from ventoux import lora
 from ventoux.errors import VentouxError
@@ -65,12 +65,7 @@ def _two_adapters():
     model = _model()
     lora.add_adapter(model, lora.LoraConfig(rank=2, alpha=4, targets=("wv",)), name="narrow", activate=False)
     lora.add_adapter(model, lora.LoraConfig(rank=4, alpha=8), name="wide", activate=False)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if ".adapters." in key:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
+    return randomize_adapters(model, seed=3)
 
 
 @pytest.mark.parametrize("config, message", [
