@@ -52,6 +52,7 @@ MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_
 	cache:test_model.py,test_generate.py,test_cache_mutants.py generate:test_generate.py,test_generate_mutants.py batch:test_generate.py,test_engine.py,test_generate_mutants.py,test_batch_mutants.py engine:test_engine.py,test_engine_mutants.py \
 	tokenizer:test_tokenizer.py,test_tokenizer_mutants.py weights:test_weights.py,test_hardening.py,test_weights_mutants.py,test_lora_files.py qlinear:test_quantize.py,test_qlinear_mutants.py,test_kleidiai.py \
 	kleidiai:test_kleidiai.py,test_kleidiai_mutants.py lora:test_lora.py,test_lora_files.py,test_lora_mutants.py \
+	lora_files:test_lora_files.py,test_finetune.py,test_lora_files_mutants.py \
 	fastattention:test_fastattention.py fastnorm:test_fastnorm.py \
 	fusedproducts:test_fusedproducts.py fastblock:test_fastblock.py \
 	prefix:test_engine.py,test_generate.py,test_batch_mutants.py,test_engine_mutants.py,test_prefix_mutants.py train.sft_data:test_finetune.py,test_sft_data_mutants.py
