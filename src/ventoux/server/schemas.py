@@ -121,8 +121,9 @@ def parse(model: type[BaseModel], body: bytes):
 
 
 def _is_tag(x) -> bool:
-    """A union member's tag in an error's location, e.g. "str" or "list[TextPart]"; not a field name."""
-    return isinstance(x, str) and (x in {"str", "int", "float", "bool", "TextPart"} or not x.isidentifier())
+    """A union member's tag in an error's location, "str" or "list[TextPart]" (the request's unions are of a string
+    and a list), or a map's "[key]"; not a field name."""
+    return isinstance(x, str) and (x == "str" or not x.isidentifier())
 
 
 def _param_name(loc: tuple) -> str:
