@@ -5,18 +5,16 @@ prints, the padding share, which samples a step's micro-batch takes, and what th
 from __future__ import annotations
 
 import json
-from importlib.resources import files
 
 import numpy as np
 import pytest
 import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from test_finetune import reference
+from test_finetune import DATA, mistral, reference
 
 from ventoux.errors import VentouxError
 from ventoux.train.sft_data import BadLine, Sample, SFTData, collate, encode_line
 
-DATA = files("mistral_common") / "data"
 U, A = {"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}
 CALL = {"id": "abcDEF123", "type": "function", "function": {"name": "add", "arguments": "{}"}}
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add",
@@ -26,12 +24,12 @@ CALLS_MESSAGE = 'messages[1].tool_calls must be a list of {"id": str, "function"
 
 @pytest.fixture(scope="module")
 def v3():
-    return MistralTokenizer.from_file(str(DATA / "mistral_instruct_tokenizer_240323.model.v3"))
+    return mistral("v3")
 
 
 @pytest.fixture(scope="module")
 def v1():
-    return MistralTokenizer.from_file(str(DATA / "tokenizer.model.v1"))
+    return mistral("v1")
 
 
 def chat(*messages, **extra) -> str:
