@@ -50,15 +50,15 @@ def chat_logprobs(pieces: TokenPieces, events) -> dict:
 
 
 def completion_logprobs(pieces: TokenPieces, events, offset: int = 0) -> dict:
-    """Legacy completions' shape; text_offset counts characters of the completion from `offset`."""
+    """Legacy completions' shape. text_offset is where each token starts in the completion's text (counted
+    from `offset`): a token's piece may not be in the text ("bytes:\\xf0"), so the offset advances by the text
+    each event added, and every byte of a multi-byte character starts where that character does."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for ev in events:
-        if ev.token is None:
-            continue
-        text = pieces.text(ev.token)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(ev.logprob)
-        out["top_logprobs"].append({pieces.text(t): lp for t, lp in (ev.top_logprobs or {}).items()})
-        out["text_offset"].append(offset)
-        offset += len(text)
+        if ev.token is not None:
+            out["tokens"].append(pieces.text(ev.token))
+            out["token_logprobs"].append(ev.logprob)
+            out["top_logprobs"].append({pieces.text(t): lp for t, lp in (ev.top_logprobs or {}).items()})
+            out["text_offset"].append(offset)
+        offset += len(ev.text)
     return out
