@@ -472,21 +472,37 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_bigram_text(5)
 
 
-class FailingEngine:
-    """The real engine, except that a request whose prompt is "fail" breaks after five events ("😀 ok")."""
+class WrappedEngine:
+    """The real engine (two rows) behind a test's own submit."""
 
     def __init__(self, llm):
-        self.engine, self.fail_ids = llm.engine(max_batch=2), llm.tokenizer.encode("fail", bos=True)
-
-    def submit(self, ids, params, adapter=None):
-        handle = self.engine.submit(ids, params)
-        return FailAfterFive(handle) if ids == self.fail_ids else handle
+        self.engine = llm.engine(max_batch=2)
 
     def stats(self):
         return self.engine.stats()
 
     def close(self):
         self.engine.close()
+
+
+@contextmanager
+def serving(llm: LLM, engine):
+    """A live server of `llm` whose requests go to `engine` (a WrappedEngine, or a real one)."""
+    with BackgroundServer(create_app(Settings(served_name="m"), load=lambda: (llm, engine))) as server:
+        server.wait_ready()
+        yield server
+
+
+class FailingEngine(WrappedEngine):
+    """The real engine, except that a request whose prompt is "fail" breaks after five events ("😀 ok")."""
+
+    def __init__(self, llm):
+        super().__init__(llm)
+        self.fail_ids = llm.tokenizer.encode("fail", bos=True)
+
+    def submit(self, ids, params, adapter=None):
+        handle = self.engine.submit(ids, params)
+        return FailAfterFive(handle) if ids == self.fail_ids else handle
 
 
 class FailAfterFive:
@@ -510,9 +526,7 @@ class FailAfterFive:
 
 def test_an_engine_failure_ends_that_request_with_an_error_and_serving_goes_on(tmp_path):
     llm = bigram_llm(tmp_path)
-    app = create_app(Settings(served_name="m"), load=lambda: (llm, FailingEngine(llm)))
-    with BackgroundServer(app) as server:
-        server.wait_ready()
+    with serving(llm, FailingEngine(llm)) as server:
         body = {"prompt": "fail", "max_tokens": 50, "temperature": 0}
         r = httpx.post(server.url + "/v1/completions", json=body)
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"

@@ -17,11 +17,20 @@ from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import HI, FailingEngine, bigram_llm, expected_bigram_text, live, reference_greedy, sse, wait_until
+from test_server import (
+    HI,
+    FailingEngine,
+    WrappedEngine,
+    bigram_llm,
+    expected_bigram_text,
+    live,
+    reference_greedy,
+    serving,
+    sse,
+    wait_until,
+)
 
 from ventoux.engine import QueueFull
-from ventoux.server import Settings, create_app
-from ventoux.server.background import BackgroundServer
 
 BYTES = ["bytes:\\xf0", "bytes:\\x9f", "bytes:\\x98", "bytes:\\x80", " ok"]  # the pieces of "😀 ok"
 OFFSETS = [0, 0, 0, 0, 1]  # where each token starts in "😀 ok": the emoji's bytes all start it
@@ -52,8 +61,10 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def test_a_whole_chat_body_has_openais_fields_and_nothing_else(server):
-    r, before, after = post(server, "/v1/chat/completions", messages=HI, max_tokens=10, temperature=0, n=2)
+@pytest.mark.parametrize("logprobs", [{}, {"logprobs": False}])
+def test_a_whole_chat_body_has_openais_fields_and_nothing_else(server, logprobs):
+    r, before, after = post(server, "/v1/chat/completions", messages=HI, max_tokens=10, temperature=0, n=2,
+                            **logprobs)
     body = r.json()
     assert r.status_code == 200 and re.fullmatch("chatcmpl-[0-9a-f]{32}", body.pop("id"))
     assert before <= body.pop("created") <= after
@@ -84,7 +95,8 @@ def test_a_whole_completion_body_has_openais_fields_and_its_logprobs(server):
 def test_a_chat_stream_is_a_role_chunk_text_deltas_the_finish_then_usage(server):
     r, before, after = post(server, "/v1/chat/completions", messages=HI, max_tokens=10, temperature=0, stream=True,
                             stream_options={"include_usage": True})
-    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert '"content": "😀"' in r.text  # JSON as OpenAI sends it: UTF-8, not \u escapes
     assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
     chunks = sse(r)
     ids, created = {ch.pop("id") for ch in chunks}, {ch.pop("created") for ch in chunks}
@@ -176,11 +188,12 @@ def test_a_prompt_too_long_names_the_field_it_came_in(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"  # the engine's own field
 
 
-class QueueFullOnThird:
+class QueueFullOnThird(WrappedEngine):
     """The real engine, except that the third submit of a request finds the queue full; records cancels."""
 
     def __init__(self, llm):
-        self.engine, self.submits, self.cancelled = llm.engine(max_batch=2), 0, []
+        super().__init__(llm)
+        self.submits, self.cancelled = 0, []
 
     def submit(self, ids, params, adapter=None):
         self.submits += 1
@@ -191,18 +204,11 @@ class QueueFullOnThird:
         handle.cancel = lambda: (self.cancelled.append(self.submits), original())
         return handle
 
-    def stats(self):
-        return self.engine.stats()
-
-    def close(self):
-        self.engine.close()
-
 
 def test_a_full_queue_mid_request_cancels_the_choices_already_submitted(tmp_path):
     llm = bigram_llm(tmp_path)
     fake = QueueFullOnThird(llm)
-    with BackgroundServer(create_app(Settings(served_name="m"), load=lambda: (llm, fake))) as server:
-        server.wait_ready()
+    with serving(llm, fake) as server:
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 80, "n": 3})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"] == {
@@ -243,8 +249,7 @@ def test_n_at_the_servers_limit_is_served(server):
 
 def test_an_engine_failure_with_n_choices_ends_the_response_whole_and_streamed(tmp_path):
     llm = bigram_llm(tmp_path)
-    with BackgroundServer(create_app(Settings(served_name="m"), load=lambda: (llm, FailingEngine(llm)))) as server:
-        server.wait_ready()
+    with serving(llm, FailingEngine(llm)) as server:
         body = {"prompt": "fail", "max_tokens": 50, "temperature": 0, "n": 2}
         r = httpx.post(server.url + "/v1/completions", json=body)
         assert r.status_code == 500 and r.json()["error"] == {
@@ -257,20 +262,15 @@ def test_an_engine_failure_with_n_choices_ends_the_response_whole_and_streamed(t
         assert [c["text"] for c in ok.json()["choices"]] == [expected_bigram_text(5)] * 2
 
 
-class SlowEngine:
+class SlowEngine(WrappedEngine):
     """The real engine, its events handed on a tenth of a second apart; records when a handle is cancelled."""
 
     def __init__(self, llm):
-        self.engine, self.cancelled_at = llm.engine(max_batch=2), []
+        super().__init__(llm)
+        self.cancelled_at = []
 
     def submit(self, ids, params, adapter=None):
         return SlowHandle(self.engine.submit(ids, params), self.cancelled_at)
-
-    def stats(self):
-        return self.engine.stats()
-
-    def close(self):
-        self.engine.close()
 
 
 class SlowHandle:
@@ -292,10 +292,19 @@ class SlowHandle:
 def test_a_client_that_leaves_a_whole_response_cancels_it_at_once(tmp_path):
     llm = bigram_llm(tmp_path)
     slow = SlowEngine(llm)
-    with BackgroundServer(create_app(Settings(served_name="m"), load=lambda: (llm, slow))) as server:
-        server.wait_ready()
+    with serving(llm, slow) as server:
         with pytest.raises(httpx.ReadTimeout):  # 80 tokens take 8 s; the client leaves after half a second
             httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 80}, timeout=0.5)
         left = time.monotonic()
         wait_until(lambda: slow.cancelled_at, timeout=3)
         assert slow.cancelled_at[0] - left < 3
+
+
+def test_a_request_to_a_closed_engine_is_refused_in_a_sentence(tmp_path):
+    llm = bigram_llm(tmp_path)
+    engine = llm.engine(max_batch=1)
+    with serving(llm, engine) as server:
+        engine.close()  # as while the server shuts down
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert r.json()["error"]["message"] == "the engine is closed: start a new one with llm.engine()"

@@ -229,17 +229,22 @@ class EventStream(Response):
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, self.run))
         chunks = self.run.chunks()
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            try:
-                async for text in chunks:
-                    await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
-            except APIError as e:  # the engine failed mid-stream: say so in the stream, which is already 200
-                body = _sse(error_body(e.status, e.message, code=e.code)).encode()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for text in _ending_in_an_error_event(chunks):
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            await send({"type": "http.response.body"})  # ASGI's defaults: no body, no more_body: the end
         except OSError:  # the client left (ASGI 2.4 servers raise from send)
             pass
         finally:
             watcher.cancel()
             self.run.cancel()
             await chunks.aclose()
+
+
+async def _ending_in_an_error_event(chunks):
+    """The stream's lines; an engine failure mid-stream, when the status is already 200, as a last error event."""
+    try:
+        async for text in chunks:
+            yield text
+    except APIError as e:
+        yield _sse(error_body(e.status, e.message, code=e.code))
