@@ -64,4 +64,4 @@ def test_completion_offsets_point_into_the_text_from_where_it_starts(tokenizer):
     assert completion_logprobs(pieces, events, offset=7) == {
         "tokens": [pieces.text(a), pieces.text(b), pieces.text(a)], "token_logprobs": [-0.5, -1.0, -0.25],
         "top_logprobs": [{pieces.text(a): -0.5}, {}, {}], "text_offset": [7, 7, 15]}
-    assert completion_logprobs(pieces, [])["text_offset"] == []
+    assert completion_logprobs(pieces, events[1:])["text_offset"] == [0, 8]  # from the start by default

@@ -148,6 +148,8 @@ def test_the_summary_validate_only_prints(tmp_path, v3):
         f"f:9: why\n1 bad lines; valid: 3 samples, 17 tokens (14 in the loss), 2 steps per epoch at --batch-size 2 "
         f"x --accumulate 1, padding {100 * share:.0f}% of the batch tokens")
     assert data.pad_share(0, 2) == pytest.approx(share, abs=1e-12)
+    in_order = 1 - (4 + 2 + 8) / (4 * 2 + 8)  # evaluation's batches: [5, 3] then [9] alone
+    assert data.pad_share(None, 2) == pytest.approx(in_order, abs=1e-12)
     assert SFTData([]).report(4, 2) == ("0 samples, 0 tokens (0 in the loss), 0 steps per epoch at --batch-size 4 "
                                         "x --accumulate 2")
     assert SFTData(_samples([4] * 9)).steps_per_epoch(2, 2) == 3  # 9 samples, 4 a step: the last step short

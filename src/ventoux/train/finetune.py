@@ -68,7 +68,7 @@ def check_data(args: FinetuneArgs, tokenizer) -> tuple[SFTData, SFTData | None, 
     evals = SFTData.load(args.eval_data, tokenizer, args.seq_len) if args.eval_data else None
     lines = [data.report(args.batch_size, args.grad_accum, args.seed)]
     if evals is not None:
-        lines.append("evaluation data: " + evals.report(args.batch_size, 1, args.seed))
+        lines.append("evaluation data: " + evals.report(args.batch_size, 1, seed=None))  # eval_loss: in order
     return data, evals, "\n".join(lines)
 
 

@@ -87,8 +87,9 @@ class SFTData:
     def steps_per_epoch(self, batch_size: int, accumulate: int) -> int:
         return math.ceil(len(self.samples) / (batch_size * accumulate))
 
-    def report(self, batch_size: int, accumulate: int, seed: int = 0) -> str:
-        """Every problem on its own line, then the summary (with the padding share of one epoch's batches)."""
+    def report(self, batch_size: int, accumulate: int, seed: int | None = 0) -> str:
+        """Every problem on its own line, then the summary (with the padding share of one epoch's batches;
+        seed None: batches in file order, as the evaluation takes them)."""
         tokens = sum(len(s.tokens) for s in self.samples)
         trained = sum(sum(s.trained) for s in self.samples)
         summary = (f"{len(self.samples)} samples, {tokens} tokens ({trained} in the loss), "
@@ -100,11 +101,15 @@ class SFTData:
             summary = f"{len(self.problems)} bad lines; valid: " + summary
         return "\n".join([*self.problems, summary])
 
-    def pad_share(self, seed: int, batch_size: int) -> float:
+    def pad_share(self, seed: int | None, batch_size: int) -> float:
         """The share of padding in the batches of the first epoch (what packing would save at most)."""
         padded = real = 0
         for first in range(0, len(self.samples), batch_size):
-            lengths = [len(self.samples[self._index(seed, r)].tokens) - 1 for r in range(first, first + batch_size)]
+            if seed is None:  # evaluation's batches: the file in order, the last one short
+                rows = self.samples[first: first + batch_size]
+            else:  # training's: the seed's permutation, the last batch filled from the next epoch
+                rows = [self.samples[self._index(seed, r)] for r in range(first, first + batch_size)]
+            lengths = [len(s.tokens) - 1 for s in rows]
             padded += max(lengths) * len(lengths)
             real += sum(lengths)
         return 1 - real / padded
