@@ -170,18 +170,19 @@ def test_backward_weight_slices_are_the_dequantized_weight(cls, group, kernel):
         assert torch.equal(torch.cat([s for _, s in slices], 1), expected.to(dtype))
 
 
-@pytest.mark.parametrize("block", [lora.BLOCK, 64])
-def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients(block, monkeypatch):
+@pytest.mark.parametrize("block, autocast", [(lora.BLOCK, False), (64, False), (lora.BLOCK, True)])
+def test_adapter_saves_its_input_as_it_comes_with_autograd_gradients(block, autocast, monkeypatch):
     """Training keeps x in its own dtype (bf16) for the adapter's backward, not a float32 copy per adapter; its
     float32 temporaries are made in blocks (here also of one row or column: BLOCK 64), and the output and the
-    gradients equal autograd's on the float32 expression rounded to x's dtype."""
+    gradients equal autograd's on the float32 expression rounded to x's dtype, under --bf16's autocast too."""
     monkeypatch.setattr(lora, "BLOCK", block)
     gen = torch.Generator().manual_seed(0)
     adapter = lora.Adapter(torch.randn(4, 64, generator=gen), torch.randn(32, 4, generator=gen), scaling=1.5)
     x = torch.randn(2, 5, 64, generator=gen).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with (torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
         y = adapter(x)
     assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)  # matmul saves (10, 64)
     y.backward(dy)

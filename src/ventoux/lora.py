@@ -101,10 +101,11 @@ class _LowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, scaling):
         xs = x.flatten(0, -2)
-        h = torch.cat([xs[r].to(a.dtype) @ a.T for r in _blocks(xs.shape[0], xs.shape[1])])  # (tokens, rank)
-        y = xs.new_empty(xs.shape[0], b.shape[0])
-        for r in _blocks(y.shape[0], y.shape[1]):
-            y[r] = (h[r] @ b.T).mul_(scaling)  # rounded to x's dtype on the copy
+        with torch.autocast(x.device.type, enabled=False):  # under --bf16 too: h in A's dtype, as backward uses it
+            h = torch.cat([xs[r].to(a.dtype) @ a.T for r in _blocks(xs.shape[0], xs.shape[1])])  # (tokens, rank)
+            y = xs.new_empty(xs.shape[0], b.shape[0])
+            for r in _blocks(y.shape[0], y.shape[1]):
+                y[r] = (h[r] @ b.T).mul_(scaling)  # rounded to x's dtype on the copy
         ctx.save_for_backward(x, h, a, b)
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], -1)

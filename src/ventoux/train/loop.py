@@ -3,7 +3,7 @@ cosine, clipping, accumulation, periodic validation, metrics.jsonl, atomic check
 
     job = Job(model, batch=lambda step, micro: (x, y, n_tokens), validate=lambda: {"val_loss": ...},
               save=lambda folder, extra_files: ...)
-    train(job, args, out=Path("runs/x"), last=None)      # last: the checkpoint folder to resume from
+    train(job, args, out=Path("runs/x"), last=None, device=torch.device("cpu"), progress=True)  # last: to resume
 
 A pretraining job trains every parameter and checkpoints the whole model (pretrain.py); a fine-tuning
 job trains the adapter and checkpoints only the adapter (finetune.py). Batches are a pure function of
@@ -230,7 +230,7 @@ def schedule(args: LoopArgs):
     def factor(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
-        t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)  # in [0, 1]: a run never passes its steps
         return (args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))) / args.lr
     return factor
 
@@ -245,7 +245,7 @@ def optimizer(model: nn.Module, args: LoopArgs) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))
 
 
-def train(job: Job, args: LoopArgs, out: Path, last: Path | None, device: torch.device, progress: bool = True) -> None:
+def train(job: Job, args: LoopArgs, out: Path, last: Path | None, device: torch.device, progress: bool) -> None:
     """Run the steps left until args.steps; checkpoints go to out/checkpoints, metrics to out/metrics.jsonl."""
     from tqdm import tqdm
 
@@ -316,14 +316,12 @@ def train(job: Job, args: LoopArgs, out: Path, last: Path | None, device: torch.
     bar.close()
 
 
-def draw_plot(out: Path, say=None) -> bool:
-    """Draw out/loss.png; False (and a line on stderr saying why) when it cannot be drawn."""
+def draw_plot(out: Path, say=None) -> None:
+    """Draw out/loss.png, or say why it cannot be drawn (`say`: a line's printer; stderr by default)."""
     try:
         plot_run(out)
-        return True
     except VentouxError as e:  # matplotlib is optional (the [train] extra): the run itself succeeded
         (say or (lambda line: print(line, file=sys.stderr)))(f"no loss.png: {e}")
-        return False
 
 
 class Metrics:
