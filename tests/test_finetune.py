@@ -326,7 +326,7 @@ def test_a_diverging_run_stops_without_writing_an_adapter(tiny, tmp_path):
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)
     args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=4, batch_size=2,
                         lr=1e30, warmup=0, device="cpu")
-    with pytest.raises(VentouxError, match=r"loss became (nan|inf) at step \d.*lower --lr"):
+    with pytest.raises(VentouxError, match=r"loss became (nan|inf) at step 2 .*lower --lr"):  # step 1's is finite
         finetune(args, progress=False)
     assert not (tmp_path / "run" / "adapter").exists()
 

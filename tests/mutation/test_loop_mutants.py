@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -86,13 +87,82 @@ def test_a_model_with_nothing_to_train_is_refused():
 
 def test_metrics_count_tokens_and_the_clock_from_zero(corpus, tmp_path, monkeypatch):  # noqa: F811
     ticks = iter(range(10**6))
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(ticks)))  # one second a call
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(ticks)) ** 2)  # steps of 1, 3, 5 s
     pretrain(_args(corpus, tmp_path / "run", steps=3, log_every=1, eval_every=100, save_every=100), progress=False)
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "val_loss" not in r]
     per_step = 8 * 32  # batch_size x context
     assert [r["tokens"] for r in rows] == [per_step, 2 * per_step, 3 * per_step]
-    assert [r["elapsed_s"] for r in rows] == [1.0, 2.0, 3.0] and rows[0]["tokens_per_s"] == per_step
+    assert [r["elapsed_s"] for r in rows] == [1.0, 4.0, 9.0]
+    rate = [per_step / 1]
+    for seconds in (3, 5):  # the tokens/s shown: a moving average, 0.1 of each new step's
+        rate.append(0.9 * rate[-1] + 0.1 * per_step / seconds)
+    assert [r["tokens_per_s"] for r in rows] == [round(r) for r in rate]
+
+
+def test_accumulated_micro_batches_train_as_their_whole_batch(tiny, tmp_path):  # noqa: F811
+    """Fine-tuning rows (step*A + micro)*B...: 2 micro-batches of 4 are one batch of 8, whose samples have
+    different lengths: the step's loss is the mean over all its targets, not the mean of the micro-batches'."""
+    data = reversals(tmp_path / "train.jsonl", 16, seed=1)
+
+    def first_row(name, **kw):
+        finetune(FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / name), steps=1, log_every=1,
+                              device="cpu", **kw), progress=False)
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+
+    whole, accumulated = first_row("whole", batch_size=8), first_row("acc", batch_size=4, grad_accum=2)
+    assert accumulated["tokens"] == whole["tokens"]
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+def test_the_first_logged_loss_is_the_untrained_models_on_its_batch(tiny, tmp_path):  # noqa: F811
+    from ventoux.api import load_model
+    from ventoux.config import read_config
+    from ventoux.lora import LoraConfig, add_adapter
+    from ventoux.tokenizer import load_tokenizer
+    from ventoux.train.finetune import eval_loss
+    from ventoux.train.sft_data import SFTData
+
+    path = reversals(tmp_path / "train.jsonl", 3, seed=1)
+    tok = load_tokenizer(tiny)
+    finetune(FinetuneArgs(model=str(tiny), data=[str(path)], out=str(tmp_path / "run"), steps=1, batch_size=3,
+                          log_every=1, device="cpu"), progress=False)
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    model = add_adapter(load_model(tiny, read_config(tiny), torch.float32, "cpu"), LoraConfig())  # B = 0: the base
+    data = SFTData.load([str(path)], tok.mistral, 2048)
+    assert logged == pytest.approx(eval_loss(model, data, 3, tok.eos_id), rel=1e-6)  # the batch: all 3 samples
+
+
+def test_clip_0_means_no_clipping(corpus, tmp_path):  # noqa: F811
+    def model_bytes(name, clip):
+        return (pretrain(_args(corpus, tmp_path / name, steps=2, clip=clip), progress=False) /
+                "model.safetensors").read_bytes()
+
+    off = model_bytes("off", 0.0)
+    assert off == model_bytes("huge", 1e9)  # a norm never reached scales by 1: the same bytes
+    assert off != model_bytes("tight", 1e-3)
+
+
+def test_keep_is_how_many_checkpoints_stay(tiny, tmp_path):  # noqa: F811
+    data = reversals(tmp_path / "train.jsonl", 8, seed=1)
+    finetune(FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=5, batch_size=4,
+                          save_every=1, keep=3, device="cpu"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-0000003", "step-0000004", "step-0000005"]
+
+
+def test_the_progress_bar_counts_steps_from_where_a_run_resumes(tiny, tmp_path, capsys):  # noqa: F811
+    data = reversals(tmp_path / "train.jsonl", 8, seed=1)
+    args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=6, batch_size=4,
+                        save_every=3, device="cpu")
+    finetune(args, progress=False)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000006")
+    capsys.readouterr()
+    finetune(FinetuneArgs(out=str(tmp_path / "run"), resume=True))
+    bar = capsys.readouterr().err
+    assert " 3/6 " in bar and " 6/6 " in bar and " 1/6 " not in bar, bar
+    assert "step/s" in bar or "s/step" in bar
+    assert "loss=" in bar and "tok_s=" in bar
 
 
 def test_bf16_when_asked_trains_under_autocast_on_a_cpu_too(tiny, tmp_path):  # noqa: F811

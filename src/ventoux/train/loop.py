@@ -272,20 +272,23 @@ def train(job: Job, args: LoopArgs, out: Path, last: Path | None, device: torch.
     bar = tqdm(total=args.steps, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True)
     losses, t0, rate = [], time.perf_counter(), None
     while state["step"] < args.steps:
-        step, tokens = state["step"], 0
-        for micro in range(args.grad_accum):
-            x, y, n = job.batch(step, micro)  # (B, T) each
+        step, step_loss = state["step"], 0.0
+        micros = [job.batch(step, micro) for micro in range(args.grad_accum)]  # (x, y, real tokens), (B, T) each
+        # the step's loss is the mean over all its targets, however they fall into micro-batches (a short one's
+        # tokens weigh what a long one's do); no target: no loss, no gradient
+        targets = max(1, sum(int((y != -100).sum()) for _, y, _ in micros))
+        for x, y, _ in micros:
             y = y.to(device).flatten()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                summed = summed_loss(model, x.to(device), y)
-            loss = summed / max(1, int((y != -100).sum())) / args.grad_accum  # no target: no loss, no gradient
+                loss = summed_loss(model, x.to(device), y) / targets
             loss.backward()
-            losses.append(loss.item() * args.grad_accum)
-            if not math.isfinite(losses[-1]):  # diverged: every later step and the weights written would be NaN
+            step_loss += loss.item()
+            if not math.isfinite(step_loss):  # diverged: every later step and the weights written would be NaN
                 bar.close()
-                raise VentouxError(f"the training loss became {losses[-1]} at step {step + 1} (the run diverged; no "
+                raise VentouxError(f"the training loss became {step_loss} at step {step + 1} (the run diverged; no "
                                    f"model written): start a new run, another --out, with a lower --lr than {args.lr}")
-            tokens += n
+        losses.append(step_loss)
+        tokens = sum(n for _, _, n in micros)
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, args.clip)
         opt.step()
