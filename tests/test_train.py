@@ -338,15 +338,15 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(monkeypatch):
 
     hf = hf_model(TINY, seed=5)
     ours = ventoux_from_hf(hf)
-    x = torch.randint(0, TINY.vocab_size, (3, 7))
-    y = torch.randint(0, TINY.vocab_size, (21,))
-    y[[0, 4, 20]] = -100
-    monkeypatch.setattr(loop, "LOGIT_CHUNK", 5 * TINY.vocab_size)  # 5 rows a chunk: 5 chunks, the last of 1 row
+    x = torch.randint(0, TINY.vocab_size, (3, 27))  # 81 rows: more than the model's width (64)
+    y = torch.randint(0, TINY.vocab_size, (81,))
+    y[[0, 4, 80]] = -100
+    monkeypatch.setattr(loop, "LOGIT_CHUNK", 5 * TINY.vocab_size)  # 5 rows a chunk: 17 chunks, the last of 1 row
     calls = []
     monkeypatch.setattr(ours, "logits", lambda h, f=ours.logits: calls.append(h.shape[0]) or f(h))
     loss = loop.summed_loss(ours, x, y)
     loss.backward()
-    assert calls[:5] == [5, 5, 5, 5, 1]  # forward in chunks (backward recomputes each)
+    assert calls[:17] == [5] * 16 + [1]  # forward in chunks (backward recomputes each)
     ref = F.cross_entropy(hf(x).logits.flatten(0, 1), y, ignore_index=-100, reduction="sum")
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 
 import pytest
 import torch
@@ -186,3 +189,56 @@ def test_a_picture_that_cannot_be_drawn_is_a_line_not_an_error(tmp_path, monkeyp
     said = []
     loop.draw_plot(tmp_path, said.append)
     assert said == ["no loss.png: matplotlib is not installed: pip install 'ventoux[train]'"]
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("seed", -1, "--seed must be at least 0, not -1"),
+    ("lr", 0.0, "--lr must be a positive number, e.g. 1e-4, not 0.0"),
+    ("dropout", 1.0, "--dropout must be in [0, 1), not 1.0"),
+    ("dropout", 1.5, "--dropout must be in [0, 1), not 1.5"),
+])
+def test_a_setting_out_of_range_is_named_with_its_range(tmp_path, setting, value, words):
+    with pytest.raises(VentouxError) as e:
+        finetune(FinetuneArgs(data=["unread.jsonl"], out=str(tmp_path / "run"), **{setting: value}), progress=False)
+    assert str(e.value) == words
+
+
+def test_a_finished_run_with_more_checkpoints_kept_is_resumed_from_its_newest(tiny, tmp_path):  # noqa: F811
+    data = reversals(tmp_path / "train.jsonl", 8, seed=1)
+    args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=4, batch_size=4,
+                        save_every=1, keep=4, log_every=1, device="cpu")
+    finetune(args, progress=False)
+    with pytest.raises(VentouxError, match="is at step 4; --steps 4 leaves nothing to train"):
+        finetune(FinetuneArgs(out=str(tmp_path / "run"), resume=True), progress=False)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
+    finetune(FinetuneArgs(out=str(tmp_path / "run"), resume=True), progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 3's row kept, step 4's written once more
+
+
+def test_sigusr1_asks_for_a_new_picture_in_the_main_thread_only(monkeypatch):
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never the default (it ends the process)
+    try:
+        event = loop._on_sigusr1()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert event.is_set()
+        elsewhere = []
+        thread = threading.Thread(target=lambda: elsewhere.append(loop._on_sigusr1()))
+        thread.start()
+        thread.join()
+        assert not elsewhere[0].is_set()  # signals can only be handled in the main thread: no handler, no error
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_run_asked_for_a_picture_draws_it_once_through_the_bar(tiny, tmp_path, monkeypatch):  # noqa: F811
+    asked = threading.Event()
+    asked.set()
+    monkeypatch.setattr(loop, "_on_sigusr1", lambda: asked)
+    drawn = []
+    monkeypatch.setattr(loop, "draw_plot", lambda out, say=None: drawn.append((out, say)))
+    data = reversals(tmp_path / "train.jsonl", 8, seed=1)
+    finetune(FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=3, batch_size=4,
+                          device="cpu"), progress=False)
+    assert len(drawn) == 1 and drawn[0][0] == tmp_path / "run" and drawn[0][1] is not None  # through the bar
+    assert not asked.is_set()
