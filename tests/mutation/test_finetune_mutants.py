@@ -150,3 +150,25 @@ def test_a_preset_name_is_its_hub_repository(monkeypatch, tmp_path):
     monkeypatch.setattr(ventoux.hub, "resolve", lambda source: asked.append(source) or tmp_path)
     assert model_folder("mistral-7b-instruct-v0.2") == tmp_path and model_folder("org/name") == tmp_path
     assert asked == ["mistralai/Mistral-7B-Instruct-v0.2", "org/name"]
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"steps": 5, "epochs": 2.0}, "give --steps or --epochs, not both"),
+    ({"steps": None, "epochs": 0.0}, "--epochs must be a positive number, not 0.0"),
+    ({"alpha": 0.0}, "--alpha must be a positive number (the scaling is alpha/rank), not 0.0"),
+])
+def test_settings_out_of_range_are_named(tmp_path, settings, words):
+    with pytest.raises(VentouxError) as e:
+        finetune(FinetuneArgs(data=["unread.jsonl"], out=str(tmp_path / "run"), **settings), progress=False)
+    assert str(e.value) == words
+
+
+def test_fractions_of_an_epoch_and_of_alpha_are_fine_and_the_adapter_names_its_base(tmp_path):
+    from ventoux.api import DEMO_MODEL
+
+    data = reversals(tmp_path / "train.jsonl", 8, seed=1)  # 8 samples, 4 a batch: half an epoch is one step
+    adapter = finetune(FinetuneArgs(data=[str(data)], out=str(tmp_path / "run"), batch_size=4, epochs=0.5, alpha=0.5,
+                                    device="cpu"), progress=False)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(DEMO_MODEL) and config["lora_alpha"] == 0.5
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000001"]
