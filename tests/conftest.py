@@ -121,3 +121,12 @@ def kernel_isa(request, monkeypatch):
     monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, request.param)
     assert cpu_kernels.library() is not None, f"the {request.param} CPU kernels must build and load on this CPU"
     return request.param
+
+
+@pytest.fixture
+def no_tqdm_monitor(monkeypatch):
+    """A shown progress bar without tqdm's monitor thread, which would outlive the test: a process forked later
+    (mutmut forks one per mutant) could inherit tqdm's lock held by it, and hang at its first bar."""
+    import tqdm
+
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)
