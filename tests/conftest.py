@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import mistral_common
 import pytest
 import torch
+import tqdm
 
 from ventoux.config import ModelConfig
 from ventoux.model import Transformer
 from ventoux.names import from_hf
+
+# tqdm shares a multiprocessing lock between processes and runs a monitor thread: a process forked from this one
+# (mutmut forks one per mutant) that is killed holding the lock, or forked while the monitor holds it, hangs every
+# later one at its first progress bar. The tests' bars take a lock of their own process, and no monitor.
+tqdm.tqdm.set_lock(threading.RLock())
+tqdm.tqdm.monitor_interval = 0
 
 TINY = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=211,
                    head_dim=16, norm_eps=1e-5, rope_theta=10000.0, sliding_window=8, max_seq_len=256)
@@ -122,11 +130,3 @@ def kernel_isa(request, monkeypatch):
     assert cpu_kernels.library() is not None, f"the {request.param} CPU kernels must build and load on this CPU"
     return request.param
 
-
-@pytest.fixture
-def no_tqdm_monitor(monkeypatch):
-    """A shown progress bar without tqdm's monitor thread, which would outlive the test: a process forked later
-    (mutmut forks one per mutant) could inherit tqdm's lock held by it, and hang at its first bar."""
-    import tqdm
-
-    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)

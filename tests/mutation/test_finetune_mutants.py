@@ -95,7 +95,7 @@ def test_without_steps_a_run_is_its_epochs_of_batches(tiny, tmp_path, epochs, st
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == f"step-{steps:07d}"
 
 
-def test_the_progress_bar_is_on_by_default(tiny, tmp_path, capsys, no_tqdm_monitor):  # noqa: F811
+def test_the_progress_bar_is_on_by_default(tiny, tmp_path, capsys):  # noqa: F811
     data = reversals(tmp_path / "train.jsonl", 4, seed=1)
     finetune(args_for(tiny, data, tmp_path / "quiet", steps=1), progress=False)
     assert capsys.readouterr().err == ""

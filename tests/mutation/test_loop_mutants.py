@@ -154,7 +154,7 @@ def test_keep_is_how_many_checkpoints_stay(tiny, tmp_path):  # noqa: F811
         "step-0000003", "step-0000004", "step-0000005"]
 
 
-def test_the_progress_bar_counts_steps_from_where_a_run_resumes(tiny, tmp_path, capsys, no_tqdm_monitor):  # noqa: F811
+def test_the_progress_bar_counts_steps_from_where_a_run_resumes(tiny, tmp_path, capsys):  # noqa: F811
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)
     args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=6, batch_size=4,
                         save_every=3, device="cpu")
