@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -88,19 +89,39 @@ def test_a_model_with_nothing_to_train_is_refused():
     assert str(e.value) == "the model has no trainable parameters"
 
 
-def test_metrics_count_tokens_and_the_clock_from_zero(corpus, tmp_path, monkeypatch):  # noqa: F811
-    ticks = iter(range(10**6))
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(ticks)) ** 2)  # steps of 1, 3, 5 s
-    pretrain(_args(corpus, tmp_path / "run", steps=3, log_every=1, eval_every=100, save_every=100), progress=False)
+def test_metrics_count_tokens_and_the_clock_from_zero(corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
+    def clock(call: int) -> float:  # steps of 2.34, 6.34 and 10.34 s, from 10 s
+        return 10 + 2 * call**2 + 0.34 * call
+
+    calls = iter(range(10**6))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock(next(calls)))
+    args = _args(corpus, tmp_path / "run", steps=3, log_every=1, eval_every=100, save_every=100)
+    pretrain(args, progress=False)
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "val_loss" not in r]
+    assert "step 3: val_loss " in capsys.readouterr().out  # the evaluation at the last step, said as it is logged
+    evaluation = rows.pop()
+    assert set(evaluation) == {"step", "val_loss", "val_nats_per_char"} and evaluation["step"] == 3
     per_step = 8 * 32  # batch_size x context
     assert [r["tokens"] for r in rows] == [per_step, 2 * per_step, 3 * per_step]
-    assert [r["elapsed_s"] for r in rows] == [1.0, 4.0, 9.0]
-    rate = [per_step / 1]
-    for seconds in (3, 5):  # the tokens/s shown: a moving average, 0.1 of each new step's
-        rate.append(0.9 * rate[-1] + 0.1 * per_step / seconds)
+    elapsed = [clock(k) - clock(0) for k in (1, 2, 3)]
+    assert [r["elapsed_s"] for r in rows] == [round(e, 1) for e in elapsed] == [2.3, 8.7, 19.0]
+    rate = [per_step / elapsed[0]]
+    for k in (2, 3):  # the tokens/s shown: a moving average, 0.1 of each new step's
+        rate.append(0.9 * rate[-1] + 0.1 * per_step / (clock(k) - clock(k - 1)))
     assert [r["tokens_per_s"] for r in rows] == [round(r) for r in rate]
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * schedule(args)(k) for k in (1, 2, 3)], rel=1e-12)
+
+
+def test_a_logged_loss_is_the_mean_of_the_steps_since_the_last_row(corpus, tmp_path):  # noqa: F811
+    def rows(name, log_every):
+        pretrain(_args(corpus, tmp_path / name, steps=3, log_every=log_every, eval_every=100, save_every=100),
+                 progress=False)
+        return [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if "lr" in r]
+
+    each, every_2 = rows("each", 1), rows("every_2", 2)
+    assert [r["step"] for r in every_2] == [2, 3]  # and the last step, always
+    assert every_2[0]["loss"] == pytest.approx((each[0]["loss"] + each[1]["loss"]) / 2, rel=1e-9)
+    assert every_2[1]["loss"] == pytest.approx(each[2]["loss"], rel=1e-9)
 
 
 def test_accumulated_micro_batches_train_as_their_whole_batch(tiny, tmp_path):  # noqa: F811
@@ -165,7 +186,7 @@ def test_the_progress_bar_counts_steps_from_where_a_run_resumes(tiny, tmp_path, 
     bar = capsys.readouterr().err
     assert " 3/6 " in bar and " 6/6 " in bar and " 1/6 " not in bar, bar
     assert "step/s" in bar or "s/step" in bar
-    assert "loss=" in bar and "tok_s=" in bar
+    assert re.search(r"loss=\d+\.\d{3}, tok_s=\d+", bar), bar
 
 
 def test_bf16_when_asked_trains_under_autocast_on_a_cpu_too(tiny, tmp_path):  # noqa: F811
@@ -242,3 +263,18 @@ def test_a_run_asked_for_a_picture_draws_it_once_through_the_bar(tiny, tmp_path,
                           device="cpu"), progress=False)
     assert len(drawn) == 1 and drawn[0][0] == tmp_path / "run" and drawn[0][1] is not None  # through the bar
     assert not asked.is_set()
+
+
+def test_a_list_setting_differs_by_its_items(tmp_path, monkeypatch):
+    saved = saved_run(tmp_path)
+    (tmp_path / "other.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VentouxError, match=r"--data other.jsonl \(the run has "):
+        resumed_args(FinetuneArgs(data=["other.jsonl"], out="run"), saved, {"data"}, done=1)
+
+
+def test_resume_without_a_run_says_both_ways_out(tmp_path):
+    with pytest.raises(VentouxError) as e:
+        finetune(FinetuneArgs(out=str(tmp_path / "typo"), resume=True), progress=False)
+    assert str(e.value) == (f"--resume: {tmp_path / 'typo'} holds no checkpoint to resume; check --out, or drop "
+                            "--resume to start a new run")
