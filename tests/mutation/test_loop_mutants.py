@@ -98,7 +98,8 @@ def test_metrics_count_tokens_and_the_clock_from_zero(corpus, tmp_path, monkeypa
     args = _args(corpus, tmp_path / "run", steps=3, log_every=1, eval_every=100, save_every=100)
     pretrain(args, progress=False)
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert "step 3: val_loss " in capsys.readouterr().out  # the evaluation at the last step, said as it is logged
+    said = capsys.readouterr().out  # the evaluation at the last step, said as it is logged
+    assert re.search(r"^step 3: val_loss \d+\.\d{4}, val_nats_per_char \d+\.\d{4}$", said, re.M), said
     evaluation = rows.pop()
     assert set(evaluation) == {"step", "val_loss", "val_nats_per_char"} and evaluation["step"] == 3
     per_step = 8 * 32  # batch_size x context
