@@ -166,17 +166,20 @@ def test_validate_only_summary(tmp_path, capsys):
 
 
 # ---- training ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny random model with the demo model's tokenizer (2048 pieces, v1 chat format)."""
-    folder = tmp_path_factory.mktemp("tiny") / "model"
+def tiny_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny random model with the demo model's tokenizer (2048 pieces, v1 chat format), stored in `dtype`."""
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=2048, max_seq_len=128)
     torch.manual_seed(0)
     model = Transformer(cfg)
     for p in model.parameters():
         torch.nn.init.normal_(p, 0, 0.05) if p.dim() == 2 else None
-    save_hf(model, folder, dtype=torch.float32, extra_files=[DEMO_MODEL / "tokenizer.model"])
+    save_hf(model, folder, dtype=dtype, extra_files=[DEMO_MODEL / "tokenizer.model"])
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def reversals(path: Path, n: int, seed: int) -> Path:

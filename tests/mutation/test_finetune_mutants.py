@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_finetune import CHAT, reversals, tiny  # noqa: F401  (tiny: the fixture)
+from test_finetune import CHAT, reversals, tiny, tiny_checkpoint  # noqa: F401  (tiny: the fixture)
 
-from ventoux.config import ModelConfig
 from ventoux.errors import VentouxError
-from ventoux.model import Transformer
 from ventoux.train.finetune import FinetuneArgs, check_data, finetune, model_folder
-from ventoux.weights import save_hf
 
 
 def adapter_bytes(folder: Path) -> bytes:
@@ -60,16 +57,7 @@ def test_a_flag_given_on_resume_is_checked_even_at_its_default(tiny, tmp_path): 
 @pytest.fixture(scope="module")
 def bf16_model(tmp_path_factory) -> Path:
     """The tiny model stored in bfloat16: a float32 base (the CPU's default) is not what the file holds."""
-    from ventoux.api import DEMO_MODEL
-
-    folder = tmp_path_factory.mktemp("bf16") / "model"
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=2048, max_seq_len=128)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, 0, 0.05) if p.dim() == 2 else None
-    save_hf(model, folder, dtype=torch.bfloat16, extra_files=[DEMO_MODEL / "tokenizer.model"])
-    return folder
+    return tiny_checkpoint(tmp_path_factory.mktemp("bf16") / "model", torch.bfloat16)
 
 
 def test_the_base_is_float32_on_a_cpu_unless_told_and_quantized_when_asked(bf16_model, tmp_path):
