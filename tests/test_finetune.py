@@ -177,6 +177,11 @@ def tiny_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Path:
     return folder
 
 
+def tuning_args(model: Path, data: Path, out: Path, **settings) -> FinetuneArgs:
+    """A fine-tuning run of `model` on one data file, on the CPU unless `settings` say otherwise."""
+    return FinetuneArgs(model=str(model), data=[str(data)], out=str(out), **{"device": "cpu", **settings})
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")

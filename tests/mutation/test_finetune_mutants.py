@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_finetune import CHAT, reversals, tiny, tiny_checkpoint  # noqa: F401  (tiny: the fixture)
+from test_finetune import CHAT, reversals, tiny, tiny_checkpoint, tuning_args  # noqa: F401  (tiny: the fixture)
 
 from ventoux.errors import VentouxError
 from ventoux.train.finetune import FinetuneArgs, check_data, finetune, model_folder
@@ -22,8 +22,7 @@ def adapter_bytes(folder: Path) -> bytes:
 
 
 def args_for(model, data, out, **kw) -> FinetuneArgs:
-    return FinetuneArgs(model=str(model), data=[str(data)], out=str(out), **{
-        "steps": 4, "batch_size": 4, "lr": 3e-3, "warmup": 1, "device": "cpu", **kw})
+    return tuning_args(model, data, out, **{"steps": 4, "batch_size": 4, "lr": 3e-3, "warmup": 1, **kw})
 
 
 def test_a_resume_in_this_process_ends_with_the_uninterrupted_adapter(tiny, tmp_path):  # noqa: F811

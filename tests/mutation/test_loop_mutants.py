@@ -13,10 +13,11 @@ import re
 import shutil
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import torch
-from test_finetune import reversals, tiny  # noqa: F401  (tiny: the fixture)
+from test_finetune import reversals, tiny, tuning_args  # noqa: F401  (tiny: the fixture)
 from test_train import _args, corpus  # noqa: F401  (corpus: the fixture)
 
 from ventoux.errors import VentouxError
@@ -24,6 +25,10 @@ from ventoux.train import loop
 from ventoux.train.finetune import FinetuneArgs, finetune
 from ventoux.train.loop import LoopArgs, optimizer, resumed_args, schedule
 from ventoux.train.pretrain import pretrain
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def saved_run(tmp_path) -> dict:
@@ -97,7 +102,7 @@ def test_metrics_count_tokens_and_the_clock_from_zero(corpus, tmp_path, monkeypa
     monkeypatch.setattr(loop.time, "perf_counter", lambda: clock(next(calls)))
     args = _args(corpus, tmp_path / "run", steps=3, log_every=1, eval_every=100, save_every=100)
     pretrain(args, progress=False)
-    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path / "run")
     said = capsys.readouterr().out  # the evaluation at the last step, said as it is logged
     assert re.search(r"^step 3: val_loss \d+\.\d{4}, val_nats_per_char \d+\.\d{4}$", said, re.M), said
     evaluation = rows.pop()
@@ -117,7 +122,7 @@ def test_a_logged_loss_is_the_mean_of_the_steps_since_the_last_row(corpus, tmp_p
     def rows(name, log_every):
         pretrain(_args(corpus, tmp_path / name, steps=3, log_every=log_every, eval_every=100, save_every=100),
                  progress=False)
-        return [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if "lr" in r]
+        return [r for r in metrics(tmp_path / name) if "lr" in r]
 
     each, every_2 = rows("each", 1), rows("every_2", 2)
     assert [r["step"] for r in every_2] == [2, 3]  # and the last step, always
@@ -131,9 +136,8 @@ def test_accumulated_micro_batches_train_as_their_whole_batch(tiny, tmp_path):  
     data = reversals(tmp_path / "train.jsonl", 16, seed=1)
 
     def first_row(name, **kw):
-        finetune(FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / name), steps=1, log_every=1,
-                              device="cpu", **kw), progress=False)
-        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        finetune(tuning_args(tiny, data, tmp_path / name, steps=1, log_every=1, **kw), progress=False)
+        return metrics(tmp_path / name)[0]
 
     whole, accumulated = first_row("whole", batch_size=8), first_row("acc", batch_size=4, grad_accum=2)
     assert accumulated["tokens"] == whole["tokens"]
@@ -150,9 +154,8 @@ def test_the_first_logged_loss_is_the_untrained_models_on_its_batch(tiny, tmp_pa
 
     path = reversals(tmp_path / "train.jsonl", 3, seed=1)
     tok = load_tokenizer(tiny)
-    finetune(FinetuneArgs(model=str(tiny), data=[str(path)], out=str(tmp_path / "run"), steps=1, batch_size=3,
-                          log_every=1, device="cpu"), progress=False)
-    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    finetune(tuning_args(tiny, path, tmp_path / "run", steps=1, batch_size=3, log_every=1), progress=False)
+    logged = metrics(tmp_path / "run")[0]["loss"]
     model = add_adapter(load_model(tiny, read_config(tiny), torch.float32, "cpu"), LoraConfig())  # B = 0: the base
     data = SFTData.load([str(path)], tok.mistral, 2048)
     assert logged == pytest.approx(eval_loss(model, data, 3, tok.eos_id), rel=1e-6)  # the batch: all 3 samples
@@ -170,16 +173,14 @@ def test_clip_0_means_no_clipping(corpus, tmp_path):  # noqa: F811
 
 def test_keep_is_how_many_checkpoints_stay(tiny, tmp_path):  # noqa: F811
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)
-    finetune(FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=5, batch_size=4,
-                          save_every=1, keep=3, device="cpu"), progress=False)
+    finetune(tuning_args(tiny, data, tmp_path / "run", steps=5, batch_size=4, save_every=1, keep=3), progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "step-0000003", "step-0000004", "step-0000005"]
 
 
 def test_the_progress_bar_counts_steps_from_where_a_run_resumes(tiny, tmp_path, capsys):  # noqa: F811
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)
-    args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=6, batch_size=4,
-                        save_every=3, device="cpu")
+    args = tuning_args(tiny, data, tmp_path / "run", steps=6, batch_size=4, save_every=3)
     finetune(args, progress=False)
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000006")
     capsys.readouterr()
@@ -194,8 +195,7 @@ def test_bf16_when_asked_trains_under_autocast_on_a_cpu_too(tiny, tmp_path):  # 
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)
 
     def adapter(name, **kw):
-        args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / name), steps=2, batch_size=4,
-                            lr=3e-3, device="cpu", **kw)
+        args = tuning_args(tiny, data, tmp_path / name, steps=2, batch_size=4, lr=3e-3, **kw)
         return (finetune(args, progress=False) / "adapter_model.safetensors").read_bytes()
 
     assert adapter("default") == adapter("off", bf16=False) != adapter("on", bf16=True)
@@ -227,14 +227,13 @@ def test_a_setting_out_of_range_is_named_with_its_range(tmp_path, setting, value
 
 def test_a_finished_run_with_more_checkpoints_kept_is_resumed_from_its_newest(tiny, tmp_path):  # noqa: F811
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)
-    args = FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=4, batch_size=4,
-                        save_every=1, keep=4, log_every=1, device="cpu")
+    args = tuning_args(tiny, data, tmp_path / "run", steps=4, batch_size=4, save_every=1, keep=4, log_every=1)
     finetune(args, progress=False)
     with pytest.raises(VentouxError, match="is at step 4; --steps 4 leaves nothing to train"):
         finetune(FinetuneArgs(out=str(tmp_path / "run"), resume=True), progress=False)
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
     finetune(FinetuneArgs(out=str(tmp_path / "run"), resume=True), progress=False)
-    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 3's row kept, step 4's written once more
 
 
@@ -260,8 +259,7 @@ def test_a_run_asked_for_a_picture_draws_it_once_through_the_bar(tiny, tmp_path,
     drawn = []
     monkeypatch.setattr(loop, "draw_plot", lambda out, say=None: drawn.append((out, say)))
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)
-    finetune(FinetuneArgs(model=str(tiny), data=[str(data)], out=str(tmp_path / "run"), steps=3, batch_size=4,
-                          device="cpu"), progress=False)
+    finetune(tuning_args(tiny, data, tmp_path / "run", steps=3, batch_size=4), progress=False)
     assert len(drawn) == 1 and drawn[0][0] == tmp_path / "run" and drawn[0][1] is not None  # through the bar
     assert not asked.is_set()
 
