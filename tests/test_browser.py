@@ -13,8 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import randomize_adapters
 
 import ventoux
+from ventoux import lora
 from ventoux.server import Settings, create_app
 from ventoux.server.background import BackgroundServer
 
@@ -36,7 +38,10 @@ def server():
     # a step of at least 20 ms, as a real model's: the demo model's 24 tokens can otherwise come in one network
     # read, and the page would show the reply whole (what the streaming test checks it does not)
     llm.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
-    app = create_app(Settings(served_name="demo", api_key=KEY), load=lambda: (llm, llm.engine(max_batch=4)))
+    lora.add_adapter(llm.model, lora.LoraConfig(rank=4, alpha=8), name="poet", activate=False)
+    randomize_adapters(llm.model, scale=0.3, name="poet")  # chosen per request, in the page's model list
+    app = create_app(Settings(served_name="demo", api_key=KEY, adapters={"poet": "in memory"}),
+                     load=lambda: (llm, llm.engine(max_batch=4)))
     with BackgroundServer(app) as s:
         s.wait_ready()
         yield s
@@ -96,3 +101,26 @@ def test_stop_ends_the_reply_and_frees_the_server_row(server, page):
     while engine.stats().running:
         assert time.monotonic() < deadline, "the stopped reply still holds its row"
         time.sleep(0.05)
+
+
+def test_the_model_list_offers_the_adapters_and_a_reply_comes_from_the_one_chosen(server, page):
+    """The list is read again once the key is given (the fixture types it after the page loaded without one)."""
+    page.wait_for_function("() => document.getElementById('model').options.length === 2")
+    assert page.eval_on_selector_all("#model option", "os => os.map(o => [o.value, o.textContent])") == [
+        ["demo", "demo"], ["poet", "poet (adapter)"]]
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "16")
+    page.click("#reset")
+    page.select_option("#model", "poet")
+    page.fill("#prompt", "Speak, good sir.")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".assistant[data-state=done]")
+
+    def answer(model):
+        return httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": model, "messages": [{"role": "user", "content": "Speak, good sir."}],
+                                "max_tokens": 16, "temperature": 0}).json()["choices"][0]["message"]["content"]
+
+    assert answer("poet") != answer("demo")
+    assert page.locator(".assistant").last.text_content() == answer("poet")
+    page.select_option("#model", "demo")

@@ -590,11 +590,21 @@ def test_cli_serve_binds_localhost_prints_the_url_and_stops_on_sigterm(tmp_path,
         assert proc.wait(timeout=30) == -signal.SIGTERM
 
 
-def test_cli_serve_refuses_an_empty_key_or_name_and_a_port_out_of_range(monkeypatch, capsys):
+def test_cli_serve_refuses_an_empty_key_or_name_and_a_port_out_of_range(monkeypatch, capsys, tmp_path):
     from ventoux.cli import main
 
     cases = {("--api-key", ""): "--api-key is empty", ("--api-key", "  "): "--api-key is empty",
              ("--port", "99999"): "--port 99999 is not a port", ("--port", "-1"): "--port -1 is not a port",
+             ("--lora-modules", "sql"): "--lora-modules 'sql' is not NAME=PATH, e.g. sql=runs/sql/adapter",
+             ("--lora-modules", "=x"): "--lora-modules '=x' is not NAME=PATH",
+             ("--lora-modules", '{"name": "x"}'): """--lora-modules '{"name": "x"}' is not NAME=PATH""",
+             ("--lora-modules", '{"name": "x", "path": 3}'): "is not NAME=PATH",
+             ("--lora-modules", "{x"): "--lora-modules '{x' is not NAME=PATH",
+             ("--lora-modules", f"x={tmp_path}", json.dumps({"name": "x", "path": str(tmp_path)})):
+                 "the name 'x' is already served",
+             ("--lora-modules", f"x={tmp_path}", f"x={tmp_path}"): "the name 'x' is already served",
+             ("--lora-modules", f"ventoux-demo={tmp_path}"): "the name 'ventoux-demo' is already served",
+             ("--lora-modules", "x=/nonexistent/adapter"): "/nonexistent/adapter does not exist",
              # a model that fails to load: were the name let through, serve would stop, not listen on
              ("--served-model-name", "", "--model", "/nonexistent/model", "--port", "0"):
                  "--served-model-name is empty"}
@@ -625,3 +635,65 @@ def test_sampling_errors_name_the_field_the_client_sent(demo, field, value):
     r = httpx.post(demo.url + "/v1/chat/completions", json={"messages": HI, "logprobs": True, field: value})
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == field and f"{field}={value}" in error["message"], error
+
+
+# ---- LoRA adapters served by name (vLLM's --lora-modules) ---------------------------------------------------
+def test_adapters_are_served_by_name_beside_the_model_and_mix_in_one_batch(v1_tokenizer):
+    """`model` chooses the adapter per request; requests for the model and for its adapter, sent together, decode
+    side by side and each gives the tokens ventoux.generate gives with that adapter (or none)."""
+    from conftest import adapter_model, random_ids
+
+    llm = LLM(adapter_model(), v1_tokenizer, "tiny")
+    prompts = [random_ids(seed, 9) for seed in (1, 2)]
+    want = {name: [llm.generate(p, adapter=adapter, max_tokens=10).text for p in prompts]
+            for name, adapter in (("test-model", None), ("a", "a"))}
+    assert want["a"] != want["test-model"]  # the adapter changes the output
+    with live(llm, adapters={"a": "runs/a/adapter"}) as server:
+        c = client(server)
+        assert [m.id for m in c.models.list().data] == ["test-model", "a"]
+        card = httpx.get(server.url + "/v1/models/a").json()
+        assert (card["id"], card["parent"], card["root"]) == ("a", "test-model", "runs/a/adapter")
+        assert "parent" not in httpx.get(server.url + "/v1/models/test-model").json()
+        jobs = [(name, p) for name in want for p in prompts]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda job: c.completions.create(model=job[0], prompt=job[1], max_tokens=10,
+                                                                 temperature=0).choices[0].text, jobs))
+        assert got == want["test-model"] + want["a"]
+        streamed = c.completions.create(model="a", prompt=prompts[1], max_tokens=10, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want["a"][1]
+        r = httpx.post(server.url + "/v1/completions", json={"model": "b", "prompt": prompts[0]})
+        assert r.status_code == 404 and r.json()["error"] == {
+            "message": "model 'b' is not served here: use 'test-model' or 'a' (GET /v1/models)",
+            "type": "not_found_error", "param": "model", "code": "model_not_found"}
+        assert httpx.get(server.url + "/v1/models/b").status_code == 404
+
+
+def test_cli_serves_a_peft_adapter_folder_by_name(tmp_path):
+    """`ventoux serve --lora-modules NAME=PATH` on the demo model and a PEFT folder saved from it: `model`: NAME
+    gives ventoux.load(lora={NAME: PATH})'s tokens with the adapter, the served name the model's own."""
+    from conftest import randomize_adapters
+
+    from ventoux import lora
+    from ventoux.lora_files import save_adapter
+
+    llm = ventoux.load(dtype="float32")
+    lora.add_adapter(llm.model, lora.LoraConfig(rank=4, alpha=8), name="mine")
+    save_adapter(randomize_adapters(llm.model, scale=0.3, name="mine"), tmp_path / "adapter", name="mine")
+    ref = ventoux.load(dtype="float32", lora={"mine": tmp_path / "adapter"})
+    want = {name: ref.generate(ROMEO, adapter=adapter, max_tokens=12).text
+            for name, adapter in (("ventoux-demo", None), ("mine", "mine"))}
+    assert want["mine"] != want["ventoux-demo"]
+    proc = subprocess.Popen([sys.executable, "-m", "ventoux", "serve", "--port", "0", "--dtype", "float32",
+                             "--lora-modules", f"mine={tmp_path / 'adapter'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = next((w for w in line.split() if w.startswith("http://")), line)
+        wait_until(lambda: httpx.get(url + "/health").status_code == 200, timeout=120)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["ventoux-demo", "mine"]
+        for name, text in want.items():
+            assert c.completions.create(model=name, prompt=ROMEO, max_tokens=12, temperature=0).choices[0].text == text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == -signal.SIGTERM

@@ -94,8 +94,9 @@ def sampling_params(args: argparse.Namespace):
     return SamplingParams(**sampling_kwargs(args))
 
 
-def load_from_args(args: argparse.Namespace):
-    """The model of add_model_args' flags; the flags are all checked before the (long) load starts."""
+def load_from_args(args: argparse.Namespace, lora=None):
+    """The model of add_model_args' flags (lora: adapters by name, ventoux.load's, in place of --lora); the flags
+    are all checked before the (long) load starts."""
     from . import load
     from .api import pick_device
     from .quantize import parse_quantize
@@ -105,7 +106,7 @@ def load_from_args(args: argparse.Namespace):
     if args.quantize is not None:
         parse_quantize(args.quantize)
     return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
-                lora=getattr(args, "lora", None))
+                lora=lora or getattr(args, "lora", None))
 
 
 def main(argv: list[str] | None = None) -> int:

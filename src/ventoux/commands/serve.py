@@ -2,6 +2,7 @@
 
     ventoux serve                                   # the demo model on http://127.0.0.1:8000 (open / to chat)
     ventoux serve --model ./Mistral-7B-Instruct-v0.3 --quantize int4 --api-key-file key.txt --max-batch 8
+    ventoux serve --model ./base --lora-modules sql=runs/sql/adapter chat=./chat-lora   # `model`: sql, chat or base
 
 The URL is printed at once; the model loads in the background (GET /health: 503, then 200).
 
@@ -14,6 +15,7 @@ request samples with seed + i.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -46,6 +48,41 @@ def _serve_args(p):
                    help="larger request bodies get 413 (default 1 MiB)")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser pages of this origin (repeatable; default: no cross-origin access)")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders or mistral-finetune's lora.safetensors) served beside the model, "
+                        "each chosen by a request's `model`: NAME (vLLM's flag, which also takes "
+                        "'{\"name\": NAME, \"path\": PATH}'); rows of one batch may differ")
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """NAME=PATH, or vLLM's JSON form {"name": NAME, "path": PATH} -> (name, path)."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+            name, path = entry["name"], entry["path"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            name = path = None
+        return (name, path) if isinstance(name, str) and isinstance(path, str) else ("", "")
+    name, _, path = text.partition("=")
+    return name.strip(), path.strip()
+
+
+def _lora_modules(pairs: list[str], served: str) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... -> {name: path}, checked before the model loads."""
+    modules: dict[str, str] = {}
+    for pair in pairs:
+        name, path = _lora_module(pair)
+        if not (name and path):
+            raise VentouxError(f"--lora-modules {pair!r} is not NAME=PATH, e.g. sql=runs/sql/adapter, or "
+                               '{"name": "sql", "path": "runs/sql/adapter"}')
+        if name == served or name in modules:
+            raise VentouxError(f"--lora-modules {pair!r}: the name {name!r} is already served; give each adapter "
+                               "its own name, other than the model's (--served-model-name)")
+        if not Path(path).exists():
+            raise VentouxError(f"--lora-modules {pair!r}: {path} does not exist; give an adapter folder "
+                               "(adapter_config.json) or a lora.safetensors file")
+        modules[name] = path
+    return modules
 
 
 def _api_key(args) -> str | None:
@@ -91,14 +128,16 @@ def run_serve(args):
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise VentouxError("--served-model-name is empty: give the name clients pass as `model`, or leave it out")
     served = args.served_model_name or ("ventoux-demo" if args.model is None else Path(args.model).name)
+    adapters = _lora_modules(args.lora_modules, served)
     settings = Settings(served_name=served, api_key=_api_key(args), cors_origins=tuple(args.cors_origin),
-                        max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_batch)
+                        max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_batch,
+                        adapters=adapters)
     sock = _listen(args.host, args.port)
     failed = []
 
     def load():
         start = time.perf_counter()
-        llm = load_from_args(args)
+        llm = load_from_args(args, lora=adapters or None)
         engine = llm.engine(max_batch=args.max_batch, kv_cache_bytes=args.kv_cache_bytes, max_queue=args.max_queue)
         print(f"ventoux serve: {served} ready ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
         return llm, engine

@@ -65,6 +65,7 @@ class Run:
 
     def __init__(self, state, kind: str, req, ids: list[int]):
         self.state, self.kind, self.req, self.ids = state, kind, req, ids
+        self.adapter = state.check_model(req.model)  # a LoRA adapter served by name, or None: the model itself
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.want_logprobs = bool(req.logprobs) if kind == "chat" else req.logprobs is not None
@@ -81,7 +82,7 @@ class Run:
         try:
             for i in range(self.req.n):
                 seeded = params if params.seed is None else replace(params, seed=params.seed + i)
-                self.handles.append(self.state.engine.submit(self.ids, seeded))
+                self.handles.append(self.state.engine.submit(self.ids, seeded, self.adapter))
         except QueueFull as e:
             self.cancel()
             raise APIError(429, f"the server is busy ({e}); retry after a second", code="queue_full",

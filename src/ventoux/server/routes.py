@@ -29,8 +29,12 @@ async def page():
     return FileResponse(PAGE, media_type="text/html")
 
 
-def _model_card(state) -> dict:
-    card = {"id": state.settings.served_name, "object": "model", "created": state.created, "owned_by": "ventoux"}
+def _model_card(state, adapter: str | None = None) -> dict:
+    """The served model's card, or a served adapter's: its name, with the model it adapts as parent (vLLM's)."""
+    served = state.settings.served_name
+    card = {"id": adapter or served, "object": "model", "created": state.created, "owned_by": "ventoux"}
+    if adapter is not None:
+        card.update(root=state.settings.adapters[adapter], parent=served)
     if state.llm is not None:
         card["max_model_len"] = state.llm.config.max_seq_len
     return card
@@ -38,14 +42,14 @@ def _model_card(state) -> dict:
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return {"object": "list", "data": [_model_card(request.app.state.ventoux)]}
+    state = request.app.state.ventoux
+    return {"object": "list", "data": [_model_card(state, a) for a in (None, *state.settings.adapters)]}
 
 
 @router.get("/v1/models/{name:path}")
 async def model(request: Request, name: str):
     state = request.app.state.ventoux
-    state.check_model(name)
-    return _model_card(state)
+    return _model_card(state, state.check_model(name))
 
 
 @router.get("/metrics")

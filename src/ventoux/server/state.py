@@ -1,6 +1,6 @@
 """What the routes share: the settings, the metrics, and the model and engine once loaded.
 
-    state = ServerState(Settings(served_name="demo"))
+    state = ServerState(Settings(served_name="demo", adapters={"sql": "runs/sql/adapter"}))
     state.start_loading(lambda: (llm, llm.engine(max_batch=8)))  # a thread; /health is 503 until it is done
     engine = state.ready()                                      # or APIError(503) while loading
 """
@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import APIError
 from .logprobs import TokenPieces
@@ -26,6 +26,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_tokens_cap: int = 4096
     max_n: int = 8
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters served by name: name -> where it was read
 
 
 class ServerState:
@@ -58,11 +59,16 @@ class ServerState:
                            code="model_loading", headers=None if self.load_error else {"Retry-After": "2"})
         return self.engine
 
-    def check_model(self, name: str | None) -> None:
-        """`model` only selects the served name; anything else is a 404, never a path to open."""
-        if name is not None and name != self.settings.served_name:
-            raise APIError(404, f"model {name!r} is not served here: use {self.settings.served_name!r} "
-                           "(GET /v1/models)", param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` selects: None for the served model (or no `model`), the adapter's
+        name for one served by name (vLLM's --lora-modules); anything else is a 404, never a path to open."""
+        if name is None or name == self.settings.served_name:
+            return None
+        if name in self.settings.adapters:
+            return name
+        adapters = "".join(f" or {a!r}" for a in self.settings.adapters)
+        raise APIError(404, f"model {name!r} is not served here: use {self.settings.served_name!r}{adapters} "
+                       "(GET /v1/models)", param="model", code="model_not_found")
 
     def close(self) -> None:
         if self.engine is not None:
