@@ -517,6 +517,25 @@ def test_quantize_option_must_match_a_quantized_checkpoint(tmp_path):
     with pytest.raises(VentouxError, match="already quantized as int4-g32"):
         load_model(folder, CFG, None, quantize="int8")
     assert isinstance(load_model(folder, CFG, None, quantize="int4-g32").layers[0].attention.wk, Int4Linear)
+    # a head named with +output must be the stored one (int8 here, the default): never silently another
+    for spec in ("int4+output=float", "int4+output"):
+        with pytest.raises(VentouxError) as e:
+            load_model(folder, CFG, None, quantize=spec)
+        assert str(e.value) == f"{folder} is already quantized as int4-g32; drop quantize={spec!r} or pass 'int4-g32'"
+    assert isinstance(load_model(folder, CFG, None, quantize="int4+output=int8").output, Int8Linear)
+    floating = tmp_path / "float-head"
+    save_quantized(_model(), floating, "int4", include_output=False)
+    with pytest.raises(VentouxError, match=r"already quantized as int4-g32\+output=float; .* or pass "
+                                           r"'int4-g32\+output=float'$"):
+        load_model(floating, CFG, None, quantize="int4+output=int8")
+    assert isinstance(load_model(floating, CFG, None, quantize="int4").output, nn.Linear)  # the scheme restated
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8-g64", "int4-g128+output", "int4+output=float", "int8+output=int4-g64"])
+def test_spec_of_is_parse_quantizes_inverse(spec):
+    from ventoux.quantize import parse_quantize, spec_of
+
+    assert parse_quantize(spec_of(*parse_quantize(spec))) == parse_quantize(spec)
 
 
 def test_quantize_cli_writes_a_checkpoint_that_loads_with_its_scheme(tmp_path):

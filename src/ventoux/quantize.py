@@ -102,6 +102,13 @@ def parse_quantize(spec: str | Scheme) -> tuple[Scheme, Scheme | None]:
     return scheme, head_scheme(scheme, head[1:] or True)
 
 
+def spec_of(scheme: Scheme, head: Scheme | None) -> str:
+    """The load-time quantize option of (blocks' scheme, head's scheme or None): parse_quantize's inverse."""
+    if head == DEFAULT_HEAD:
+        return scheme.name
+    return f"{scheme.name}{OUTPUT_SUFFIX}={head.name if head else 'float'}"
+
+
 # ---- the swap ------------------------------------------------------------------------------------
 BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -281,9 +288,11 @@ def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None,
         hook = quantizer(scheme, head or False)  # a float head: False (None would be the default head)
         return model, hook if transform is None else _chain(hook, transform)
     scheme, head = stored
-    if quantize is not None and parse_quantize(quantize)[0] != scheme:
-        raise VentouxError(f"{folder} is already quantized as {scheme.name}; drop quantize={quantize!r} "
-                           f"or pass {scheme.name!r}")
+    if quantize is not None:  # a restated scheme is fine; another scheme, or another head named with +output, is not
+        blocks, asked_head = parse_quantize(quantize)
+        if blocks != scheme or (OUTPUT_SUFFIX in str(quantize).lower() and asked_head != head):
+            raise VentouxError(f"{folder} is already quantized as {spec_of(scheme, head)}; drop quantize={quantize!r} "
+                               f"or pass {spec_of(scheme, head)!r}")
     stored_table = EMBEDDING_PREFIX + "qweight" in _check_tensors(folder, scheme, head)
     model = quantize_model(model, scheme, head or False, embedding=stored_table)
     if not stored_table:  # written before tables were quantized: quantized as it loads, as from a float file
