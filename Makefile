@@ -58,7 +58,10 @@ MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_
 	prefix:test_engine.py,test_generate.py,test_batch_mutants.py,test_engine_mutants.py,test_prefix_mutants.py train.sft_data:test_finetune.py,test_sft_data_mutants.py \
 	server.schemas:test_server.py,test_schemas_mutants.py server.generation:test_server.py,test_generation_mutants.py \
 	server.logprobs:test_server.py,test_generation_mutants.py,test_logprobs.py train.finetune:test_finetune.py train.loop:test_train.py,test_finetune.py \
-	model:test_model.py,test_lora.py,test_generate.py,test_fastnorm.py,test_fastattention.py,test_train.py,test_quantize.py,test_fusedproducts.py,test_fastblock.py,test_model_mutants.py
+	model:test_model.py,test_lora.py,test_generate.py,test_fastnorm.py,test_fastattention.py,test_train.py,test_quantize.py,test_fusedproducts.py,test_fastblock.py,test_model_mutants.py \
+	server.state:test_server.py,test_server_mutants.py server.routes:test_server.py,test_server_mutants.py \
+	server.middleware:test_server.py,test_server_mutants.py server.errors:test_server.py,test_server_mutants.py \
+	server.metrics:test_server.py,test_server_mutants.py
 # MUTMUT_CHILDREN=1 on a machine shared with other jobs (and nice: the run yields to them)
 MUTMUT_CHILDREN ?= 2
 mutants: install-dev

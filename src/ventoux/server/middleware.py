@@ -38,7 +38,8 @@ def too_large(max_bytes: int):
 
 
 class BodyTooLarge(Exception):
-    """Raised from receive() once a request body passes the limit; answered with 413."""
+    """Raised from receive() once a request body passes the limit, inside the route reading it: the app answers
+    it with 413 (create_app's exception handler), as every route reads its whole body before answering."""
 
 
 class BodyLimit:
@@ -55,7 +56,6 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await too_large(self.max_bytes)(scope, receive, send)
         seen = 0
-        started = False
 
         async def counting_receive():
             nonlocal seen
@@ -66,13 +66,4 @@ class BodyLimit:
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await too_large(self.max_bytes)(scope, receive, send)
+        await self.app(scope, counting_receive, send)
