@@ -291,8 +291,9 @@ def prepare_load(model: nn.Module, folder, quantize: str | Scheme | None = None,
     if quantize is not None:  # a restated scheme is fine; another scheme, or another head named with +output, is not
         blocks, asked_head = parse_quantize(quantize)
         if blocks != scheme or (OUTPUT_SUFFIX in str(quantize).lower() and asked_head != head):
-            raise VentouxError(f"{folder} is already quantized as {spec_of(scheme, head)}; drop quantize={quantize!r} "
-                               f"or pass {spec_of(scheme, head)!r}")
+            stored_spec = spec_of(scheme, head)
+            raise VentouxError(f"{folder} is already quantized as {stored_spec}; drop quantize={quantize!r} "
+                               f"or pass {stored_spec!r}")
     stored_table = EMBEDDING_PREFIX + "qweight" in _check_tensors(folder, scheme, head)
     model = quantize_model(model, scheme, head or False, embedding=stored_table)
     if not stored_table:  # written before tables were quantized: quantized as it loads, as from a float file

@@ -55,16 +55,16 @@ def _serve_args(p):
 
 
 def _lora_module(text: str) -> tuple[str, str]:
-    """NAME=PATH, or vLLM's JSON form {"name": NAME, "path": PATH} -> (name, path)."""
-    if text.lstrip().startswith("{"):
-        try:
-            entry = json.loads(text)
-            name, path = entry["name"], entry["path"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            name = path = None
-        return (name, path) if isinstance(name, str) and isinstance(path, str) else ("", "")
-    name, _, path = text.partition("=")
-    return name.strip(), path.strip()
+    """NAME=PATH, or vLLM's JSON form {"name": NAME, "path": PATH} -> (name, path); ("", "") for neither."""
+    if not text.lstrip().startswith("{"):
+        name, _, path = text.partition("=")
+        return name.strip(), path.strip()
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError:
+        return "", ""
+    fields = [entry.get(key) if isinstance(entry, dict) else None for key in ("name", "path")]
+    return tuple(fields) if all(isinstance(f, str) for f in fields) else ("", "")
 
 
 def _lora_modules(pairs: list[str], served: str) -> dict[str, str]:
