@@ -69,7 +69,7 @@ class ModelConfig:
         per_layer = attn + ffn + 2 * self.dim
         return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
 
-    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+    def kv_bytes_per_token(self, bytes_per_value: int) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
 
     # ---- readers and writers -------------------------------------------------------------
@@ -114,7 +114,7 @@ class ModelConfig:
                 rope_theta=d.get("rope_theta", _rope_parameters(d).get("rope_theta", 10000.0)),
                 sliding_window=d.get("sliding_window"),
                 max_seq_len=d.get("max_position_embeddings", 32768),
-                bos_id=d.get("bos_token_id", 1) if d.get("bos_token_id") is not None else 1,
+                bos_id=1 if d.get("bos_token_id") is None else d["bos_token_id"],
                 eos_id=_first(d.get("eos_token_id", 2)),
             )
         except KeyError as e:

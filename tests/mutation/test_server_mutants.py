@@ -164,3 +164,48 @@ def test_a_streamed_body_is_counted_across_its_chunks_to_the_byte(tmp_path):
             r = httpx.post(url, content=padded(total, sizes), headers={"Content-Type": "application/json"})
             assert r.status_code == 413 and r.json()["error"]["message"] == (
                 "the request body is over this server's limit of 100 bytes (--max-body-bytes)")
+
+
+def _samples(metrics):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(metrics.render(None).decode()) for s in f.samples}
+
+
+def test_a_timer_observes_the_first_gap_as_ttft_and_each_later_one_as_inter_token_latency(monkeypatch):
+    from ventoux.server import metrics as metrics_module
+
+    clock = iter([10.0, 10.5, 10.75, 11.0, 20.0, 20.25])  # two sequences: starts at 10.0 and 20.0
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: next(clock))
+    m = metrics_module.Metrics()
+    first = m.timer()
+    first.token(), first.token(), first.token()   # 0.5 to the first token, then gaps of 0.25
+    second = m.timer()
+    second.token()                                 # 0.25 to its first token
+    s = _samples(m)
+    assert s[("ventoux_time_to_first_token_seconds_count", ())] == 2
+    assert s[("ventoux_time_to_first_token_seconds_sum", ())] == 0.75
+    assert s[("ventoux_inter_token_latency_seconds_count", ())] == 2
+    assert s[("ventoux_inter_token_latency_seconds_sum", ())] == 0.5
+    assert s[("ventoux_generation_tokens_total", ())] == 4
+    assert s[("ventoux_time_to_first_token_seconds_bucket", (("le", "0.3"),))] == 1
+    assert s[("ventoux_time_to_first_token_seconds_bucket", (("le", "0.5"),))] == 2
+    buckets = sorted(float(dict(k[1])["le"]) for k in s if k[0] == "ventoux_inter_token_latency_seconds_bucket")
+    assert buckets == [*metrics_module.LATENCY_BUCKETS, float("inf")]
+
+
+def test_render_reads_the_engine_gauges_and_keeps_them_while_loading():
+    from types import SimpleNamespace
+
+    from ventoux.server.metrics import Metrics
+
+    m = Metrics()
+    m.render(SimpleNamespace(running=3, waiting=5, usage_ratio=0.25))
+    m.requests.labels("chat", "stop").inc()
+    m.prompt_tokens.inc(7)
+    s = _samples(m)
+    assert s[("ventoux_requests_running", ())] == 3 and s[("ventoux_requests_waiting", ())] == 5
+    assert s[("ventoux_kv_cache_usage_ratio", ())] == 0.25 and s[("ventoux_prompt_tokens_total", ())] == 7
+    assert s[("ventoux_requests_total", (("endpoint", "chat"), ("finish_reason", "stop")))] == 1
+    assert Metrics().registry is not m.registry   # two apps in one process keep their own counts
