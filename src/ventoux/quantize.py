@@ -92,11 +92,11 @@ def parse_quantize(spec: str | Scheme) -> tuple[Scheme, Scheme | None]:
     """A load-time quantize option -> (blocks' scheme, head's scheme or None for float): "int4" (head int8),
     "int4-g64+output" (head int4-g64, as before), "int4+output=float", "int4+output=int4-g128"."""
     if isinstance(spec, Scheme):
-        return spec, head_scheme(spec)
+        return spec, DEFAULT_HEAD
     blocks, plus, head = str(spec).strip().lower().partition(OUTPUT_SUFFIX)
     scheme = parse_scheme(blocks)
     if not plus:
-        return scheme, head_scheme(scheme)
+        return scheme, DEFAULT_HEAD
     if head and not head.startswith("="):
         raise VentouxError(f"quantize {spec!r}: write the head's format as +output=SCHEME (int8, int4-g64, float)")
     return scheme, head_scheme(scheme, head[1:] or True)
@@ -125,7 +125,8 @@ def quantize_module(module: nn.Module, scheme: str | Scheme, kernel: str | None 
     """One nn.Linear -> its quantized replacement, on the linear's device."""
     scheme = parse_scheme(scheme)
     if not isinstance(module, nn.Linear) or module.bias is not None:
-        raise VentouxError(f"only bias-free nn.Linear layers can be quantized, not {type(module).__name__}")
+        what = "one with a bias" if isinstance(module, nn.Linear) else type(module).__name__
+        raise VentouxError(f"only bias-free nn.Linear layers can be quantized, not {what}")
     if scheme.bits == 8:
         return Int8Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
     return Int4Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
@@ -152,7 +153,7 @@ def quantizer(scheme: str | Scheme, include_output: bool | str | Scheme | None =
             return module
         if name == "output" and head != scheme:  # a kernel asked for the blocks may not exist here
             return quantize_module(module, head, kernel if kernel == "fallback" else None)
-        return quantize_module(module, head if name == "output" else scheme, kernel)
+        return quantize_module(module, scheme, kernel)  # a block linear, or a head in the blocks' scheme
 
     return transform
 
@@ -343,4 +344,4 @@ def quantize_checkpoint(src, dst, scheme: str | Scheme, include_output: bool | s
                            "dequantize it first with `ventoux convert SRC DST --format hf --dtype bfloat16`")
     hook = quantizer(scheme, include_output, kernel="fallback")
     model = load_model(src, read_config(src), dtype, "cpu", transform=hook)
-    return save_quantized(model, dst, scheme, include_output, extra_files=tokenizer_files(src), overwrite=overwrite)
+    return save_quantized(model, dst, extra_files=tokenizer_files(src), overwrite=overwrite)  # quantized already
