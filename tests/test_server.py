@@ -593,28 +593,39 @@ def test_cli_serve_binds_localhost_prints_the_url_and_stops_on_sigterm(tmp_path,
 def test_cli_serve_refuses_an_empty_key_or_name_and_a_port_out_of_range(monkeypatch, capsys, tmp_path):
     from ventoux.cli import main
 
-    cases = {("--api-key", ""): "--api-key is empty", ("--api-key", "  "): "--api-key is empty",
-             ("--port", "99999"): "--port 99999 is not a port", ("--port", "-1"): "--port -1 is not a port",
-             ("--lora-modules", "sql"): "--lora-modules 'sql' is not NAME=PATH, e.g. sql=runs/sql/adapter",
-             ("--lora-modules", "=x"): "--lora-modules '=x' is not NAME=PATH",
-             ("--lora-modules", '{"name": "x"}'): """--lora-modules '{"name": "x"}' is not NAME=PATH""",
-             ("--lora-modules", '{"name": "x", "path": 3}'): "is not NAME=PATH",
-             ("--lora-modules", "{x"): "--lora-modules '{x' is not NAME=PATH",
-             ("--lora-modules", f"x={tmp_path}", json.dumps({"name": "x", "path": str(tmp_path)})):
-                 "the name 'x' is already served",
-             ("--lora-modules", f"x={tmp_path}", f"x={tmp_path}"): "the name 'x' is already served",
-             ("--lora-modules", f"ventoux-demo={tmp_path}"): "the name 'ventoux-demo' is already served",
-             ("--lora-modules", "x=/nonexistent/adapter"): "/nonexistent/adapter does not exist",
+    not_pair = ("is not NAME=PATH, e.g. sql=runs/sql/adapter, or "
+                '{"name": "sql", "path": "runs/sql/adapter"}')
+    taken = "is already served; give each adapter its own name, other than the model's (--served-model-name)"
+    as_json = json.dumps({"name": "x", "path": str(tmp_path)})
+    cases = {("--api-key", ""): "--api-key is empty: give the key, or leave the flag out to serve without one",
+             ("--api-key", "  "): "--api-key is empty: give the key, or leave the flag out to serve without one",
+             ("--port", "99999"): "--port 99999 is not a port: give 1 to 65535, or 0 for any free one",
+             ("--port", "-1"): "--port -1 is not a port: give 1 to 65535, or 0 for any free one",
+             ("--lora-modules", "sql"): f"--lora-modules 'sql' {not_pair}",
+             ("--lora-modules", "=x"): f"--lora-modules '=x' {not_pair}",
+             ("--lora-modules", '{"name": "x"}'): f"""--lora-modules '{{"name": "x"}}' {not_pair}""",
+             ("--lora-modules", '{"name": "x", "path": 3}'):
+                 f"""--lora-modules '{{"name": "x", "path": 3}}' {not_pair}""",
+             ("--lora-modules", '["x", "y"]'): f"""--lora-modules '["x", "y"]' {not_pair}""",
+             ("--lora-modules", "{x"): f"--lora-modules '{{x' {not_pair}",
+             ("--lora-modules", f"x={tmp_path}", as_json): f"--lora-modules '{as_json}': the name 'x' {taken}",
+             ("--lora-modules", f"x={tmp_path}", f"x={tmp_path}"):
+                 f"--lora-modules 'x={tmp_path}': the name 'x' {taken}",
+             ("--lora-modules", f"ventoux-demo={tmp_path}"):
+                 f"--lora-modules 'ventoux-demo={tmp_path}': the name 'ventoux-demo' {taken}",
+             ("--lora-modules", "x=/nonexistent/adapter"):
+                 "--lora-modules 'x=/nonexistent/adapter': /nonexistent/adapter does not exist; give an adapter folder "
+                 "(adapter_config.json) or a lora.safetensors file",
              # a model that fails to load: were the name let through, serve would stop, not listen on
              ("--served-model-name", "", "--model", "/nonexistent/model", "--port", "0"):
-                 "--served-model-name is empty"}
-    for argv, words in cases.items():
+                 "--served-model-name is empty: give the name clients pass as `model`, or leave it out"}
+    for argv, message in cases.items():
         assert main(["serve", *argv]) == 1  # before anything loads or listens
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and words in err, err
+        assert capsys.readouterr().err == f"ventoux: error: {message}\n"
     monkeypatch.setenv("VENTOUX_API_KEY", "")  # no authentication must be asked for, not fallen into
     assert main(["serve"]) == 1
-    assert "$VENTOUX_API_KEY is empty" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("ventoux: error: $VENTOUX_API_KEY is empty: give the key, or unset it to serve "
+                                       "without one\n")
 
 
 @pytest.mark.parametrize("message, param, words", [

@@ -103,11 +103,14 @@ def _api_key(args) -> str | None:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """Bind before loading, so a taken port fails at once and --port 0 can print the port it got."""
+    """Bind before loading, so a taken port fails at once and --port 0 can print the port it got; listen at once
+    too, so a client that reads the printed URL and connects waits in the backlog until uvicorn accepts, rather
+    than being refused."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()
     except OSError as e:
         sock.close()
         raise VentouxError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
