@@ -87,13 +87,12 @@ class LLM:
         """A str or token list -> Completion; a list of prompts -> list[Completion] (one batch).
         adapter: a LoRA adapter loaded with load(..., lora={name: path}) (None: the always-on one, if any)."""
         ids, params, single = self._batch(prompt, kwargs)
-        check_adapter(self.model, adapter)
         out = gen.generate(self.model, self.tokenizer, ids, params, self.decode, [adapter] * len(ids))
         return out[0] if single else out
 
     def stream(self, prompt, adapter: str | None = None, **kwargs) -> Iterator[gen.Event]:
         ids, params, _ = self._batch(prompt, kwargs)
-        check_adapter(self.model, adapter)
+        check_adapter(self.model, adapter)  # now: the stream itself starts only when iterated
         return gen.stream(self.model, self.tokenizer, ids, params, self.decode, [adapter] * len(ids))
 
     def chat(self, messages: list[dict], safe_prompt: bool = False, **kwargs) -> gen.Completion:
