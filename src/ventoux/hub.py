@@ -90,7 +90,7 @@ def _download(repo_id: str, weights: bool) -> Path:
         raise VentouxError(f"cannot download {repo_id}: no network connection (offline?) and it is not (fully) in "
                            "the local cache; pass a local folder or retry when online") from None
     except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", "?")
+        status = getattr(e.response, "status_code", "?")  # an HfHubHTTPError always holds its response
         raise VentouxError(f"cannot download {repo_id}: the Hub answered HTTP {status}; retry later or pass a "
                            "local folder") from None
     except Exception as e:  # noqa: BLE001 - a connection lost mid-download, or the disk; anything else re-raised
