@@ -92,7 +92,7 @@ class LLM:
 
     def stream(self, prompt, adapter: str | None = None, **kwargs) -> Iterator[gen.Event]:
         ids, params, _ = self._batch(prompt, kwargs)
-        check_adapter(self.model, adapter)  # now: the stream itself starts only when iterated
+        check_adapter(self.model, adapter)  # at the call: the stream itself runs only once iterated
         return gen.stream(self.model, self.tokenizer, ids, params, self.decode, [adapter] * len(ids))
 
     def chat(self, messages: list[dict], safe_prompt: bool = False, **kwargs) -> gen.Completion:
