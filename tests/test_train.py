@@ -163,6 +163,15 @@ def test_resume_after_kill_9_equals_uninterrupted_run(corpus, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_run_with_nothing_held_out_resumes(corpus, tmp_path):
+    """--val-fraction 0 leaves an empty held-out cache file, which once failed to map on resume (a traceback)."""
+    out = tmp_path / "run"
+    pretrain(_args(corpus, out, steps=4, save_every=2, eval_every=2, val_fraction=0.0), progress=False)
+    pretrain(TrainArgs(out=str(out), resume=True, steps=6), progress=False)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 6 and not any("val_loss" in r for r in rows)
+
+
 def test_activation_checkpointing_and_accumulation_options(corpus, tmp_path):
     """Recomputing blocks in backward (dropout RNG replayed) gives the weights of a plain run."""
     kw = dict(steps=6, eval_every=6, save_every=6, dropout=0.1)
@@ -224,9 +233,9 @@ def test_bad_inputs(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert "holds no text" in _fails(capsys, out, *_pretrain(corpus, out, empty))
-    assert "holds no text" in _fails(capsys, out, "train-tokenizer", "--input", str(empty), "--vocab-size", "320",
-                                     "--out", str(out))
+    assert f"{empty}: the file is empty" in _fails(capsys, out, *_pretrain(corpus, out, empty))
+    assert f"{empty}: the file is empty" in _fails(capsys, out, "train-tokenizer", "--input", str(empty),
+                                                   "--vocab-size", "320", "--out", str(out))
 
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be.\n" * 3)
@@ -236,10 +245,10 @@ def test_bad_inputs(corpus, tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json}\n')
-    assert f"{bad}:3 is not valid JSON" in _fails(capsys, out, *_pretrain(corpus, out, bad))
+    assert f"{bad}:3: not valid JSON" in _fails(capsys, out, *_pretrain(corpus, out, bad))
     notext = tmp_path / "notext.jsonl"
     notext.write_text('{"text": "fine"}\n\n{"content": "no text field"}\n')
-    assert f'{notext}:3 has no "text"' in _fails(capsys, out, *_pretrain(corpus, out, notext))
+    assert f'{notext}:3: no "text" field' in _fails(capsys, out, *_pretrain(corpus, out, notext))
 
     small = tmp_path / "small.json"
     small.write_text(json.dumps(CFG.replace(vocab_size=100).to_hf()))

@@ -13,10 +13,13 @@ the step itself: batches are a pure function of (seed, step).
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+
+from ..errors import VentouxError
 
 _PREFIX = "step-"
 
@@ -34,7 +37,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run: Path, step: int, write, trainer: dict, keep: int = 2) -> Path:
+def save_checkpoint(run: Path, step: int, write, trainer: dict, keep: int) -> Path:
     """Write RUN/checkpoints/step-N atomically with write(folder, extra_files) (it writes the weights and copies
     the extra files, trainer.pt among them, into a temporary folder it renames); keep the `keep` newest."""
     root = Path(run) / "checkpoints"
@@ -60,4 +63,9 @@ def checkpoints(run: Path) -> list[Path]:
 
 
 def trainer_state(folder: Path) -> dict:
-    return torch.load(Path(folder) / "trainer.pt", weights_only=True)
+    path = Path(folder) / "trainer.pt"
+    try:
+        return torch.load(path, weights_only=True)  # torch 2.5's default is False: a hostile file could run code
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        raise VentouxError(f"{path} is not a trainer state ventoux wrote (damaged, or holding more than tensors); "
+                           f"delete {folder} to resume from the checkpoint before it") from None

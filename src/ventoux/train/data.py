@@ -5,10 +5,11 @@
     x, y = data.batch(seed=0, step=10, micro=0, batch_size=16, context=256)   # (B, T) each
 
 Inputs: plain text files (one document each) and JSON lines with a "text" field (mistral-finetune's
-pretraining format). Every document is stored as [BOS] tokens [EOS]. The held-out split is the last
-`val_fraction` of the characters, cut at the first newline at or after the mark (the convention of
-../shared/corpus/README.md); nothing trains on it. Batch order is a pure function of (seed, step),
-so a resumed run sees exactly the batches an uninterrupted one would.
+pretraining format), read and checked by ventoux.eval's read_documents. Every document is stored as
+[BOS] tokens [EOS]. The held-out split is the last `val_fraction` of the characters, cut at the first
+newline at or after the mark (the convention of ../shared/corpus/README.md); nothing trains on it.
+Batch order is a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,36 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import VentouxError
-
-
-def read_documents(paths) -> Iterator[tuple[str, str]]:
-    """Yield (where, text) per document: a whole .txt file, or one JSONL line ("file:line")."""
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise VentouxError(f"the data file {path} does not exist; check the path")
-        try:
-            if path.suffix in (".jsonl", ".json"):
-                yield from _read_jsonl(path)
-            else:
-                yield str(path), path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise VentouxError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                               "convert it to UTF-8") from None
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VentouxError(f'{path}:{n} is not valid JSON ({e.msg}); '
-                                   'each line must be {"text": "..."}') from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise VentouxError(f'{path}:{n} has no "text" string field; each line must be {{"text": "..."}}')
-            yield f"{path}:{n}", obj["text"]
+from ..eval.data import read_documents
 
 
 def split_heldout(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
@@ -105,19 +76,17 @@ def load_corpus(paths, tokenizer, val_fraction: float, cache_dir, context: int) 
     import sentencepiece as spm
 
     paths, tokenizer, cache_dir = [Path(p) for p in paths], Path(tokenizer), Path(cache_dir)
-    if not paths:
-        raise VentouxError("no training data: pass --data FILE (text or JSONL)")
-    for p in paths:
-        if not p.is_file():
-            raise VentouxError(f"the data file {p} does not exist; check the path")
+    docs = [d.text for d in read_documents(paths)]  # every file read and checked, cache or not
     key = _fingerprint(paths, tokenizer, val_fraction)
     meta_path = cache_dir / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+    try:
         meta = json.loads(meta_path.read_text())
-        train, val = (np.memmap(cache_dir / f"{s}.bin", dtype=meta["dtype"], mode="r") for s in ("train", "val"))
+    except (OSError, ValueError):  # no cache yet, or one damaged by hand: tokenise again
+        meta = {}
+    if isinstance(meta, dict) and meta.get("key") == key:
+        train, val = (_mapped(cache_dir / f"{s}.bin", meta["dtype"]) for s in ("train", "val"))
         _check(train, meta["val_chars"], val_fraction, context)
         return Corpus(train, val, meta["val_chars"])
-    docs = [text for _, text in read_documents(paths)]
     if not any(d.strip() for d in docs):
         raise VentouxError(f"the corpus {', '.join(map(str, paths))} holds no text; give a non-empty file")
     train_docs, val_docs = ([d for d in part if d] for part in split_heldout(docs, val_fraction))
@@ -135,10 +104,15 @@ def load_corpus(paths, tokenizer, val_fraction: float, cache_dir, context: int) 
     return Corpus(train, val, meta["val_chars"])
 
 
+def _mapped(path: Path, dtype: str) -> np.ndarray:
+    """A cached split, mapped read-only; an empty one (--val-fraction 0) cannot be mapped."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
 def _check(train: np.ndarray, val_chars: int, val_fraction: float, context: int) -> None:
-    if len(train) <= context + 1:
+    if len(train) < context + 1:  # a sequence's inputs and its targets, one token later
         raise VentouxError(f"the training split holds {len(train)} tokens, fewer than one sequence of --context "
-                           f"{context}; give more text or a shorter --context")
+                           f"{context} needs ({context + 1}); give more text or a shorter --context")
     if val_fraction > 0 and not val_chars:
         raise VentouxError(f"the held-out split (--val-fraction {val_fraction}) is empty; give more text "
                            "or a larger --val-fraction")

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
 
 def segment_loss(model, ids, context: int, batch_size: int = 16, max_tokens: int | None = None) -> tuple[float, int]:
     """(summed loss in nats, number of predicted tokens) over the 1-D id sequence `ids`: ventoux.eval's
     strided windows with the stride equal to the context."""
     from ..eval.perplexity import strided_loss
 
-    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
     was_training = model.training

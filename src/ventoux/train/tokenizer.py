@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import VentouxError
-from .data import read_documents, split_heldout
+from ..eval.data import read_documents
+from .data import split_heldout
 
 # SentencePiece trains on "sentences"; feeding whole lines joined into chunks (newlines kept)
 # lets it learn pieces such as ":\n" instead of spending a byte token on every newline.
@@ -42,7 +43,7 @@ def train_tokenizer(inputs, vocab_size: int, out, val_fraction: float = 0.0) -> 
     if not 0 <= val_fraction < 1:
         raise VentouxError(f"--val-fraction {val_fraction} must be at least 0 and below 1")
     paths = [Path(p) for p in inputs]
-    docs = [text for _, text in read_documents(paths)]  # reads and validates every input before writing
+    docs = [d.text for d in read_documents(paths)]  # reads and validates every input before writing
     chunks = list(_chunks(split_heldout(docs, val_fraction)[0] if val_fraction else docs))
     if not any(c.strip() for c in chunks):
         raise VentouxError(f"the corpus {', '.join(map(str, paths))} holds no text; give a non-empty file")
