@@ -55,8 +55,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def field(path, number: int, obj: dict, name: str, kind: type | tuple[type, ...] = str, hint: str = ""):
-    """obj[name], checked: present, of `kind`, and not an empty string."""
+def field(path, number: int, obj: dict, name: str, kind: type | tuple[type, ...] = str, *, hint: str):
+    """obj[name], checked: present, of `kind`, and not an empty string. hint: what a line should look like."""
     if name not in obj:
         raise VentouxError(f'{path}:{number}: no "{name}" field{hint}')
     value = obj[name]

@@ -33,9 +33,7 @@ class Task:
 
 def read_task(path: str | Path) -> Task:
     """Reads and checks a task file; its kind is the first line's: "choices" makes it multiple choice."""
-    rows = data.read_jsonl(path)
-    if not rows:
-        raise VentouxError(f"{path}: the file is empty")
+    rows = data.read_jsonl(path)  # at least one: read_file refuses a blank file
     kind = "multiple_choice" if "choices" in rows[0][1] else "generation"
     task = Task(Path(path).stem, str(path), kind)
     for n, obj in rows:
@@ -75,7 +73,7 @@ def read_tasks(paths: list[str | Path]) -> list[Task]:
     return tasks
 
 
-def encode_pair(tokenizer, context: str, continuation: str, chat: bool = False) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, context: str, continuation: str, chat: bool) -> tuple[list[int], list[int]]:
     """Context and continuation ids, split as lm-eval does: encode the whole text and the context, the
     continuation is what the whole adds (a trailing space of the context moves to the continuation)."""
     if chat:
