@@ -91,7 +91,10 @@ def command(monkeypatch):
     def run(args):
         return action[0](args)
 
-    monkeypatch.setitem(cli.COMMANDS, "probe", ("a test command", lambda p: p.add_argument("--n", type=int), run))
+    def add_arguments(p):
+        p.add_argument("--n", type=int, help="what run returns")
+
+    monkeypatch.setitem(cli.COMMANDS, "probe", ("a test command", add_arguments, run))
     return action
 
 
@@ -133,3 +136,22 @@ def test_every_command_registers_with_its_help(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2 and "the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+def test_help_names_the_program_every_flag_and_its_syntax(command, capsys):
+    from ventoux import commands  # noqa: F401  (registers the subcommands)
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ventoux ") and "\nRun, chat with, convert and train Mistral models.\n" in out
+    with pytest.raises(SystemExit):
+        cli.main(["probe", "--help"])
+    assert "usage: ventoux probe" in (out := capsys.readouterr().out) and "a test command" in out.split("options:")[0]
+    for name, (_, add_arguments, _) in cli.COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        for action in parser._actions:
+            assert isinstance(action.help, str) and action.help.strip(), (name, action.dest)
+    usage = _parser(lambda p: cli.add_model_args(p, lora=True), cli.add_sampling_args).format_help()
+    assert "--lora PATH" in usage and "--logit-bias ID=BIAS" in usage and "(default: 0.7)" in usage

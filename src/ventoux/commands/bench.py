@@ -13,7 +13,7 @@ from ..cli import add_model_args, command
 
 def _bench_args(p):
     add_model_args(p, lora=True)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default: 1)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (random ids)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: torch's)")

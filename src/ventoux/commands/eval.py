@@ -47,7 +47,7 @@ def _tasks_args(p):
 
 
 def _eval_args(p):
-    sub = p.add_subparsers(dest="eval_command", required=True, metavar="KIND")
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="KIND", help="what to measure")
     _perplexity_args(sub.add_parser("perplexity", help="perplexity and bits per byte of text files"))
     _tasks_args(sub.add_parser("tasks", help="accuracy on local multiple-choice and generation tasks"))
 
