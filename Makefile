@@ -66,7 +66,7 @@ MUTATE ?= sampling:test_sampling.py,test_generate.py,test_engine.py params:test_
 	train.pretrain:test_train.py,test_pretrain_mutants.py train.checkpoint:test_train.py,test_finetune.py,test_pretrain_mutants.py \
 	train.evaluate:test_train.py,test_pretrain_mutants.py eval.data:test_eval.py,test_train_data_mutants.py,test_eval_mutants.py \
 	eval.perplexity:test_eval.py,test_eval_mutants.py,test_pretrain_mutants.py eval.tasks:test_eval.py,test_eval_mutants.py \
-	cli:test_cli_mutants.py,test_hardening.py
+	cli:test_cli_mutants.py,test_hardening.py train.tokenizer:test_train.py,test_train_tokenizer_mutants.py
 # MUTMUT_CHILDREN=1 on a machine shared with other jobs (and nice: the run yields to them)
 MUTMUT_CHILDREN ?= 2
 mutants: install-dev

@@ -18,14 +18,25 @@ from ..eval.data import read_documents
 from .data import split_heldout
 
 # SentencePiece trains on "sentences"; feeding whole lines joined into chunks (newlines kept)
-# lets it learn pieces such as ":\n" instead of spending a byte token on every newline.
+# lets it learn pieces such as ":\n" instead of spending a byte token on every newline. It skips a sentence
+# longer than max_sentence_length bytes without a word, so a longer line (a JSONL document is often one line)
+# is cut at spaces first: no chunk exceeds _CHUNK_CHARS characters, 4 bytes each at most in UTF-8.
 _CHUNK_CHARS = 2000
+
+
+def _short_lines(text: str) -> Iterator[str]:
+    for line in text.splitlines(keepends=True):
+        while len(line) > _CHUNK_CHARS:
+            cut = line.rfind(" ", 0, _CHUNK_CHARS) + 1 or _CHUNK_CHARS  # after a space; mid-word if there is none
+            yield line[:cut]
+            line = line[cut:]
+        yield line
 
 
 def _chunks(texts: list[str]) -> Iterator[str]:
     for text in texts:
         buf = ""
-        for line in text.splitlines(keepends=True):
+        for line in _short_lines(text):
             if buf and len(buf) + len(line) > _CHUNK_CHARS:
                 yield buf
                 buf = ""
@@ -44,7 +55,7 @@ def train_tokenizer(inputs, vocab_size: int, out, val_fraction: float = 0.0) -> 
         raise VentouxError(f"--val-fraction {val_fraction} must be at least 0 and below 1")
     paths = [Path(p) for p in inputs]
     docs = [d.text for d in read_documents(paths)]  # reads and validates every input before writing
-    chunks = list(_chunks(split_heldout(docs, val_fraction)[0] if val_fraction else docs))
+    chunks = list(_chunks(split_heldout(docs, val_fraction)[0]))
     if not any(c.strip() for c in chunks):
         raise VentouxError(f"the corpus {', '.join(map(str, paths))} holds no text; give a non-empty file")
     model = io.BytesIO()
