@@ -197,6 +197,8 @@ TWO_CHOICES = ':1: field "choices" must list at least two non-empty strings'
     ([{"question": "q", "choices": ["a", "b"], "answer": 2}], ':1: field "answer" 2 is not a choice index (0 to 1)'),
     ([{"question": "", "choices": ["a", "b"], "answer": 0}], ':1: field "question" is empty'),
     (["[1, 2]"], ":1: expected a JSON object, got list"),
+    (['{"prompt": "bad \\ud800 here", "answer": "a"}'], ':1: field "prompt" holds a lone surrogate (\\ud800 at '
+                                                          'character 4), not text; fix that line'),
     (["", "{oops"], ":2: not valid JSON (Expecting property name enclosed in double quotes, column 2)"),
 ])
 def test_every_task_refusal_whole(tmp_path, rows, message):

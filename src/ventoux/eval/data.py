@@ -64,8 +64,14 @@ def field(path, number: int, obj: dict, name: str, kind: type | tuple[type, ...]
     if isinstance(value, bool) or not isinstance(value, kinds):  # JSON true/false is never a wanted value
         names = " or ".join(k.__name__ for k in kinds)
         raise VentouxError(f'{path}:{number}: field "{name}" must be a {names}, not {type(value).__name__}')
-    if isinstance(value, str) and not value:
-        raise VentouxError(f'{path}:{number}: field "{name}" is empty')
+    if isinstance(value, str):
+        if not value:
+            raise VentouxError(f'{path}:{number}: field "{name}" is empty')
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800" escape: a lone surrogate, which no tokenizer takes
+            raise VentouxError(f'{path}:{number}: field "{name}" holds a lone surrogate (\\u{ord(value[e.start]):04x} '
+                               f'at character {e.start}), not text; fix that line') from None
     return value
 
 

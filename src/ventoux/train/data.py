@@ -57,10 +57,12 @@ class Corpus:
         return rows[:, :-1], rows[:, 1:]
 
 
-def _fingerprint(paths: list[Path], tokenizer: Path, fraction: float) -> str:
-    h = hashlib.sha256(f"v1 {fraction!r}".encode())
-    for p in [tokenizer, *paths]:
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+def _fingerprint(docs: list[str], tokenizer: Path, fraction: float) -> str:
+    """The cache's key: the documents as read (not their files again), the tokenizer and the split."""
+    h = hashlib.sha256(f"v2 {fraction!r}".encode())
+    h.update(hashlib.sha256(tokenizer.read_bytes()).digest())
+    for doc in docs:  # each one's digest: where one document ends is part of the key
+        h.update(hashlib.sha256(doc.encode("utf-8")).digest())
     return h.hexdigest()
 
 
@@ -77,7 +79,7 @@ def load_corpus(paths, tokenizer, val_fraction: float, cache_dir, context: int) 
 
     paths, tokenizer, cache_dir = [Path(p) for p in paths], Path(tokenizer), Path(cache_dir)
     docs = [d.text for d in read_documents(paths)]  # every file read and checked, cache or not
-    key = _fingerprint(paths, tokenizer, val_fraction)
+    key = _fingerprint(docs, tokenizer, val_fraction)
     meta_path = cache_dir / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
