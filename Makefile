@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # A CPU build of torch is all the demo and the tests need; the package itself accepts a range.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-browser install install-dev lint bench clean mutants
+.PHONY: demo test test-browser install install-dev lint bench clean mutants mutants-fresh
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,13 @@ mutants: install-dev
 	  PYTEST_ADDOPTS="-k '$$tests'" OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) "ventoux.$${spec%%:*}.*" \
 	  || exit 1; done
 	$(PY) mutation/report.py
+
+# The modules mutmut cannot run (config.py, which conftest imports; the commands, whose tests run the CLI in child
+# processes; ...): every mutant in a fresh child, through mutation/fresh_module.sh. FRESH="commands/eval" narrows it
+FRESH ?=
+mutants-fresh: install-dev
+	$(PIP) -e '.[mutation]'
+	bash mutation/fresh_all.sh $(FRESH)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache mutants

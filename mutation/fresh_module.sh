@@ -5,6 +5,7 @@
 # check_fresh's PYTHONPATH and MUTANT_UNDER_TEST, so it runs the mutant; under mutmut it runs the original).
 #
 #   bash mutation/fresh_module.sh src/ventoux/config.py tests/test_config.py tests/mutation/test_config_mutants.py
+#   ONLY=generate_until bash mutation/fresh_module.sh ...   # only the mutants whose name holds that text
 #
 # The mutants are generated in a copy of HEAD plus the working tree's changes (/tmp/fresh_<module>), so mutants/ here
 # is left alone. Prints "killed" or "SURVIVED" per mutant into /tmp/fresh_<module>.txt, then the survivors.
@@ -24,8 +25,8 @@ EOF
 # mutmut writes the mutants, then fails in its test phase (no test is selected): only the mutants are wanted
 (cd "$copy" && PYTEST_ADDOPTS="-k nothing_at_all" "$here/.venv/bin/mutmut" run "ventoux.*" > /dev/null 2>&1 || true)
 python3 - "$copy/mutants/$module.meta" "$copy" <<'EOF'
-import json, sys
-names = sorted(json.load(open(sys.argv[1]))["exit_code_by_key"])
+import json, os, sys
+names = sorted(n for n in json.load(open(sys.argv[1]))["exit_code_by_key"] if os.environ.get("ONLY", "") in n)
 for half in (0, 1):
     open(f"{sys.argv[2]}/names_{half}.txt", "w").write(" ".join(names[half::2]))
 print(len(names), "mutants")

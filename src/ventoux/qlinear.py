@@ -53,13 +53,16 @@ def _by_rows(fn):
     otherwise add a gigabyte to the peak memory of quantizing while loading."""
 
     def chunked(w: torch.Tensor, *args):
+        # a meta skeleton (a quantized checkpoint's, before its tensors load) holds no memory, and each of its
+        # ops costs the same whatever its size: whole, a 7B skeleton quantizes 5x faster (int4: 5.4 s to 1.0 s)
+        rows = w.shape[0] if w.is_meta else 1024
         outs = None
-        for i in range(0, w.shape[0], 1024):
-            parts = fn(w[i:i + 1024].detach().float(), *args)
+        for i in range(0, w.shape[0], rows):
+            parts = fn(w[i:i + rows].detach().float(), *args)
             if outs is None:  # filled in place: no list of parts to concatenate (and fragment the heap)
                 outs = tuple(p.new_empty(w.shape[0], *p.shape[1:]) for p in parts)
             for out, part in zip(outs, parts):
-                out[i:i + 1024] = part
+                out[i:i + rows] = part
         return outs
 
     return chunked

@@ -148,10 +148,20 @@ def test_help_names_the_program_every_flag_and_its_syntax(command, capsys):
     with pytest.raises(SystemExit):
         cli.main(["probe", "--help"])
     assert "usage: ventoux probe" in (out := capsys.readouterr().out) and "a test command" in out.split("options:")[0]
+    def actions(parser):  # a command's flags, and those of its subcommands (eval perplexity, eval tasks)
+        for action in parser._actions:
+            yield action
+            if isinstance(action, argparse._SubParsersAction):
+                assert len(action._choices_actions) == len(action.choices)  # each subcommand has its help line
+                yield from action._choices_actions
+                for sub in action.choices.values():
+                    yield from actions(sub)
+
     for name, (_, add_arguments, _) in cli.COMMANDS.items():
         parser = argparse.ArgumentParser()
         add_arguments(parser)
-        for action in parser._actions:
+        for action in actions(parser):
             assert isinstance(action.help, str) and action.help.strip(), (name, action.dest)
+    assert any(a.dest == "stride" for a in actions(_parser(cli.COMMANDS["eval"][1])))  # subcommands are read
     usage = _parser(lambda p: cli.add_model_args(p, lora=True), cli.add_sampling_args).format_help()
     assert "--lora PATH" in usage and "--logit-bias ID=BIAS" in usage and "(default: 0.7)" in usage

@@ -62,6 +62,16 @@ def test_int4_quantizes_every_row_of_a_tall_matrix():
     assert ((w_hat - w.double()).abs() <= 0.5 * step * 1.01 + 1e-6).all()  # every row, the last chunk's too
 
 
+@pytest.mark.parametrize("quantize, args", [(qlinear.quantize_int8, (None,)), (qlinear.quantize_int8, (32,)),
+                                           (qlinear.quantize_int4, (32,))])
+def test_a_meta_matrix_quantizes_to_the_shapes_and_dtypes_of_a_real_one(quantize, args):
+    """A quantized checkpoint's skeleton is quantized on the meta device (whole, not 1024 rows at a time)."""
+    real = quantize(_w(2100, 128), *args)
+    meta = quantize(torch.empty(2100, 128, device="meta"), *args)
+    assert [(t.shape, t.dtype) for t in meta] == [(t.shape, t.dtype) for t in real]
+    assert all(t.is_meta for t in meta)
+
+
 def test_dequantize_int8_per_row_and_per_group():
     w = _w(16, 256)
     for group in (None, 64):

@@ -143,19 +143,20 @@ def _kernels_line() -> str:
             f"int4: {Int4Linear.kernels('cpu')[0]}")
 
 
-def _weight_bytes(cfg) -> dict[str, float]:
-    """Weight memory per dtype. int8/int4 are estimates for weight-only quantization of the block linears
-    (int8: a bf16 scale per output row; int4: bf16 scale and zero per group of 32), embeddings/head/norms bf16."""
-    linear = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.dim * cfg.hidden_dim
-    rows = cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.dim * 2 + cfg.hidden_dim * 2
-    linear, rows = linear * cfg.n_layers, rows * cfg.n_layers
-    rest = cfg.n_params - linear
-    return {
-        "float32": 4 * cfg.n_params,
-        "bfloat16": 2 * cfg.n_params,
-        "int8 (est.)": linear + 2 * rows + 2 * rest,
-        "int4-g32 (est.)": linear / 2 + linear / 32 * 4 + 2 * rest,
-    }
+def _weight_bytes(cfg) -> dict[str, int]:
+    """Bytes of the weights in each dtype, and in `ventoux quantize`'s int8 and int4 (the head and the embedding
+    table in int8, as those write them), counted on meta skeletons: exact, and no memory spent."""
+    import torch
+
+    from ..model import Transformer
+    from ..quantize import quantize_model
+
+    sizes = {"float32": 4 * cfg.n_params, "bfloat16": 2 * cfg.n_params}
+    for scheme in ("int8", "int4"):
+        with torch.device("meta"):
+            model = quantize_model(Transformer(cfg).to(torch.bfloat16), scheme)
+        sizes[scheme] = sum(t.nbytes for t in model.state_dict().values())
+    return sizes
 
 
 def _cache_line(cfg) -> str:

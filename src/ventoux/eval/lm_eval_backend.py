@@ -147,7 +147,8 @@ class VentouxLM(TemplateLM):
             if max_gen >= self.max_length:
                 raise VentouxError(f"max_gen_toks {max_gen} leaves no room for a prompt in max_length "
                                    f"{self.max_length}: lower it, or raise max_length in --model_args")
-            sampling = {"temperature": float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0}
+            # normalize_gen_kwargs sets temperature 0.0 unless do_sample; do_sample without one is greedy there too
+            sampling = {"temperature": float(kwargs.get("temperature", 0.0))}
             # as the hf model: the context keeps its last max_length - max_gen_toks tokens
             prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in indices]
             order = sorted(range(len(indices)), key=lambda k: -len(prompts[k]))  # similar lengths batch together

@@ -41,7 +41,7 @@ def plot_run(run, out=None, after=()) -> Path:
             ax.plot(*zip(*val), "o-", label="validation" + phase, markersize=3)
         per_char = [x["val_nats_per_char"] for x in rows if "val_nats_per_char" in x] or per_char
         offset += max((x["step"] for x in rows), default=0)
-    name = runs[0].name if len(runs) == 1 else " + ".join(r.name for r in runs)
+    name = " + ".join(r.name for r in runs)
     # the last phase's figure: an earlier phase may have been scored in other segments
     title = f"{name}: validation {per_char[-1]:.4f} nats/char at the end" if per_char else name
     ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=title)
