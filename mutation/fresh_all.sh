@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 T=tests/mutation
 HELP=tests/mutation/test_cli_mutants.py  # its help test checks every flag of every command
 ALL="config hub commands/serve commands/generate commands/merge commands/quantize commands/convert commands/eval
-     commands/finetune commands/train commands/bench eval/lm_eval_backend train/plot train/memory"
+     commands/finetune commands/train commands/bench eval/lm_eval_backend train/plot train/memory
+     fastlinear frozen events server/app bench/__init__"
 
 run() { echo "== $1"; bash mutation/fresh_module.sh "src/ventoux/$1.py" "${@:2}"; }
 
@@ -33,6 +34,11 @@ for module in ${*:-$ALL}; do
     train/plot) run "$module" $T/test_train_plot_memory_mutants.py ;;
     train/memory) run "$module" $T/test_train_plot_memory_mutants.py tests/test_train.py tests/test_finetune.py \
       -k "memory or large_tensors or lean_memory" ;;
+    fastlinear) run "$module" $T/test_fastlinear_mutants.py tests/test_fastlinear.py ;;
+    frozen) run "$module" $T/test_fastlinear_mutants.py $T/test_qlinear_mutants.py tests/test_lora.py ;;
+    events) run "$module" $T/test_events_mutants.py tests/test_generate.py tests/test_engine.py $T/test_batch_mutants.py ;;
+    server/app) run "$module" $T/test_server_mutants.py tests/test_server.py ;;
+    bench/__init__) run "$module" $T/test_bench_mutants.py tests/test_bench.py ;;
     *) echo "no fresh_module run for $module; the others: $ALL" >&2; exit 2 ;;
   esac
 done

@@ -45,16 +45,15 @@ class TextState:
     def push(self, piece: str) -> tuple[str, bool]:
         """Add decoded text; returns (text safe to emit, hit a stop string)."""
         buf = self.held + piece
-        for s in self.stops:
-            i = buf.find(s)
-            if i >= 0:
-                self.held = ""
-                return buf[:i], True
+        found = [i for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:  # the earliest of them: the text returned holds no stop string (OpenAI's `stop`)
+            self.held = ""
+            return buf[:min(found)], True
         keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
-        self.held = buf[len(buf) - keep:] if keep else ""
+        self.held = buf[len(buf) - keep:]
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
         """The last text: what the decoder still holds, and held-back text that never became a stop."""
-        text, hit = self.push(self.decoder.flush())
-        return text if hit else text + self.held
+        text, _ = self.push(self.decoder.flush())
+        return text + self.held  # nothing is held after a stop

@@ -1,6 +1,7 @@
-"""The server's small parts (server/state.py, routes.py, middleware.py, errors.py, metrics.py) where mutation testing
-(mutation/README.md) found them unpinned: the loading thread and what a failed load says and hands on, the 503
-while loading whole with its Retry-After, the model cards, closing the engine with the server, ..."""
+"""The server's small parts (server/app.py, state.py, routes.py, middleware.py, errors.py, metrics.py) where
+mutation testing (mutation/README.md) found them unpinned: the loading thread and what a failed load says and hands
+on, the 503 while loading whole with its Retry-After, the model cards, closing the engine with the server, the
+CORS preflight, no OpenAPI pages, ..."""
 
 from __future__ import annotations
 
@@ -209,3 +210,30 @@ def test_render_reads_the_engine_gauges_and_keeps_them_while_loading():
     assert s[("ventoux_kv_cache_usage_ratio", ())] == 0.25 and s[("ventoux_prompt_tokens_total", ())] == 7
     assert s[("ventoux_requests_total", (("endpoint", "chat"), ("finish_reason", "stop")))] == 1
     assert Metrics().registry is not m.registry   # two apps in one process keep their own counts
+
+
+def test_a_preflight_allows_the_apis_methods_and_headers_and_nothing_else(tmp_path):
+    """app.py's CORS settings, through the preflight a browser sends before a cross-origin POST."""
+    llm = bigram_llm(tmp_path)
+    with live(llm, cors_origins=("http://good.example",)) as server:
+        def preflight(method, headers="authorization, content-type"):
+            return httpx.options(server.url + "/v1/chat/completions", headers={
+                "Origin": "http://good.example", "Access-Control-Request-Method": method,
+                "Access-Control-Request-Headers": headers})
+
+        for method in ("POST", "GET"):
+            r = preflight(method)
+            assert r.status_code == 200, r.text
+            assert r.headers["access-control-allow-methods"] == "GET, POST"
+            allowed = set(r.headers["access-control-allow-headers"].lower().split(", "))  # names: any case
+            assert allowed == {"authorization", "content-type", "accept", "accept-language", "content-language"}
+            assert "access-control-allow-credentials" not in r.headers
+        assert preflight("DELETE").status_code == 400
+        assert preflight("POST", "x-api-key").status_code == 400
+
+
+def test_no_openapi_schema_or_docs_pages_are_served(tmp_path):
+    llm = bigram_llm(tmp_path)
+    with live(llm) as server:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(server.url + path).status_code == 404, path

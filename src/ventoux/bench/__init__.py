@@ -193,7 +193,8 @@ def run_worker(engine: Engine, settings: Settings, prompts: list[list[int]]) -> 
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
-    lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
+    # the error is stderr's last line (a traceback's), whatever the engine printed to stdout before it
+    lines = [ln for ln in (proc.stdout.splitlines() + proc.stderr.splitlines()) if ln.strip()]
     raise RuntimeError(lines[-1] if lines else f"the worker exited with status {proc.returncode}")
 
 

@@ -34,7 +34,7 @@ def create_app(settings: Settings, load: Callable, on_load_error: Callable[[Exce
         yield
         state.close()
 
-    app = FastAPI(title="ventoux", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(lifespan=lifespan, openapi_url=None)  # no schema, so no /docs or /redoc pages either
     app.state.ventoux = state
     install_handlers(app)
 
