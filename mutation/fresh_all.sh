@@ -8,7 +8,7 @@ T=tests/mutation
 HELP=tests/mutation/test_cli_mutants.py  # its help test checks every flag of every command
 ALL="config hub commands/serve commands/generate commands/merge commands/quantize commands/convert commands/eval
      commands/finetune commands/train commands/bench eval/lm_eval_backend train/plot train/memory
-     fastlinear frozen events server/app bench/__init__"
+     fastlinear frozen events server/app bench/__init__ eval/scoring"
 
 run() { echo "== $1"; bash mutation/fresh_module.sh "src/ventoux/$1.py" "${@:2}"; }
 
@@ -39,6 +39,7 @@ for module in ${*:-$ALL}; do
     events) run "$module" $T/test_events_mutants.py tests/test_generate.py tests/test_engine.py $T/test_batch_mutants.py ;;
     server/app) run "$module" $T/test_server_mutants.py tests/test_server.py ;;
     bench/__init__) run "$module" $T/test_bench_mutants.py tests/test_bench.py ;;
+    eval/scoring) run "$module" $T/test_scoring_mutants.py $T/test_eval_mutants.py tests/test_eval.py ;;
     *) echo "no fresh_module run for $module; the others: $ALL" >&2; exit 2 ;;
   esac
 done
