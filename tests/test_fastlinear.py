@@ -55,13 +55,15 @@ def test_half_linear_runs_the_kernels_by_row_count(kernel_isa, monkeypatch, gemm
     fastlinear.kernel_works()  # its own check runs the kernels: before the counting starts
     calls = []
     gemv, gemm = cpu_kernels.half_gemv_unchecked, cpu_kernels.half_gemm  # decode: the layer checked its weight
+    checked = cpu_kernels.half_gemv  # torch.compile's entry point only (test_fastlinear_mutants.py)
     monkeypatch.setattr(cpu_kernels, "half_gemv_unchecked", lambda x, w: calls.append(("gemv", len(x))) or gemv(x, w))
     monkeypatch.setattr(cpu_kernels, "half_gemm", lambda x, w: calls.append(("gemm", len(x))) or gemm(x, w))
-    for shape in [(1, 1, 128), (2, 3, 128), (1, 40, 128)]:  # decode steps, then a prefill
+    monkeypatch.setattr(cpu_kernels, "half_gemv", lambda x, w: calls.append(("checked", len(x))) or checked(x, w))
+    for shape in [(1, 1, 128), (2, 3, 128), (2, 4, 128), (1, 40, 128)]:  # decode steps up to 8 rows, a prefill
         x = torch.randn(shape).to(torch.bfloat16)
         expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
         torch.testing.assert_close(fast(x).float(), expected, rtol=0.02, atol=0.02)
-    assert calls == [("gemv", 1), ("gemv", 6), *([("gemm", 40)] if gemm_first else [])]  # else F.linear
+    assert calls == [("gemv", 1), ("gemv", 6), ("gemv", 8), *([("gemm", 40)] if gemm_first else [])]  # else F.linear
 
 
 def test_training_keeps_autograd(kernel_isa):

@@ -1,7 +1,7 @@
-"""HalfLinear's routing, pinned where mutation testing found it loose (mutation/README.md): which kernel entry
-point each row count and mode takes (eager decode skips the checks; torch.compile takes the custom ops), the
-bias on the fallback, the input's gradient through each kernel path, float16 and float32 activations, weights
-or inputs off the CPU, and whether half_gemm replaces PyTorch's product for prefill on each CPU."""
+"""HalfLinear's routing, pinned where mutation testing found it loose (mutation/README.md; which entry point
+eager decode takes is test_fastlinear.py's): torch.compile takes the custom ops, the bias on the fallback, the
+input's gradient through each kernel path, float16 and float32 activations, weights or inputs off the CPU, and
+whether half_gemm replaces PyTorch's product for prefill on each CPU."""
 
 from __future__ import annotations
 
@@ -22,29 +22,6 @@ pytestmark = pytest.mark.skipif(not KERNEL_ISAS, reason="no kernel build on this
 def _linear(dtype=torch.bfloat16, bias=True) -> nn.Linear:
     torch.manual_seed(0)
     return nn.Linear(128, 48, bias=bias).to(dtype).requires_grad_(False)
-
-
-def _spy(monkeypatch, calls: list) -> None:
-    """Record every kernel entry point HalfLinear calls, then run it."""
-    fastlinear.kernel_works()  # its own check runs the kernels: before the counting starts
-    for name in ("half_gemv", "half_gemv_unchecked", "half_gemm"):
-        kernel = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda x, w, name=name, kernel=kernel:
-                            calls.append((name, len(x))) or kernel(x, w))
-
-
-@pytest.mark.parametrize("gemm_first", [True, False])
-def test_eager_decode_takes_the_unchecked_gemv_up_to_eight_rows(monkeypatch, gemm_first):
-    monkeypatch.setattr(fastlinear, "gemm_beats_pytorch", lambda: gemm_first)
-    fast, calls = HalfLinear(_linear()), []
-    _spy(monkeypatch, calls)
-    for rows in (1, 8, 9):
-        x = torch.randn(rows, 128).to(torch.bfloat16)
-        expected = F.linear(x.float(), fast.weight.float(), fast.bias.float())
-        torch.testing.assert_close(fast(x).float(), expected, rtol=0.02, atol=0.02)
-    # the checked half_gemv is torch.compile's entry point only; 9 rows are prefill (half_gemm or F.linear)
-    prefill = [("half_gemm", 9)] if gemm_first else []
-    assert calls == [("half_gemv_unchecked", 1), ("half_gemv_unchecked", 8), *prefill]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
