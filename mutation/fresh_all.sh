@@ -8,7 +8,8 @@ T=tests/mutation
 HELP=tests/mutation/test_cli_mutants.py  # its help test checks every flag of every command
 ALL="config hub commands/serve commands/generate commands/merge commands/quantize commands/convert commands/eval
      commands/finetune commands/train commands/bench eval/lm_eval_backend train/plot train/memory
-     fastlinear frozen events server/app bench/__init__ eval/scoring"
+     fastlinear frozen events server/app bench/__init__ eval/scoring bench/report server/background bench/worker
+     bench/llamacpp"
 
 run() { echo "== $1"; bash mutation/fresh_module.sh "src/ventoux/$1.py" "${@:2}"; }
 
@@ -40,6 +41,11 @@ for module in ${*:-$ALL}; do
     server/app) run "$module" $T/test_server_mutants.py tests/test_server.py ;;
     bench/__init__) run "$module" $T/test_bench_mutants.py tests/test_bench.py ;;
     eval/scoring) run "$module" $T/test_scoring_mutants.py $T/test_eval_mutants.py tests/test_eval.py ;;
+    bench/report) run "$module" $T/test_report_mutants.py $T/test_bench_mutants.py $T/test_bench_command_mutants.py ;;
+    server/background) run "$module" $T/test_background_mutants.py ;;
+    bench/worker) run "$module" $T/test_worker_mutants.py ;;
+    bench/llamacpp) run "$module" $T/test_llamacpp_mutants.py tests/test_bench.py \
+      -k "llamacpp_mutants or built_from_source or march_native" ;;
     *) echo "no fresh_module run for $module; the others: $ALL" >&2; exit 2 ;;
   esac
 done

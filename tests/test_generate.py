@@ -199,6 +199,35 @@ def test_stop_strings_and_stop_tokens(windowed, tokenizer):
     assert tok_cut.finish_reason == "stop" and tok_cut.tokens == full_out.tokens[:first]
 
 
+def test_ignore_eos_decodes_through_the_end_of_sequence_as_transformers_does(tokenizer):
+    """vLLM's ignore_eos: the EOS token is chosen like any other and the sequence goes on, as transformers'
+    generate does with eos_token_id=None; without it the sequence stops there."""
+    hf = hf_model(TINY.replace(vocab_size=32000), seed=5)
+    prompt, n = prompt_ids(21, 6), 16
+    with torch.no_grad():
+        free = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+        # EOS's output row becomes a copy of the 4th token's, a bit longer: EOS wins where that token won
+        hf.lm_head.weight[tokenizer.eos_id] = 1.5 * hf.lm_head.weight[free[3]]
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    first_eos = ref.index(tokenizer.eos_id)
+    assert 0 < first_eos < n - 2 and ref[first_eos + 1:] != [tokenizer.eos_id] * (n - first_eos - 1)
+    vx = ventoux_from_hf(hf)
+    through = greedy(vx, tokenizer, [prompt], n, ignore_eos=True)[0]
+    assert through.tokens == ref and through.finish_reason == "length"
+    assert through.text == tokenizer.decode(ref)  # EOS adds no text, as it is a control token
+    stopped = greedy(vx, tokenizer, [prompt], n)[0]
+    assert stopped.tokens == ref[:first_eos] and stopped.finish_reason == "stop"
+    # in a batch, one row through EOS and one stopping at it
+    both = generate(vx, tokenizer, [prompt, prompt], [SamplingParams(max_tokens=n, ignore_eos=True),
+                                                      SamplingParams(max_tokens=n)])
+    assert [c.tokens for c in both] == [ref, ref[:first_eos]]
+    events = [e for e in stream(vx, tokenizer, [prompt], [SamplingParams(max_tokens=n, ignore_eos=True)])
+              if e.token is not None]
+    assert [e.token for e in events] == ref
+
+
 def test_stream_deltas_concatenate_to_the_decoded_tokens(windowed, tokenizer):
     _, vx = windowed
     events = list(stream(vx, tokenizer, [prompt_ids(14, 4)], [SamplingParams(max_tokens=25, temperature=1.0,

@@ -359,7 +359,7 @@ VALID_KWARGS = st.fixed_dictionaries({}, optional={
     "min_p": st.floats(0, 0.99), "repetition_penalty": st.floats(0.01, 100), "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2), "seed": st.integers(-(2**63), 2**64 - 1),
     "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2), "stop_token_ids": st.lists(st.integers(0, 40000)),
-    "logprobs": st.integers(0, 20), "prefill_chunk": st.integers(1, 9)})
+    "logprobs": st.integers(0, 20), "prefill_chunk": st.integers(1, 9), "ignore_eos": st.booleans()})
 JUNK_KWARGS = st.dictionaries(st.sampled_from(sorted(SamplingParams.names() - {"max_tokens"})), JUNK, max_size=4)
 
 

@@ -321,6 +321,7 @@ def test_min_p_filters_every_sampled_token(models):
     ("seed", [None, 0, 2**63 - 1, 2**64 - 1, -(2**63)], [2**64, -(2**63) - 1, 1.5, "1", True]),
     ("stop", [None, "x", ["a", "bc"]], [[""], [1], ""]),
     ("stop_token_ids", [None, [], [0, 5]], [[1.5], [-1], "5", [True]]),
+    ("ignore_eos", [False, True], [None, 1, 0, "true"]),
     ("logit_bias", [None, {}, {0: -100, 5: 100, 7: 0.5}, {"12": -1}],
      [{-1: 1}, {1: 100.5}, {1: -101}, {1: math.nan}, {1.5: 1}, {True: 1}, {"x": 1}, {"-3": 1}, {1: "2"}, [1]]),
     ("logprobs", [None, 0, 20], [-1, 21, 1.0, True]),

@@ -220,6 +220,24 @@ def test_logit_bias_bans_and_pushes_tokens_as_a_reference_forward_does(demo):
     assert "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kw)) == whole
 
 
+def test_ignore_eos_decodes_max_tokens_through_the_end_of_sequence(demo):
+    """vLLM's extra field, as its benchmark clients send it (extra_body): an EOS pushed to the top by logit_bias
+    ends the completion at once without it, and is decoded max_tokens times with it (adding no text; "</s>" in
+    logprobs)."""
+    eos = demo.app.state.ventoux.llm.tokenizer.eos_id
+    c = client(demo)
+    kw = dict(model="test-model", prompt=ROMEO, max_tokens=6, temperature=0, logit_bias={str(eos): 100})
+    stopped = c.completions.create(**kw)
+    assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 0)
+    through = c.completions.create(**kw, logprobs=0, extra_body={"ignore_eos": True})
+    assert (through.choices[0].finish_reason, through.usage.completion_tokens) == ("length", 6)
+    assert through.choices[0].text == "" and through.choices[0].logprobs.tokens == ["</s>"] * 6
+    chunks = list(c.chat.completions.create(model="test-model", messages=HI, max_tokens=5, temperature=0,
+                                            logit_bias={str(eos): 100}, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-2].choices[0].finish_reason == "length"
+
+
 def test_stop_sequences_cut_the_text_whole_and_streamed(demo):
     c = client(demo)
     full = c.completions.create(model="test-model", prompt=ROMEO, max_tokens=30, temperature=0).choices[0].text
@@ -344,6 +362,7 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"2048": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"five": -100}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"5": "ban"}}, 400, "logit_bias"),

@@ -122,7 +122,7 @@ class Batch:
         req.row, req.fed, req.reused = row, req.prompt[:m], m
         req.text = TextState(self.tokenizer.stream_decoder(), p.stop or [])
         req.chunk = min(p.prefill_chunk or default_chunk(self.model), self.prefill_budget or 1 << 62)
-        req.stop_ids = frozenset({self.tokenizer.eos_id, *(p.stop_token_ids or [])})
+        req.stop_ids = frozenset({*([] if p.ignore_eos else [self.tokenizer.eos_id]), *(p.stop_token_ids or [])})
         self._clock += 1
         req.order = self._clock
         self.rows[row] = req

@@ -61,6 +61,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         flags = ["--" + f.name.replace("_", "-")] + (["-t"] if f.name == "temperature" else [])
         if get_origin(kind) is list:  # stop: repeat the flag
             p.add_argument(*flags, action="append", type=get_args(kind)[0], default=default, help=f.metadata["help"])
+        elif kind is bool:  # ignore_eos: a switch
+            p.add_argument(*flags, action="store_true", help=f.metadata["help"])
         elif get_origin(kind) is dict:  # logit_bias: ID=BIAS, repeated; a dict in sampling_kwargs
             p.add_argument(*flags, action="append", type=_pair, default=default, metavar="ID=BIAS",
                            help=f.metadata["help"])

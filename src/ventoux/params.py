@@ -42,6 +42,8 @@ class SamplingParams:
     seed: int | None = _field(None, "random seed of this request's sampling")
     stop: list[str] | None = _field(None, "stop string (repeatable)")
     stop_token_ids: list[int] | None = _field(None, "token ids that end the sequence", cli=False)
+    # vLLM's ignore_eos: its benchmarks send it so that every request decodes exactly max_tokens tokens
+    ignore_eos: bool = _field(False, "keep generating past the end-of-sequence token, up to max_tokens")
     # OpenAI's logit_bias; JSON's string keys ("123") are taken as the ids they spell
     logit_bias: dict[int, float] | None = _field(None, "ID=BIAS: add BIAS in [-100, 100] to token ID's logit "
                                                  "before sampling; -100 bans it, 100 forces it (repeatable)")
@@ -78,6 +80,7 @@ class SamplingParams:
                 isinstance(self.stop_token_ids, (list, tuple)) and all(_int(t) and t >= 0 for t in self.stop_token_ids)
             ),
              "a list of token ids (integers >= 0)"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
             ("logit_bias", self.logit_bias is None or (
                 isinstance(self.logit_bias, dict) and all(_int(t) and t >= 0 and _finite(b) and -100 <= b <= 100
                                                           for t, b in self.logit_bias.items())),

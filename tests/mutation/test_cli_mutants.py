@@ -25,7 +25,7 @@ def test_the_sampling_flags_defaults_are_the_clis():
     args = _parser(cli.add_sampling_args).parse_args([])
     assert cli.sampling_kwargs(args) == dict(
         max_tokens=256, temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-        frequency_penalty=0.0, seed=None, stop=None, logit_bias=None, prefill_chunk=None)
+        frequency_penalty=0.0, seed=None, stop=None, ignore_eos=False, logit_bias=None, prefill_chunk=None)
     assert cli.sampling_params(args) == SamplingParams(temperature=0.7)
 
 
@@ -33,10 +33,12 @@ def test_every_sampling_flag_reaches_sampling_params():
     args = _parser(cli.add_sampling_args).parse_args([
         "--max-tokens", "9", "-t", "0.5", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.05",
         "--repetition-penalty", "1.1", "--presence-penalty", "0.2", "--frequency-penalty", "0.3", "--seed", "7",
-        "--stop", "\n\n", "--stop", "END", "--logit-bias", "13=1.5", "--logit-bias", "7=-100", "--prefill-chunk", "64"])
+        "--stop", "\n\n", "--stop", "END", "--logit-bias", "13=1.5", "--logit-bias", "7=-100", "--prefill-chunk", "64",
+        "--ignore-eos"])
     assert cli.sampling_params(args) == SamplingParams(
         max_tokens=9, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.2,
-        frequency_penalty=0.3, seed=7, stop=["\n\n", "END"], logit_bias={13: 1.5, 7: -100.0}, prefill_chunk=64)
+        frequency_penalty=0.3, seed=7, stop=["\n\n", "END"], logit_bias={13: 1.5, 7: -100.0}, prefill_chunk=64,
+        ignore_eos=True)
     assert _parser(cli.add_sampling_args).parse_args(["--temperature", "0"]).temperature == 0.0
 
 

@@ -11,7 +11,7 @@ from ventoux.errors import VentouxError
 from ventoux.params import SamplingParams
 
 ALL = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-       "frequency_penalty", "seed", "stop", "stop_token_ids", "logit_bias", "logprobs", "prefill_chunk"]
+       "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logit_bias", "logprobs", "prefill_chunk"]
 
 
 @pytest.mark.parametrize("name, value, want", [
@@ -26,6 +26,7 @@ ALL = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penal
     ("seed", 2**64, "None or an integer that fits in 64 bits"),
     ("stop", [""], "a non-empty string or a list of them"),
     ("stop_token_ids", [-1], "a list of token ids (integers >= 0)"),
+    ("ignore_eos", 1, "True or False"),
     ("logprobs", 21, "None or an integer in [0, 20]"),
     ("prefill_chunk", 0, "an integer >= 1"),
 ])
@@ -38,8 +39,8 @@ def test_each_invalid_value_names_the_range_it_must_be_in(name, value, want):
 def test_python_defaults_and_the_surfaces_table():
     p = SamplingParams()
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.presence_penalty,
-            p.frequency_penalty, p.seed, p.stop, p.stop_token_ids, p.logit_bias, p.logprobs, p.prefill_chunk) == \
-        (256, 0.0, 1.0, 0, 0.0, 1.0, 0.0, 0.0, None, None, None, None, None, None)
+            p.frequency_penalty, p.seed, p.stop, p.stop_token_ids, p.ignore_eos, p.logit_bias, p.logprobs,
+            p.prefill_chunk) == (256, 0.0, 1.0, 0, 0.0, 1.0, 0.0, 0.0, None, None, None, False, None, None, None)
     assert sorted(SamplingParams.names()) == sorted(ALL)
     python = {name: getattr(p, name) for name in ALL}
     cli = {f.name: default for f, default in SamplingParams.surface_fields("cli")}

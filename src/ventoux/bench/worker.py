@@ -3,8 +3,9 @@
 line, RESULT_MARK + JSON: load time, bytes of non-embedding weights, peak RSS, and per timed run the
 time to first token, the decode time after it and the tokens each sequence got.
 
-Every engine is driven the same way: greedy decoding of the same prompts, the first new token marks
-the end of prefill, the clock stops at the last token.
+Every engine is driven the same way: greedy decoding of the same prompts, every row decoding all its new
+tokens whether the model ends its sequence or not, the first new token marks the end of prefill, the clock
+stops at the last token.
 """
 
 from __future__ import annotations
@@ -71,13 +72,15 @@ class VentouxRunner:
         model = self.llm.model
         # Bytes read per decode step: every tensor but the embedding table, which is only indexed.
         # A quantized module's buffers (packed weights, scales) count with their real size.
-        tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
-                   if not name.startswith("tok_embeddings.")}
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.weight_bytes = sum(t.numel() * t.element_size() for name, t in [*model.named_parameters(),
+                                                                             *model.named_buffers()]
+                                if not name.startswith("tok_embeddings."))
 
     def generate(self, prompts, new_tokens: int) -> dict:
-        prompt = prompts[0] if len(prompts) == 1 else prompts
-        events = self.llm.stream(prompt, max_tokens=new_tokens, temperature=0.0, prefill_chunk=self.chunk)
+        # ignore_eos: every row decodes new_tokens tokens, as the peers do (transformers' min_new_tokens,
+        # llama.cpp's endless generate); a row that stopped early would leave the batch smaller than counted
+        events = self.llm.stream(prompts, max_tokens=new_tokens, temperature=0.0, prefill_chunk=self.chunk,
+                                 ignore_eos=True)
         return _timed(_steps(events), new_tokens)
 
 
