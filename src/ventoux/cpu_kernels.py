@@ -523,11 +523,18 @@ def add_rms_norm_unchecked(x: torch.Tensor, weight: torch.Tensor, eps: float, re
     return h, n
 
 
-# Registered as custom ops for torch.compile; eager calls skip the dispatcher (about 10 us a call).
-_int8_op = torch.library.custom_op("ventoux::int8_gemv", int8_gemv, mutates_args=())
-_int4_op = torch.library.custom_op("ventoux::int4_gemv", int4_gemv, mutates_args=())
-_half_op = torch.library.custom_op("ventoux::half_gemv", half_gemv, mutates_args=())
-_gemm_op = torch.library.custom_op("ventoux::half_gemm", half_gemm, mutates_args=())
+# Registered as custom ops for torch.compile; eager calls skip the dispatcher (about 10 us a call). The schemas are
+# written out: inferring them evaluates the annotations in the function's globals, which a wrapped function (the
+# trampolines of mutation testing) does not have.
+_int8_op = torch.library.custom_op("ventoux::int8_gemv", int8_gemv, mutates_args=(),
+                                   schema="(Tensor x, Tensor qweight, Tensor scales, SymInt group, SymInt n) -> Tensor")
+_int4_op = torch.library.custom_op("ventoux::int4_gemv", int4_gemv, mutates_args=(),
+                                   schema="(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, SymInt group, "
+                                          "SymInt n) -> Tensor")
+_half_op = torch.library.custom_op("ventoux::half_gemv", half_gemv, mutates_args=(),
+                                   schema="(Tensor x, Tensor weight) -> Tensor")
+_gemm_op = torch.library.custom_op("ventoux::half_gemm", half_gemm, mutates_args=(),
+                                   schema="(Tensor x, Tensor weight) -> Tensor")
 
 
 @_int8_op.register_fake
