@@ -72,8 +72,8 @@ class VentouxRunner:
         model = self.llm.model
         # Bytes read per decode step: every tensor but the embedding table, which is only indexed.
         # A quantized module's buffers (packed weights, scales) count with their real size.
-        self.weight_bytes = sum(t.numel() * t.element_size() for name, t in [*model.named_parameters(),
-                                                                             *model.named_buffers()]
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        self.weight_bytes = sum(t.numel() * t.element_size() for name, t in tensors
                                 if not name.startswith("tok_embeddings."))
 
     def generate(self, prompts, new_tokens: int) -> dict:
