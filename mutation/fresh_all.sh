@@ -9,7 +9,7 @@ HELP=tests/mutation/test_cli_mutants.py  # its help test checks every flag of ev
 ALL="config hub commands/serve commands/generate commands/merge commands/quantize commands/convert commands/eval
      commands/finetune commands/train commands/bench eval/lm_eval_backend train/plot train/memory
      fastlinear frozen events server/app bench/__init__ eval/scoring bench/report server/background bench/worker
-     bench/llamacpp"
+     bench/llamacpp cpu_kernels"
 
 run() { echo "== $1"; bash mutation/fresh_module.sh "src/ventoux/$1.py" "${@:2}"; }
 
@@ -46,6 +46,9 @@ for module in ${*:-$ALL}; do
     bench/worker) run "$module" $T/test_worker_mutants.py ;;
     bench/llamacpp) run "$module" $T/test_llamacpp_mutants.py tests/test_bench.py \
       -k "llamacpp_mutants or built_from_source or march_native" ;;
+    cpu_kernels) run "$module" $T/test_cpu_kernels_mutants.py tests/test_cpu_kernels.py tests/test_fastattention.py \
+      tests/test_fastnorm.py tests/test_fastblock.py tests/test_fastlinear.py $T/test_fastlinear_mutants.py \
+      $T/test_qlinear_mutants.py tests/test_quantize.py ;;
     *) echo "no fresh_module run for $module; the others: $ALL" >&2; exit 2 ;;
   esac
 done

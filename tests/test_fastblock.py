@@ -184,7 +184,11 @@ def test_decode_block_rejects_what_it_cannot_take(kernel_isa, model_dir):
     slots, allowed = torch.tensor([0, 8]), torch.ones(2, 9, dtype=torch.bool)
     scratch = torch.empty(cpu_kernels.decode_block_scratch_bytes(layout, 2, torch.bfloat16), dtype=torch.uint8)
     args = [x, cos, cos, cache, cache.clone(), slots, allowed, scratch]
-    assert cpu_kernels.decode_block(layout, *args).shape == x.shape
+    out = cpu_kernels.decode_block(layout, *args)
+    assert out.shape == x.shape
+    # int32 slots, an int64 mask and a float32 scratch of as many bytes are taken as what they hold
+    as_ints = [x, cos, cos, cache, cache.clone(), slots.int(), allowed.long(), scratch.view(torch.float32)]
+    assert torch.equal(cpu_kernels.decode_block(layout, *as_ints), out)
     for i, bad, message in ((0, x.float(), "one dtype"), (0, x[:, :64], "not contiguous"),
                             (5, torch.tensor([0, 9]), "slots within"), (7, scratch[:-1], "scratch is smaller")):
         with pytest.raises(ValueError, match=message):

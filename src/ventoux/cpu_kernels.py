@@ -318,11 +318,16 @@ def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T for a bfloat16 or float16 weight -> (M, N) float32, exact products."""
     if torch.compiler.is_compiling():
         return torch.ops.ventoux.half_gemv(x, weight)
-    x = _check(x, weight, multiple=32)
+    return half_gemv_unchecked(_check_half("half_gemv", x, weight, torch.float32), weight)
+
+
+def _check_half(op: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """_check for the 16-bit products: x (M, K) in `dtype`, a bfloat16 or float16 weight (N, K)."""
+    x = _check(x, weight, multiple=32, dtype=dtype)
     if weight.dtype not in (torch.bfloat16, torch.float16) or weight.shape[1:] != x.shape[1:]:
-        raise ValueError(f"half_gemv takes a bfloat16 or float16 weight (N, {x.shape[1]}), not {weight.dtype} "
+        raise ValueError(f"{op} takes a bfloat16 or float16 weight (N, {x.shape[1]}), not {weight.dtype} "
                          f"{list(weight.shape)}")
-    return half_gemv_unchecked(x, weight)
+    return x
 
 
 def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -348,9 +353,7 @@ def half_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     sums of exact products, rounded once (x is first cast to the weight's dtype)."""
     if torch.compiler.is_compiling():
         return torch.ops.ventoux.half_gemm(x, weight)
-    if weight.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"half_gemm takes a bfloat16 or float16 weight, not {weight.dtype}")
-    x = _check(x, weight, multiple=32, dtype=weight.dtype)
+    x = _check_half("half_gemm", x, weight, weight.dtype)
     (m, k), n = x.shape, weight.shape[0]
     y = torch.empty(m, n, dtype=weight.dtype)
     library().vx_half_gemm(x.data_ptr(), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16), n,
