@@ -255,13 +255,21 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
     if torch.compiler.is_compiling():
         return torch.ops.ventoux.int8_gemv(x, qweight, scales, group, n)  # opaque to the compiler
     x = _check(x, qweight, scales)
-    m, k = x.shape
-    if qweight.shape[1:] != (k // 4, TILE, 4) or qweight.shape[0] * TILE < n:
-        raise ValueError(f"int8_gemv takes tile_int8's layout (N/16, K/4, 16, 4), not {list(qweight.shape)}")
-    if group % 32 or k % group or scales.numel() != qweight.shape[0] * TILE * (k // group):
-        raise ValueError(f"int8_gemv: scales {list(scales.shape)} do not hold one per {group} inputs of "
-                         f"{qweight.shape[0] * TILE} rows")
+    if qweight.dtype != torch.int8 or qweight.shape[1:] != (x.shape[1] // 4, TILE, 4) or qweight.shape[0] * TILE < n:
+        raise ValueError(f"int8_gemv takes tile_int8's int8 tiles (N/16, K/4, 16, 4) of {n} rows or more, not "
+                         f"{qweight.dtype} {list(qweight.shape)}")
+    _check_scales("int8_gemv", x.shape[1], group, qweight.shape[0] * TILE, scales=scales)
     return int8_gemv_unchecked(x, qweight, scales, group, n)
+
+
+def _check_scales(op: str, k: int, group: int, rows: int, **scales: torch.Tensor) -> None:
+    """The quantized products' scales (and zeros): bfloat16, one per `group` inputs of each row, the group a multiple
+    of the kernels' 32-input block that divides K (the C code divides by it)."""
+    if not 0 < group or group % 32 or k % group or any(t.dtype != torch.bfloat16 or t.numel() != rows * (k // group)
+                                                       for t in scales.values()):
+        given = " and ".join(f"{name} {t.dtype} {list(t.shape)}" for name, t in scales.items())
+        raise ValueError(f"{op}: {given} are not one bfloat16 per {group} inputs of {rows} rows (a group a "
+                         f"multiple of 32 that divides {k})")
 
 
 def int8_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
@@ -295,9 +303,10 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if torch.compiler.is_compiling():
         return torch.ops.ventoux.int4_gemv(x, qweight, scales, zeros, group, n)
     x = _check(x, qweight, scales, zeros)
-    m, k = x.shape
-    if qweight.shape[1:] != (k // 8, TILE, 4) or qweight.shape[0] * TILE < n:
-        raise ValueError(f"int4_gemv takes tile_int4's layout (N/16, K/8, 16, 4), not {list(qweight.shape)}")
+    if qweight.dtype != torch.uint8 or qweight.shape[1:] != (x.shape[1] // 8, TILE, 4) or qweight.shape[0] * TILE < n:
+        raise ValueError(f"int4_gemv takes tile_int4's uint8 tiles (N/16, K/8, 16, 4) of {n} rows or more, not "
+                         f"{qweight.dtype} {list(qweight.shape)}")
+    _check_scales("int4_gemv", x.shape[1], group, qweight.shape[0] * TILE, scales=scales, zeros=zeros)
     return int4_gemv_unchecked(x, qweight, scales, zeros, group, n)
 
 

@@ -115,16 +115,19 @@ def test_int8_gemv_refuses_each_thing_it_cannot_take_and_names_it():
     assert refusal(gemv, X[:, :192], q, s, 192, 37) == CHECK.format(128)
     assert refusal(gemv, X, q.to("meta"), s, 256, 37) == CHECK.format(128)
     assert refusal(gemv, X, q, strided(s), 256, 37) == CHECK.format(128)
-    assert refusal(gemv, torch.randn(2, 384), q, s, 384, 37) == ("int8_gemv takes tile_int8's layout (N/16, K/4, 16, "
-                                                                 "4), not [3, 64, 16, 4]")
-    assert refusal(gemv, X, q, s, 256, 49) == ("int8_gemv takes tile_int8's layout (N/16, K/4, 16, 4), not "
-                                               "[3, 64, 16, 4]")
-    scales = "int8_gemv: scales [{}] do not hold one per {} inputs of 48 rows"
-    assert refusal(gemv, X, q, torch.ones(48 * 16), 16, 37) == scales.format(768, 16)  # not a multiple of 32
-    assert refusal(gemv, X, q, torch.ones(48 * 2), 96, 37) == scales.format(96, 96)  # not a divisor of K
-    assert refusal(gemv, X, q, s32, 256, 37) == ("int8_gemv: scales [3, 8, 16] do not hold one per 256 inputs of "
-                                                 "48 rows")
-    assert refusal(gemv, X, q32, s, 32, 37) == scales.format(48, 32)
+    tiles = "int8_gemv takes tile_int8's int8 tiles (N/16, K/4, 16, 4) of {} rows or more, not {} [3, 64, 16, 4]"
+    assert refusal(gemv, torch.randn(2, 384), q, s, 384, 37) == tiles.format(37, "torch.int8")
+    assert refusal(gemv, X, q, s, 256, 49) == tiles.format(49, "torch.int8")
+    assert refusal(gemv, X, q.view(torch.uint8), s, 256, 37) == tiles.format(37, "torch.uint8")
+    scales = ("int8_gemv: scales {} are not one bfloat16 per {} inputs of 48 rows (a group a multiple of 32 that "
+              "divides 256)")
+    ones = torch.ones(48 * 16, dtype=torch.bfloat16)
+    assert refusal(gemv, X, q, ones, 16, 37) == scales.format("torch.bfloat16 [768]", 16)  # not a multiple of 32
+    assert refusal(gemv, X, q, ones[:96], 96, 37) == scales.format("torch.bfloat16 [96]", 96)  # does not divide K
+    assert refusal(gemv, X, q, ones[:0], 0, 37) == scales.format("torch.bfloat16 [0]", 0)  # the C code divides by it
+    assert refusal(gemv, X, q, s32, 256, 37) == scales.format("torch.bfloat16 [3, 8, 16]", 256)
+    assert refusal(gemv, X, q32, s, 32, 37) == scales.format("torch.bfloat16 [48]", 32)
+    assert refusal(gemv, X, q, s.float(), 256, 37) == scales.format("torch.float32 [48]", 256)
     # every row of the tiles (padding included), float32 from any x, as the per-row and per-group products
     full = gemv(X, q, s, 256, 48)
     assert full.shape == (2, 48) and not full[:, 37:].any() and same(full[:, :37], gemv(X, q, s, 256, 37))
@@ -133,14 +136,25 @@ def test_int8_gemv_refuses_each_thing_it_cannot_take_and_names_it():
 
 
 def test_int4_gemv_refuses_each_thing_it_cannot_take_and_names_it():
-    tiles = cpu_kernels.tile_int4(*quantize_int4(W, 32))  # qweight (3, 32, 16, 4)
+    tiles = cpu_kernels.tile_int4(*quantize_int4(W, 32))  # qweight (3, 32, 16, 4), scales and zeros (3, 8, 16)
     gemv = cpu_kernels.int4_gemv
     assert refusal(gemv, X[:, :64], *tiles, 32, 37) == CHECK.format(128)
     for i in range(3):  # qweight, scales, zeros
         assert refusal(gemv, X, *tiles[:i], strided(tiles[i]), *tiles[i + 1:], 32, 37) == CHECK.format(128)
-    layout = "int4_gemv takes tile_int4's layout (N/16, K/8, 16, 4), not [3, 32, 16, 4]"
-    assert refusal(gemv, torch.randn(2, 384), *tiles, 32, 37) == layout
-    assert refusal(gemv, X, *tiles, 32, 49) == layout
+    layout = "int4_gemv takes tile_int4's uint8 tiles (N/16, K/8, 16, 4) of {} rows or more, not {} [3, 32, 16, 4]"
+    assert refusal(gemv, torch.randn(2, 384), *tiles, 32, 37) == layout.format(37, "torch.uint8")
+    assert refusal(gemv, X, *tiles, 32, 49) == layout.format(49, "torch.uint8")
+    assert refusal(gemv, X, tiles[0].view(torch.int8), *tiles[1:], 32, 37) == layout.format(37, "torch.int8")
+    q, s, z = tiles
+    scales = ("int4_gemv: scales {} and zeros {} are not one bfloat16 per {} inputs of 48 rows (a group a multiple "
+              "of 32 that divides 256)")
+    wide = "torch.bfloat16 [3, 8, 16]"
+    for group in (0, 16, 96, 64):  # the C code divides by it; not a multiple of 32; does not divide K; too few
+        assert refusal(gemv, X, *tiles, group, 37) == scales.format(wide, wide, group)
+    assert refusal(gemv, X, q, s[:, :4].contiguous(), z, 64, 37) == scales.format("torch.bfloat16 [3, 4, 16]", wide, 64)
+    assert refusal(gemv, X, q, s, z[:, :4].contiguous(), 64, 37) == scales.format(wide, "torch.bfloat16 [3, 4, 16]", 64)
+    assert refusal(gemv, X, q, s.float(), z, 32, 37) == scales.format("torch.float32 [3, 8, 16]", wide, 32)
+    assert refusal(gemv, X, q, s, z.half(), 32, 37) == scales.format(wide, "torch.float16 [3, 8, 16]", 32)
     full = gemv(X, *tiles, 32, 48)
     assert full.shape == (2, 48) and not full[:, 37:].any() and same(full[:, :37], gemv(X, *tiles, 32, 37))
     for x in (X.double(), X.bfloat16(), strided(X)):
