@@ -199,9 +199,17 @@ def load(path: str | Path) -> ctypes.CDLL:
 
 
 def _check(x: torch.Tensor, *tensors: torch.Tensor, multiple: int = 128, dtype=torch.float32) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[1] % multiple or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        raise ValueError(f"the CPU kernels take (M, K) inputs with K % {multiple} == 0 and contiguous CPU weights")
+    if (x.dim() != 2 or x.shape[1] % multiple or x.device.type != "cpu"
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)):
+        raise ValueError(f"the CPU kernels take CPU (M, K) inputs with K % {multiple} == 0 and contiguous CPU weights")
     return x.to(dtype).contiguous()
+
+
+def _check_cpu(op: str, *tensors: torch.Tensor) -> None:
+    """The kernels read tensors through raw pointers: one on another device (cuda, meta) would crash the process."""
+    device = next((t.device for t in tensors if t.device.type != "cpu"), None)
+    if device is not None:
+        raise ValueError(f"{op} takes CPU tensors, not one on {device}")
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
@@ -378,6 +386,7 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: to
     heads; k, v (B, H, S, D); allowed (B, S) bool, the slots it may attend to -> (B, H, G, D) in q's dtype
     (bfloat16 or float32, as k and v), scaled by 1/sqrt(D), as F.scaled_dot_product_attention computes it up to
     float32 rounding. A row allowed no slot gets zeros."""
+    _check_cpu("attend_decode", q, k, v, allowed)
     b, h, g, d = q.shape
     s = k.shape[2]
     if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float32)):
@@ -402,6 +411,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     rotates (the same bits); the rotated key and the value written to each row's slot, slots (B,), of k_cache and
     v_cache (B, H, S, D); then attention over the cache where allowed (B, S), as attend_decode -> (B, H*G*D).
     All bfloat16 or all float32, D % 16 == 0, G <= ATTEND_MAX_G."""
+    _check_cpu("decode_attention", q, k, v, cos, sin, k_cache, v_cache, slots, allowed)
     b, s = allowed.shape
     h, d = k_cache.shape[1], k_cache.shape[3]
     tensors = (q, k, v, cos, sin, k_cache, v_cache)
@@ -472,6 +482,7 @@ def decode_block(layout: BlockLayout, x: torch.Tensor, cos: torch.Tensor, sin: t
     the caches all bfloat16 or all float32, contiguous; scratch, made once and reused, decode_block_scratch_bytes
     bytes for at least B rows.
     The caller keeps the layout's tensors alive and unchanged (fastblock.py checks them before each call)."""
+    _check_cpu("decode_block", x, cos, sin, k_cache, v_cache, slots, allowed, scratch)
     b, s, d = x.shape[0], k_cache.shape[2], k_cache.shape[3]
     tensors = (x, cos, sin, k_cache, v_cache)
     if not all(t.dtype == x.dtype for t in tensors) or x.dtype not in (torch.bfloat16, torch.float32):
@@ -510,6 +521,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     of the sum of squares (csrc: vx_add_rms_norm)."""
     dim = x.shape[-1]
     tensors = (x, weight) if residual is None else (x, weight, residual)
+    _check_cpu("add_rms_norm", *tensors)
     if not all(t.dtype == x.dtype for t in tensors) or x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError("add_rms_norm takes bfloat16 or float32 x, weight and residual of one dtype, not "
                          + ", ".join(str(t.dtype) for t in tensors))

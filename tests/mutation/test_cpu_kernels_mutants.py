@@ -90,10 +90,16 @@ def refusal(kernel, *args) -> str:
     return str(e.value)
 
 
-CHECK = "the CPU kernels take (M, K) inputs with K % {} == 0 and contiguous CPU weights"
+CHECK = "the CPU kernels take CPU (M, K) inputs with K % {} == 0 and contiguous CPU weights"
 GEN = torch.Generator().manual_seed(0)
 W = torch.randn(37, 256, generator=GEN)
 X = torch.randn(2, 256, generator=GEN)
+
+
+def elsewhere(kernel, *args: torch.Tensor) -> list[str]:
+    """kernel's refusals with each of its tensors in turn on the meta device (the kernels read tensors through raw
+    pointers: one on another device would crash the process)."""
+    return [refusal(kernel, *args[:i], t.to("meta"), *args[i + 1:]) for i, t in enumerate(args)]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -114,6 +120,7 @@ def test_int8_gemv_refuses_each_thing_it_cannot_take_and_names_it():
     assert refusal(gemv, X[None], q, s, 256, 37) == CHECK.format(128)
     assert refusal(gemv, X[:, :192], q, s, 192, 37) == CHECK.format(128)
     assert refusal(gemv, X, q.to("meta"), s, 256, 37) == CHECK.format(128)
+    assert refusal(gemv, X.to("meta"), q, s, 256, 37) == CHECK.format(128)  # read through its pointer: a crash
     assert refusal(gemv, X, q, strided(s), 256, 37) == CHECK.format(128)
     tiles = "int8_gemv takes tile_int8's int8 tiles (N/16, K/4, 16, 4) of {} rows or more, not {} [3, 64, 16, 4]"
     assert refusal(gemv, torch.randn(2, 384), q, s, 384, 37) == tiles.format(37, "torch.int8")
@@ -139,6 +146,7 @@ def test_int4_gemv_refuses_each_thing_it_cannot_take_and_names_it():
     tiles = cpu_kernels.tile_int4(*quantize_int4(W, 32))  # qweight (3, 32, 16, 4), scales and zeros (3, 8, 16)
     gemv = cpu_kernels.int4_gemv
     assert refusal(gemv, X[:, :64], *tiles, 32, 37) == CHECK.format(128)
+    assert refusal(gemv, X.to("meta"), *tiles, 32, 37) == CHECK.format(128)
     for i in range(3):  # qweight, scales, zeros
         assert refusal(gemv, X, *tiles[:i], strided(tiles[i]), *tiles[i + 1:], 32, 37) == CHECK.format(128)
     layout = "int4_gemv takes tile_int4's uint8 tiles (N/16, K/8, 16, 4) of {} rows or more, not {} [3, 32, 16, 4]"
@@ -167,6 +175,8 @@ def test_the_16_bit_products_refuse_each_thing_they_cannot_take_and_name_it(kern
     w = W.bfloat16()
     assert refusal(gemv, X[:, :48], w[:, :48]) == CHECK.format(32)
     assert refusal(gemv, X, strided(w)) == CHECK.format(32)
+    assert refusal(gemv, X.to("meta"), w) == CHECK.format(32)
+    assert refusal(gemv, X, w.to("meta")) == CHECK.format(32)
     assert refusal(gemv, X, W) == f"{kernel} takes a bfloat16 or float16 weight (N, 256), not torch.float32 [37, 256]"
     # a weight of another width was read past its end by half_gemm
     assert refusal(gemv, X[:, :224], w) == (f"{kernel} takes a bfloat16 or float16 weight (N, 224), not "
@@ -183,6 +193,7 @@ def test_the_16_bit_products_refuse_each_thing_they_cannot_take_and_name_it(kern
 def test_attend_decode_refuses_each_thing_it_cannot_take_and_names_it():
     q, k, allowed = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 9, 16), torch.rand(1, 9) > 0.3
     attend = cpu_kernels.attend_decode
+    assert elsewhere(attend, q, k, k, allowed) == ["attend_decode takes CPU tensors, not one on meta"] * 4
     dtypes = "attend_decode takes bfloat16 or float32 q, k and v of one dtype, not {}"
     f32, bf16, f16 = "torch.float32", "torch.bfloat16", "torch.float16"
     assert refusal(attend, q, k.bfloat16(), k, allowed) == dtypes.format(f"{f32}, {bf16}, {f32}")
@@ -222,6 +233,7 @@ def with_(args: list, **changes) -> list:
 
 def test_decode_attention_refuses_each_thing_it_cannot_take_and_names_it():
     args, kernel = decode_attention_args(), cpu_kernels.decode_attention
+    assert elsewhere(kernel, *args) == ["decode_attention takes CPU tensors, not one on meta"] * 9
     for i in range(7):  # each of q, k, v, cos, sin and the caches in another dtype
         dtypes = ", ".join("torch.bfloat16" if j == i else "torch.float32" for j in range(7))
         assert refusal(kernel, *args[:i], args[i].bfloat16(), *args[i + 1:]) == (
@@ -285,6 +297,7 @@ def test_decode_block_refuses_each_thing_it_cannot_take_and_names_it():
     args = [x, cos, cos, cache, cache, torch.tensor([0, 8]), torch.ones(2, 9, dtype=torch.bool),
             torch.empty(1 << 16, dtype=torch.uint8)]
     kernel = functools.partial(cpu_kernels.decode_block, layout)
+    assert elsewhere(kernel, *args) == ["decode_block takes CPU tensors, not one on meta"] * 8
 
     def changed(i, t):
         return [*args[:i], t, *args[i + 1:]]
@@ -329,6 +342,9 @@ def test_decode_block_refuses_each_thing_it_cannot_take_and_names_it():
 def test_add_rms_norm_refuses_each_thing_it_cannot_take_and_names_it():
     x, w, r = torch.randn(2, 32), torch.randn(32), torch.randn(2, 32)
     norm = cpu_kernels.add_rms_norm
+    assert elsewhere(lambda *a: norm(*a[:2], 1e-5, *a[2:]), x, w, r) == ["add_rms_norm takes CPU tensors, not one "
+                                                                          "on meta"] * 3
+    assert elsewhere(lambda *a: norm(*a, 1e-5), x, w) == ["add_rms_norm takes CPU tensors, not one on meta"] * 2
     dtypes = "add_rms_norm takes bfloat16 or float32 x, weight and residual of one dtype, not {}"
     assert refusal(norm, x, w.bfloat16(), 1e-5) == dtypes.format("torch.float32, torch.bfloat16")
     assert refusal(norm, x, w, 1e-5, r.bfloat16()) == dtypes.format("torch.float32, torch.float32, torch.bfloat16")
