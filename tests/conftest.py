@@ -96,6 +96,13 @@ def random_ids(seed: int, n: int) -> list[int]:
     return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def error_message(kind: type[Exception], fn, *args, **kw) -> str:
+    """The message of the `kind` error fn(*args, **kw) raises; the test fails if it raises none."""
+    with pytest.raises(kind) as e:
+        fn(*args, **kw)
+    return str(e.value)
+
+
 def ventoux_from_hf(hf) -> Transformer:
     cfg = ModelConfig.from_hf(hf.config.to_dict())
     model = Transformer(cfg).eval()

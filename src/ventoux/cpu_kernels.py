@@ -212,6 +212,25 @@ def _check_cpu(op: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{op} takes CPU tensors, not one on {device}")
 
 
+def _check_half(op: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """_check for the 16-bit products: x (M, K) in `dtype`, a bfloat16 or float16 weight (N, K)."""
+    x = _check(x, weight, multiple=32, dtype=dtype)
+    if weight.dtype not in (torch.bfloat16, torch.float16) or weight.shape[1:] != x.shape[1:]:
+        raise ValueError(f"{op} takes a bfloat16 or float16 weight (N, {x.shape[1]}), not {weight.dtype} "
+                         f"{list(weight.shape)}")
+    return x
+
+
+def _check_scales(op: str, k: int, group: int, rows: int, **scales: torch.Tensor) -> None:
+    """The quantized products' scales (and zeros): bfloat16, one per `group` inputs of each row, the group a multiple
+    of the kernels' 32-input block that divides K (the C code divides by it)."""
+    if not 0 < group or group % 32 or k % group or any(t.dtype != torch.bfloat16 or t.numel() != rows * (k // group)
+                                                       for t in scales.values()):
+        given = " and ".join(f"{name} {t.dtype} {list(t.shape)}" for name, t in scales.items())
+        raise ValueError(f"{op}: {given} are not one bfloat16 per {group} inputs of {rows} rows (a group a "
+                         f"multiple of 32 that divides {k})")
+
+
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     """Zero rows appended up to a whole tile."""
     pad = -t.shape[0] % TILE
@@ -270,16 +289,6 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
     return int8_gemv_unchecked(x, qweight, scales, group, n)
 
 
-def _check_scales(op: str, k: int, group: int, rows: int, **scales: torch.Tensor) -> None:
-    """The quantized products' scales (and zeros): bfloat16, one per `group` inputs of each row, the group a multiple
-    of the kernels' 32-input block that divides K (the C code divides by it)."""
-    if not 0 < group or group % 32 or k % group or any(t.dtype != torch.bfloat16 or t.numel() != rows * (k // group)
-                                                       for t in scales.values()):
-        given = " and ".join(f"{name} {t.dtype} {list(t.shape)}" for name, t in scales.items())
-        raise ValueError(f"{op}: {given} are not one bfloat16 per {group} inputs of {rows} rows (a group a "
-                         f"multiple of 32 that divides {k})")
-
-
 def int8_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                         n: int) -> torch.Tensor:
     """int8_gemv for tiles its caller has checked once (Int8Linear, at load), as int4_gemv_unchecked: a decode
@@ -336,15 +345,6 @@ def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.ventoux.half_gemv(x, weight)
     return half_gemv_unchecked(_check_half("half_gemv", x, weight, torch.float32), weight)
-
-
-def _check_half(op: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """_check for the 16-bit products: x (M, K) in `dtype`, a bfloat16 or float16 weight (N, K)."""
-    x = _check(x, weight, multiple=32, dtype=dtype)
-    if weight.dtype not in (torch.bfloat16, torch.float16) or weight.shape[1:] != x.shape[1:]:
-        raise ValueError(f"{op} takes a bfloat16 or float16 weight (N, {x.shape[1]}), not {weight.dtype} "
-                         f"{list(weight.shape)}")
-    return x
 
 
 def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

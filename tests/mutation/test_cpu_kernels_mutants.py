@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_message
 
 from ventoux import cpu_kernels
 from ventoux.errors import VentouxError
@@ -84,10 +85,7 @@ def test_a_kernel_check_keeps_the_name_and_doc_of_the_check_it_wraps():
 
 # The checked entry points' refusals, one condition at a time, each message whole; and what they pass on.
 
-def refusal(kernel, *args) -> str:
-    with pytest.raises(ValueError) as e:
-        kernel(*args)
-    return str(e.value)
+refusal = functools.partial(error_message, ValueError)  # the checked entry points' refusals
 
 
 CHECK = "the CPU kernels take CPU (M, K) inputs with K % {} == 0 and contiguous CPU weights"

@@ -6,6 +6,7 @@ as they are)."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, TINY_FULL, V1
+from conftest import TINY, TINY_FULL, V1, error_message
 from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -25,11 +26,7 @@ from ventoux.eval import Document, perplexity, read_task, run_task
 from ventoux.eval.data import check_out, read_documents, read_jsonl, write_json_atomic
 from ventoux.eval.perplexity import check_context, strided_loss
 
-
-def _message(call) -> str:
-    with pytest.raises(VentouxError) as e:
-        call()
-    return str(e.value)
+_message = functools.partial(error_message, VentouxError)
 
 
 def _jsonl(path: Path, *rows) -> Path:

@@ -4,11 +4,12 @@ rank, dropout), a scaling given, and the whole adapter_config.json save_adapter 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
-from conftest import TINY, hf_model, ventoux_from_hf
+from conftest import TINY, error_message, hf_model, ventoux_from_hf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -38,10 +39,7 @@ def model():
     return ventoux_from_hf(hf_model(TINY))
 
 
-def _message(call) -> str:
-    with pytest.raises(VentouxError) as e:
-        call()
-    return str(e.value)
+_message = functools.partial(error_message, VentouxError)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -5,7 +5,10 @@ CLI), each with its help text. The `_field` mutants act at import: mutation/chec
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+from conftest import error_message
 
 from ventoux.errors import VentouxError
 from ventoux.params import SamplingParams
@@ -55,10 +58,7 @@ def test_python_defaults_and_the_surfaces_table():
     assert SamplingParams.surface_fields("grpc") == []
 
 
-def _message(**kw) -> str:
-    with pytest.raises(VentouxError) as e:
-        SamplingParams(**kw)
-    return str(e.value)
+_message = functools.partial(error_message, VentouxError, SamplingParams)
 
 
 def test_a_value_is_printed_whole_up_to_80_characters_then_cut():

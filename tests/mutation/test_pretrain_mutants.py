@@ -4,11 +4,13 @@ each way of naming the architecture (a preset, a config.json, a checkpoint folde
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_message
 
 from ventoux.api import DEMO_MODEL
 from ventoux.config import PRESETS, ModelConfig, read_config
@@ -21,10 +23,7 @@ CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vo
                   max_seq_len=32)
 
 
-def _message(call) -> str:
-    with pytest.raises(VentouxError) as e:
-        call()
-    return str(e.value)
+_message = functools.partial(error_message, VentouxError)
 
 
 def test_each_way_of_naming_the_architecture(tmp_path):

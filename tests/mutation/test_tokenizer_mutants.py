@@ -4,12 +4,14 @@ mistral-common's own Tokenized text and ids), and the one-line errors of decode.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
 
 import mistral_common
 import pytest
+from conftest import error_message
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -122,10 +124,7 @@ def test_the_ids_and_defaults_are_mistral_commons(tmp_path):
     assert tok.encode("Hi there") == raw.encode("Hi there", bos=True, eos=False)  # bos by default, no eos
 
 
-def _message(call) -> str:
-    with pytest.raises(VentouxError) as err:
-        call()
-    return str(err.value)
+_message = functools.partial(error_message, VentouxError)
 
 
 def test_user_errors_are_these_exact_lines(tmp_path):

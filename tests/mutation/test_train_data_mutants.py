@@ -4,11 +4,13 @@ cache keeps and when it is rebuilt, and the token width."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+from conftest import error_message
 
 from ventoux.api import DEMO_MODEL
 from ventoux.errors import VentouxError
@@ -35,10 +37,7 @@ def _corpus(path, n=40):
     return path
 
 
-def _message(call) -> str:
-    with pytest.raises(VentouxError) as e:
-        call()
-    return str(e.value)
+_message = functools.partial(error_message, VentouxError)
 
 
 def test_the_smallest_training_split_a_context_takes(tmp_path):

@@ -6,6 +6,7 @@ are written here with the safetensors package and torch.save; logits are compare
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, hf_model
+from conftest import TINY, error_message, hf_model
 from safetensors.torch import load_file, save_file
 
 from ventoux import weights
@@ -27,10 +28,7 @@ CFG = TINY.replace(n_layers=1)
 TOKENS = torch.randint(0, CFG.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
 
 
-def _error(fn, *args, **kw) -> str:
-    with pytest.raises(VentouxError) as e:
-        fn(*args, **kw)
-    return str(e.value)
+_error = functools.partial(error_message, VentouxError)
 
 
 def _hf_folder(folder: Path, edit=None, seed: int = 0):
