@@ -1,0 +1,86 @@
+"""Decode of ventoux against llama.cpp at one precision, both loaded in one process and run in turn, round after
+round: the ratio to trust on a VM whose memory bandwidth moves by half from one minute to the next.
+
+    .venv/bin/python benchmarks/interleaved.py --technique bfloat16              # against llama.cpp BF16
+    .venv/bin/python benchmarks/interleaved.py --technique int4-g64 --rounds 16  # against Q4_0 (the same size)
+    .venv/bin/python benchmarks/interleaved.py --technique int8 --isa avx2
+
+decode.py runs each engine in a process of its own, one after the other, so two engines' runs lie a minute or
+more apart; on this project's shared VMs the read bandwidth of both cores moved between about 34 and 58 GB/s
+over such spans, and one engine's row could land in a fast spell while its peer's landed in a slow one. Here each
+round runs ventoux, then llama.cpp, on the same prompt (32 new tokens by default, a few seconds each), so both see
+the same spell; the figure to read is the median over the rounds of each round's ratio. The model and the GGUF
+files are decode.py's (the random 4-layer Mistral-7B-shaped checkpoint, converted once and cached); the runners
+are the benchmark worker's, so timings are taken as in decode.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+from common import CACHE, log, random_checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--technique", default="bfloat16",
+                   help="the ventoux row: a dtype (bfloat16, float16) or a quantization scheme (int8, int4-g64, ...)")
+    p.add_argument("--gguf", default=None, help="llama.cpp's type (default: the first of the same precision)")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--isa", choices=["native", "avx2"], default="native")
+    args = p.parse_args()
+    isa = None if args.isa == "native" else args.isa
+    from ventoux.bench import ISA_ENVIRONMENT  # torch is not imported yet: it reads its ISA when it is
+
+    os.environ.update(ISA_ENVIRONMENT.get(isa, {}))
+    import torch
+
+    from ventoux.bench import Engine, Settings, describe_machine, peer_engines, random_prompts
+    from ventoux.bench.worker import LlamaCppRunner, VentouxRunner
+
+    torch.set_num_threads(args.threads)
+
+    folder = random_checkpoint()
+    quantize = None if args.technique in ("bfloat16", "float16") else args.technique
+    dtype = "bfloat16" if quantize else args.technique
+    peers = peer_engines(folder, dtype, quantize, ["llama.cpp"], CACHE, log, isa=isa)
+    peer = next((e for e in peers if e.technique == args.gguf), None) if args.gguf else peers[0]
+    if peer is None:
+        types = ", ".join(e.technique for e in peers)
+        raise SystemExit(f"--gguf {args.gguf}: not a llama.cpp type of this precision (use one of {types})")
+    settings = Settings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads)
+    prompts = random_prompts(settings, vocab_size=32000)
+    runners = {f"ventoux {args.technique}": VentouxRunner(vars(Engine("ventoux", args.technique, str(folder),
+                                                                        dtype=dtype, quantize=quantize)),
+                                                          vars(settings)),
+               f"llama.cpp {peer.technique}": LlamaCppRunner(vars(peer), vars(settings))}
+    for runner in runners.values():  # warm-up, as the worker does
+        runner.generate(prompts, 4)
+
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(args.rounds):
+        for name, runner in runners.items():
+            run = runner.generate(prompts, args.new_tokens)
+            rates[name].append((run["tokens"] - 1) / run["decode_s"])
+        (ours, theirs) = (rates[name][-1] for name in runners)
+        log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.2f} tok/s" for n, v in rates.items())
+            + f", ratio {ours / theirs:.2f}")
+    machine = describe_machine(args.threads)
+    ratios = [a / b for a, b in zip(*rates.values())]
+    print(f"{machine['cpu']}, {args.threads} threads, kernels: {args.isa}; batch 1, {args.prompt_len}-token prompt, "
+          f"{args.new_tokens} new tokens, {args.rounds} rounds, each engine in turn")
+    print(f"llama.cpp system info: {runners[f'llama.cpp {peer.technique}'].system_info.strip()}")
+    for (name, values), runner in zip(rates.items(), runners.values()):
+        print(f"{name}: median {statistics.median(values):.2f} tok/s (range {min(values):.2f}-{max(values):.2f}), "
+              f"{runner.weight_bytes * statistics.median(values) / 1e9:.1f} GB/s of weights")
+    print(f"ratio ventoux / llama.cpp: median of the rounds' ratios {statistics.median(ratios):.2f}x "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main()
