@@ -52,13 +52,16 @@ def test_bench_cli_writes_json_and_chart(tiny_folder, tmp_path, capsys):
         for key in ("decode_tok_s", "prefill_tok_s", "ttft_s", "gb_s", "bandwidth_fraction", "load_s"):
             assert r[key] > 0, key
         assert r["peak_rss_bytes"] > 2**20 and r["others_cores"] >= 0
+        assert r["decode_runs_tok_s"] == pytest.approx([(run["tokens"] - 1) / run["decode_s"] for run in r["runs"]])
     # Bytes read per token: every weight but the embedding table, in float32, for both engines.
     per_layer = 4 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 160 + 2 * 64)
     expected = TINY.n_layers * per_layer + 4 * (64 * 32000 + 64)
     assert [r["weight_bytes"] for r in rows] == [expected, expected]
+    round_ratios = [a / b for a, b in zip(rows[0]["decode_runs_tok_s"], rows[1]["decode_runs_tok_s"])]
     assert result["ratios"] == [{"ventoux": "ventoux float32", "peer": "transformers float32",
                                  "decode": pytest.approx(rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"]),
-                                 "prefill": pytest.approx(rows[0]["prefill_tok_s"] / rows[1]["prefill_tok_s"])}]
+                                 "prefill": pytest.approx(rows[0]["prefill_tok_s"] / rows[1]["prefill_tok_s"]),
+                                 "decode_by_round": pytest.approx(sum(round_ratios) / 2)}]  # the median of two
     assert "decode tok/s" in printed and "ratios" in printed
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

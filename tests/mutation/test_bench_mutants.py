@@ -32,15 +32,15 @@ def test_a_row_is_the_median_of_every_run_of_every_worker():
     assert row["bandwidth_fraction"] == pytest.approx(row["gb_s"] / 0.004)
     assert {k: row[k] for k in ("engine", "technique", "path", "dtype", "quantize", "weight_bytes")} == dict(
         engine="ventoux", technique="int8", path="m", dtype="bfloat16", quantize="int8", weight_bytes=1000)
-    assert len(row["runs"]) == 3
+    assert len(row["runs"]) == 3 and row["decode_runs_tok_s"] == [8.0, 4.0, 2.0]  # each run's rate, in run order
     for run, busy in zip(raws[0]["runs"] + raws[1]["runs"], (0.5, 0.25, 0.0)):
         run["others_cores"] = busy
     assert summarize(engine, raws, settings, 1.0)["others_cores"] == 0.25
 
 
-def _row(engine, technique, decode, prefill, dtype="bfloat16", quantize=None):
+def _row(engine, technique, decode, prefill, dtype="bfloat16", quantize=None, runs=None):
     return dict(engine=engine, technique=technique, decode_tok_s=decode, prefill_tok_s=prefill, dtype=dtype,
-                quantize=quantize)
+                quantize=quantize, decode_runs_tok_s=runs or [decode])
 
 
 def test_ratios_pair_each_ventoux_row_with_transformers_and_llama_cpp_of_its_precision():
@@ -48,12 +48,23 @@ def test_ratios_pair_each_ventoux_row_with_transformers_and_llama_cpp_of_its_pre
             _row("transformers", "bfloat16", 5.0, 200.0), _row("llama.cpp", "BF16", 20.0, 50.0),
             _row("llama.cpp", "Q4_0", 60.0, 30.0), {"engine": "llama.cpp", "technique": "Q8_0", "error": "boom"}]
     assert ratios(rows) == [
-        {"ventoux": "ventoux bfloat16", "peer": "transformers bfloat16", "decode": 2.0, "prefill": 0.5},
-        {"ventoux": "ventoux bfloat16", "peer": "llama.cpp BF16", "decode": 0.5, "prefill": 2.0},
-        {"ventoux": "ventoux int4", "peer": "transformers bfloat16", "decode": 6.0, "prefill": 0.3},
-        {"ventoux": "ventoux int4", "peer": "llama.cpp Q4_0", "decode": 0.5, "prefill": 2.0}]
+        {"ventoux": "ventoux bfloat16", "peer": "transformers bfloat16", "decode": 2.0, "prefill": 0.5,
+         "decode_by_round": 2.0},
+        {"ventoux": "ventoux bfloat16", "peer": "llama.cpp BF16", "decode": 0.5, "prefill": 2.0,
+         "decode_by_round": 0.5},
+        {"ventoux": "ventoux int4", "peer": "transformers bfloat16", "decode": 6.0, "prefill": 0.3,
+         "decode_by_round": 6.0},
+        {"ventoux": "ventoux int4", "peer": "llama.cpp Q4_0", "decode": 0.5, "prefill": 2.0, "decode_by_round": 0.5}]
     odd = [_row("ventoux", "nf4", 1.0, 1.0, quantize="nf4"), _row("llama.cpp", "Q4_0", 1.0, 1.0)]
     assert ratios(odd) == []  # a scheme without a llama.cpp counterpart is compared with none
+
+
+def test_the_decode_ratio_by_round_is_the_median_of_each_rounds_ratio():
+    # Rounds 1-3: 10/20, 30/10, 20/40. The medians' ratio is 20/20 = 1; the rounds' ratios 0.5, 3 and 0.5.
+    ours = _row("ventoux", "bfloat16", 20.0, 1.0, runs=[10.0, 30.0, 20.0])
+    peer = _row("llama.cpp", "BF16", 20.0, 1.0, runs=[20.0, 10.0, 40.0])
+    [ratio] = ratios([ours, peer])
+    assert ratio["decode"] == 1.0 and ratio["decode_by_round"] == 0.5
 
 
 def _fake_worker(monkeypatch, failing=()):

@@ -18,7 +18,8 @@ FAILED = {"engine": "transformers", "technique": "bfloat16", "error": "x" * 70}
 RESULT = {"settings": {"batch_size": 1, "prompt_len": 128, "new_tokens": 64, "repeats": 3},
           "machine": {"threads": 2, "read_bandwidth_gb_s": 24.84, "cpu": "Some CPU"},
           "results": [ROW, FAILED, PEER],
-          "ratios": [{"ventoux": "ventoux int4", "peer": "llama.cpp Q4_0", "decode": 0.4115, "prefill": 1.6695}]}
+          "ratios": [{"ventoux": "ventoux int4", "peer": "llama.cpp Q4_0", "decode": 0.4115, "prefill": 1.6695,
+                      "decode_by_round": 0.8555}]}
 
 
 def test_the_table_has_a_title_a_header_a_rule_a_row_per_result_and_a_note():
@@ -40,11 +41,16 @@ def test_the_table_has_a_title_a_header_a_rule_a_row_per_result_and_a_note():
 def test_the_ratio_table_gives_each_ratio_to_two_decimals():
     assert report.ratio_table(RESULT).splitlines() == [
         "ratios (ventoux / peer)",
-        "ventoux       peer            decode  prefill",
-        "------------  --------------  ------  -------",
-        "ventoux int4  llama.cpp Q4_0  0.41x   1.67x"]
+        "ventoux       peer            decode  prefill  decode by round",
+        "------------  --------------  ------  -------  ---------------",
+        "ventoux int4  llama.cpp Q4_0  0.41x   1.67x    0.86x",
+        NOTE]
     assert report.ratio_table(dict(RESULT, ratios=[])).splitlines()[1:] == [
-        "ventoux  peer  decode  prefill", "-------  ----  ------  -------"]
+        "ventoux  peer  decode  prefill  decode by round", "-------  ----  ------  -------  ---------------", NOTE]
+
+
+NOTE = ("decode by round: the median of each round's ratio, steadier than the ratio of the medians where the machine's "
+        "speed drifts between rounds")
 
 
 def test_the_json_file_is_the_result_indented_in_its_new_folder(tmp_path):

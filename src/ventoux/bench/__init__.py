@@ -205,7 +205,7 @@ def summarize(engine: Engine, raws: list[dict], settings: Settings, bandwidth: f
     decode = [b * (r["tokens"] - 1) / r["decode_s"] for r in runs]
     prefill = [b * settings.prompt_len / r["ttft_s"] for r in runs]
     row = {"engine": engine.name, "technique": engine.technique, "path": engine.path, "dtype": engine.dtype,
-           "quantize": engine.quantize, "decode_tok_s": statistics.median(decode),
+           "quantize": engine.quantize, "decode_tok_s": statistics.median(decode), "decode_runs_tok_s": decode,
            "prefill_tok_s": statistics.median(prefill),
            "ttft_s": statistics.median(r["ttft_s"] for r in runs), "weight_bytes": raws[0]["weight_bytes"],
            "peak_rss_bytes": max(raw["peak_rss_bytes"] for raw in raws),
@@ -219,7 +219,10 @@ def summarize(engine: Engine, raws: list[dict], settings: Settings, bandwidth: f
 
 def ratios(rows: list[dict]) -> list[dict]:
     """ventoux row / peer row, for decode and prefill tokens/s: every ventoux row against every
-    transformers row, and against the llama.cpp rows of its own precision."""
+    transformers row, and against the llama.cpp rows of its own precision. decode_by_round: the median of
+    each round's decode ratio (run() runs every engine once a round, so the two runs of a round lie close in
+    time): on a machine whose memory bandwidth drifts by half from minute to minute, steadier than the ratio
+    of the medians, whose two medians may come from different rounds."""
     from .llamacpp import gguf_types
 
     def comparable(ours: dict, peer: dict) -> bool:
@@ -230,9 +233,13 @@ def ratios(rows: list[dict]) -> list[dict]:
         except (VentouxError, KeyError):
             return False
 
+    def by_round(ours: dict, peer: dict) -> float:
+        return statistics.median(a / b for a, b in zip(ours["decode_runs_tok_s"], peer["decode_runs_tok_s"]))
+
     ok = [r for r in rows if "error" not in r]
     return [{"ventoux": f"{a['engine']} {a['technique']}", "peer": f"{p['engine']} {p['technique']}",
-             "decode": a["decode_tok_s"] / p["decode_tok_s"], "prefill": a["prefill_tok_s"] / p["prefill_tok_s"]}
+             "decode": a["decode_tok_s"] / p["decode_tok_s"], "prefill": a["prefill_tok_s"] / p["prefill_tok_s"],
+             "decode_by_round": by_round(a, p)}
             for a in ok if a["engine"] == "ventoux" for p in ok if p["engine"] != "ventoux" and comparable(a, p)]
 
 

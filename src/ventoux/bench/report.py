@@ -39,8 +39,12 @@ def table(result: dict) -> str:
 
 
 def ratio_table(result: dict) -> str:
-    rows = [[r["ventoux"], r["peer"], f"{r['decode']:.2f}x", f"{r['prefill']:.2f}x"] for r in result["ratios"]]
-    return "ratios (ventoux / peer)\n" + _render(("ventoux", "peer", "decode", "prefill"), rows)
+    rows = [[r["ventoux"], r["peer"], f"{r['decode']:.2f}x", f"{r['prefill']:.2f}x", f"{r['decode_by_round']:.2f}x"]
+            for r in result["ratios"]]
+    note = ("decode by round: the median of each round's ratio, steadier than the ratio of the medians where the "
+            "machine's speed drifts between rounds")
+    return ("ratios (ventoux / peer)\n" + _render(("ventoux", "peer", "decode", "prefill", "decode by round"), rows)
+            + "\n" + note)
 
 
 def write_json(result: dict, path: str | Path) -> Path:
