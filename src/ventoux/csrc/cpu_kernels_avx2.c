@@ -411,7 +411,8 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
 }
 
 // R rows (a constant where R == ROWS) of a bf16 weight times one activation row split by parity (xe, xo), as in
-// cpu_kernels.c: << 16 and & 0xFFFF0000 of 8 pairs give 8 even and 8 odd weights as exact float32.
+// cpu_kernels.c: << 16 and & 0xFFFF0000 of 8 pairs give 8 even and 8 odd weights as exact float32. Prefetches as
+// half_rows' there: the next rows' heads only.
 static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xe,
                                                            const float* xo, const int R, float* out) {
   const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -422,7 +423,6 @@ static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, 
     const __m256 e1 = _mm256_loadu_ps(xe + k / 2 + 8), o1 = _mm256_loadu_ps(xo + k / 2 + 8);
     for (int r = 0; r < R; ++r) {
       const uint16_t* p = wr + r * K + k;
-      _mm_prefetch((const char*)(p + 512), _MM_HINT_T0);  // 1 KB ahead in the row, into L1
       if (k < 1024) _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows' heads, L2
       const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 16));
       acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), e0, acc[r][0]);
@@ -472,7 +472,6 @@ void vx_half_gemv(const void* xv, int64_t M, int64_t K, const uint16_t* w, int i
           const __m256 x2 = _mm256_loadu_ps(xm + k + 16), x3 = _mm256_loadu_ps(xm + k + 24);
           for (int r = 0; r < R; ++r) {
             const uint16_t* p = wr + r * K + k;
-            _mm_prefetch((const char*)(p + 512), _MM_HINT_T0);  // 1 KB ahead in the row, into L1
             if (k < 1024) _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows' heads, L2
             acc[r][0] = _mm256_fmadd_ps(half8(p, 0), x0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(half8(p + 8, 0), x1, acc[r][1]);
