@@ -26,7 +26,7 @@ from common import CACHE, log, random_checkpoint
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--technique", default="bfloat16",
-                   help="the ventoux row: a dtype (bfloat16, float16) or a quantization scheme (int8, int4-g64, ...)")
+                   help="the ventoux row: a dtype (bfloat16, float16, float32) or a scheme (int8, int4-g64, ...)")
     p.add_argument("--gguf", default=None, help="llama.cpp's type (default: the first of the same precision)")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
@@ -46,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     folder = random_checkpoint()
-    quantize = None if args.technique in ("bfloat16", "float16") else args.technique
+    quantize = None if args.technique in ("bfloat16", "float16", "float32") else args.technique
     dtype = "bfloat16" if quantize else args.technique
     peers = peer_engines(folder, dtype, quantize, ["llama.cpp"], CACHE, log, isa=isa)
     peer = next((e for e in peers if e.technique == args.gguf), None) if args.gguf else peers[0]
@@ -55,10 +55,9 @@ def main() -> None:
         raise SystemExit(f"--gguf {args.gguf}: not a llama.cpp type of this precision (use one of {types})")
     settings = Settings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads)
     prompts = random_prompts(settings, vocab_size=32000)
-    runners = {f"ventoux {args.technique}": VentouxRunner(vars(Engine("ventoux", args.technique, str(folder),
-                                                                        dtype=dtype, quantize=quantize)),
-                                                          vars(settings)),
-               f"llama.cpp {peer.technique}": LlamaCppRunner(vars(peer), vars(settings))}
+    ours = Engine("ventoux", args.technique, str(folder), dtype=dtype, quantize=quantize)
+    llama = LlamaCppRunner(vars(peer), vars(settings))
+    runners = {ours.label: VentouxRunner(vars(ours), vars(settings)), peer.label: llama}
     for runner in runners.values():  # warm-up, as the worker does
         runner.generate(prompts, 4)
 
@@ -74,7 +73,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(*rates.values())]
     print(f"{machine['cpu']}, {args.threads} threads, kernels: {args.isa}; batch 1, {args.prompt_len}-token prompt, "
           f"{args.new_tokens} new tokens, {args.rounds} rounds, each engine in turn")
-    print(f"llama.cpp system info: {runners[f'llama.cpp {peer.technique}'].system_info.strip()}")
+    print(f"llama.cpp system info: {llama.system_info.strip()}")
     for (name, values), runner in zip(rates.items(), runners.values()):
         print(f"{name}: median {statistics.median(values):.2f} tok/s (range {min(values):.2f}-{max(values):.2f}), "
               f"{runner.weight_bytes * statistics.median(values) / 1e9:.1f} GB/s of weights")

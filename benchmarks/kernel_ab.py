@@ -1,9 +1,14 @@
-"""A/B of the decode products' C kernels (vx_int4_gemv, vx_int8_gemv) against those of a git revision, called
-straight through ctypes, with the weights hot in the caches: the kernels' arithmetic, without the Python a module
-call adds (about 25 us a call on this project's 2-core VM, a third of a hot 2.6 MB product).
+"""A/B of the decode products' C kernels (vx_int4_gemv, vx_int8_gemv, vx_half_gemv) against those of a git
+revision, called straight through ctypes, with the weights hot in the caches: the kernels' arithmetic, without the
+Python a module call adds (about 25 us a call on this project's 2-core VM, a third of a hot 2.6 MB product). With
+--copies, several copies of each weight are read in turn: enough of them (over twice the last-level cache) and every
+call reads its weights from memory, the rate a decode step is held to.
 
     .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1
     .venv/bin/python benchmarks/kernel_ab.py --base 6a04a12 --formats int4 --rows 1,2,4 --n 512,1024
+    .venv/bin/python benchmarks/kernel_ab.py --base ff2f9ec --formats bf16,fp16,int8 --n 14336 --copies 6 --rounds 10
+
+bf16 is the decode path of a bf16 model (bf16 weights, activations and outputs); fp16 takes float32 activations.
 
 Each round calls the base's kernel and this tree's in turn, on the same weights and activations; the medians over
 the rounds give each side's GB/s (weights with their scales and zeros over the time of a call). Both must give
@@ -42,14 +47,24 @@ def build_at(rev: str, isa: str, folder: Path):
     return cpu_kernels.load(out)
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # 16-bit weights, as vx_half_gemv reads them
+
+
 def product(lib, fmt: str, x: torch.Tensor, tiles: tuple, group: int, n: int, y: torch.Tensor) -> None:
-    """One call of the format's kernel: y = x @ w^T for float32 x, y."""
+    """One call of the format's kernel: y = x @ w^T (x and y bfloat16 for bf16, else float32)."""
+    threads, bf16 = torch.get_num_threads(), int(fmt == "bf16")
+    if fmt in HALF:
+        lib.vx_half_gemv(x.data_ptr(), *x.shape, tiles[0].data_ptr(), bf16, n, y.data_ptr(), threads, bf16)
+        return
     gemv = lib.vx_int4_gemv if fmt.startswith("int4") else lib.vx_int8_gemv
-    gemv(x.data_ptr(), *x.shape, *(t.data_ptr() for t in tiles), group, n, y.data_ptr(), torch.get_num_threads(), 0)
+    gemv(x.data_ptr(), *x.shape, *(t.data_ptr() for t in tiles), group, n, y.data_ptr(), threads, 0)
 
 
 def tiles_of(fmt: str, w: torch.Tensor) -> tuple[tuple, int]:
-    """The format's tiled tensors (cpu_kernels.tile_int4 / tile_int8) of w, and its group size."""
+    """The format's tiled tensors (cpu_kernels.tile_int4 / tile_int8) of w, and its group size; a 16-bit format's
+    weight as it is (no group)."""
+    if fmt in HALF:
+        return (w.to(HALF[fmt]),), 0
     group = int(fmt.partition("-g")[2] or (32 if fmt.startswith("int4") else w.shape[1]))
     if fmt.startswith("int4"):
         return cpu_kernels.tile_int4(*quantize_int4(w, group)), group
@@ -59,34 +74,41 @@ def tiles_of(fmt: str, w: torch.Tensor) -> tuple[tuple, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="HEAD", help="the git revision to compare with (default: HEAD)")
-    p.add_argument("--formats", default="int4,int8,int8-g32", help="comma-separated: int4[-gG], int8[-gG]")
+    p.add_argument("--formats", default="int4,int8,int8-g32", help="comma-separated: int4[-gG], int8[-gG], bf16, fp16")
     p.add_argument("--rows", default="1,2,4", help="activation rows (decode: up to 8)")
     p.add_argument("--n", default="1024", help="outputs (pick a size that fits the L2 caches: 1024 int4, 512 int8)")
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=400)
+    p.add_argument("--copies", type=int, default=1,
+                   help="copies of each weight read in turn (1: hot in cache; over twice the last-level cache: memory)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--isa", choices=["avx512", "avx2"], default=cpu_kernels.isa())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         sides = {args.base: build_at(args.base, args.isa, Path(tmp)), "this tree": cpu_kernels.build(args.isa)}
-        print(f"{cpu_kernels.cpu_model()}, {args.threads} threads, {args.isa} build, weights hot in cache")
+        where = "weights hot in cache" if args.copies == 1 else f"{args.copies} copies of each weight read in turn"
+        print(f"{cpu_kernels.cpu_model()}, {args.threads} threads, {args.isa} build, {where}")
         print(f"{'format':10s} {'rows':>4s} {'n':>6s} {'MB':>6s} " + " ".join(f"{s[:12]:>12s}" for s in sides)
-              + f" {'change':>7s} {'same bits':>9s}   (GB/s, medians of {args.rounds} calls)")
+              + f" {'change':>7s} {'same bits':>9s}   (GB/s, medians of {args.rounds * args.copies} calls)")
         gen = torch.Generator().manual_seed(0)
         for fmt in args.formats.split(","):
             for n in map(int, args.n.split(",")):
-                tiles, group = tiles_of(fmt, torch.randn(n, args.k, generator=gen) / args.k**0.5)
-                nbytes = sum(t.numel() * t.element_size() for t in tiles)
+                copies = [tiles_of(fmt, torch.randn(n, args.k, generator=gen) / args.k**0.5)
+                          for _ in range(args.copies)]
+                group = copies[0][1]
+                nbytes = sum(t.numel() * t.element_size() for t in copies[0][0])
+                dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
                 for m in map(int, args.rows.split(",")):
-                    x = torch.randn(m, args.k, generator=gen)
-                    ys = {s: torch.empty(m, n) for s in sides}
+                    x = torch.randn(m, args.k, generator=gen).to(dtype)
+                    ys = {s: torch.empty(m, n, dtype=dtype) for s in sides}
                     times = {s: [] for s in sides}
                     for _ in range(args.rounds):
                         for s, lib in sides.items():
-                            t = time.perf_counter()
-                            product(lib, fmt, x, tiles, group, n, ys[s])
-                            times[s].append(time.perf_counter() - t)
+                            for tiles, _ in copies:
+                                t = time.perf_counter()
+                                product(lib, fmt, x, tiles, group, n, ys[s])
+                                times[s].append(time.perf_counter() - t)
                     rates = [nbytes / statistics.median(times[s]) / 1e9 for s in sides]
                     same = torch.equal(*ys.values())
                     print(f"{fmt:10s} {m:4d} {n:6d} {nbytes / 1e6:6.2f} " + " ".join(f"{r:12.1f}" for r in rates)

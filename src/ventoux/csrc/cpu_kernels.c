@@ -465,11 +465,11 @@ static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t* 
 
 static void dot_bf16_gemv(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* y,
                           int nthreads) {
+  const int together = M <= 2 ? 1 : ROWS;  // weight rows read side by side
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
     float yb[GEMV_MAX_ROWS * 16];
-    const int together = M <= 2 ? 1 : ROWS;  // weight rows read side by side
     for (int64_t n = n0; n < n1; n += together) {
       const int R = n1 - n < together ? (int)(n1 - n) : together;
       const uint16_t* wr = w + n * K;
