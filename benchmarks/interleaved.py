@@ -9,7 +9,9 @@ decode.py runs each engine in a process of its own, one after the other, so two 
 more apart; on this project's shared VMs the read bandwidth of both cores moved between about 34 and 58 GB/s
 over such spans, and one engine's row could land in a fast spell while its peer's landed in a slow one. Here each
 round runs ventoux, then llama.cpp, on the same prompt (32 new tokens by default, a few seconds each), so both see
-the same spell; the figure to read is the median over the rounds of each round's ratio. The model and the GGUF
+the same spell; the figure to read is the median over the rounds of each round's ratio. Each round also measures the
+read bandwidth (ventoux.bench.measure_bandwidth, between the two engines' runs), so each engine's share of it is
+taken within the spell it ran in, not against the best spell of the run. The model and the GGUF
 files are decode.py's (the random 4-layer Mistral-7B-shaped checkpoint, converted once and cached); the runners
 are the benchmark worker's, so timings are taken as in decode.py.
 """
@@ -40,7 +42,7 @@ def main() -> None:
     os.environ.update(ISA_ENVIRONMENT.get(isa, {}))
     import torch
 
-    from ventoux.bench import Engine, Settings, describe_machine, peer_engines, random_prompts
+    from ventoux.bench import Engine, Settings, describe_machine, measure_bandwidth, peer_engines, random_prompts
     from ventoux.bench.worker import LlamaCppRunner, VentouxRunner
 
     torch.set_num_threads(args.threads)
@@ -62,24 +64,31 @@ def main() -> None:
         runner.generate(prompts, 4)
 
     rates: dict[str, list[float]] = {name: [] for name in runners}
+    shares: dict[str, list[float]] = {name: [] for name in runners}  # GB/s of weights over the round's bandwidth
+    bandwidths = []
     for r in range(args.rounds):
-        for name, runner in runners.items():
+        for i, (name, runner) in enumerate(runners.items()):
+            if i == 1:  # between the two runs: the spell both ran in
+                bandwidths.append(measure_bandwidth(args.threads, repeats=3))
             run = runner.generate(prompts, args.new_tokens)
             rates[name].append((run["tokens"] - 1) / run["decode_s"])
+        for name, runner in runners.items():
+            shares[name].append(runner.weight_bytes * rates[name][-1] / 1e9 / bandwidths[-1])
         (ours, theirs) = (rates[name][-1] for name in runners)
         log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.2f} tok/s" for n, v in rates.items())
-            + f", ratio {ours / theirs:.2f}")
+            + f", ratio {ours / theirs:.2f}, read bandwidth {bandwidths[-1]:.1f} GB/s")
     machine = describe_machine(args.threads)
     ratios = [a / b for a, b in zip(*rates.values())]
     print(f"{machine['cpu']}, {args.threads} threads, kernels: {args.isa}; batch 1, {args.prompt_len}-token prompt, "
-          f"{args.new_tokens} new tokens, {args.rounds} rounds, each engine in turn")
+          f"{args.new_tokens} new tokens, {args.rounds} rounds, each engine in turn; read bandwidth "
+          f"{statistics.median(bandwidths):.1f} GB/s (median; range {min(bandwidths):.1f}-{max(bandwidths):.1f})")
     print(f"llama.cpp system info: {llama.system_info.strip()}")
     for (name, values), runner in zip(rates.items(), runners.values()):
         print(f"{name}: median {statistics.median(values):.2f} tok/s (range {min(values):.2f}-{max(values):.2f}), "
-              f"{runner.weight_bytes * statistics.median(values) / 1e9:.1f} GB/s of weights")
+              f"{runner.weight_bytes * statistics.median(values) / 1e9:.1f} GB/s of weights, "
+              f"{100 * statistics.median(shares[name]):.0f}% of the round's read bandwidth (median)")
     print(f"ratio ventoux / llama.cpp: median of the rounds' ratios {statistics.median(ratios):.2f}x "
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")
-
 
 if __name__ == "__main__":
     main()

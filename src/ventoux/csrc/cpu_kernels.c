@@ -37,6 +37,13 @@
 #ifndef AHEAD
 #define AHEAD 4096  // bytes: how far ahead of its tile reads a decode kernel prefetches, every line
 #endif
+#ifndef FAR_AHEAD
+#define FAR_AHEAD 8192  // bytes: how far ahead into L2 the one- and two-row decode kernels prefetch (int4, bf16)
+#endif
+// Why into L2, that far: a product that does arithmetic on each line holds fewer loads in flight than a plain read
+// (its instructions fill the reorder window while they wait on memory), and the hardware prefetcher alone does not
+// make up for it. AMD Zen 4, from DRAM, a float32 bf16 row product (benchmarks/read_patterns.c), GB/s, one thread /
+// two: one row 17.3 / 28.0, 8 KB ahead into L2 27.4 / 31.6, a plain read 27.5 / 32.9 (1-2 KB into L1: no faster).
 
 // Up to 16 bfloat16 values -> float32 lanes (a bfloat16 is the high half of a float32); masked lanes are 0.
 static inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
@@ -241,7 +248,12 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
       __m512i lo[2][4], hi[2][4];  // the high nibbles stay in place (16 x code): no shift, and exact after the sums
       for (int u = 0; u < NT; ++u) {
         const uint8_t* p = wt + u * TILE * K / 2 + b * 256;
-        for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+        // AHEAD into L1 for more than two activation rows, FAR_AHEAD into L2 for one or two (AMD Zen 4, from
+        // DRAM, two threads: M = 1 +7-17%, M = 2 +1-22% over AHEAD into L1; no prefetch was no faster than that)
+        if (MR > 2)
+          for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+        else
+          for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + FAR_AHEAD + 64 * j), _MM_HINT_T1);
         for (int j = 0; j < 4; ++j) {
           const __m512i v = _mm512_loadu_si512(p + 64 * j);
           lo[u][j] = _mm512_and_si512(v, low4);
@@ -440,7 +452,9 @@ static inline __attribute__((always_inline)) void half_block(const uint16_t* wr,
 // of the weights as one sequential stream, which the hardware prefetcher follows best: from DRAM on AMD Zen 4, one
 // thread 20.8 -> 28.3 GB/s, two threads 31.7 -> 34.1 (4 rows side by side before). More activation rows reuse
 // each weight line more and read their own lines from L2: there ROWS weight rows at a time, whose lines are
-// reused by each pair (at M = 8, one row at a time was 13.5 GB/s against 20.4).
+// reused by each pair (at M = 8, one row at a time was 13.5 GB/s against 20.4). One row at a time prefetches
+// FAR_AHEAD into L2: M = 2 +15-30% from DRAM on Zen 4; M = 1, whose one instruction a line keeps enough loads in
+// flight, unchanged.
 static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t* wr, int64_t K, const uint16_t* x,
                                                                const int MB, const int R, float* out) {
   __m512 acc[2][ROWS][2];  // two sums a weight row, for alternate lines: the adds do not wait on each other
@@ -450,6 +464,7 @@ static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t* 
     for (int h = 0; h < 2 && k + 32 * h < K; ++h)  // a constant h: the sums stay in registers
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
+        if (R == 1) _mm_prefetch((const char*)(wr + k + 32 * h) + FAR_AHEAD, _MM_HINT_T1);
         const __m512bh v = (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32 * h);
         for (int m = 0; m < MB; ++m)
           acc[m][r][h] = _mm512_dpbf16_ps(acc[m][r][h], v, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * h));

@@ -22,6 +22,10 @@
 #ifndef AHEAD
 #define AHEAD 4096  // bytes: how far ahead of its tile reads the decode kernel prefetches, every line
 #endif
+#ifndef FAR_AHEAD
+#define FAR_AHEAD 8192  // bytes: how far ahead into L2 the one- and two-row decode kernels prefetch (int8, bf16);
+                        // why into L2 and that far: cpu_kernels.c
+#endif
 
 // VX_EVEX_VNNI (tests only, on AVX-512 VNNI CPUs): the 256-bit vpdpbusd in its AVX-512 encoding, so that the
 // AVX-VNNI form of this file is tested on CPUs that lack AVX-VNNI's own encoding.
@@ -107,7 +111,10 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
     for (int m = 0; m < MR; ++m) ga[m][0] = ga[m][1] = _mm256_setzero_ps();
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 512 bytes
       const int8_t* p = wt + b * 512;
-      for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+      if (MR > 2)  // for one or two rows FAR_AHEAD into L2 (AMD Zen 4, from DRAM, two threads: M = 1 +4-7%)
+        for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+      else
+        for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + FAR_AHEAD + 64 * j), _MM_HINT_T1);
       for (int m = 0; m < MR; ++m) {
         const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
         __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -410,28 +417,37 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
   free(xs);
 }
 
-// R rows (a constant where R == ROWS) of a bf16 weight times one activation row split by parity (xe, xo), as in
-// cpu_kernels.c: << 16 and & 0xFFFF0000 of 8 pairs give 8 even and 8 odd weights as exact float32. Prefetches as
-// half_rows' there: the next rows' heads only.
-static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xe,
-                                                           const float* xo, const int R, float* out) {
+// R rows of a bf16 weight times MB activation rows (R and MB constants in each use; MB * R <= ROWS), the activations
+// split by parity (row m's even inputs at xeo + m * K, then its odd ones), as in cpu_kernels.c: << 16 and
+// & 0xFFFF0000 of 8 pairs give 8 even and 8 odd weights as exact float32. A line's two even products are summed
+// before they join the row's even sum (the odd likewise): each of the two sums waits on one add a line, not on two
+// multiply-adds, so one weight row alone is not held to their latency (hot in cache, one activation row: 65-76 GB/s
+// against 49 for the plain chain). A row's sums run in this order whatever R and MB are, so its product is the same
+// bits alone and in a batch. Four rows side by side prefetch the next rows' heads into L2 (as half_rows' there);
+// one row alone (one sequential stream a thread) prefetches every line FAR_AHEAD into L2.
+static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xeo,
+                                                           const int MB, const int R, float* out) {
   const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-  __m256 acc[ROWS][2];  // even and odd inputs: two sums a row that do not wait on each other
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {  // one 64-byte line of each row
-    const __m256 e0 = _mm256_loadu_ps(xe + k / 2), o0 = _mm256_loadu_ps(xo + k / 2);
-    const __m256 e1 = _mm256_loadu_ps(xe + k / 2 + 8), o1 = _mm256_loadu_ps(xo + k / 2 + 8);
+  __m256 acc[ROWS][2];  // (m, r): even and odd inputs
+  for (int i = 0; i < MB * R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32)  // one 64-byte line of each row
     for (int r = 0; r < R; ++r) {
       const uint16_t* p = wr + r * K + k;
-      if (k < 1024) _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows' heads, L2
+      if (R == 1) _mm_prefetch((const char*)p + FAR_AHEAD, _MM_HINT_T1);
+      else if (k < 1024) _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows' heads, L2
       const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 16));
-      acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), e0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), o0, acc[r][1]);
-      acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), e1, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)), o1, acc[r][1]);
+      const __m256 we0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), wo0 = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
+      const __m256 we1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), wo1 = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
+      for (int m = 0; m < MB; ++m) {
+        const float *xe = xeo + m * K + k / 2, *xo = xe + K / 2;
+        const __m256 even = _mm256_fmadd_ps(we1, _mm256_loadu_ps(xe + 8), _mm256_mul_ps(we0, _mm256_loadu_ps(xe)));
+        const __m256 odd = _mm256_fmadd_ps(wo1, _mm256_loadu_ps(xo + 8), _mm256_mul_ps(wo0, _mm256_loadu_ps(xo)));
+        acc[m * R + r][0] = _mm256_add_ps(acc[m * R + r][0], even);
+        acc[m * R + r][1] = _mm256_add_ps(acc[m * R + r][1], odd);
+      }
     }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) out[m * ROWS + r] = hsum(_mm256_add_ps(acc[m * R + r][0], acc[m * R + r][1]));
 }
 
 // bf16_io: x and y are bfloat16 (float32 copies made and rounded here, as in vx_int4_gemv).
@@ -449,21 +465,31 @@ void vx_half_gemv(const void* xv, int64_t M, int64_t K, const uint16_t* w, int i
         xeo[m * K + K / 2 + k / 2] = x[m * K + k + 1];
       }
   }
+  // bf16 weight rows read side by side: one for one or two activation rows (AMD Zen 4, from DRAM, two threads: M = 1
+  // +9%, M = 2 +5-11% over four; without the prefetch FAR_AHEAD, one row was slower than four), four for more,
+  // whose lines each activation row reuses from the caches
+  const int together = is_bf16 && M <= 2 ? 1 : ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
-    for (int64_t n = n0; n < n1; n += ROWS) {
-      const int R = n1 - n < ROWS ? (int)(n1 - n) : ROWS;
+    for (int64_t n = n0; n < n1; n += together) {
+      const int R = n1 - n < together ? (int)(n1 - n) : together;
       const uint16_t* wr = w + n * K;
+      if (is_bf16) {
+        float out[2 * ROWS];
+        if (M <= 2) {  // one weight row times both activation rows
+          if (M == 2) bf16_rows(wr, K, xeo, 2, 1, out);
+          else if (M == 1) bf16_rows(wr, K, xeo, 1, 1, out);
+          for (int64_t m = 0; m < M; ++m) y[m * N + n] = out[m * ROWS];
+        } else
+          for (int64_t m = 0; m < M; ++m) {
+            if (R == ROWS) bf16_rows(wr, K, xeo + m * K, 1, ROWS, out);
+            else bf16_rows(wr, K, xeo + m * K, 1, R, out);
+            for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
+          }
+        continue;
+      }
       for (int64_t m = 0; m < M; ++m) {
-        if (is_bf16) {
-          float out[ROWS];
-          const float* xe = xeo + m * K;
-          if (R == ROWS) bf16_rows(wr, K, xe, xe + K / 2, ROWS, out);
-          else bf16_rows(wr, K, xe, xe + K / 2, R, out);
-          for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
-          continue;
-        }
         const float* xm = x + m * K;
         __m256 acc[ROWS][2];  // two sums a row: the multiply-adds of one row do not wait on each other
         for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
