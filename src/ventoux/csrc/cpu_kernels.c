@@ -38,7 +38,7 @@
 #define AHEAD 4096  // bytes: how far ahead of its tile reads a decode kernel prefetches, every line
 #endif
 #ifndef FAR_AHEAD
-#define FAR_AHEAD 8192  // bytes: how far ahead into L2 the one- and two-row decode kernels prefetch (int4, bf16)
+#define FAR_AHEAD 8192  // bytes: how far ahead into L2 some one- and two-row decode kernels prefetch (int4, bf16)
 #endif
 // Why into L2, that far: a product that does arithmetic on each line holds fewer loads in flight than a plain read
 // (its instructions fill the reorder window while they wait on memory), and the hardware prefetcher alone does not
@@ -452,9 +452,9 @@ static inline __attribute__((always_inline)) void half_block(const uint16_t* wr,
 // of the weights as one sequential stream, which the hardware prefetcher follows best: from DRAM on AMD Zen 4, one
 // thread 20.8 -> 28.3 GB/s, two threads 31.7 -> 34.1 (4 rows side by side before). More activation rows reuse
 // each weight line more and read their own lines from L2: there ROWS weight rows at a time, whose lines are
-// reused by each pair (at M = 8, one row at a time was 13.5 GB/s against 20.4). One row at a time prefetches
-// FAR_AHEAD into L2: M = 2 +15-30% from DRAM on Zen 4; M = 1, whose one instruction a line keeps enough loads in
-// flight, unchanged.
+// reused by each pair (at M = 8, one row at a time was 13.5 GB/s against 20.4). One row times two activation rows
+// prefetches FAR_AHEAD into L2 (from DRAM on Zen 4, two threads: +15-30%); one activation row does not (one
+// instruction a line keeps enough loads in flight: from DRAM no faster with it, hot 9% slower).
 static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t* wr, int64_t K, const uint16_t* x,
                                                                const int MB, const int R, float* out) {
   __m512 acc[2][ROWS][2];  // two sums a weight row, for alternate lines: the adds do not wait on each other
@@ -464,7 +464,7 @@ static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t* 
     for (int h = 0; h < 2 && k + 32 * h < K; ++h)  // a constant h: the sums stay in registers
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        if (R == 1) _mm_prefetch((const char*)(wr + k + 32 * h) + FAR_AHEAD, _MM_HINT_T1);
+        if (R == 1 && MB == 2) _mm_prefetch((const char*)(wr + k + 32 * h) + FAR_AHEAD, _MM_HINT_T1);
         const __m512bh v = (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32 * h);
         for (int m = 0; m < MB; ++m)
           acc[m][r][h] = _mm512_dpbf16_ps(acc[m][r][h], v, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * h));

@@ -23,8 +23,7 @@
 #define AHEAD 4096  // bytes: how far ahead of its tile reads the decode kernel prefetches, every line
 #endif
 #ifndef FAR_AHEAD
-#define FAR_AHEAD 8192  // bytes: how far ahead into L2 the one- and two-row decode kernels prefetch (int8, bf16);
-                        // why into L2 and that far: cpu_kernels.c
+#define FAR_AHEAD 8192  // bytes: how far ahead into L2 bf16 decode prefetches one weight row read alone (why: cpu_kernels.c)
 #endif
 
 // VX_EVEX_VNNI (tests only, on AVX-512 VNNI CPUs): the 256-bit vpdpbusd in its AVX-512 encoding, so that the
@@ -111,10 +110,7 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
     for (int m = 0; m < MR; ++m) ga[m][0] = ga[m][1] = _mm256_setzero_ps();
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 512 bytes
       const int8_t* p = wt + b * 512;
-      if (MR > 2)  // for one or two rows FAR_AHEAD into L2 (AMD Zen 4, from DRAM, two threads: M = 1 +4-7%)
-        for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
-      else
-        for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + FAR_AHEAD + 64 * j), _MM_HINT_T1);
+      for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
       for (int m = 0; m < MR; ++m) {
         const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
         __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
