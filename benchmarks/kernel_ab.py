@@ -8,7 +8,8 @@ call reads its weights from memory, the rate a decode step is held to.
     .venv/bin/python benchmarks/kernel_ab.py --base 6a04a12 --formats int4 --rows 1,2,4 --n 512,1024
     .venv/bin/python benchmarks/kernel_ab.py --base ff2f9ec --formats bf16,fp16,int8 --n 14336 --copies 6 --rounds 10
 
-bf16 is the decode path of a bf16 model (bf16 weights, activations and outputs); fp16 takes float32 activations.
+bf16 is the decode path of a bf16 model (bf16 weights, activations and outputs); bf16-f32 and fp16 take float32
+activations (bf16-f32: the path of a bf16 model on CPUs without AVX512_BF16, which run the float32 product).
 
 Each round calls the base's kernel and this tree's in turn, on the same weights and activations; the medians over
 the rounds give each side's GB/s (weights with their scales and zeros over the time of a call). Both must give
@@ -47,14 +48,15 @@ def build_at(rev: str, isa: str, folder: Path):
     return cpu_kernels.load(out)
 
 
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # 16-bit weights, as vx_half_gemv reads them
+HALF = {"bf16": torch.bfloat16, "bf16-f32": torch.bfloat16, "fp16": torch.float16}  # 16-bit weights
 
 
 def product(lib, fmt: str, x: torch.Tensor, tiles: tuple, group: int, n: int, y: torch.Tensor) -> None:
     """One call of the format's kernel: y = x @ w^T (x and y bfloat16 for bf16, else float32)."""
-    threads, bf16 = torch.get_num_threads(), int(fmt == "bf16")
+    threads, bf16_io = torch.get_num_threads(), int(fmt == "bf16")
     if fmt in HALF:
-        lib.vx_half_gemv(x.data_ptr(), *x.shape, tiles[0].data_ptr(), bf16, n, y.data_ptr(), threads, bf16)
+        lib.vx_half_gemv(x.data_ptr(), *x.shape, tiles[0].data_ptr(), int(HALF[fmt] == torch.bfloat16), n,
+                         y.data_ptr(), threads, bf16_io)
         return
     gemv = lib.vx_int4_gemv if fmt.startswith("int4") else lib.vx_int8_gemv
     gemv(x.data_ptr(), *x.shape, *(t.data_ptr() for t in tiles), group, n, y.data_ptr(), threads, 0)
@@ -74,7 +76,8 @@ def tiles_of(fmt: str, w: torch.Tensor) -> tuple[tuple, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="HEAD", help="the git revision to compare with (default: HEAD)")
-    p.add_argument("--formats", default="int4,int8,int8-g32", help="comma-separated: int4[-gG], int8[-gG], bf16, fp16")
+    p.add_argument("--formats", default="int4,int8,int8-g32",
+                   help="comma-separated: int4[-gG], int8[-gG], bf16, bf16-f32, fp16")
     p.add_argument("--rows", default="1,2,4", help="activation rows (decode: up to 8)")
     p.add_argument("--n", default="1024", help="outputs (pick a size that fits the L2 caches: 1024 int4, 512 int8)")
     p.add_argument("--k", type=int, default=4096)
