@@ -1,5 +1,5 @@
-"""Decode of ventoux against llama.cpp at one precision, both loaded in one process and run in turn, round after
-round: the ratio to trust on a VM whose memory bandwidth moves by half from one minute to the next.
+"""Decode and prefill of ventoux against llama.cpp at one precision, both loaded in one process and run in turn,
+round after round: the ratio to trust on a VM whose memory bandwidth moves by half from one minute to the next.
 
     .venv/bin/python benchmarks/interleaved.py --technique bfloat16              # against llama.cpp BF16
     .venv/bin/python benchmarks/interleaved.py --technique int4-g64 --rounds 16  # against Q4_0 (the same size)
@@ -11,7 +11,8 @@ over such spans, and one engine's row could land in a fast spell while its peer'
 round runs ventoux, then llama.cpp, on the same prompt (32 new tokens by default, a few seconds each), so both see
 the same spell; the figure to read is the median over the rounds of each round's ratio. Each round also measures the
 read bandwidth (ventoux.bench.measure_bandwidth, between the two engines' runs), so each engine's share of it is
-taken within the spell it ran in, not against the best spell of the run. The model and the GGUF
+taken within the spell it ran in, not against the best spell of the run. The prompt's prefill is timed in each
+run too (prompt tokens over the time to the first token), and its ratio reported the same way. The model and the GGUF
 files are decode.py's (the random 4-layer Mistral-7B-shaped checkpoint, converted once and cached); the runners
 are the benchmark worker's, so timings are taken as in decode.py.
 """
@@ -64,6 +65,7 @@ def main() -> None:
         runner.generate(prompts, 4)
 
     rates: dict[str, list[float]] = {name: [] for name in runners}
+    prefills: dict[str, list[float]] = {name: [] for name in runners}  # prompt tokens over the time to the first
     shares: dict[str, list[float]] = {name: [] for name in runners}  # GB/s of weights over the round's bandwidth
     bandwidths = []
     for r in range(args.rounds):
@@ -72,6 +74,7 @@ def main() -> None:
                 bandwidths.append(measure_bandwidth(args.threads, repeats=3))
             run = runner.generate(prompts, args.new_tokens)
             rates[name].append((run["tokens"] - 1) / run["decode_s"])
+            prefills[name].append(args.prompt_len / run["ttft_s"])
         for name, runner in runners.items():
             shares[name].append(runner.weight_bytes * rates[name][-1] / 1e9 / bandwidths[-1])
         (ours, theirs) = (rates[name][-1] for name in runners)
@@ -89,6 +92,10 @@ def main() -> None:
               f"{100 * statistics.median(shares[name]):.0f}% of the round's read bandwidth (median)")
     print(f"ratio ventoux / llama.cpp: median of the rounds' ratios {statistics.median(ratios):.2f}x "
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+    prefill_ratios = [a / b for a, b in zip(*prefills.values())]
+    print("prefill: " + ", ".join(f"{name} {statistics.median(v):.1f} tok/s" for name, v in prefills.items())
+          + f"; median of the rounds' ratios {statistics.median(prefill_ratios):.2f}x "
+          f"(range {min(prefill_ratios):.2f}-{max(prefill_ratios):.2f})")
 
 if __name__ == "__main__":
     main()

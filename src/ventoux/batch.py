@@ -204,6 +204,7 @@ class Batch:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> None:
         budget = self.prefill_budget or 1 << 62
+        first = []  # requests whose prompt ended in this step: their first token goes out before they decode
         # Fewest prompt tokens left first: in admission order a 56k-token prompt took every step's budget for
         # 8 s and a short request behind it waited as long for its first token (vLLM lets short prefills
         # through for the same reason). A prompt the last step fed nothing goes first, so a stream of short
@@ -222,8 +223,10 @@ class Batch:
                     self._snapshot(req)
                 if len(req.fed) == len(req.prompt):
                     self._deliver([req], logits[None])
+                    first.append(req)
             req.stalled = len(req.fed) == fed < len(req.prompt)
-        decoding = [r for r in self.active() if r.next_token is not None]
+        # (as vLLM's steps: one decode step less before the first token, 10% of a 128-token bf16 prefill here)
+        decoding = [r for r in self.active() if r.next_token is not None and r not in first]
         if decoding:
             self._decode(decoding)
 
