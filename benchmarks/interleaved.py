@@ -97,5 +97,6 @@ def main() -> None:
           + f"; median of the rounds' ratios {statistics.median(prefill_ratios):.2f}x "
           f"(range {min(prefill_ratios):.2f}-{max(prefill_ratios):.2f})")
 
+
 if __name__ == "__main__":
     main()

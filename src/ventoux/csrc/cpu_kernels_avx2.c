@@ -23,7 +23,7 @@
 #define AHEAD 4096  // bytes: how far ahead of its tile reads the decode kernel prefetches, every line
 #endif
 #ifndef FAR_AHEAD
-#define FAR_AHEAD 8192  // bytes: how far ahead into L2 bf16 decode prefetches one weight row read alone (why: cpu_kernels.c)
+#define FAR_AHEAD 8192  // bytes: how far ahead into L2 bf16 decode prefetches a weight row read alone (cpu_kernels.c)
 #endif
 
 // VX_EVEX_VNNI (tests only, on AVX-512 VNNI CPUs): the 256-bit vpdpbusd in its AVX-512 encoding, so that the
@@ -418,8 +418,8 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
 // & 0xFFFF0000 of 8 pairs give 8 even and 8 odd weights as exact float32. A line's two even products are summed
 // before they join the row's even sum (the odd likewise): each of the two sums waits on one add a line, not on two
 // multiply-adds, so one weight row alone is not held to their latency (hot in cache, one activation row: 65-76 GB/s
-// against 49 for the plain chain). A row's sums run in this order whatever R and MB are, so its product is the same
-// bits alone and in a batch. Four rows side by side prefetch the next rows' heads into L2 (as half_rows' there);
+// against 49 for the plain chain; its extra adds cost four rows side by side 4-8% from DRAM at M = 4 and 8). A
+// row's sums run in this order whatever R and MB are, so its product is the same bits alone and in a batch. Four rows side by side prefetch the next rows' heads into L2 (as half_rows' there);
 // one row alone (one sequential stream a thread) prefetches every line FAR_AHEAD into L2.
 static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xeo,
                                                            const int MB, const int R, float* out) {
@@ -432,8 +432,10 @@ static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, 
       if (R == 1) _mm_prefetch((const char*)p + FAR_AHEAD, _MM_HINT_T1);
       else if (k < 1024) _mm_prefetch((const char*)(p + ROWS * K), _MM_HINT_T1);  // the next rows' heads, L2
       const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 16));
-      const __m256 we0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), wo0 = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
-      const __m256 we1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), wo1 = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
+      const __m256 we0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));  // even and odd weights, both halves
+      const __m256 wo0 = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
+      const __m256 we1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+      const __m256 wo1 = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
       for (int m = 0; m < MB; ++m) {
         const float *xe = xeo + m * K + k / 2, *xo = xe + K / 2;
         const __m256 even = _mm256_fmadd_ps(we1, _mm256_loadu_ps(xe + 8), _mm256_mul_ps(we0, _mm256_loadu_ps(xe)));
@@ -462,7 +464,7 @@ void vx_half_gemv(const void* xv, int64_t M, int64_t K, const uint16_t* w, int i
       }
   }
   // bf16 weight rows read side by side: one for one or two activation rows (AMD Zen 4, from DRAM, two threads: M = 1
-  // +9%, M = 2 +5-11% over four; without the prefetch FAR_AHEAD, one row was slower than four), four for more,
+  // +9-12%, M = 2 +3-22% over four; without the prefetch FAR_AHEAD, one row was slower than four), four for more,
   // whose lines each activation row reuses from the caches
   const int together = is_bf16 && M <= 2 ? 1 : ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
