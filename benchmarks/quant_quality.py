@@ -50,7 +50,8 @@ from ventoux.train.data import split_heldout
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "tinyshakespeare.txt"
 PAIRS = [("int8", "Q8_0"), ("int8-g32", "Q8_0"), ("int8-g32+output", "Q8_0"), ("int4-g32", "Q4_0"),
-         ("int4-g64", "Q4_K_M"), ("int4-g128", None)]  # rows side by side; "+output": the head in the blocks' scheme
+         ("int4-g64", "Q4_K_M"), ("int4-g64+output", "Q4_0"), ("int4-g128", None)]
+# rows side by side; "+output": the head in the blocks' scheme
 
 
 class HFScorer(torch.nn.Module):
