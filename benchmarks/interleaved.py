@@ -66,7 +66,6 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {name: [] for name in runners}
     prefills: dict[str, list[float]] = {name: [] for name in runners}  # prompt tokens over the time to the first
-    shares: dict[str, list[float]] = {name: [] for name in runners}  # GB/s of weights over the round's bandwidth
     bandwidths = []
     for r in range(args.rounds):
         for i, (name, runner) in enumerate(runners.items()):
@@ -75,8 +74,6 @@ def main() -> None:
             run = runner.generate(prompts, args.new_tokens)
             rates[name].append((run["tokens"] - 1) / run["decode_s"])
             prefills[name].append(args.prompt_len / run["ttft_s"])
-        for name, runner in runners.items():
-            shares[name].append(runner.weight_bytes * rates[name][-1] / 1e9 / bandwidths[-1])
         (ours, theirs) = (rates[name][-1] for name in runners)
         log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.2f} tok/s" for n, v in rates.items())
             + f", ratio {ours / theirs:.2f}, read bandwidth {bandwidths[-1]:.1f} GB/s")
@@ -87,9 +84,10 @@ def main() -> None:
           f"{statistics.median(bandwidths):.1f} GB/s (median; range {min(bandwidths):.1f}-{max(bandwidths):.1f})")
     print(f"llama.cpp system info: {llama.system_info.strip()}")
     for (name, values), runner in zip(rates.items(), runners.values()):
+        shares = [runner.weight_bytes * v / 1e9 / bw for v, bw in zip(values, bandwidths)]  # GB/s over the round's
         print(f"{name}: median {statistics.median(values):.2f} tok/s (range {min(values):.2f}-{max(values):.2f}), "
               f"{runner.weight_bytes * statistics.median(values) / 1e9:.1f} GB/s of weights, "
-              f"{100 * statistics.median(shares[name]):.0f}% of the round's read bandwidth (median)")
+              f"{100 * statistics.median(shares):.0f}% of the round's read bandwidth (median)")
     print(f"ratio ventoux / llama.cpp: median of the rounds' ratios {statistics.median(ratios):.2f}x "
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")
     prefill_ratios = [a / b for a, b in zip(*prefills.values())]

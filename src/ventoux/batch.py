@@ -204,7 +204,10 @@ class Batch:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> None:
         budget = self.prefill_budget or 1 << 62
-        first = []  # requests whose prompt ended in this step: their first token goes out before they decode
+        # those with a token to feed before this step's prefill: a prompt that ends in it sends its first token
+        # out with this step and decodes from the next (as vLLM's steps; decoding it here too held that token
+        # back one decode step, 10% of a 128-token bf16 prefill)
+        decoding = [r for r in self.active() if r.next_token is not None]
         # Fewest prompt tokens left first: in admission order a 56k-token prompt took every step's budget for
         # 8 s and a short request behind it waited as long for its first token (vLLM lets short prefills
         # through for the same reason). A prompt the last step fed nothing goes first, so a stream of short
@@ -223,10 +226,7 @@ class Batch:
                     self._snapshot(req)
                 if len(req.fed) == len(req.prompt):
                     self._deliver([req], logits[None])
-                    first.append(req)
             req.stalled = len(req.fed) == fed < len(req.prompt)
-        # (as vLLM's steps: one decode step less before the first token, 10% of a 128-token bf16 prefill here)
-        decoding = [r for r in self.active() if r.next_token is not None and r not in first]
         if decoding:
             self._decode(decoding)
 

@@ -419,8 +419,9 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
 // before they join the row's even sum (the odd likewise): each of the two sums waits on one add a line, not on two
 // multiply-adds, so one weight row alone is not held to their latency (hot in cache, one activation row: 65-76 GB/s
 // against 49 for the plain chain; its extra adds cost four rows side by side 4-8% from DRAM at M = 4 and 8). A
-// row's sums run in this order whatever R and MB are, so its product is the same bits alone and in a batch. Four rows side by side prefetch the next rows' heads into L2 (as half_rows' there);
-// one row alone (one sequential stream a thread) prefetches every line FAR_AHEAD into L2.
+// row's sums run in this order whatever R and MB are, so its product is the same bits alone and in a batch. Four
+// rows side by side prefetch the next rows' heads into L2 (as half_rows' there); one row alone (one sequential
+// stream a thread) prefetches every line FAR_AHEAD into L2.
 static inline __attribute__((always_inline)) void bf16_rows(const uint16_t* wr, int64_t K, const float* xeo,
                                                            const int MB, const int R, float* out) {
   const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
