@@ -20,6 +20,7 @@ runs here (benchmarks/bench_linear.py and decode.py compare with PyTorch and lla
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import subprocess
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ventoux import cpu_kernels
-from ventoux.qlinear import quantize_int4, quantize_int8
+from ventoux.qlinear import DEFAULT_GROUP_SIZE, INT6_GROUP_SIZE, quantize_int4, quantize_int6, quantize_int8
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,14 @@ def build_at(rev: str, isa: str, folder: Path):
     out = folder / "base.so"
     subprocess.run([cpu_kernels.compiler(), *cpu_kernels.FLAGS, *cpu_kernels.isa_flags(isa), "-o", str(out),
                     str(folder / cpu_kernels.SOURCES[isa].name)], check=True)
-    return cpu_kernels.load(out)
+    lib, typed = ctypes.CDLL(str(out)), cpu_kernels.build(isa)
+    for name in PRODUCTS:  # typed as this tree's; an older revision may lack some (int6 before it existed)
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes, getattr(lib, name).restype = getattr(typed, name).argtypes, None
+    return lib
+
+
+PRODUCTS = ("vx_int8_gemv", "vx_int6_gemv", "vx_int4_gemv", "vx_half_gemv")
 
 
 HALF = {"bf16": torch.bfloat16, "bf16-f32": torch.bfloat16, "fp16": torch.float16}  # 16-bit weights
@@ -58,7 +66,7 @@ def product(lib, fmt: str, x: torch.Tensor, tiles: tuple, group: int, n: int, y:
         lib.vx_half_gemv(x.data_ptr(), *x.shape, tiles[0].data_ptr(), int(HALF[fmt] == torch.bfloat16), n,
                          y.data_ptr(), threads, bf16_io)
         return
-    gemv = lib.vx_int4_gemv if fmt.startswith("int4") else lib.vx_int8_gemv
+    gemv = getattr(lib, f"vx_{fmt[:4]}_gemv")
     gemv(x.data_ptr(), *x.shape, *(t.data_ptr() for t in tiles), group, n, y.data_ptr(), threads, 0)
 
 
@@ -67,9 +75,12 @@ def tiles_of(fmt: str, w: torch.Tensor) -> tuple[tuple, int]:
     weight as it is (no group)."""
     if fmt in HALF:
         return (w.to(HALF[fmt]),), 0
-    group = int(fmt.partition("-g")[2] or (32 if fmt.startswith("int4") else w.shape[1]))
+    default = {"int4": DEFAULT_GROUP_SIZE, "int6": INT6_GROUP_SIZE}.get(fmt[:4], w.shape[1])
+    group = int(fmt.partition("-g")[2] or default)
     if fmt.startswith("int4"):
         return cpu_kernels.tile_int4(*quantize_int4(w, group)), group
+    if fmt.startswith("int6"):
+        return cpu_kernels.tile_int6(*quantize_int6(w, group)), group
     return cpu_kernels.tile_int8(*quantize_int8(w, None if group == w.shape[1] else group)), group
 
 
@@ -77,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="HEAD", help="the git revision to compare with (default: HEAD)")
     p.add_argument("--formats", default="int4,int8,int8-g32",
-                   help="comma-separated: int4[-gG], int8[-gG], bf16, bf16-f32, fp16")
+                   help="comma-separated: int4[-gG], int6[-gG], int8[-gG], bf16, bf16-f32, fp16")
     p.add_argument("--rows", default="1,2,4", help="activation rows (decode: up to 8)")
     p.add_argument("--n", default="1024", help="outputs (pick a size that fits the L2 caches: 1024 int4, 512 int8)")
     p.add_argument("--k", type=int, default=4096)
@@ -90,7 +101,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         sides = {args.base: build_at(args.base, args.isa, Path(tmp)), "this tree": cpu_kernels.build(args.isa)}
-        where = "weights hot in cache" if args.copies == 1 else f"{args.copies} copies of each weight read in turn"
+        where = ("one copy of each weight (hot in cache where it fits)" if args.copies == 1
+                 else f"{args.copies} copies of each weight read in turn")
         print(f"{cpu_kernels.cpu_model()}, {args.threads} threads, {args.isa} build, {where}")
         print(f"{'format':10s} {'rows':>4s} {'n':>6s} {'MB':>6s} " + " ".join(f"{s[:12]:>12s}" for s in sides)
               + f" {'change':>7s} {'same bits':>9s}   (GB/s, medians of {args.rounds * args.copies} calls)")
@@ -104,18 +116,21 @@ def main() -> None:
                 dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
                 for m in map(int, args.rows.split(",")):
                     x = torch.randn(m, args.k, generator=gen).to(dtype)
-                    ys = {s: torch.empty(m, n, dtype=dtype) for s in sides}
-                    times = {s: [] for s in sides}
+                    runs = {s: lib for s, lib in sides.items() if fmt in HALF or hasattr(lib, f"vx_{fmt[:4]}_gemv")}
+                    ys = {s: torch.empty(m, n, dtype=dtype) for s in runs}
+                    times = {s: [] for s in runs}
                     for _ in range(args.rounds):
-                        for s, lib in sides.items():
+                        for s, lib in runs.items():
                             for tiles, _ in copies:
                                 t = time.perf_counter()
                                 product(lib, fmt, x, tiles, group, n, ys[s])
                                 times[s].append(time.perf_counter() - t)
-                    rates = [nbytes / statistics.median(times[s]) / 1e9 for s in sides]
-                    same = torch.equal(*ys.values())
-                    print(f"{fmt:10s} {m:4d} {n:6d} {nbytes / 1e6:6.2f} " + " ".join(f"{r:12.1f}" for r in rates)
-                          + f" {rates[1] / rates[0] - 1:+7.1%} {'yes' if same else 'NO':>9s}", flush=True)
+                    rates = [nbytes / statistics.median(times[s]) / 1e9 if s in runs else None for s in sides]
+                    cells = " ".join(f"{r:12.1f}" if r else f"{'-':>12s}" for r in rates)  # -: the base lacks it
+                    both = None not in rates
+                    change, same = (rates[1] / rates[0] - 1, torch.equal(*ys.values())) if both else (0, True)
+                    print(f"{fmt:10s} {m:4d} {n:6d} {nbytes / 1e6:6.2f} {cells} {change:+7.1%} "
+                          f"{'yes' if same else 'NO':>9s}", flush=True)
 
 
 if __name__ == "__main__":

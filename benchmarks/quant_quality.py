@@ -8,9 +8,10 @@
 
 One run scores the same held-out tokens (the split of benchmarks/eval_demo.py) with
   - ventoux at bf16 and quantized while loading: int8 (one scale a row), int8-g32 (one per 32 inputs, Q8_0's
-    format and size), int4-g32, int4-g64, int4-g128;
+    format and size), int6 (int6-g64, about Q6_K's size), int4-g32, int4-g64 (its head in int8, int4 or int6),
+    int4-g128;
   - llama.cpp (llama-cpp-python built from source, bench/llamacpp.py) on GGUF files converted from the
-    same weights by llama.cpp's own converter: BF16, Q8_0, Q4_0 (and Q4_K_M), every position's logits;
+    same weights by llama.cpp's own converter: BF16, Q8_0, Q6_K, Q4_0 (and Q4_K_M), every position's logits;
   - transformers' MistralForCausalLM at bf16, for the time (same windows, batch and threads as ventoux;
     the two alternate for --rounds rounds and each keeps its fastest, so a busy spell hits both).
 Every engine is fed the same token ids in the same strided windows (ventoux.eval.perplexity) and
@@ -49,9 +50,10 @@ from ventoux.quantize import parse_quantize, quantizer
 from ventoux.train.data import split_heldout
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "tinyshakespeare.txt"
-PAIRS = [("int8", "Q8_0"), ("int8-g32", "Q8_0"), ("int8-g32+output", "Q8_0"), ("int4-g32", "Q4_0"),
-         ("int4-g64", "Q4_K_M"), ("int4-g64+output", "Q4_0"), ("int4-g128", None)]
-# rows side by side; "+output": the head in the blocks' scheme
+PAIRS = [("int8", "Q8_0"), ("int8-g32", "Q8_0"), ("int8-g32+output", "Q8_0"), ("int6", "Q6_K"),
+         ("int4-g32", "Q4_0"), ("int4-g64", "Q4_K_M"), ("int4-g64+output", "Q4_0"), ("int4-g64+output=int6", "Q4_0"),
+         ("int4-g128", None)]
+# rows side by side; "+output": the head in the blocks' scheme, "+output=int6" in int6
 
 
 class HFScorer(torch.nn.Module):

@@ -13,7 +13,7 @@ from conftest import KERNEL_ISAS
 
 from ventoux import cpu_kernels, fastlinear
 from ventoux.errors import VentouxError
-from ventoux.qlinear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from ventoux.qlinear import Int4Linear, Int6Linear, Int8Linear, quantize_int4, quantize_int6, quantize_int8
 
 
 def test_kernels_are_present_wherever_they_build(monkeypatch):
@@ -22,7 +22,7 @@ def test_kernels_are_present_wherever_they_build(monkeypatch):
         monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, isa)
         assert cpu_kernels.library() is cpu_kernels.build(isa) is not None, isa
         assert fastlinear.kernel_works(), isa
-        assert Int8Linear.kernels("cpu")[0] == Int4Linear.kernels("cpu")[0] == "vnni", isa
+        assert Int8Linear.kernels("cpu")[0] == Int4Linear.kernels("cpu")[0] == Int6Linear.kernels("cpu")[0] == "vnni"
     x86 = cpu_kernels.platform.machine() in ("x86_64", "AMD64")
     if x86 and cpu_kernels.compiler() and {"avx2", "fma", "f16c"} <= cpu_kernels.cpu_flags():
         assert "avx2" in KERNEL_ISAS
@@ -77,6 +77,7 @@ def _products(x: torch.Tensor, w: torch.Tensor) -> dict:
         out[f"int8-g{g}"] = cpu_kernels.int8_gemv(x, *cpu_kernels.tile_int8(*quantize_int8(w, g)), g, w.shape[0])
     for g in (32, 64, 128):
         out[f"int4-g{g}"] = cpu_kernels.int4_gemv(x, *cpu_kernels.tile_int4(*quantize_int4(w, g)), g, w.shape[0])
+        out[f"int6-g{g}"] = cpu_kernels.int6_gemv(x, *cpu_kernels.tile_int6(*quantize_int6(w, g)), g, w.shape[0])
     for dtype in (torch.bfloat16, torch.float16):
         out[f"gemv {dtype}"] = cpu_kernels.half_gemv(x, w.to(dtype))
         out[f"gemm {dtype}"] = cpu_kernels.half_gemm(x, w.to(dtype)).float()
@@ -131,6 +132,37 @@ def test_int4_tiles_are_the_documented_byte_permutation(n):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("n", [37, 48])
+def test_int6_tiles_are_the_documented_layout(n):
+    # tile_int6's layout, written from its definition (csrc/cpu_kernels.c, before with_top_bits): per tile t and
+    # block b of 32 inputs, 384 bytes: int4's 256 (nibble line j = 0..3, byte 4r + i: canonical byte 16b + 4j + i
+    # of row 16t + r), then top-bit lines a = 0, 1 whose byte 4r + i holds the top bits of the inputs that byte
+    # 4r + i of nibble lines 2a and 2a + 1 holds (line 2a's low, then high nibble's input at bits 0 and 2, line
+    # 2a + 1's at bits 4 and 6); untile_int6 gives back the device-independent tensors
+    gen = torch.Generator().manual_seed(n)
+    k = 128
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    h = torch.randint(0, 256, (n, k // 4), dtype=torch.uint8, generator=gen)
+    s, z = torch.randn(n, 2, generator=gen).bfloat16(), torch.randn(n, 2, generator=gen).bfloat16()
+    qt, st, zt = cpu_kernels.tile_int6(q, h, s, z)
+    tiles = -(-n // 16)
+    assert qt.shape == (tiles, k // 32, 384) and st.shape == zt.shape == (tiles, 2, 16) and qt.dtype == torch.uint8
+
+    def top(row, inp):  # the canonical top bits of one input
+        return int(h[row, inp // 4] >> 2 * (inp % 4)) & 3
+
+    for t, b, r, i in [(0, 0, 0, 0), (0, 3, 5, 2), (tiles - 1, 1, (n - 1) % 16, 3), (1, 2, 15, 1)]:
+        row = 16 * t + r
+        for j in range(4):
+            assert qt[t, b, 64 * j + 4 * r + i] == (q[row, 16 * b + 4 * j + i] if row < n else 0)
+        for a in range(2):
+            inputs = [32 * b + 8 * (2 * a + e) + 2 * i + odd for e in (0, 1) for odd in (0, 1)]  # at bits 0, 2, 4, 6
+            expected = sum(top(row, inp) << 2 * p for p, inp in enumerate(inputs)) if row < n else 0
+            assert qt[t, b, 256 + 64 * a + 4 * r + i] == expected, (t, b, r, i, a)
+    for a, b in zip(cpu_kernels.untile_int6(qt, st, zt, n), (q, h, s, z)):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # torch.equal compares values only
+
+
 def test_int8_tiles_are_the_documented_byte_permutation():
     # byte (t, c, r, i) of tile_int8's layout is weight (16t + r, 4c + i); scales padded with zeros
     n = 37
@@ -156,10 +188,11 @@ def test_a_rows_decode_product_is_the_same_bits_alone_and_in_any_batch(kernel_is
         torch.testing.assert_close(cpu_kernels.half_gemv(x, wd).double(), x.double() @ wd.double().T, rtol=1e-5,
                                    atol=1e-5 * k**0.5, msg=str(dtype))
     int8, int4 = cpu_kernels.tile_int8(*quantize_int8(w)), cpu_kernels.tile_int4(*quantize_int4(w, 64))
-    int8_g32 = cpu_kernels.tile_int8(*quantize_int8(w, 32))
+    int8_g32, int6 = cpu_kernels.tile_int8(*quantize_int8(w, 32)), cpu_kernels.tile_int6(*quantize_int6(w, 64))
     products = {"int8": lambda a: cpu_kernels.int8_gemv(a, *int8, k, n),
                 "int8-g32": lambda a: cpu_kernels.int8_gemv(a, *int8_g32, 32, n),
                 "int4": lambda a: cpu_kernels.int4_gemv(a, *int4, 64, n),
+                "int6": lambda a: cpu_kernels.int6_gemv(a, *int6, 64, n),
                 **{f"gemv {dtype}": lambda a, wd=wd: cpu_kernels.half_gemv(a, wd) for dtype, wd in halves.items()}}
     for name, product in products.items():
         alone = torch.cat([product(x[i:i + 1]) for i in range(8)])
@@ -174,23 +207,30 @@ def test_a_product_of_no_rows_is_empty(kernel_isa):
     w = torch.randn(37, 256, generator=torch.Generator().manual_seed(0))
     x = torch.empty(0, 256)
     int8, int4 = cpu_kernels.tile_int8(*quantize_int8(w)), cpu_kernels.tile_int4(*quantize_int4(w, 32))
+    int6 = cpu_kernels.tile_int6(*quantize_int6(w, 32))
     for y in (cpu_kernels.int8_gemv(x, *int8, 256, 37), cpu_kernels.int4_gemv(x, *int4, 32, 37),
+              cpu_kernels.int6_gemv(x, *int6, 32, 37),
               cpu_kernels.half_gemv(x, w.bfloat16()), cpu_kernels.int4_gemv_unchecked(x.bfloat16(), *int4, 32, 37)):
         assert y.shape == (0, 37)
 
 
 @pytest.mark.parametrize("n", [37, 130])
-def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n):
+@pytest.mark.parametrize("bits", [4, 6])
+def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n, bits):
     # int4_gemv_unchecked with a bfloat16 x (Int4Linear in a bf16 model) converts in the kernel: the same bits as
-    # the float32 product of the same bf16 values, rounded by PyTorch; decode (1..8 rows) and prefill (9, 20) rows
+    # the float32 product of the same bf16 values, rounded by PyTorch; decode (1..8 rows) and prefill (9, 20) rows.
+    # int6 alike (it shares the kernel's code)
     gen = torch.Generator().manual_seed(n)
     w = torch.randn(n, 256, generator=gen)
-    tiles = cpu_kernels.tile_int4(*quantize_int4(w, 32))
+    quantize, tile = (quantize_int4, cpu_kernels.tile_int4) if bits == 4 else (quantize_int6, cpu_kernels.tile_int6)
+    gemv, unchecked = ((cpu_kernels.int4_gemv, cpu_kernels.int4_gemv_unchecked) if bits == 4
+                       else (cpu_kernels.int6_gemv, cpu_kernels.int6_gemv_unchecked))
+    tiles = tile(*quantize(w, 32))
     for m in (1, 2, 3, 4, 5, 8, 9, 20):
         x = (torch.randn(m, 256, generator=gen) * 3).bfloat16()
-        y = cpu_kernels.int4_gemv_unchecked(x, *tiles, 32, n)
+        y = unchecked(x, *tiles, 32, n)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        assert torch.equal(y, cpu_kernels.int4_gemv(x.float(), *tiles, 32, n).bfloat16()), m
+        assert torch.equal(y, gemv(x.float(), *tiles, 32, n).bfloat16()), m
 
 
 @pytest.mark.parametrize("n, group", [(37, 256), (130, 32)])

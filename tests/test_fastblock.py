@@ -59,7 +59,8 @@ def as_blocks(model, cls):
 
 
 @pytest.mark.parametrize("scheme,dtype", [("int8", torch.bfloat16), ("int8-g32", torch.bfloat16),
-                                          ("int4", torch.bfloat16), ("int4", torch.float32), (None, torch.bfloat16)])
+                                          ("int4", torch.bfloat16), ("int4", torch.float32), (None, torch.bfloat16),
+                                          ("int6-g32", torch.bfloat16)])
 def test_every_decode_step_of_every_block_runs_on_the_kernel_as_on_the_blocks_path(kernel_isa, model_dir, scheme,
                                                                                      dtype, block_calls):
     model = load_model(model_dir, CFG, dtype, quantize=scheme)

@@ -15,7 +15,7 @@ from ventoux.cache import KVCache
 from ventoux.fusedproducts import SharedInputProducts, joinable
 from ventoux.lora import LoraConfig, add_adapter
 from ventoux.model import Attention, FeedForward
-from ventoux.qlinear import Int4Linear, Int8Linear
+from ventoux.qlinear import Int4Linear, Int6Linear, Int8Linear
 from ventoux.weights import save_hf
 
 
@@ -62,7 +62,7 @@ def storage_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("scheme,dtype", [("int8", torch.bfloat16), ("int8-g32", torch.bfloat16),
-                                          ("int4", torch.bfloat16), ("int4", torch.float16)])
+                                          ("int4", torch.bfloat16), ("int4", torch.float16), ("int6", torch.bfloat16)])
 def test_joined_products_give_the_layers_numbers_in_four_calls_a_block(kernel_isa, tiny_dir, scheme, dtype,
                                                                        joined_calls):
     model = load_model(tiny_dir, TINY, dtype, quantize=scheme)
@@ -134,11 +134,10 @@ def test_gradients_and_restored_layers_run_the_layers_one_by_one(kernel_isa, tin
 
 def layer(cls, rows, group=32, kernel="vnni"):
     w = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
-    return (Int8Linear.from_float(w, group, kernel=kernel) if cls is Int8Linear
-            else Int4Linear.from_float(w, group, kernel=kernel))
+    return cls.from_float(w, group, kernel=kernel)
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, Int6Linear])
 def test_only_vnni_layers_of_one_kind_and_width_are_joined(kernel_isa, cls):
     assert joinable([layer(cls, 32), layer(cls, 16), layer(cls, 16)])
     other = Int4Linear if cls is Int8Linear else Int8Linear

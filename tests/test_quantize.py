@@ -1,7 +1,8 @@
 """Quantized linears against float references, the model swap, and the quantized checkpoint format.
 
 The references are written here from the scheme's definition (w = q * s; w = (q - 8) * s + z, even input index
-in the low nibble), independently of ventoux.qlinear's own dequantize functions.
+in the low nibble; int6: w = (q - 32) * s + z, q's low 4 bits as int4's, its top 2 bits four to a byte, the first
+input lowest), independently of ventoux.qlinear's own dequantize functions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ventoux.config import ModelConfig
 from ventoux.errors import VentouxError
 from ventoux.fastlinear import HalfLinear
 from ventoux.model import Transformer
-from ventoux.qlinear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, dequantize_int8
+from ventoux.qlinear import Int4Linear, Int6Linear, Int8Embedding, Int8Linear, QuantizedLinear, dequantize_int8
 from ventoux.quantize import (
     Scheme,
     load_quantized,
@@ -64,6 +65,16 @@ def _ref_int4(qweight, scales, zeros):
     s = scales.to(torch.float64).repeat_interleave(g, 1)
     z = zeros.to(torch.float64).repeat_interleave(g, 1)
     return (q - 8) * s + z
+
+
+def _ref_int6(qweight, qhigh, scales, zeros):
+    """(N, K/2) low-nibble bytes and (N, K/4) top-bit bytes -> (N, K) float64; input 4j + p at bits 2p of top byte j."""
+    n = qweight.shape[0]
+    low = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(n, -1)
+    top = torch.stack([(qhigh >> (2 * p)) & 3 for p in range(4)], -1).reshape(n, -1)
+    q = (low + 16 * top).to(torch.float64)
+    g = q.shape[1] // scales.shape[1]
+    return (q - 32) * scales.to(torch.float64).repeat_interleave(g, 1) + zeros.to(torch.float64).repeat_interleave(g, 1)
 
 
 def _kernel_error(layer: QuantizedLinear, x, w_hat):
@@ -117,6 +128,9 @@ def test_parse_scheme():
         assert parse_scheme(f"int8-G{g}") == Scheme(8, g) and Scheme(8, g).name == f"int8-g{g}"
     assert parse_quantize("int8-g32+output=int8") == (Scheme(8, 32), Scheme(8))
     assert parse_scheme("int4") == Scheme(4, 32)
+    assert parse_scheme("int6") == Scheme(6, 64) and Scheme(6, 64).name == "int6-g64"  # about Q6_K's size
+    assert parse_scheme("int6-g128") == Scheme(6, 128)
+    assert parse_quantize("int4-g64+output=int6") == (Scheme(4, 64), Scheme(6, 64))
     for g in (32, 64, 128):
         assert parse_scheme(f"INT4-g{g}") == Scheme(4, g)
     with pytest.raises(VentouxError, match="int4-g64"):
@@ -143,7 +157,8 @@ def test_quantize_while_loading_chooses_the_output_head(tmp_path, spec, head):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("spec", [None, "int8", "int4", "int4-g64+output", "int4+output=float"])
+@pytest.mark.parametrize("spec", [None, "int8", "int4", "int4-g64+output", "int4+output=float",
+                                  "int4-g64+output=int6", "int6-g128"])
 def test_every_linear_of_a_loaded_model_runs_on_a_fast_kernel(tmp_path, kernel_isa, spec):
     # Issue 12: no linear of a decode step, the head included, falls back to PyTorch's bf16 product; each
     # decode step's products agree with the plain dequantize-and-matmul fallback
@@ -154,7 +169,7 @@ def test_every_linear_of_a_loaded_model_runs_on_a_fast_kernel(tmp_path, kernel_i
     assert [n for n, m in linears.items() if type(m) is nn.Linear] == []
     assert all(m.kernel == "vnni" for m in linears.values() if isinstance(m, QuantizedLinear))
     head = {None: HalfLinear, "int8": Int8Linear, "int4": Int8Linear, "int4-g64+output": Int4Linear,
-            "int4+output=float": HalfLinear}[spec]
+            "int4+output=float": HalfLinear, "int4-g64+output=int6": Int6Linear, "int6-g128": Int8Linear}[spec]
     assert type(model.output) is head
     plain = copy.deepcopy(model)
     for name, m in linears.items():  # the same weights through the fallbacks
@@ -246,8 +261,41 @@ def test_int4_linear_against_float(monkeypatch, group_size, kernel, isa, rows):
     _check_linear(layer, w, x, _ref_int4(qweight, scales, zeros), step)
 
 
+@pytest.mark.parametrize("rows", [(2, 3), (1, 300)])  # decode-sized; prefill-sized (vnni: the tiled product)
+@pytest.mark.parametrize("kernel,isa", _cases(Int6Linear))
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int6_linear_against_float(monkeypatch, group_size, kernel, isa, rows):
+    _use(monkeypatch, isa)
+    w, x = _weights(rows=rows)
+    layer = Int6Linear.from_float(w, group_size, kernel=kernel)
+    assert layer.kernel == kernel and layer.group_size == group_size
+    qweight, qhigh, scales, zeros = layer.canonical()
+    assert qweight.shape == (64, 128) and qhigh.shape == (64, 64) and scales.shape == (64, 256 // group_size)
+    step = scales.to(torch.float64).repeat_interleave(group_size, 1)
+    w_hat = _ref_int6(qweight, qhigh, scales, zeros)
+    _check_linear(layer, w, x, w_hat, step)
+    # 63 steps a group: the group's smallest and largest weights lie half a step from codes 0 and 63
+    groups = w_hat.view(64, -1, group_size)
+    torch.testing.assert_close(groups.amax(-1) - groups.amin(-1), 63 * scales.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_int6_backward_reaches_the_input():
+    # LoRA under a frozen int6 head: the input's gradient is through the weight dequantized from vnni's tiles,
+    # a slice of rows and columns at a time (untile_int6 of a block of tiles; 37 rows: the last block a part tile)
+    w, _ = _weights(n=37, k=512, seed=5)
+    layer = Int6Linear.from_float(w, 64)
+    w_hat = _ref_int6(*layer.canonical())
+    slices = list(layer._weight_columns(torch.float64, budget=37 * 128, block=16 * 128))
+    assert len(slices) == 4 and torch.equal(torch.cat([c for _, c in slices], 1), w_hat)
+    x = torch.randn(3, 512, requires_grad=True)
+    g = torch.randn(3, 37)
+    (layer(x) * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), g.double() @ w_hat, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}),
-                                      (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
+                                      (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128}),
+                                      (Int6Linear, {}), (Int6Linear, {"group_size": 128})])
 @pytest.mark.parametrize("rows", [(2, 3), (37,)])
 @pytest.mark.parametrize("isa", KERNEL_ISAS or [None])
 def test_packed_kernel_agrees_with_fallback(monkeypatch, isa, cls, args, rows):
@@ -266,7 +314,8 @@ def test_packed_kernel_agrees_with_fallback(monkeypatch, isa, cls, args, rows):
 
 @pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int8Linear, {"group_size": 32}),
                                       (Int8Linear, {"group_size": 128}), (Int4Linear, {"group_size": 32}),
-                                      (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128})])
+                                      (Int4Linear, {"group_size": 64}), (Int4Linear, {"group_size": 128}),
+                                      (Int6Linear, {"group_size": 32}), (Int6Linear, {"group_size": 64})])
 def test_vnni_prefill_product_equals_the_decode_product(kernel_isa, cls, args):
     # More than 8 rows take the tiled product, up to 8 the row-by-row one: the same integer arithmetic,
     # so they agree to float rounding (far tighter than the bound against float64 above)
@@ -285,7 +334,8 @@ def test_kernel_choice_follows_shape():
         Int4Linear.from_float(w, 48)
 
 
-@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 128})])
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 128}),
+                                      (Int6Linear, {"group_size": 128})])
 def test_odd_input_width_is_zero_padded(cls, args):
     w, x = _weights(n=48, k=200, seed=2)  # 200 inputs: stored as 256, the last 56 zero
     layer = cls.from_float(w, **args)
@@ -294,7 +344,8 @@ def test_odd_input_width_is_zero_padded(cls, args):
     if cls is Int8Linear:
         w_hat, step = _ref_int8(*canonical), canonical[1].to(torch.float64)[:, None].expand(48, 256)
     else:
-        w_hat, step = _ref_int4(*canonical), canonical[1].to(torch.float64).repeat_interleave(128, 1)
+        w_hat = (_ref_int4 if cls is Int4Linear else _ref_int6)(*canonical)
+        step = canonical[-2].to(torch.float64).repeat_interleave(128, 1)
     _check_linear(layer, w, x, w_hat[:, :200], step[:, :200])
 
 
@@ -349,7 +400,9 @@ def test_model_dtype_change_keeps_quantized_tensors():
 @pytest.mark.parametrize("scheme,include_output,suffix,head",
                          [("int8", True, "+output", "int8"), ("int4-g64", False, "+output=float", None),
                           ("int8-g32", None, "", "int8"), ("int8-g64", "int8-g32", "+output=int8-g32", "int8-g32"),
-                          ("int4-g64", None, "", "int8"), ("int4", "int4-g128", "+output=int4-g128", "int4-g128")])
+                          ("int4-g64", None, "", "int8"), ("int4", "int4-g128", "+output=int4-g128", "int4-g128"),
+                          ("int4-g64", "int6", "+output=int6", "int6-g64"),
+                          ("int6-g128", True, "+output", "int6-g128")])
 def test_save_load_gives_identical_logits(tmp_path, scheme, include_output, suffix, head):
     model, tokens = _model(), _tokens()
     save_hf(model, tmp_path / "float")

@@ -1,4 +1,4 @@
-"""ventoux's own CPU kernels: int8 / int4 weights times int8-quantized activations in integer dot products,
+"""ventoux's own CPU kernels: int8 / int6 / int4 weights times int8-quantized activations in integer dot products,
 computed as llama.cpp computes its Q8_0 / Q4 products, and bf16 / fp16 weights times float32 activations.
 Faster than PyTorch's kernels at batch 1, where decoding is bound by the memory bandwidth (see
 benchmarks/bench_linear.py). And register-tiled matrix products for prefill (many rows), faster than
@@ -15,6 +15,7 @@ products only).
     y = int8_gemv(x, *tile_int8(qweight, scales), K, n)   # (M, K) float -> (M, n) float32; tiled once, at load
     y = int8_gemv(x, *tile_int8(qweight, scales), 32, n)  # int8-g32: scales (N, K/32)
     y = int4_gemv(x, *tile_int4(qweight, scales, zeros), group, n)   # tiled once, at load time
+    y = int6_gemv(x, *tile_int6(qweight, qhigh, scales, zeros), group, n)
     y = half_gemv(x, weight)                           # weight (N, K) bf16 or fp16
     y = half_gemm(x, weight)                           # -> (M, N) in the weight's dtype, for M in the tens+
     out = attend_decode(q, k, v, allowed)              # one new token a row over a KV cache (fastattention.py)
@@ -50,7 +51,7 @@ SOURCES = {"avx512": CSRC / "cpu_kernels.c", "avx2": CSRC / "cpu_kernels_avx2.c"
 NEEDED = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avx2": ("avx2", "fma", "f16c")}
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA_VARIABLE = "VENTOUX_CPU_ISA"
-TILE = 16  # int8 / int4 rows per tile of the decode kernels' layout (csrc/cpu_kernels.c, before vx_int8_gemv)
+TILE = 16  # int8 / int6 / int4 rows per tile of the decode kernels' layout (csrc/cpu_kernels.c, before vx_int8_gemv)
 
 
 def isa_flags(isa: str) -> list[str]:
@@ -179,6 +180,8 @@ def load(path: str | Path) -> ctypes.CDLL:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.vx_int8_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int, ctypes.c_int]
     lib.vx_int4_gemv.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int, ctypes.c_int]
+    lib.vx_int6_gemv.argtypes = lib.vx_int4_gemv.argtypes
+    lib.vx_int6_gemv.restype = None
     lib.vx_half_gemv.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int, ctypes.c_int]
     lib.vx_half_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
     lib.vx_int8_gemv.restype = lib.vx_int4_gemv.restype = lib.vx_half_gemv.restype = None
@@ -340,6 +343,68 @@ def int4_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return y
 
 
+TOP_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)  # a byte's four 2-bit fields
+
+
+def _int6_tops(qhigh: torch.Tensor) -> torch.Tensor:
+    """The canonical top bits (N, K/4), input 4j + p at bits 2p of byte j -> the kernel's (N, K/4): per 16 inputs,
+    byte i holds inputs 2i, 2i + 1, 8 + 2i, 9 + 2i at bits 0, 2, 4, 6 (csrc/cpu_kernels.c, before with_top_bits)."""
+    n, k = qhigh.shape[0], qhigh.shape[1] * 4
+    tops = ((qhigh[..., None] >> TOP_SHIFTS) & 3).view(n, k // 16, 2, 4, 2)  # (row, 16 inputs, half, i, parity)
+    return (tops << TOP_SHIFTS.view(2, 1, 2)).sum((2, 4), dtype=torch.uint8).view(n, k // 4)
+
+
+def _int6_canonical_tops(kernel: torch.Tensor) -> torch.Tensor:
+    """_int6_tops' inverse."""
+    n, k = kernel.shape[0], kernel.shape[1] * 4
+    tops = (kernel.view(n, k // 16, 1, 4, 1) >> TOP_SHIFTS.view(2, 1, 2)) & 3  # (row, 16 inputs, half, i, parity)
+    return (tops.reshape(n, k // 4, 4) << TOP_SHIFTS).sum(-1, dtype=torch.uint8)
+
+
+def tile_int6(qweight: torch.Tensor, qhigh: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """The device-independent int6 tensors (N, K/2) (the codes' low 4 bits, as int4's), (N, K/4) (their top 2 bits),
+    (N, G), (N, G) -> int6_gemv's layout: rows in tiles of 16 (N padded with zero rows), each tile (K/32, 384)
+    bytes: per 32 inputs int4's 256 tiled bytes, then 128 of top bits (csrc/cpu_kernels.c, before with_top_bits);
+    scales and zeros as int4's. untile_int6 inverts it exactly."""
+    nibbles = _interleave(qweight, 4)
+    tops = _interleave(_int6_tops(qhigh), 4)
+    blocks = qweight.shape[1] // 16
+    tiles = torch.cat([nibbles.view(-1, blocks, 256), tops.view(-1, blocks, 128)], dim=-1)
+    return tiles, _interleave(scales, 1)[..., 0], _interleave(zeros, 1)[..., 0]
+
+
+def untile_int6(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int):
+    """tile_int6's inverse, for the first n rows (of any run of whole tiles and 32-input blocks of it)."""
+    tiles, blocks = qweight.shape[:2]
+    nibbles = _deinterleave(qweight[..., :256].reshape(tiles, blocks * 4, TILE, 4), n)
+    tops = _deinterleave(qweight[..., 256:].reshape(tiles, blocks * 2, TILE, 4), n)
+    return (nibbles, _int6_canonical_tops(tops), _deinterleave(scales[..., None], n),
+            _deinterleave(zeros[..., None], n))
+
+
+def int6_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group: int, n: int) -> torch.Tensor:
+    """x (M, K) @ ((q - 32) * scale + zero)^T for the first n rows of int6 weights in tile_int6's layout."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ventoux.int6_gemv(x, qweight, scales, zeros, group, n)
+    x = _check(x, qweight, scales, zeros)
+    if qweight.dtype != torch.uint8 or qweight.shape[1:] != (x.shape[1] // 32, 384) or qweight.shape[0] * TILE < n:
+        raise ValueError(f"int6_gemv takes tile_int6's uint8 tiles (N/16, K/32, 384) of {n} rows or more, not "
+                         f"{qweight.dtype} {list(qweight.shape)}")
+    _check_scales("int6_gemv", x.shape[1], group, qweight.shape[0] * TILE, scales=scales, zeros=zeros)
+    return int6_gemv_unchecked(x, qweight, scales, zeros, group, n)
+
+
+def int6_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group: int, n: int) -> torch.Tensor:
+    """int6_gemv for weights its caller has checked once (Int6Linear, at load), as int4_gemv_unchecked."""
+    x, bf16 = _kernel_input(x)
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if bf16 else torch.float32)
+    library().vx_int6_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(),
+                           zeros.data_ptr(), group, n, y.data_ptr(), torch.get_num_threads(), bf16)
+    return y
+
+
 def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T for a bfloat16 or float16 weight -> (M, N) float32, exact products."""
     if torch.compiler.is_compiling():
@@ -446,12 +511,12 @@ def decode_attention_unchecked(q, k, v, cos, sin, k_cache, v_cache, slots, allow
 
 
 class Product(ctypes.Structure):
-    """One linear layer on a kernel (csrc/decode_block.h's vx_product): kind INT8, INT4 or HALF, its input and
-    output widths K and N, and its arguments to int8_gemv, int4_gemv or half_gemv."""
+    """One linear layer on a kernel (csrc/decode_block.h's vx_product): kind INT8, INT4, INT6 or HALF, its input
+    and output widths K and N, and its arguments to int8_gemv, int4_gemv, int6_gemv or half_gemv."""
     _fields_ = [("kind", ctypes.c_int64), ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("group", ctypes.c_int64),
                 ("half_bf16", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("zeros", ctypes.c_void_p)]
-    INT8, INT4, HALF = 0, 1, 2
+    INT8, INT4, HALF, INT6 = 0, 1, 2, 3
 
 
 class Products(ctypes.Structure):
@@ -555,6 +620,9 @@ _int8_op = torch.library.custom_op("ventoux::int8_gemv", int8_gemv, mutates_args
 _int4_op = torch.library.custom_op("ventoux::int4_gemv", int4_gemv, mutates_args=(),
                                    schema="(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, SymInt group, "
                                           "SymInt n) -> Tensor")
+_int6_op = torch.library.custom_op("ventoux::int6_gemv", int6_gemv, mutates_args=(),
+                                   schema="(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, SymInt group, "
+                                          "SymInt n) -> Tensor")
 _half_op = torch.library.custom_op("ventoux::half_gemv", half_gemv, mutates_args=(),
                                    schema="(Tensor x, Tensor weight) -> Tensor")
 _gemm_op = torch.library.custom_op("ventoux::half_gemm", half_gemm, mutates_args=(),
@@ -567,6 +635,7 @@ def _(x, qweight, scales, group, n):
 
 
 @_int4_op.register_fake
+@_int6_op.register_fake
 def _(x, qweight, scales, zeros, group, n):
     return x.new_empty(x.shape[0], n, dtype=torch.float32)
 

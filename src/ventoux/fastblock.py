@@ -5,7 +5,7 @@ about 100 us on a 2-core Xeon VM, whatever it computes. A block's decode step ma
 products, attention, silu, the product and the add after it): over a millisecond a layer beside its weights.
 cpu_kernels.decode_block runs the same kernels back to back in C (csrc/decode_block.h), in Block.forward's order
 and with its roundings. It applies where every linear layer of the block is on one of ventoux's decode kernels
-(vnni int8 and int4, fusedproducts' joined groups, bfloat16 HalfLinear), with bfloat16 or float32 activations, to
+(vnni int8, int6 and int4, fusedproducts' joined groups, bfloat16 HalfLinear), with bfloat16 or float32 activations, to
 decode steps of up to MAX_ROWS rows over a KVCache without autograd. Anything else (prefill, training, a LoRA
 adapter, another device, torch.compile) runs model.Block.forward, on the other kernels where they apply.
 
@@ -24,7 +24,7 @@ from .cpu_kernels import BlockLayout, Product
 from .fastlinear import HalfLinear
 from .fusedproducts import SharedInputProducts
 from .model import Block, swap_class
-from .qlinear import Int4Linear, Int8Linear
+from .qlinear import Int4Linear, Int6Linear, Int8Linear
 
 MAX_ROWS = 8  # rows the products' decode kernels take (csrc: GEMV_MAX_ROWS); more run as a prefill does
 
@@ -99,12 +99,15 @@ class BlockPlan:
 _scratch = threading.local()
 
 
+KINDS = {Int8Linear: Product.INT8, Int4Linear: Product.INT4, Int6Linear: Product.INT6}  # decode_block's kinds
+
+
 def product_of(m: nn.Module) -> Product | None:
     """A linear layer's arguments to its decode kernel; None where decode_block cannot run it."""
-    if type(m) in (Int8Linear, Int4Linear) and m.kernel == "vnni" and m.stored_in == m.in_features:
-        kind, tiles = (Product.INT8, m._tiles[:2]) if type(m) is Int8Linear else (Product.INT4, m._tiles)
+    if type(m) in KINDS and m.kernel == "vnni" and m.stored_in == m.in_features:
+        tiles = m._tiles[:2] if type(m) is Int8Linear else m._tiles
         group = m._tiles[2] if type(m) is Int8Linear else m.group_size
-        return Product(kind, m.in_features, m.out_features, group, 0, *(t.data_ptr() for t in tiles))
+        return Product(KINDS[type(m)], m.in_features, m.out_features, group, 0, *(t.data_ptr() for t in tiles))
     if type(m) is HalfLinear and m.bias is None and m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous():
         return Product(Product.HALF, m.in_features, m.out_features, 0, 1, m.weight.data_ptr())
     return None
@@ -114,8 +117,7 @@ def joined_product(joined: SharedInputProducts | None, layers: tuple[nn.Module, 
     """A fusedproducts group's one product, where it still joins these layers."""
     if joined is None or not joined.joins(layers):
         return None
-    kind = Product.INT8 if isinstance(layers[0], Int8Linear) else Product.INT4
-    return Product(kind, joined.in_features, sum(joined.sizes), joined.group, 0,
+    return Product(KINDS[type(layers[0])], joined.in_features, sum(joined.sizes), joined.group, 0,
                    *(t.data_ptr() for t in joined.tiles))
 
 

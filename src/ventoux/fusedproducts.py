@@ -7,7 +7,7 @@ four. The layers keep their modules and state_dict: their tiles become row range
 second copy), so each output row is computed exactly as before. A module swapped out later (a LoRA adapter) or
 re-stored (load_state_dict, .to()) ends the joint call for its group, and the layers run one by one.
 
-    fuse_shared_inputs(model)   # in place, for vnni int8 / int4 layers (qlinear.py)
+    fuse_shared_inputs(model)   # in place, for vnni int8 / int6 / int4 layers (qlinear.py)
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from torch import nn
 
 from . import cpu_kernels
 from .model import Attention, FeedForward
-from .qlinear import Int4Linear, Int8Linear
+from .qlinear import Int4Linear, Int6Linear, Int8Linear
 
 
 class SharedInputProducts:
-    """The products of `layers` (vnni Int8Linear or Int4Linear of one class, group and input width) as one call:
-    x (..., in_features) -> one output per layer, each (..., its out_features)."""
+    """The products of `layers` (vnni Int8Linear, Int4Linear or Int6Linear of one class, group and input width) as
+    one call: x (..., in_features) -> one output per layer, each (..., its out_features)."""
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = tuple(layers)
@@ -42,8 +42,7 @@ class SharedInputProducts:
                 m._buffers[name] = view
             m._tiles = (*views, m._tiles[-1]) if isinstance(m, Int8Linear) else tuple(views)
         self.group = first._tiles[-1] if isinstance(first, Int8Linear) else first.group_size
-        self.product = cpu_kernels.int8_gemv_unchecked if isinstance(first, Int8Linear) else \
-            cpu_kernels.int4_gemv_unchecked
+        self.product = PRODUCTS[type(first)]
         self.in_features, self.stored_in = first.in_features, first.stored_in
 
     def applies(self, layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
@@ -69,9 +68,13 @@ class SharedInputProducts:
         return y.reshape(*x.shape[:-1], -1).split(self.sizes, -1)
 
 
+PRODUCTS = {Int8Linear: cpu_kernels.int8_gemv_unchecked, Int4Linear: cpu_kernels.int4_gemv_unchecked,
+            Int6Linear: cpu_kernels.int6_gemv_unchecked}
+
+
 def joinable(layers: list[nn.Module]) -> bool:
     first = layers[0]
-    return (type(first) in (Int8Linear, Int4Linear) and all(type(m) is type(first) for m in layers)
+    return (type(first) in PRODUCTS and all(type(m) is type(first) for m in layers)
             and all(m.kernel == "vnni" and m.out_features % cpu_kernels.TILE == 0 for m in layers)
             and len({(m.stored_in, m.in_features, m.group_size) for m in layers}) == 1
             and len({m._tiles[0].device for m in layers}) == 1)

@@ -1,4 +1,4 @@
-"""Quantized linear layers: Int8Linear and Int4Linear, with fast kernels and a plain fallback.
+"""Quantized linear layers: Int8Linear, Int6Linear and Int4Linear, with fast kernels and a plain fallback.
 
     layer = Int4Linear.from_float(linear.weight, group_size=64)      # kernel picked for the weight's device
     layer = Int8Linear.from_float(linear.weight, kernel="fallback")
@@ -8,15 +8,18 @@ int8: symmetric, w = q * scale, q in [-127, 127], one scale per output channel (
 per group of `group_size` inputs ("int8-g32" etc., scales (N, K/g): 8.5 bits a weight at g = 32, as Q8_0).
 int4: asymmetric per group of `group_size` inputs, PyTorch's convention: w = (q - 8) * scale + zero, q in [0, 15]
 (`zero` is the value of code 8). Scales and zeros are bfloat16 (what every packed kernel takes); q is computed
-against the rounded scale, so the rounding moves the grid, not the weights' fit to it.
+against the rounded scale, so the rounding moves the grid, not the weights' fit to it. int6: the same with
+q in [0, 63] and w = (q - 32) * scale + zero (6.5 bits a weight at g = 64, llama.cpp Q6_K's 6.56); its kernels
+are ours (vnni) and the fallback.
 
 A module's state_dict is the device-independent layout (int8 qweight; int4 nibbles packed two per byte, even
-input index in the low nibble; scales; zeros; the input width zero-padded to a multiple of 128, a no-op for
-Mistral's dimensions) whatever kernel it runs: any device packing happens when tensors
+input index in the low nibble; int6: its codes' low 4 bits as int4's in qweight and their top 2 bits four to a
+byte in qhigh, input 4j + p at bits 2p of byte j; scales; zeros; the input width zero-padded to a multiple of 128,
+a no-op for Mistral's dimensions) whatever kernel it runs: any device packing happens when tensors
 are loaded or moved (`to()`), never per call. Kernels, in order of preference:
   vnni       ours (cpu_kernels.py), x86 CPUs with AVX-512 VNNI or AVX2 (named for the first): int8-quantized
              activations (blocks of 32, as llama.cpp does) times the weights in integer dot products; its own layout:
-             the rows interleaved 16 at a time (cpu_kernels.tile_int8, tile_int4)
+             the rows interleaved 16 at a time (cpu_kernels.tile_int8, tile_int4, tile_int6)
   int8pack   torch._weight_int8pack_mm (CPU; CUDA/MPS where PyTorch has it), bfloat16 activations; one scale a
              row only: int8 with groups (int8-g32, ...) never takes it
   kleidiai   Arm CPUs (aarch64 wheels, kleidiai.py): KleidiAI micro-kernels behind aten._dyn_quant_matmul_4bit, int8
@@ -44,6 +47,7 @@ from .frozen import frozen_product
 SCALE_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
+INT6_GROUP_SIZE = 64  # int6's: 6.5 bits a weight, about Q6_K's 6.56
 PAD = 128  # stored input widths are zero-padded to a multiple of this: every group size and kernel tiling fits
 
 
@@ -79,17 +83,34 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
     return q, scales if group_size else scales[:, 0]
 
 
+def _asymmetric(wg: torch.Tensor, levels: int):
+    """Float groups (N, G, g) -> codes 0..levels-1 (N, G, g) float, scales and zeros (N, G) bfloat16: w = (q -
+    middle) * scale + zero with middle = levels / 2 (`zero` is the value of the middle code)."""
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    middle = levels // 2
+    scales = ((hi - lo) / (levels - 1)).to(SCALE_DTYPE)
+    zeros = (lo + middle * scales.float()).to(SCALE_DTYPE)
+    s = scales.float().masked_fill(scales == 0, 1)
+    q = ((wg - zeros.float()[..., None]) / s[..., None] + middle).round().clamp(0, levels - 1)
+    return q, scales, zeros
+
+
 @_by_rows
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float -> qweight (N, K/2) uint8, scales (N, K/g) and zeros (N, K/g) bfloat16."""
     n, k = w.shape
-    wg = w.reshape(n, k // group_size, group_size)  # (N, K/g, g)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scales = ((hi - lo) / 15).to(SCALE_DTYPE)
-    zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)
-    s = scales.float().masked_fill(scales == 0, 1)
-    q = ((wg - zeros.float()[..., None]) / s[..., None] + 8).round().clamp(0, 15)
+    q, scales, zeros = _asymmetric(w.reshape(n, k // group_size, group_size), 16)
     return pack_int4(q.to(torch.uint8).reshape(n, k)), scales, zeros
+
+
+@_by_rows
+def quantize_int6(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    """(N, K) float -> qweight (N, K/2) uint8 (the codes' low 4 bits, packed as int4's), qhigh (N, K/4) uint8 (their
+    top 2 bits), scales (N, K/g) and zeros (N, K/g) bfloat16."""
+    n, k = w.shape
+    q, scales, zeros = _asymmetric(w.reshape(n, k // group_size, group_size), 64)
+    q = q.to(torch.uint8).reshape(n, k)
+    return pack_int4(q & 15), pack_int2(q >> 4), scales, zeros
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -102,6 +123,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+def pack_int2(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..3 -> (N, K/4) uint8, input 4j + p at bits 2p of byte j."""
+    return q[:, 0::4] | (q[:, 1::4] << 2) | (q[:, 2::4] << 4) | (q[:, 3::4] << 6)
+
+
+def unpack_int2(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/4) uint8 -> (N, K) uint8 values 0..3."""
+    return torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1).reshape(packed.shape[0], -1)
+
+
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """-> float32 (N, K), for scales (N,) or (N, K/g)."""
     if scales.dim() == 1:
@@ -110,13 +141,23 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return (qweight.float().view(n, scales.shape[1], -1) * scales.float()[..., None]).reshape(n, k)
 
 
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """-> float32 (N, K)."""
-    q = unpack_int4(qweight).float()
+def _dequantize_codes(q: torch.Tensor, middle: int, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) -> float32 (q - middle) * scale + zero, one scale and zero a group."""
     n, k = q.shape
     groups = scales.shape[1]
-    w = (q.view(n, groups, k // groups) - 8) * scales.float()[..., None] + zeros.float()[..., None]  # (N, K/g, g)
+    w = (q.float().view(n, groups, k // groups) - middle) * scales.float()[..., None] + zeros.float()[..., None]
     return w.reshape(n, k)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """-> float32 (N, K)."""
+    return _dequantize_codes(unpack_int4(qweight), 8, scales, zeros)
+
+
+def dequantize_int6(qweight: torch.Tensor, qhigh: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor) -> torch.Tensor:
+    """-> float32 (N, K)."""
+    return _dequantize_codes(unpack_int4(qweight) | (unpack_int2(qhigh) << 4), 32, scales, zeros)
 
 
 # ---- the modules ---------------------------------------------------------------------------------
@@ -430,6 +471,61 @@ class Int4Linear(QuantizedLinear):
         if self.kernel == "int4pack":
             return self._int4pack_mm(x.to(SCALE_DTYPE), self.scales_and_zeros).to(x.dtype)
         return F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros).to(x.dtype))
+
+
+class Int6Linear(QuantizedLinear):
+    """y = x @ ((q - 32) * scale + zero)^T with q in 0..63, one (scale, zero) per group of inputs: llama.cpp Q6_K's
+    size at g = 64 (6.5 bits a weight against 6.56), as a whole model's scheme or an int4 model's head (the spec
+    "int4-g64+output=int6": Q4_0's bytes). q's low 4 bits are held as int4's (qweight), its top 2 bits in qhigh."""
+
+    CANONICAL = (("qweight", torch.uint8), ("qhigh", torch.uint8), ("scales", SCALE_DTYPE), ("zeros", SCALE_DTYPE))
+    dequantize = staticmethod(dequantize_int6)
+    KERNELS = ("vnni", "fallback")
+    PACKED = frozenset({"vnni"})  # tiles of 16 rows, each block's nibbles then its top bits (cpu_kernels.tile_int6)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = INT6_GROUP_SIZE,
+                   kernel: str | None = None) -> Int6Linear:
+        if group_size not in GROUP_SIZES:
+            raise VentouxError(f"int6 group size {group_size} must be one of {GROUP_SIZES}")
+        return cls(*quantize_int6(_pad(weight), group_size), kernel=kernel, in_features=weight.shape[1])
+
+    @staticmethod
+    def _shape(qweight, qhigh, scales, zeros):
+        n, k = qweight.shape[0], 2 * qweight.shape[1]
+        if (qhigh.shape != (n, k // 4) or scales.dim() != 2 or scales.shape[0] != n or scales.shape != zeros.shape
+                or k % scales.shape[1]):
+            raise VentouxError(f"int6 qweight {list(qweight.shape)}, qhigh {list(qhigh.shape)}, scales "
+                               f"{list(scales.shape)} and zeros {list(zeros.shape)} do not match: expected (N, K/2), "
+                               "(N, K/4), (N, K/group), (N, K/group)")
+        return n, k
+
+    def _set(self, *canonical):
+        self.group_size = self.stored_in // canonical[2].shape[1]
+        super()._set(*canonical)
+
+    def _store(self, kernel, *canonical):
+        super()._store(kernel, *canonical)
+        self._tiles = (self.qweight, self.scales, self.zeros) if kernel == "vnni" else None  # as Int4Linear
+
+    def _pack(self, kernel, qweight, qhigh, scales, zeros):
+        return dict(zip(("qweight", "scales", "zeros"), cpu_kernels.tile_int6(qweight, qhigh, scales, zeros)))
+
+    def _unpack(self):
+        return cpu_kernels.untile_int6(self.qweight, self.scales, self.zeros, self.out_features)
+
+    def _tile_block(self, r0, r1, c0, c1):
+        """The canonical tensors of rows r0:r1 and inputs c0:c1, read from vnni's tiles (tile_int6)."""
+        tiles, g = slice(r0 // cpu_kernels.TILE, -(-r1 // cpu_kernels.TILE)), self.group_size
+        return cpu_kernels.untile_int6(self.qweight[tiles, c0 // 32:c1 // 32], self.scales[tiles, c0 // g:c1 // g],
+                                       self.zeros[tiles, c0 // g:c1 // g], r1 - r0)
+
+    def _mm(self, x):
+        if self.kernel == "vnni":
+            if torch.compiler.is_compiling():
+                return cpu_kernels.int6_gemv(x, *self._tiles, self.group_size, self.out_features).to(x.dtype)
+            return cpu_kernels.int6_gemv_unchecked(x, *self._tiles, self.group_size, self.out_features).to(x.dtype)
+        return F.linear(x, dequantize_int6(*self.canonical()).to(x.dtype))
 
 
 class Int8Embedding(nn.Module):

@@ -15,7 +15,10 @@ the head of its Q4_0 files at higher precision (Q6_K). Measured on the demo mode
 docs/benchmarks.md): an int4 head costs perplexity the blocks' int4 does not, an int8 head costs nothing
 measurable, and the head is then read at half a bfloat16 head's bytes on the fast int8 kernel. A load spec
 names another head with a suffix: "+output" (the blocks' scheme, as before), "+output=float" (kept in the
-model's dtype: HalfLinear's kernels on a CPU), "+output=int4-g64" (any scheme).
+model's dtype: HalfLinear's kernels on a CPU), "+output=int6" (any scheme). "int4-g64+output=int6" is llama.cpp
+Q4_0's bytes (a 4.5-bit body, a 6.5-bit head): on x86, where ventoux's kernels run int6, it decodes about 5%
+faster than int4-g64's int8 head for +7% KL (docs/benchmarks.md). The default head stays int8: every device has a
+fast int8 product (PyTorch's int8pack off x86), int6 only ours, and it is the more exact.
 
 The token embedding table: int8, one scale a row (qlinear.Int8Embedding), in every scheme, as llama.cpp keeps
 the tables of its quantized files quantized (Q4_0 in a Q4_0 file): half a 16-bit table's memory (128 MB less
@@ -24,12 +27,13 @@ it costs no perplexity the blocks' scheme does not. Checkpoints written before t
 float table, which is quantized as it loads; quantize_model(..., embedding=False) keeps a float table.
 
 Schemes: "int8" (one scale per output row, about 8 bits a weight), "int8-g32" / "-g64" / "-g128" (one scale
-per group of inputs: 8.5 bits a weight at 32, Q8_0's format), "int4" = "int4-g32", "int4-g64", "int4-g128".
+per group of inputs: 8.5 bits a weight at 32, Q8_0's format), "int6" = "int6-g64" (6.5 bits, Q6_K's size),
+"int6-g32", "int6-g128", "int4" = "int4-g32", "int4-g64", "int4-g128".
 
 The layers and their kernels live in qlinear.py. A quantized checkpoint is an HF-layout checkpoint whose
 config.json has a "quantization" entry ({"scheme": "int4", "group_size": 32, "include_output": true,
 "output_scheme": "int8", "format_version": 1}; int8's group_size is null for one scale a row, as in every int8
-file written before int8 had groups) and whose quantized linears hold qweight/scales(/zeros) in place of weight,
+file written before int8 had groups) and whose quantized linears hold qweight(/qhigh)/scales(/zeros) in place of weight,
 in the device-independent layout: the device packing happens at load. Without "output_scheme" (older files),
 include_output true means the head is in the blocks' scheme.
 """
@@ -44,7 +48,16 @@ from torch import nn
 
 from .errors import VentouxError
 from .model import swap_modules
-from .qlinear import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
+from .qlinear import (
+    DEFAULT_GROUP_SIZE,
+    GROUP_SIZES,
+    INT6_GROUP_SIZE,
+    Int4Linear,
+    Int6Linear,
+    Int8Embedding,
+    Int8Linear,
+    QuantizedLinear,
+)
 
 
 # ---- schemes -------------------------------------------------------------------------------------
@@ -59,11 +72,12 @@ class Scheme:
 
 
 SCHEMES = {"int8": Scheme(8), **{f"int8-g{g}": Scheme(8, g) for g in GROUP_SIZES},
+           "int6": Scheme(6, INT6_GROUP_SIZE), **{f"int6-g{g}": Scheme(6, g) for g in GROUP_SIZES},
            "int4": Scheme(4, DEFAULT_GROUP_SIZE), **{f"int4-g{g}": Scheme(4, g) for g in GROUP_SIZES}}
 
 
 def parse_scheme(scheme: str | Scheme) -> Scheme:
-    """"int8" | "int8-g32" | "int8-g64" | "int8-g128" | "int4" | "int4-g32" | "int4-g64" | "int4-g128" -> Scheme."""
+    """"int8" | "int8-g32" | "int8-g64" | "int8-g128" | "int6" | "int6-gG" | "int4" | "int4-gG" -> Scheme."""
     if isinstance(scheme, Scheme):
         return scheme
     key = str(scheme).strip().lower()
@@ -110,6 +124,7 @@ def spec_of(scheme: Scheme, head: Scheme | None) -> str:
 
 
 # ---- the swap ------------------------------------------------------------------------------------
+LINEARS = {8: Int8Linear, 6: Int6Linear, 4: Int4Linear}  # a scheme's bits -> its layer
 BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
@@ -127,9 +142,7 @@ def quantize_module(module: nn.Module, scheme: str | Scheme, kernel: str | None 
     if not isinstance(module, nn.Linear) or module.bias is not None:
         what = "one with a bias" if isinstance(module, nn.Linear) else type(module).__name__
         raise VentouxError(f"only bias-free nn.Linear layers can be quantized, not {what}")
-    if scheme.bits == 8:
-        return Int8Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
-    return Int4Linear.from_float(module.weight, scheme.group_size, kernel=kernel)
+    return LINEARS[scheme.bits].from_float(module.weight, scheme.group_size, kernel=kernel)
 
 
 def quantize_embedding(name: str, module: nn.Module) -> nn.Module:
@@ -170,9 +183,8 @@ def _chain(first, then):
 
 
 def _module_scheme(module: nn.Module) -> Scheme | None:
-    if isinstance(module, Int8Linear):
-        return Scheme(8, module.group_size)
-    return Scheme(4, module.group_size) if isinstance(module, Int4Linear) else None
+    bits = next((b for b, cls in LINEARS.items() if isinstance(module, cls)), None)
+    return None if bits is None else Scheme(bits, module.group_size)
 
 
 def _model_scheme(model: nn.Module) -> tuple[Scheme, Scheme | None] | None:
@@ -228,13 +240,13 @@ def read_quantization(folder) -> tuple[Scheme, Scheme | None] | None:
             raise VentouxError(f"{path}: quantization.group_size {group!r} is not null (one scale a row) nor one of "
                                f"{GROUP_SIZES}; fix the config or re-quantize")
         scheme = Scheme(8, group)
-    elif kind == "int4":
+    elif kind in ("int6", "int4"):
         if group not in GROUP_SIZES:
             raise VentouxError(f"{path}: quantization.group_size {group!r} is not one of {GROUP_SIZES}; "
                                "fix the config or re-quantize")
-        scheme = Scheme(4, group)
+        scheme = Scheme(int(kind[3]), group)
     else:
-        raise VentouxError(f"{path}: quantization.scheme {kind!r} is unknown; valid: 'int8', 'int4'")
+        raise VentouxError(f"{path}: quantization.scheme {kind!r} is unknown; valid: 'int8', 'int6', 'int4'")
     include_output = entry.get("include_output", False)
     if not isinstance(include_output, bool):
         raise VentouxError(f"{path}: quantization.include_output must be true or false, not {include_output!r}")
@@ -265,7 +277,7 @@ def _check_tensors(folder, scheme: Scheme, head: Scheme | None = None) -> set[st
         qweight = header.get(name.removesuffix("scales") + "qweight")
         if not name.endswith(".scales") or qweight is None:
             continue
-        inputs = qweight[0][1] * (2 if scheme.bits == 4 else 1)
+        inputs = qweight[0][1] * (1 if scheme.bits == 8 else 2)  # int4 and int6: two low nibbles a byte
         if scheme.group_size is None and len(shape) != 1:
             raise VentouxError(f"tensor {name!r} holds group-wise scales {list(shape)}, but config.json says "
                                "quantization.scheme 'int8' with group_size null (one scale a row); fix the config "

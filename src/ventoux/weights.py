@@ -205,7 +205,7 @@ def _plan(model: nn.Module, layout: str, files: list[WeightFile], index: Path) -
     return found
 
 
-_QUANTIZED_SUFFIXES = (".qweight", ".scales", ".zeros")  # what a quantized linear holds in place of .weight
+_QUANTIZED_SUFFIXES = (".qweight", ".qhigh", ".scales", ".zeros")  # what a quantized linear holds in place of .weight
 _REQUANTIZE = ("fix the \"quantization\" entry of config.json, or quantize the float checkpoint again with "
                "`ventoux quantize`")
 

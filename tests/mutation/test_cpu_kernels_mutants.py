@@ -15,7 +15,7 @@ from conftest import error_message
 
 from ventoux import cpu_kernels
 from ventoux.errors import VentouxError
-from ventoux.qlinear import quantize_int4, quantize_int8
+from ventoux.qlinear import quantize_int4, quantize_int6, quantize_int8
 
 
 def test_the_kernels_are_cached_under_xdg_cache_home_else_home(monkeypatch, tmp_path):
@@ -140,20 +140,31 @@ def test_int8_gemv_refuses_each_thing_it_cannot_take_and_names_it():
         assert same(gemv(x, q32, s32, 32, 37), gemv(x.float().contiguous(), q32, s32, 32, 37))
 
 
-def test_int4_gemv_refuses_each_thing_it_cannot_take_and_names_it():
-    tiles = cpu_kernels.tile_int4(*quantize_int4(W, 32))  # qweight (3, 32, 16, 4), scales and zeros (3, 8, 16)
-    gemv = cpu_kernels.int4_gemv
+NIBBLE_PRODUCTS = {  # int4 and int6: one entry point's checks, their tiles' layouts
+    4: (quantize_int4, cpu_kernels.tile_int4, cpu_kernels.int4_gemv, cpu_kernels.int4_gemv_unchecked,
+        "tile_int4's uint8 tiles (N/16, K/8, 16, 4)", "[3, 32, 16, 4]"),
+    6: (quantize_int6, cpu_kernels.tile_int6, cpu_kernels.int6_gemv, cpu_kernels.int6_gemv_unchecked,
+        "tile_int6's uint8 tiles (N/16, K/32, 384)", "[3, 8, 384]")}
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_int4_gemv_refuses_each_thing_it_cannot_take_and_names_it(bits):
+    quantize, tile, gemv, unchecked, layout, shape = NIBBLE_PRODUCTS[bits]
+    tiles = tile(*quantize(W, 32))  # qweight as `shape`, scales and zeros (3, 8, 16)
     assert refusal(gemv, X[:, :64], *tiles, 32, 37) == CHECK.format(128)
     assert refusal(gemv, X.to("meta"), *tiles, 32, 37) == CHECK.format(128)
     for i in range(3):  # qweight, scales, zeros
         assert refusal(gemv, X, *tiles[:i], strided(tiles[i]), *tiles[i + 1:], 32, 37) == CHECK.format(128)
-    layout = "int4_gemv takes tile_int4's uint8 tiles (N/16, K/8, 16, 4) of {} rows or more, not {} [3, 32, 16, 4]"
-    assert refusal(gemv, torch.randn(2, 384), *tiles, 32, 37) == layout.format(37, "torch.uint8")
-    assert refusal(gemv, X, *tiles, 32, 49) == layout.format(49, "torch.uint8")
-    assert refusal(gemv, X, tiles[0].view(torch.int8), *tiles[1:], 32, 37) == layout.format(37, "torch.int8")
+    layout = f"int{bits}_gemv takes {layout} of {{}} rows or more, not {{}} {{}}"
+    assert refusal(gemv, torch.randn(2, 384), *tiles, 32, 37) == layout.format(37, "torch.uint8", shape)
+    assert refusal(gemv, X, *tiles, 32, 49) == layout.format(49, "torch.uint8", shape)
+    assert refusal(gemv, X, tiles[0].view(torch.int8), *tiles[1:], 32, 37) == layout.format(37, "torch.int8", shape)
+    other = NIBBLE_PRODUCTS[10 - bits]
+    other_tiles = other[1](*other[0](W, 32))[0]  # the other format's tiles
+    assert refusal(gemv, X, other_tiles, *tiles[1:], 32, 37) == layout.format(37, "torch.uint8", other[5])
     q, s, z = tiles
-    scales = ("int4_gemv: scales {} and zeros {} are not one bfloat16 per {} inputs of 48 rows (a group a multiple "
-              "of 32 that divides 256)")
+    scales = (f"int{bits}_gemv: scales {{}} and zeros {{}} are not one bfloat16 per {{}} inputs of 48 rows (a group a "
+              "multiple of 32 that divides 256)")
     wide = "torch.bfloat16 [3, 8, 16]"
     for group in (0, 16, 96, 64):  # the C code divides by it; not a multiple of 32; does not divide K; too few
         assert refusal(gemv, X, *tiles, group, 37) == scales.format(wide, wide, group)
@@ -165,6 +176,9 @@ def test_int4_gemv_refuses_each_thing_it_cannot_take_and_names_it():
     assert full.shape == (2, 48) and not full[:, 37:].any() and same(full[:, :37], gemv(X, *tiles, 32, 37))
     for x in (X.double(), X.bfloat16(), strided(X)):
         assert same(gemv(x, *tiles, 32, 37), gemv(x.float().contiguous(), *tiles, 32, 37))
+    # the unchecked product: a bfloat16 x gives a bfloat16 y, any other float x a float32 one
+    assert unchecked(X.bfloat16(), *tiles, 32, 37).dtype == torch.bfloat16
+    assert same(unchecked(X.double(), *tiles, 32, 37), gemv(X, *tiles, 32, 37))
 
 
 @pytest.mark.parametrize("kernel", ["half_gemv", "half_gemm"])

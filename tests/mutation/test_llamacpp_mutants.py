@@ -37,7 +37,8 @@ def no_real_processes(monkeypatch):
 @pytest.mark.parametrize("dtype,quantize,types_", [
     ("bfloat16", None, ["BF16", "F16"]), ("float16", None, ["F16", "BF16"]), ("float32", None, ["F32"]),
     ("bfloat16", "int8", ["Q8_0"]), ("float32", "int8-g32", ["Q8_0"]), ("bfloat16", "int4", ["Q4_0"]),
-    ("bfloat16", "int4+output", ["Q4_0"])])
+    ("bfloat16", "int4+output", ["Q4_0"]), ("bfloat16", "int6", ["Q6_K"]), ("bfloat16", "int6-g128", ["Q6_K"]),
+    ("bfloat16", "int4-g64+output=int6", ["Q4_0"])])
 def test_each_technique_has_the_llama_cpp_types_of_its_precision(dtype, quantize, types_):
     assert llamacpp.gguf_types(dtype, quantize) == types_
 
@@ -45,7 +46,7 @@ def test_each_technique_has_the_llama_cpp_types_of_its_precision(dtype, quantize
 def test_a_scheme_without_a_counterpart_is_refused_whole():
     with pytest.raises(VentouxError) as e:
         llamacpp.gguf_types("bfloat16", "nf4")
-    assert str(e.value) == "--quantize 'nf4' has no llama.cpp counterpart to compare with (int8, int4)"
+    assert str(e.value) == "--quantize 'nf4' has no llama.cpp counterpart to compare with (int8, int6, int4)"
 
 
 def test_the_native_build_is_the_default_and_an_amx_cpu_gets_every_option_named():
@@ -267,7 +268,8 @@ def test_a_checkpoint_the_converter_cannot_read_is_refused_whole(tmp_path):
     folder = _checkpoint(tmp_path, "good")
     with pytest.raises(VentouxError) as e:
         llamacpp.gguf_file(folder, "Q5_K", tmp_path / "cache", QUIET)
-    assert str(e.value) == ("unknown GGUF type 'Q5_K': use one of ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_K_M')")
+    assert str(e.value) == ("unknown GGUF type 'Q5_K': use one of ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_K_M', "
+                            "'Q6_K')")
     assert not (tmp_path / "cache").exists()
 
 

@@ -1,7 +1,8 @@
 """Quantized-linear behaviours that mutation testing (mutation/README.md) found unpinned: quantizing more rows
 than one chunk, the dequantized weight the backward multiplies by (in slices, each kernel's layout), the kernels
 listed per device, device and dtype moves, the alignment the raw-pointer kernels need. References are the
-schemes written out here in float64 (w = q * scale; w = (q - 8) * scale + zero) and plain matmuls."""
+schemes written out here in float64 (w = q * scale; w = (q - 8) * scale + zero; int6: w = (q - 32) * scale + zero,
+q's top two bits four to a byte) and plain matmuls."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from ventoux import cpu_kernels, qlinear
-from ventoux.qlinear import Int4Linear, Int8Linear, dequantize_int8
+from ventoux.qlinear import Int4Linear, Int6Linear, Int8Linear, dequantize_int8
 
 HAVE_KERNELS = cpu_kernels.library() is not None
 
@@ -31,6 +32,15 @@ def _ref_int4(qweight, scales, zeros):
     q = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(qweight.shape[0], -1).double()
     g = q.shape[1] // scales.shape[1]
     return (q - 8) * scales.double().repeat_interleave(g, 1) + zeros.double().repeat_interleave(g, 1)
+
+
+def _ref_int6(qweight, qhigh, scales, zeros):
+    """(N, K/2) low nibbles as int4's and (N, K/4) top bits, input 4j + p at bits 2p of byte j -> (N, K) float64."""
+    n = qweight.shape[0]
+    low = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(n, -1).double()
+    top = torch.stack([(qhigh >> 2 * p) & 3 for p in range(4)], -1).reshape(n, -1).double()
+    g = low.shape[1] // scales.shape[1]
+    return (low + 16 * top - 32) * scales.double().repeat_interleave(g, 1) + zeros.double().repeat_interleave(g, 1)
 
 
 def _quantize_int8_ref(w, group=None):
@@ -62,8 +72,43 @@ def test_int4_quantizes_every_row_of_a_tall_matrix():
     assert ((w_hat - w.double()).abs() <= 0.5 * step * 1.01 + 1e-6).all()  # every row, the last chunk's too
 
 
+def test_int6_quantizes_every_row_of_a_tall_matrix():
+    w = _w(2100, 128, seed=1)
+    w[7, :64] = 0.5  # a group of equal weights: scale 0, every code 32
+    q, h, s, z = qlinear.quantize_int6(w, 64)
+    assert q.shape == (2100, 64) and h.shape == (2100, 32) and s.shape == z.shape == (2100, 2)
+    assert q.dtype == h.dtype == torch.uint8 and s.dtype == z.dtype == torch.bfloat16
+    w_hat = _ref_int6(q, h, s, z)
+    step = s.double().repeat_interleave(64, 1)
+    assert ((w_hat - w.double()).abs() <= 0.5 * step * 1.01 + 1e-6).all()  # every row, the last chunk's too
+    assert s[7, 0] == 0 and torch.equal(w_hat[7, :64], w[7, :64].double())
+    groups = w_hat.view(2100, 2, 64)  # 63 steps from the group's least to its largest weight
+    torch.testing.assert_close(groups.amax(-1) - groups.amin(-1), 63 * s.double(), rtol=1e-9, atol=1e-9)
+    assert torch.equal(qlinear.dequantize_int6(q, h, s, z).double(), w_hat.float().double())
+
+
+def test_int6_codes_are_the_schemes_clamped_to_0_63():
+    """The scheme written out: scale = (max - min) / 63 and zero = min + 32 scale, each rounded to bfloat16, q =
+    round((w - zero) / scale + 32) clamped to 0..63. Groups far from 0 against their spread (a zero rounded to
+    bfloat16 by more than a step) put the unclamped codes out of range."""
+    w = _w(4, 128, seed=9)  # every group off zero: a bfloat16 step of 0.03-0.06 there, scales of about 0.005
+    offsets = torch.tensor([10.0, -10.0, 9.0, -9.0, 11.0, -11.0, 6.0, -6.0]).view(4, 2, 1)
+    w = (offsets + 0.05 * w.view(4, 2, 64)).view(4, 128)
+    q, h, s, z = qlinear.quantize_int6(w, 64)
+    codes = (torch.stack([q & 15, q >> 4], -1).reshape(4, -1) + 16 * torch.stack([(h >> 2 * p) & 3 for p in range(4)],
+                                                                                   -1).reshape(4, -1)).long()
+    wg = w.double().view(4, 2, 64)
+    rs = ((wg.amax(-1) - wg.amin(-1)).float() / 63).to(torch.bfloat16)
+    rz = (wg.amin(-1).float() + 32 * rs.float()).to(torch.bfloat16)
+    raw = ((wg - rz.double()[..., None]) / rs.double()[..., None] + 32).round()
+    assert raw.min() < 0 and raw.max() > 63  # the far groups do leave the range
+    expected = raw.clamp(0, 63).long().view(4, 128)
+    assert torch.equal(s, rs) and torch.equal(z, rz)
+    assert (codes - expected).abs().max() <= 1 and (codes != expected).float().mean() < 0.01  # float32 ties
+
+
 @pytest.mark.parametrize("quantize, args", [(qlinear.quantize_int8, (None,)), (qlinear.quantize_int8, (32,)),
-                                           (qlinear.quantize_int4, (32,))])
+                                           (qlinear.quantize_int4, (32,)), (qlinear.quantize_int6, (64,))])
 def test_a_meta_matrix_quantizes_to_the_shapes_and_dtypes_of_a_real_one(quantize, args):
     """A quantized checkpoint's skeleton is quantized on the meta device (whole, not 1024 rows at a time)."""
     real = quantize(_w(2100, 128), *args)
@@ -85,7 +130,8 @@ def _layers():
     out = []
     for cls, args, kernels in ((Int8Linear, {}, ("vnni", "int8pack", "fallback")),
                                (Int8Linear, {"group_size": 64}, ("vnni", "fallback")),
-                               (Int4Linear, {"group_size": 32}, ("vnni", "int4pack", "fallback"))):
+                               (Int4Linear, {"group_size": 32}, ("vnni", "int4pack", "fallback")),
+                               (Int6Linear, {"group_size": 64}, ("vnni", "fallback"))):
         for kernel in kernels:
             if kernel in cls.kernels("cpu"):
                 out.append(cls.from_float(w, kernel=kernel, **args))
@@ -94,7 +140,7 @@ def _layers():
 
 def _dequantized(layer):
     canonical = [t.cpu() for t in layer.canonical()]
-    return _ref_int8(*canonical) if isinstance(layer, Int8Linear) else _ref_int4(*canonical)
+    return {Int8Linear: _ref_int8, Int4Linear: _ref_int4, Int6Linear: _ref_int6}[type(layer)](*canonical)
 
 
 @pytest.mark.parametrize("budget,block", [(1 << 24, 1 << 18), (48 * 128, 256), (48 * 200, 1000), (48 * 256, 700),
@@ -130,13 +176,14 @@ def test_backward_reaches_the_input_through_every_kernel():
 
 # ---- kernels per device, moves, alignment --------------------------------------------------------------
 def test_kernels_listed_per_device(monkeypatch):
-    for cls in (Int8Linear, Int4Linear):
+    for cls in (Int8Linear, Int4Linear, Int6Linear):
         assert cls.kernels("meta") == ["fallback"]  # the only product that runs on a skeleton
-    for cls in (Int8Linear, Int4Linear):
+    for cls in (Int8Linear, Int4Linear, Int6Linear):
         assert cls.kernels("cpu")[-1] == "fallback"
         assert ("vnni" in cls.kernels("cpu")) == HAVE_KERNELS
+    assert Int6Linear.kernels("cpu") == (["vnni"] if HAVE_KERNELS else []) + ["fallback"]
     monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "none")  # no kernel build: vnni is not offered, nor picked
-    for cls in (Int8Linear, Int4Linear):
+    for cls in (Int8Linear, Int4Linear, Int6Linear):
         kernels = cls.kernels("cpu")
         assert "vnni" not in kernels and kernels[-1] == "fallback"
         with pytest.raises(Exception) as e:
@@ -175,7 +222,7 @@ def test_raw_pointer_kernels_get_aligned_tensors_and_the_fallback_keeps_its_own(
         assert packed.qweight.data_ptr() % 64 == 0 and torch.equal(packed.qweight, q)
 
 
-@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32})])
+@pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}), (Int6Linear, {})])
 def test_moves_to_meta_and_dtype_casts_on_meta(cls, args):
     layer = cls.from_float(_w(32, 128), **args)
     before = [t.clone() for t in layer.canonical()]
@@ -224,7 +271,7 @@ def test_int8pack_runs_in_bfloat16():
 
 
 @pytest.mark.parametrize("cls,args", [(Int8Linear, {}), (Int8Linear, {"group_size": 32}),
-                                      (Int4Linear, {"group_size": 64})])
+                                      (Int4Linear, {"group_size": 64}), (Int6Linear, {"group_size": 64})])
 def test_load_state_dict_checks_each_tensor(cls, args):
     w = _w(32, 256, seed=4)
     src, dst = cls.from_float(w, kernel="fallback", **args), cls.from_float(_w(32, 256, seed=5), **args)
@@ -233,7 +280,7 @@ def test_load_state_dict_checks_each_tensor(cls, args):
     dst.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     assert [t.dtype for t in dst.canonical()] == [t.dtype for t in src.canonical()]  # cast back to the layout's
     assert all(torch.equal(a, b) for a, b in zip(dst.canonical(), src.canonical()))
-    name = "Int8Linear" if cls is Int8Linear else "Int4Linear"
+    name = cls.__name__
     q = sd["qweight"]
     for bad, got in ((q[:16], f"{q.dtype} [16, {q.shape[1]}]"), (q.float(), f"torch.float32 {list(q.shape)}")):
         with pytest.raises(Exception) as e:
@@ -262,6 +309,28 @@ def test_int4_tensors_that_do_not_match_are_named(q, s, z):
     assert str(e.value) == _int4_error(q, s, z)
 
 
+@pytest.mark.parametrize("q,h,s,z", [
+    ((32, 64), (32, 32), (32,), (32,)),  # scales not per group
+    ((32, 64), (32, 32), (33, 2), (33, 2)),  # another row count
+    ((32, 64), (32, 32), (32, 2), (32, 1)),  # zeros unlike scales
+    ((32, 64), (32, 32), (32, 3), (32, 3)),  # groups that do not divide K = 128
+    ((32, 64), (32, 64), (32, 2), (32, 2)),  # top bits of 256 inputs
+    ((32, 64), (31, 32), (32, 2), (32, 2)),  # top bits of another row count
+])
+def test_int6_tensors_that_do_not_match_are_named(q, h, s, z):
+    with pytest.raises(Exception) as e:
+        Int6Linear(torch.zeros(q, dtype=torch.uint8), torch.zeros(h, dtype=torch.uint8),
+                   torch.ones(s, dtype=torch.bfloat16), torch.zeros(z, dtype=torch.bfloat16))
+    assert str(e.value) == (f"int6 qweight {list(q)}, qhigh {list(h)}, scales {list(s)} and zeros {list(z)} do not "
+                            "match: expected (N, K/2), (N, K/4), (N, K/group), (N, K/group)")
+    layer = Int6Linear(torch.zeros(q, dtype=torch.uint8), torch.zeros(32, 32, dtype=torch.uint8),
+                       torch.ones(32, 2, dtype=torch.bfloat16), torch.zeros(32, 2, dtype=torch.bfloat16))
+    assert (layer.out_features, layer.in_features, layer.group_size) == (32, 128, 64)
+    with pytest.raises(Exception) as e:
+        Int6Linear.from_float(_w(32, 128), 48)
+    assert str(e.value) == "int6 group size 48 must be one of (32, 64, 128)"
+
+
 @pytest.mark.parametrize("q,s", [((32, 128), (31,)), ((32, 128), (32, 3)), ((32, 128), (32, 8)), ((32, 128), (31, 4)),
                                  ((32, 128), (32, 0)), ((4, 32, 128), (4,)), ((32, 128), (32, 1, 4))])
 def test_int8_tensors_that_do_not_match_are_named(q, s):
@@ -275,10 +344,11 @@ def test_int8_tensors_that_do_not_match_are_named(q, s):
 
 
 @pytest.mark.skipif(not HAVE_KERNELS, reason="no kernel build on this machine")
-def test_int4_vnni_under_torch_compile_gives_the_eager_product():
+@pytest.mark.parametrize("cls", [Int4Linear, Int6Linear])
+def test_int4_vnni_under_torch_compile_gives_the_eager_product(cls):
     """Under torch.compile the vnni product takes its checked entry point (the eager path skips the checks)."""
     w = _w(48, 256, seed=6)
-    layer = Int4Linear.from_float(w, group_size=32, kernel="vnni")
+    layer = cls.from_float(w, group_size=32, kernel="vnni")
     compiled = torch.compile(layer, backend="eager")  # dynamo traces _mm; no inductor build
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 256, generator=torch.Generator().manual_seed(10)).to(dtype)
@@ -320,7 +390,7 @@ def test_int8_vnni_under_torch_compile_gives_the_eager_product(group):
         assert y.dtype == dtype and torch.equal(y, layer(x))
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, Int6Linear])
 def test_a_meta_skeleton_takes_the_fallback_whatever_kernel_was_asked(cls):
     """quantize-then-load builds layers on the meta device first: no kernel can be checked or packed there."""
     w = torch.empty(32, 128, device="meta")

@@ -33,7 +33,8 @@ from ventoux.quantize import (
 from ventoux.weights import save_hf
 
 TOKENS = torch.tensor([[5, 17, 3, 99, 42, 7]])
-SCHEMES = ("int8, int8-g32, int8-g64, int8-g128, int4, int4-g32, int4-g64, int4-g128")
+SCHEMES = ("int8, int8-g32, int8-g64, int8-g128, int6, int6-g32, int6-g64, int6-g128, int4, int4-g32, int4-g64, "
+           "int4-g128")
 
 
 def _float_checkpoint(tmp_path, dtype=torch.float32):

@@ -24,7 +24,8 @@ from pathlib import Path
 from ..errors import VentouxError
 
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")  # --outtype of convert_hf_to_gguf.py, lower-cased
-QUANTIZER_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # made from the BF16 file
+QUANTIZER_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+                   "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K"}  # made from the BF16 file
 
 
 def gguf_types(dtype: str, quantize: str | None) -> list[str]:
@@ -32,9 +33,11 @@ def gguf_types(dtype: str, quantize: str | None) -> list[str]:
     if quantize:
         if quantize.startswith("int8"):
             return ["Q8_0"]
+        if quantize.startswith("int6"):
+            return ["Q6_K"]
         if quantize.startswith("int4"):
             return ["Q4_0"]
-        raise VentouxError(f"--quantize {quantize!r} has no llama.cpp counterpart to compare with (int8, int4)")
+        raise VentouxError(f"--quantize {quantize!r} has no llama.cpp counterpart to compare with (int8, int6, int4)")
     return {"bfloat16": ["BF16", "F16"], "float16": ["F16", "BF16"], "float32": ["F32"]}[dtype]
 
 

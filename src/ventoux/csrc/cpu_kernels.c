@@ -1,5 +1,5 @@
 // ventoux's CPU kernels, for x86 CPUs with AVX-512 VNNI (loaded by cpu_kernels.py, which builds this file with
-// -O3 -march=native -fopenmp). int8 / int4 products are computed the way llama.cpp computes its Q8_0 / Q4
+// -O3 -march=native -fopenmp). int8 / int6 / int4 products are computed the way llama.cpp computes its Q8_0 / Q4
 // products: the activations are quantized to int8 per block of 32 inputs (one float scale each), multiplied
 // with the int8 / int4 weights by integer dot products (vpdpbusd), one float multiply-add per block. 16-bit
 // products convert each weight to float32 exactly (a shift for bf16, vcvtph2ps for fp16) and multiply in
@@ -9,6 +9,7 @@
 //                 a row, (N padded,))                                                   -> y (M, N) float32
 //   vx_int4_gemv: x (M, K) float32, w (N/16, K/8, 16, 4) uint8, scales, zeros (N/16, K/g, 16) bf16, g
 //                                                    -> y (M, N) float32 (bf16_io: x and y bfloat16)
+//   vx_int6_gemv: as vx_int4_gemv, w (N/16, K/32, 384) uint8: int4's nibbles and the codes' top 2 bits
 //   vx_half_gemv: x (M, K) float32, w (N, K) bf16 or fp16     -> y (M, N) float32 (bf16_io: x and y bfloat16)
 //   vx_half_gemm: x (M, K) and w (N, K), both bf16 or both fp16                         -> y (M, N) the same
 //
@@ -229,36 +230,59 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
 // as one vector, there is no horizontal sum, and each thread reads one sequential stream. llama.cpp's CPU_REPACK
 // interleaves Q4_0 rows the same way (8 rows there).
 
-// NT tiles of 16 rows (NT * 16 rows, tiles TILE * K / 2 bytes apart) times MR activation rows (NT and MR
-// constants in each use): out (NT, MR, 16). Two tiles at a time share each activation broadcast and the loop's
-// overhead: with the weights in the caches, 10-15% faster at 1 to 4 rows than one (benchmarks/kernel_ab.py).
+// int6 (vx_int6_gemv) extends the int4 tiles: w = (q - 32) s + z with q in 0..63, whose low 4 bits are int4's
+// nibbles in int4's order and whose top 2 bits follow each block's 256 nibble bytes, 128 more bytes: line a (0, 1)
+// of them holds, at byte 4r + i, the top bits of the inputs that bytes 4r + i of nibble lines 2a and 2a + 1 hold
+// (bits 0-1: line 2a's even input, 2-3: its odd one, 4-5 and 6-7: line 2a + 1's). A tile's block is then one run
+// of 384 bytes, read in one stream; llama.cpp's Q6_K splits its codes the same way (4 + 2 bits).
+
+// low | (high & 0x30): a nibble and its two top bits, which `high` holds at bits 4-5 (one vpternlogd).
+static inline __m512i with_top_bits(__m512i low, __m512i high) {
+  return _mm512_ternarylogic_epi32(low, high, _mm512_set1_epi8(0x30), 0xF8);
+}
+
+// NT tiles of 16 rows (NT * 16 rows, tiles TILE * K * BITS / 8 bytes apart) times MR activation rows (BITS 4 or 6,
+// NT and MR constants in each use): out (NT, MR, 16). Two tiles at a time share each activation broadcast and the
+// loop's overhead: with the weights in the caches, 10-15% faster at 1 to 4 rows than one (benchmarks/kernel_ab.py).
 static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, const uint16_t* st,
                                                            const uint16_t* zt, int64_t K, int64_t group,
                                                            const int32_t* xq, const float* dx, const float* xs,
-                                                           const int NT, const int MR, float* out) {
+                                                           const int BITS, const int NT, const int MR, float* out) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8((char)0xF0), zero = _mm512_setzero_si512();
   const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
+  const int64_t block_bytes = BLOCK * TILE * BITS / 8;  // a tile's bytes for one block: 256 (int4) or 384 (int6)
   __m512 acc[2][GEMV_MAX_ROWS];
   for (int u = 0; u < NT; ++u)
     for (int m = 0; m < MR; ++m) acc[u][m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512 s[2];
     for (int u = 0; u < NT; ++u) s[u] = bf16x16(st + u * G * TILE + g * TILE, 0xFFFF);
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 256 bytes a tile
-      __m512i lo[2][4], hi[2][4];  // the high nibbles stay in place (16 x code): no shift, and exact after the sums
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs
+      __m512i lo[2][4], hi[2][4];  // int4: the high nibbles stay in place (16 x code), exact after the sums
       for (int u = 0; u < NT; ++u) {
-        const uint8_t* p = wt + u * TILE * K / 2 + b * 256;
+        const uint8_t* p = wt + u * B * block_bytes + b * block_bytes;
         // AHEAD into L1 for more than two activation rows, FAR_AHEAD into L2 for one or two (AMD Zen 4, from
         // DRAM, two threads: M = 1 +7-17%, M = 2 +1-22% over AHEAD into L1; no prefetch was no faster than that)
         if (MR > 2)
-          for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+          for (int j = 0; j < block_bytes / 64; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
         else
-          for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(p + FAR_AHEAD + 64 * j), _MM_HINT_T1);
-        for (int j = 0; j < 4; ++j) {
-          const __m512i v = _mm512_loadu_si512(p + 64 * j);
-          lo[u][j] = _mm512_and_si512(v, low4);
-          hi[u][j] = _mm512_and_si512(v, high4);
-        }
+          for (int j = 0; j < block_bytes / 64; ++j) _mm_prefetch((const char*)(p + FAR_AHEAD + 64 * j), _MM_HINT_T1);
+        if (BITS == 4)
+          for (int j = 0; j < 4; ++j) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * j);
+            lo[u][j] = _mm512_and_si512(v, low4);
+            hi[u][j] = _mm512_and_si512(v, high4);
+          }
+        else
+          for (int a = 0; a < 2; ++a) {  // each line's top bits moved to bits 4-5 of its codes (see with_top_bits)
+            const __m512i top = _mm512_loadu_si512(p + 256 + 64 * a);
+            for (int e = 0; e < 2; ++e) {
+              const __m512i v = _mm512_loadu_si512(p + 64 * (2 * a + e));
+              const __m512i low = _mm512_and_si512(v, low4), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+              lo[u][2 * a + e] = with_top_bits(low, e ? top : _mm512_slli_epi16(top, 4));
+              hi[u][2 * a + e] = with_top_bits(high, e ? _mm512_srli_epi16(top, 2) : _mm512_slli_epi16(top, 2));
+            }
+          }
       }
       for (int m = 0; m < MR; ++m) {
         const int32_t* q = xq + (m * (K / 8) + b * 4) * 2;  // per 8 inputs: the even, then the odd 4
@@ -273,14 +297,15 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
         }
         const __m512 d = _mm512_set1_ps(dx[m * B + b]);
         for (int u = 0; u < NT; ++u) {
-          const __m512i dot = _mm512_add_epi32(dl[u], _mm512_srai_epi32(dh[u], 4));
+          const __m512i dot = _mm512_add_epi32(dl[u], BITS == 4 ? _mm512_srai_epi32(dh[u], 4) : dh[u]);
           acc[u][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s[u], d), acc[u][m]);
         }
       }
     }
-    // w = (q - 8) s + z = q s + off: plus off times the group's sum of the quantized x
+    // w = (q - middle) s + z = q s + off (middle: 8, or 32 for int6): plus off times the group's sum of the x
+    const __m512 middle = _mm512_set1_ps(BITS == 4 ? 8.f : 32.f);
     for (int u = 0; u < NT; ++u) {
-      const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s[u], bf16x16(zt + u * G * TILE + g * TILE, 0xFFFF));
+      const __m512 off = _mm512_fnmadd_ps(middle, s[u], bf16x16(zt + u * G * TILE + g * TILE, 0xFFFF));
       for (int m = 0; m < MR; ++m) acc[u][m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * G + g]), acc[u][m]);
     }
   }
@@ -324,12 +349,23 @@ static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n) {
   }
 }
 
-// bf16_io: x and y are bfloat16 (a bf16 model's activations), read and written as such, y rounded once as
-// PyTorch's .to(torch.bfloat16) rounds: no conversion calls around the kernel (about 4 us a call in PyTorch).
-void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+// The tiles of a pass (one or two) times M activation rows, BITS and the tiles constants in each call.
+#define INT4_TILES(BITS, NT)                                                             \
+  switch (M) { /* M as a constant too: the sums stay in registers */                     \
+    case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, BITS, NT, 1, out); break;        \
+    case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, BITS, NT, 2, out); break;        \
+    case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, BITS, NT, 3, out); break;        \
+    case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, BITS, NT, 4, out); break;        \
+    default: int4_tile(wt, st, zt, K, group, xq, dx, xs, BITS, NT, (int)M, out); break; \
+  }
+
+// vx_int4_gemv and vx_int6_gemv (bits 4 or 6). bf16_io: x and y are bfloat16 (a bf16 model's activations), read
+// and written as such, y rounded once as PyTorch's .to(torch.bfloat16) rounds: no conversion calls around the
+// kernel (about 4 us a call in PyTorch).
+static void nibble_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                        const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
-    quant_gemm(xv, M, K, w, 4, scales, zeros, group, N, yv, nthreads, bf16_io);
+    quant_gemm(xv, M, K, w, bits, scales, zeros, group, N, yv, nthreads, bf16_io);
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -355,27 +391,28 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
     float out[2 * GEMV_MAX_ROWS * TILE];
     const int64_t t = pass * NT;
     const int tiles = T - t < NT ? 1 : NT;
-    const uint8_t* wt = w + t * TILE * K / 2;
+    const uint8_t* wt = w + t * TILE * K * bits / 8;
     const uint16_t *st = scales + t * G * TILE, *zt = zeros + t * G * TILE;
-    if (tiles == 2) switch (M) {  // the tiles and M as constants: the sums stay in registers
-      case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 1, out); break;
-      case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 2, out); break;
-      case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 3, out); break;
-      case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, 4, out); break;
-      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, (int)M, out); break;  // no rows
-    }
-    else switch (M) {
-      case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 1, out); break;
-      case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 2, out); break;
-      case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 3, out); break;
-      case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, 4, out); break;
-      default: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, (int)M, out); break;
-    }
+    if (bits == 4 && tiles == 2) INT4_TILES(4, 2)
+    else if (bits == 4) INT4_TILES(4, 1)
+    else if (tiles == 2) INT4_TILES(6, 2)
+    else INT4_TILES(6, 1)
     store_tiles(yv, out, t, tiles, M, N, bf16_io);
   }
   free(xq);
   free(dx);
   free(xs);
+}
+
+void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+  nibble_gemv(xv, M, K, w, 4, scales, zeros, group, N, yv, nthreads, bf16_io);
+}
+
+// w: the int6 tiles (the comment before with_top_bits), (N/16, K/32, 384) bytes.
+void vx_int6_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+  nibble_gemv(xv, M, K, w, 6, scales, zeros, group, N, yv, nthreads, bf16_io);
 }
 
 // 16 bfloat16 or float16 values -> float32 lanes.
@@ -659,23 +696,23 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
   free(yt);
 }
 
-// quant_gemm: vx_int8_gemv's and vx_int4_gemv's product for many rows (prefill), where it is bound by
-// arithmetic. The same numbers as the row-by-row kernels: activations quantized to int8 per block of 32
-// (scale d), integer dot products with the weights' codes, then per block sum * d * s plus, per group,
-// off * (sum of x), with the weight w = code * s + off: int4 codes 0..15 and off = z - 8 s; int8 codes q + 128
-// (vpdpbusd wants one unsigned side) and each block's sum starting at -128 times the block's sum of x (exact;
-// with one scale a row, s is applied once at the end). Laid out like half_gemm: 16 rows of x times 4 inputs
-// fill a 64-byte vector, so one vpdpbusd with 4 codes of one output broadcast gives 16 rows of that output, 64
-// multiply-adds an instruction. A tile of MB x 16 rows by Q_NR outputs keeps its int32 block sums and float sums
-// in registers (24 of the 32), and each step's MB x vectors (see load_once). Everything the tile reads sits at
-// constant offsets from a few pointers, so its loop holds no index arithmetic: x per Q_KC inputs (K/Q_KC, Mp/16,
-// Q_KC/4, 16, 4), per block its scales and int8's -128 x sums (K/32, Mp), per group the sums of x for int4's
-// zero term (G, Mp). The Q_NR outputs' codes are unpacked to bytes once per Q_KC inputs for all row blocks,
-// (Q_KC/4, Q_NR, 4), from 16 contiguous bytes of the weight tiles per 4 (int8) or 8 (int4) inputs (N is padded
-// to whole tiles, so Q_NR rows always exist); int4's x is ordered to match the nibbles (per 16 inputs the even
-// 8, then the odd 8). Each thread takes Q_NB outputs over all of K at a time, so that their float sums between
-// chunks (yt) stay in L2. Zen 5 runs vpdpbusd, vfmadd and vmulps on the same two pipes: per block an int4 sum
-// takes 8 vpdpbusd and 3 of the others (int8: 2, or 1 with one scale a row), the bound of this design.
+// quant_gemm: vx_int8_gemv's, vx_int4_gemv's and vx_int6_gemv's product for many rows (prefill), where it is bound by
+// arithmetic. The same numbers as the row-by-row kernels: activations quantized to int8 per block of 32 (scale d),
+// integer dot products with the weights' codes, then per block sum * d * s plus, per group, off * (sum of x), with the
+// weight w = code * s + off: int4 codes 0..15 and off = z - 8 s (int6: 0..63 and z - 32 s); int8 codes q + 128
+// (vpdpbusd wants one unsigned side) and each block's sum starting at -128 times the block's sum of x (exact; with one
+// scale a row, s is applied once at the end). Laid out like half_gemm: 16 rows of x times 4 inputs fill a 64-byte
+// vector, so one vpdpbusd with 4 codes of one output broadcast gives 16 rows of that output, 64 multiply-adds an
+// instruction. A tile of MB x 16 rows by Q_NR outputs keeps its int32 block sums and float sums in registers (24 of the
+// 32), and each step's MB x vectors (see load_once). Everything the tile reads sits at constant offsets from a few
+// pointers, so its loop holds no index arithmetic: x per Q_KC inputs (K/Q_KC, Mp/16, Q_KC/4, 16, 4), per block its
+// scales and int8's -128 x sums (K/32, Mp), per group the sums of x for int4's zero term (G, Mp). The Q_NR outputs'
+// codes are unpacked to bytes once per Q_KC inputs for all row blocks, (Q_KC/4, Q_NR, 4), from 16 contiguous bytes of
+// the weight tiles per 4 (int8) or 8 (int4) inputs (N is padded to whole tiles, so Q_NR rows always exist; int6 adds
+// each code's top bits); int4's and int6's x is ordered to match the nibbles (per 16 inputs the even 8, then the odd
+// 8). Each thread takes Q_NB outputs over all of K at a time, so that their float sums between chunks (yt) stay in L2.
+// Zen 5 runs vpdpbusd, vfmadd and vmulps on the same two pipes: per block an int4 sum takes 8 vpdpbusd and 3 of the
+// others (int8: 2, or 1 with one scale a row), the bound of this design.
 #define Q_MC 256
 #define Q_KC 256  // a multiple of every int4 group size
 #define Q_NR 4    // divides TILE
@@ -728,8 +765,8 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xc, c
         acc[n][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[n][b]),
                                     ROW_SCALES ? db : _mm512_mul_ps(db, _mm512_set1_ps(s[n])), acc[n][b]);
     }
-    if (--left == 0) {  // the group's end: its zero term (int4), the next group's scales
-      if (BITS == 4)
+    if (--left == 0) {  // the group's end: its zero term (int4, int6), the next group's scales
+      if (BITS != 8)
         for (int b = 0; b < MB; ++b) {
           const __m512 sum = _mm512_loadu_ps(xs + b * 16);
           for (int n = 0; n < Q_NR; ++n) acc[n][b] = _mm512_fmadd_ps(_mm512_set1_ps(off[n]), sum, acc[n][b]);
@@ -762,7 +799,7 @@ static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scal
       const __m256i v = _mm256_loadu2_m128i((const __m128i*)(p + k / 4 * 64 + 64), (const __m128i*)(p + k / 4 * 64));
       _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)));
     }
-  } else {  // per 8 inputs the same; byte i of a row holds inputs 2i (low nibble) and 2i + 1 (high)
+  } else if (bits == 4) {  // per 8 inputs the same; byte i of a row holds inputs 2i (low nibble) and 2i + 1 (high)
     const uint8_t* p = w + t * TILE * K / 2 + r * 4;
     const __m256i low4 = _mm256_set1_epi8(15);
     for (int64_t k = k0; k < k1; k += 16) {  // the low nibbles of 16 inputs, then the high (x in that order)
@@ -770,14 +807,29 @@ static inline void quant_unpack(const uint8_t* w, int bits, const uint16_t* scal
       _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), _mm256_and_si256(v, low4));
       _mm256_storeu_si256((__m256i*)(qs + (k - k0 + 8) * Q_NR), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
     }
+  } else {  // int6: int4's nibbles, and per 16 inputs 64 bytes of their top bits (the comment before with_top_bits)
+    const uint8_t* p = w + t * TILE * K * 3 / 4 + r * 4;
+    const __m256i low4 = _mm256_set1_epi8(15), top2 = _mm256_set1_epi8(0x30);
+    for (int64_t k = k0; k < k1; k += 16) {  // as int4's, each code with its top bits at 4-5
+      const uint8_t* line = p + k / 32 * 384 + (k % 32) / 16 * 128;  // nibble lines 2a and 2a + 1 of the block
+      const __m256i v = _mm256_loadu2_m128i((const __m128i*)(line + 64), (const __m128i*)line);
+      const __m128i h = _mm_loadu_si128((const __m128i*)(p + k / 32 * 384 + 256 + (k % 32) / 16 * 64));
+      const __m256i top = _mm256_set_m128i(_mm_srli_epi16(h, 4), h);  // line 2a's bits at 0-3, 2a + 1's likewise
+      const __m256i even = _mm256_or_si256(_mm256_and_si256(v, low4),
+                                           _mm256_and_si256(_mm256_slli_epi16(top, 4), top2));
+      const __m256i odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                                          _mm256_and_si256(_mm256_slli_epi16(top, 2), top2));
+      _mm256_storeu_si256((__m256i*)(qs + (k - k0) * Q_NR), even);
+      _mm256_storeu_si256((__m256i*)(qs + (k - k0 + 8) * Q_NR), odd);
+    }
   }
   for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // scales (N/16, G, 16): Q_NR = 4 contiguous
     const int64_t at = (t * G + g) * TILE + r;
     const __m128 sg = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(scales + at))), 16));
     _mm_storeu_ps(s + g * Q_NR, sg);
-    if (bits == 4) {
+    if (bits != 8) {  // w = (q - middle) s + z, middle 8 (int4) or 32 (int6)
       const __m128 z = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(zeros + at))), 16));
-      _mm_storeu_ps(off + g * Q_NR, _mm_fnmadd_ps(_mm_set1_ps(8.f), sg, z));
+      _mm_storeu_ps(off + g * Q_NR, _mm_fnmadd_ps(_mm_set1_ps(bits == 4 ? 8.f : 32.f), sg, z));
     }
   }
 }
@@ -853,10 +905,10 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
           } else if (m < rows) {
             codes = quantize_codes((const float*)x + (m0 + m) * K + b * BLOCK, &d);
           }
-          // int4: per 16 inputs the even 8, then the odd 8, as quant_unpack orders the nibbles
+          // int4, int6: per 16 inputs the even 8, then the odd 8, as quant_unpack orders the nibbles
           const __m256i nibble_order = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-          _mm256_storeu_si256((__m256i*)q, bits == 4 ? _mm256_shuffle_epi8(codes, nibble_order) : codes);
+          _mm256_storeu_si256((__m256i*)q, bits != 8 ? _mm256_shuffle_epi8(codes, nibble_order) : codes);
           const int64_t k = b * BLOCK;
           for (int i = 0; i < BLOCK / 4; ++i) memcpy(dst + k / Q_KC * Mp * Q_KC + (k % Q_KC + 4 * i) * 16, q + i, 4);
           const int sum = code_sum(codes);
@@ -883,7 +935,7 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
           for (int64_t n = nb; n < nb + NB && n < N; n += Q_NR) {
             quant_unpack(w, bits, scales, zeros, K, G, group, n, k0, k1, qs, s, off);
             float* yn = yt + n * Mp;
-            if (bits == 4) QUANT_ROW_BLOCKS(4, 0);
+            if (bits != 8) QUANT_ROW_BLOCKS(4, 0);  // int4 and int6 alike
             else if (G > 1) QUANT_ROW_BLOCKS(8, 0);
             else QUANT_ROW_BLOCKS(8, 1);
           }

@@ -371,11 +371,63 @@ static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n) {
   for (; i < n; ++i) dst[i] = bf16(src[i]);
 }
 
-// bf16_io: x and y are bfloat16, as in cpu_kernels.c.
-void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+// The int6 tiles of cpu_kernels.c (the comment before its with_top_bits): int4's nibbles and, after each block's
+// 256 nibble bytes, 128 bytes of the codes' top two bits. One tile of 16 rows times M activation rows (MR, a
+// constant in each use): out (MR, 16), rows 8h .. 8h + 7 from the halves of each 64-byte line, the same float
+// operations in the same order for every MR (a row's result is the same alone or in a batch).
+static inline __attribute__((always_inline)) void int6_tile(const uint8_t* wt, const uint16_t* st,
+                                                           const uint16_t* zt, int64_t K, int64_t group,
+                                                           const int32_t* xq, const float* dx, const float* xs,
+                                                           const int MR, float* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
+  __m256 acc[GEMV_MAX_ROWS][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
+      const __m256 s = half8(st + g * TILE + 8 * h, 1);
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 384 bytes
+        const uint8_t* p = wt + b * 384 + 32 * h;
+        for (int j = 0; j < 6 && h == 0; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+        __m256i lo[4], hi[4];  // codes 0..63, even and odd inputs of each line
+        for (int a = 0; a < 2; ++a) {
+          const __m256i top = _mm256_loadu_si256((const __m256i*)(p + 256 + 64 * a));
+          for (int e = 0; e < 2; ++e) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * (2 * a + e)));
+            const __m256i even = e ? top : _mm256_slli_epi16(top, 4), odd = e ? _mm256_srli_epi16(top, 2)
+                                                                            : _mm256_slli_epi16(top, 2);
+            lo[2 * a + e] = _mm256_or_si256(_mm256_and_si256(v, low4), _mm256_and_si256(even, top2));
+            hi[2 * a + e] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                                            _mm256_and_si256(odd, top2));
+          }
+        }
+        for (int m = 0; m < MR; ++m) {
+          const int32_t* q = xq + (m * (K / 8) + b * 4) * 2;  // per 8 inputs: the even, then the odd 4
+          __m256i dl = _mm256_setzero_si256(), dh = dl;
+          for (int j = 0; j < 4; ++j) {  // without VNNI, widened every step: a code is up to 63
+            dl = dot_us(dl, lo[j], _mm256_set1_epi32(q[2 * j]));
+            dh = dot_us(dh, hi[j], _mm256_set1_epi32(q[2 * j + 1]));
+          }
+          const __m256 d = _mm256_set1_ps(dx[m * B + b]);
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dl, dh)), _mm256_mul_ps(s, d), acc[m][h]);
+        }
+      }
+      // w = (q - 32) s + z = q s + off: plus off times the group's sum of the quantized x
+      const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(32.f), s, half8(zt + g * TILE + 8 * h, 1));
+      for (int m = 0; m < MR; ++m) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xs[m * G + g]), acc[m][h]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(out + m * TILE, acc[m][0]);
+    _mm256_storeu_ps(out + m * TILE + 8, acc[m][1]);
+  }
+}
+
+// vx_int4_gemv and vx_int6_gemv (bits 4 or 6). bf16_io: x and y are bfloat16, as in cpu_kernels.c.
+static void nibble_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
+                        const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
   if (M > GEMV_MAX_ROWS) {  // prefill: a tiled product (at the end of this file)
-    quant_gemm_io(xv, M, K, w, 4, scales, zeros, group, N, yv, nthreads, bf16_io);
+    quant_gemm_io(xv, M, K, w, bits, scales, zeros, group, N, yv, nthreads, bf16_io);
     return;
   }
   const int64_t B = K / BLOCK, G = K / group, T = (N + TILE - 1) / TILE;
@@ -396,9 +448,16 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float out[GEMV_MAX_ROWS * TILE];
-    const uint8_t* wt = w + t * TILE * K / 2;
+    const uint8_t* wt = w + t * TILE * K * bits / 8;
     const uint16_t *st = scales + t * G * TILE, *zt = zeros + t * G * TILE;
-    switch (M) {  // M as a constant: the sums stay in registers
+    if (bits == 6) switch (M) {  // M as a constant: the sums stay in registers
+      case 1: int6_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
+      case 2: int6_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
+      case 3: int6_tile(wt, st, zt, K, group, xq, dx, xs, 3, out); break;
+      case 4: int6_tile(wt, st, zt, K, group, xq, dx, xs, 4, out); break;
+      default: int6_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
+    }
+    else switch (M) {
       case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
       case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
       case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 3, out); break;
@@ -411,6 +470,16 @@ void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const 
   free(xq);
   free(dx);
   free(xs);
+}
+
+void vx_int4_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+  nibble_gemv(xv, M, K, w, 4, scales, zeros, group, N, yv, nthreads, bf16_io);
+}
+
+void vx_int6_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                  const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
+  nibble_gemv(xv, M, K, w, 6, scales, zeros, group, N, yv, nthreads, bf16_io);
 }
 
 // R rows of a bf16 weight times MB activation rows (R and MB constants in each use; MB * R <= ROWS), the activations
@@ -641,7 +710,7 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xq, c
     __m256i dot[Q_NR][Q_MB];
     for (int n = 0; n < nr; ++n)
       for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_setzero_si256();
-    if (bits == 4) {
+    if (bits != 8) {
       for (int64_t j = k; j < k + BLOCK; j += 4) {
         __m256i xv[Q_MB];
         for (int b = 0; b < mb; ++b) xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
@@ -651,14 +720,17 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xq, c
           const __m256i wv = _mm256_set1_epi32(codes);
 #if defined(VNNI256)
           for (int b = 0; b < mb; ++b) dot[n][b] = dot_us(dot[n][b], wv, xv[b]);
-#else  // int16 pair sums, at most 8 * 2 * 15 * 127 over a block: widened once, below
-          for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_add_epi16(dot[n][b], _mm256_maddubs_epi16(wv, xv[b]));
+#else  // int4: int16 pair sums, at most 8 * 2 * 15 * 127 over a block, widened once below; int6: every step
+          for (int b = 0; b < mb; ++b)
+            dot[n][b] = bits == 4 ? _mm256_add_epi16(dot[n][b], _mm256_maddubs_epi16(wv, xv[b]))
+                                  : dot_us(dot[n][b], wv, xv[b]);
 #endif
         }
       }
 #if !defined(VNNI256)
-      for (int n = 0; n < nr; ++n)
-        for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_madd_epi16(dot[n][b], _mm256_set1_epi16(1));
+      if (bits == 4)
+        for (int n = 0; n < nr; ++n)
+          for (int b = 0; b < mb; ++b) dot[n][b] = _mm256_madd_epi16(dot[n][b], _mm256_set1_epi16(1));
 #endif
     } else {
       for (int64_t j = k; j < k + BLOCK; j += 4) {
@@ -736,21 +808,32 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
                 s[r * G + g] = bf16(scales[(((n + r) / TILE) * G + g) * TILE + (n + r) % TILE]);
                 off[r * G + g] = 0.f;
               }
-            } else {
-              const int64_t R = n + r;  // its bytes in vx_int4_gemv's tiles: 4 of them every 64
-              const int* p = (const int*)(w + (R / TILE) * TILE * K / 2 + (R % TILE) * 4);
+            } else {  // int4, int6: 64 codes at a time, low nibble first; int6 adds each code's top bits
+              const int64_t R = n + r;  // its bytes in vx_int4_gemv's tiles (vx_int6_gemv's): 4 of them every 64
+              const int* p = (const int*)(w + (R / TILE) * TILE * K * bits / 8 + (R % TILE) * 4);
               const __m256i every64 = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), low4 = _mm256_set1_epi8(15);
-              for (int64_t k = k0; k < k1; k += 64) {  // 32 bytes -> 64 codes, low nibble first
-                const __m256i v = _mm256_i32gather_epi32(p + k / 8 * 16, every64, 4);
-                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+              const __m256i int6_lines = _mm256_setr_epi32(0, 16, 32, 48, 96, 112, 128, 144);  // 384 bytes a block
+              const __m256i three = _mm256_set1_epi8(3);
+              for (int64_t k = k0; k < k1; k += 64) {  // 8 nibble lines (int6: of two blocks, and 4 top-bit lines)
+                const int* q = bits == 4 ? p + k / 8 * 16 : p + k / 32 * 96;
+                const __m256i v = _mm256_i32gather_epi32(q, bits == 4 ? every64 : int6_lines, 4);
+                __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                if (bits == 6) {
+                  // line 2a's top bits are the low half of top-bit line a's bytes, line 2a + 1's the high half: one
+                  // int32 a line, in v's order, its bytes holding the even input's top bits at 0-1, the odd's at 2-3
+                  const __m256i t = _mm256_cvtepu32_epi64(_mm_i32gather_epi32(q, _mm_setr_epi32(64, 80, 160, 176), 4));
+                  const __m256i top = _mm256_and_si256(_mm256_or_si256(t, _mm256_slli_epi64(t, 28)), low4);
+                  lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(top, three), 4));
+                  hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(top, 2), three), 4));
+                }
                 const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // in lane order
                 _mm256_storeu_si256((__m256i*)(qs + r * Q_KC + k - k0), _mm256_permute2x128_si256(a, b, 0x20));
                 _mm256_storeu_si256((__m256i*)(qs + r * Q_KC + k - k0 + 32), _mm256_permute2x128_si256(a, b, 0x31));
               }
-              for (int64_t g = k0 / group; g < k1 / group; ++g) {
+              for (int64_t g = k0 / group; g < k1 / group; ++g) {  // w = (q - middle) s + z = q s + off
                 const int64_t at = ((R / TILE) * G + g) * TILE + R % TILE;
                 s[r * G + g] = bf16(scales[at]);
-                off[r * G + g] = bf16(zeros[at]) - 8.f * s[r * G + g];
+                off[r * G + g] = bf16(zeros[at]) - (bits == 4 ? 8.f : 32.f) * s[r * G + g];
               }
             }
           }

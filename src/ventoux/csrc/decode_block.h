@@ -125,9 +125,10 @@ void vx_decode_attention(const void* q, int64_t q_row, const void* k, int64_t k_
 }
 
 // ---- The block: its layers' kernels and shape, then one call for its decode step -------------------------------
-enum { VX_INT8 = 0, VX_INT4 = 1, VX_HALF = 2 };
+enum { VX_INT8 = 0, VX_INT4 = 1, VX_HALF = 2, VX_INT6 = 3 };
 
-typedef struct {  // one linear layer on a kernel: its arguments to vx_int8_gemv, vx_int4_gemv or vx_half_gemv
+typedef struct {  // one linear layer on a kernel: its arguments to vx_int8_gemv, vx_int4_gemv (vx_int6_gemv) or
+                  // vx_half_gemv
   int64_t kind, K, N, group, half_bf16;  // half_bf16: VX_HALF's weight is bfloat16 (else float16)
   const void *w, *scales, *zeros;
 } vx_product;
@@ -150,6 +151,8 @@ static void product(const vx_product* p, const void* x, int64_t M, void* y, int 
     vx_int8_gemv(x, M, p->K, p->w, p->scales, p->group, p->N, y, nthreads, bf16_io);
   else if (p->kind == VX_INT4)
     vx_int4_gemv(x, M, p->K, p->w, p->scales, p->zeros, p->group, p->N, y, nthreads, bf16_io);
+  else if (p->kind == VX_INT6)
+    vx_int6_gemv(x, M, p->K, p->w, p->scales, p->zeros, p->group, p->N, y, nthreads, bf16_io);
   else
     vx_half_gemv(x, M, p->K, p->w, (int)p->half_bf16, p->N, y, nthreads, bf16_io);
 }
