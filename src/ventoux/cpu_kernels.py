@@ -336,10 +336,16 @@ def int4_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     microseconds, as much as a small product's arithmetic. A bfloat16 x gives a bfloat16 y, int4_gemv's float32
     result rounded as .to(torch.bfloat16) rounds it, both converted in the kernel (two PyTorch conversions cost
     about 4 us a call); any other float x is computed in float32."""
+    return _nibble_product(library().vx_int4_gemv, x, qweight, scales, zeros, group, n)
+
+
+def _nibble_product(kernel, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group: int, n: int) -> torch.Tensor:
+    """vx_int4_gemv or vx_int6_gemv (`kernel`, the same arguments) on x: bfloat16 in and out, or float32 out."""
     x, bf16 = _kernel_input(x)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if bf16 else torch.float32)
-    library().vx_int4_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(),
-                           zeros.data_ptr(), group, n, y.data_ptr(), torch.get_num_threads(), bf16)
+    kernel(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group, n,
+           y.data_ptr(), torch.get_num_threads(), bf16)
     return y
 
 
@@ -398,11 +404,7 @@ def int6_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 def int6_gemv_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         group: int, n: int) -> torch.Tensor:
     """int6_gemv for weights its caller has checked once (Int6Linear, at load), as int4_gemv_unchecked."""
-    x, bf16 = _kernel_input(x)
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if bf16 else torch.float32)
-    library().vx_int6_gemv(x.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), scales.data_ptr(),
-                           zeros.data_ptr(), group, n, y.data_ptr(), torch.get_num_threads(), bf16)
-    return y
+    return _nibble_product(library().vx_int6_gemv, x, qweight, scales, zeros, group, n)
 
 
 def half_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

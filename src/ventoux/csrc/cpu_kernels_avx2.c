@@ -201,55 +201,80 @@ void vx_int8_gemv(const void* xv, int64_t M, int64_t K, const int8_t* w, const u
 }
 
 // The int4 weights in the vnni kernel's tiles, as in cpu_kernels.c (read its comment before vx_int4_gemv): 16
-// rows side by side, 4 bytes each per 8 inputs. Here a 64-byte line is two vectors of 8 rows.
+// rows side by side, 4 bytes each per 8 inputs. Here a 64-byte line is two vectors of 8 rows. int6's tiles add
+// each block's 128 bytes of top bits after its 256 nibble bytes (cpu_kernels.c, before with_top_bits).
 
-// One tile of 16 rows times M activation rows (MR > 1, a constant in each use): out (MR, 16). Each half of a block's
-// bytes is split into nibbles once for the MR rows.
+// A block's integer dot products for 8 rows: lo and hi the codes of the even and odd inputs of its 4 lines, q the
+// activations (per 8 inputs the even 4, then the odd 4). int4 with VNNI keeps hi in place (16 x code).
+static inline __attribute__((always_inline)) __m256i nibble_dot(const __m256i* lo, const __m256i* hi,
+                                                               const int32_t* q, const int BITS) {
+#if !defined(VNNI256)
+  if (BITS == 4) {  // the 8 int16 pair sums of a lane (each at most 2 * 15 * 127) added before widening: one vpmaddwd
+    __m256i pairs = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j)
+      pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], _mm256_set1_epi32(q[2 * j])),
+                                                       _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(q[2 * j + 1]))));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  }
+#endif
+  __m256i dl = _mm256_setzero_si256(), dh = dl;  // int6 without VNNI: widened every step, a code is up to 63
+  for (int j = 0; j < 4; ++j) {
+    dl = dot_us(dl, lo[j], _mm256_set1_epi32(q[2 * j]));
+    dh = dot_us(dh, hi[j], _mm256_set1_epi32(q[2 * j + 1]));
+  }
+  return _mm256_add_epi32(dl, BITS == 4 ? _mm256_srai_epi32(dh, 4) : dh);
+}
+
+// One tile of 16 rows times M activation rows (BITS 4 or 6 and MR constants in each use; int4 takes it for
+// MR > 1): out (MR, 16). Each half of a block's bytes is split into codes once for the MR rows. The same float
+// operations in the same order for every MR: a row's result is the same alone or in a batch.
 static inline __attribute__((always_inline)) void int4_tile_rows(const uint8_t* wt, const uint16_t* st,
                                                                 const uint16_t* zt, int64_t K, int64_t group,
                                                                 const int32_t* xq, const float* dx, const float* xs,
-                                                                const int MR, float* out) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
+                                                                const int BITS, const int MR, float* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK, block_bytes = BLOCK * TILE * BITS / 8;
   __m256 acc[GEMV_MAX_ROWS][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
       const __m256 s = half8(st + g * TILE + 8 * h, 1);
       for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs
-        const uint8_t* p = wt + b * 256 + 32 * h;
-        for (int j = 0; j < 4 && h == 0; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
-        __m256i lo[4], hi[4];
-        for (int j = 0; j < 4; ++j) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
-          lo[j] = _mm256_and_si256(v, low4);
-#if defined(VNNI256)  // the high nibbles in place (16 x code), exact after the sums: one instruction fewer
-          hi[j] = _mm256_andnot_si256(low4, v);
-#else  // vpmaddubsw's int16 pair sums must stay under 2^15: codes, not 16 x codes
-          hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-#endif
-        }
-        for (int m = 0; m < MR; ++m) {
-          const int32_t* q = xq + (m * (K / 8) + b * 4) * 2;  // per 8 inputs: the even, then the odd 4
-#if defined(VNNI256)
-          __m256i dl = _mm256_setzero_si256(), dh = _mm256_setzero_si256();
+        const uint8_t* p = wt + b * block_bytes + 32 * h;
+        for (int j = 0; j < block_bytes / 64 && h == 0; ++j)
+          _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
+        __m256i lo[4], hi[4];  // the codes of each line's even and odd inputs
+        if (BITS == 4)
           for (int j = 0; j < 4; ++j) {
-            dl = dot_us(dl, lo[j], _mm256_set1_epi32(q[2 * j]));
-            dh = dot_us(dh, hi[j], _mm256_set1_epi32(q[2 * j + 1]));
-          }
-          const __m256i dot = _mm256_add_epi32(dl, _mm256_srai_epi32(dh, 4));
-#else  // the 8 int16 pair sums of a lane (each at most 2 * 15 * 127) added before widening: one vpmaddwd
-          __m256i pairs = _mm256_setzero_si256();
-          for (int j = 0; j < 4; ++j)
-            pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], _mm256_set1_epi32(q[2 * j])),
-                                                             _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(q[2 * j + 1]))));
-          const __m256i dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
+            lo[j] = _mm256_and_si256(v, low4);
+#if defined(VNNI256)  // the high nibbles in place (16 x code), exact after the sums: one instruction fewer
+            hi[j] = _mm256_andnot_si256(low4, v);
+#else  // vpmaddubsw's int16 pair sums must stay under 2^15: codes, not 16 x codes
+            hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
 #endif
-          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(dx[m * B + b])), acc[m][h]);
+          }
+        else
+          for (int a = 0; a < 2; ++a) {  // each line's top bits moved to bits 4-5 of its codes
+            const __m256i top = _mm256_loadu_si256((const __m256i*)(p + 256 + 64 * a));
+            for (int e = 0; e < 2; ++e) {
+              const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * (2 * a + e)));
+              const __m256i even = e ? top : _mm256_slli_epi16(top, 4), odd = e ? _mm256_srli_epi16(top, 2)
+                                                                              : _mm256_slli_epi16(top, 2);
+              lo[2 * a + e] = _mm256_or_si256(_mm256_and_si256(v, low4), _mm256_and_si256(even, top2));
+              hi[2 * a + e] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                                              _mm256_and_si256(odd, top2));
+            }
+          }
+        for (int m = 0; m < MR; ++m) {
+          const __m256i dot = nibble_dot(lo, hi, xq + (m * (K / 8) + b * 4) * 2, BITS);
+          const __m256 d = _mm256_set1_ps(dx[m * B + b]);
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, d), acc[m][h]);
         }
       }
-      // w = (q - 8) s + z = q s + off: plus off times the group's sum of the quantized x
-      const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, half8(zt + g * TILE + 8 * h, 1));
+      // w = (q - middle) s + z = q s + off (middle 8, or 32 for int6): plus off times the group's sum of the x
+      const __m256 middle = _mm256_set1_ps(BITS == 4 ? 8.f : 32.f);
+      const __m256 off = _mm256_fnmadd_ps(middle, s, half8(zt + g * TILE + 8 * h, 1));
       for (int m = 0; m < MR; ++m) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xs[m * G + g]), acc[m][h]);
     }
   }
@@ -302,7 +327,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
                                                            const int32_t* xq, const float* dx, const float* xs,
                                                            const int MR, float* out) {
   if (MR > 1) {
-    int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, MR, out);
+    int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, 4, MR, out);
     return;
   }
   const int64_t G = K / group, per_group = group / BLOCK;
@@ -371,58 +396,6 @@ static void floats_from_bf16(float* dst, const uint16_t* src, int64_t n) {
   for (; i < n; ++i) dst[i] = bf16(src[i]);
 }
 
-// The int6 tiles of cpu_kernels.c (the comment before its with_top_bits): int4's nibbles and, after each block's
-// 256 nibble bytes, 128 bytes of the codes' top two bits. One tile of 16 rows times M activation rows (MR, a
-// constant in each use): out (MR, 16), rows 8h .. 8h + 7 from the halves of each 64-byte line, the same float
-// operations in the same order for every MR (a row's result is the same alone or in a batch).
-static inline __attribute__((always_inline)) void int6_tile(const uint8_t* wt, const uint16_t* st,
-                                                           const uint16_t* zt, int64_t K, int64_t group,
-                                                           const int32_t* xq, const float* dx, const float* xs,
-                                                           const int MR, float* out) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
-  const int64_t B = K / BLOCK, G = K / group, per_group = group / BLOCK;
-  __m256 acc[GEMV_MAX_ROWS][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
-      const __m256 s = half8(st + g * TILE + 8 * h, 1);
-      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {  // one block: 32 inputs, 384 bytes
-        const uint8_t* p = wt + b * 384 + 32 * h;
-        for (int j = 0; j < 6 && h == 0; ++j) _mm_prefetch((const char*)(p + AHEAD + 64 * j), _MM_HINT_T0);
-        __m256i lo[4], hi[4];  // codes 0..63, even and odd inputs of each line
-        for (int a = 0; a < 2; ++a) {
-          const __m256i top = _mm256_loadu_si256((const __m256i*)(p + 256 + 64 * a));
-          for (int e = 0; e < 2; ++e) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * (2 * a + e)));
-            const __m256i even = e ? top : _mm256_slli_epi16(top, 4), odd = e ? _mm256_srli_epi16(top, 2)
-                                                                            : _mm256_slli_epi16(top, 2);
-            lo[2 * a + e] = _mm256_or_si256(_mm256_and_si256(v, low4), _mm256_and_si256(even, top2));
-            hi[2 * a + e] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
-                                            _mm256_and_si256(odd, top2));
-          }
-        }
-        for (int m = 0; m < MR; ++m) {
-          const int32_t* q = xq + (m * (K / 8) + b * 4) * 2;  // per 8 inputs: the even, then the odd 4
-          __m256i dl = _mm256_setzero_si256(), dh = dl;
-          for (int j = 0; j < 4; ++j) {  // without VNNI, widened every step: a code is up to 63
-            dl = dot_us(dl, lo[j], _mm256_set1_epi32(q[2 * j]));
-            dh = dot_us(dh, hi[j], _mm256_set1_epi32(q[2 * j + 1]));
-          }
-          const __m256 d = _mm256_set1_ps(dx[m * B + b]);
-          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dl, dh)), _mm256_mul_ps(s, d), acc[m][h]);
-        }
-      }
-      // w = (q - 32) s + z = q s + off: plus off times the group's sum of the quantized x
-      const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(32.f), s, half8(zt + g * TILE + 8 * h, 1));
-      for (int m = 0; m < MR; ++m) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xs[m * G + g]), acc[m][h]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_ps(out + m * TILE, acc[m][0]);
-    _mm256_storeu_ps(out + m * TILE + 8, acc[m][1]);
-  }
-}
-
 // vx_int4_gemv and vx_int6_gemv (bits 4 or 6). bf16_io: x and y are bfloat16, as in cpu_kernels.c.
 static void nibble_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, int bits, const uint16_t* scales,
                         const uint16_t* zeros, int64_t group, int64_t N, void* yv, int nthreads, int bf16_io) {
@@ -451,18 +424,18 @@ static void nibble_gemv(const void* xv, int64_t M, int64_t K, const uint8_t* w, 
     const uint8_t* wt = w + t * TILE * K * bits / 8;
     const uint16_t *st = scales + t * G * TILE, *zt = zeros + t * G * TILE;
     if (bits == 6) switch (M) {  // M as a constant: the sums stay in registers
-      case 1: int6_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
-      case 2: int6_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
-      case 3: int6_tile(wt, st, zt, K, group, xq, dx, xs, 3, out); break;
-      case 4: int6_tile(wt, st, zt, K, group, xq, dx, xs, 4, out); break;
-      default: int6_tile(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;
+      case 1: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, 6, 1, out); break;
+      case 2: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, 6, 2, out); break;
+      case 3: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, 6, 3, out); break;
+      case 4: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, 6, 4, out); break;
+      default: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, 6, (int)M, out); break;
     }
     else switch (M) {
       case 1: int4_tile(wt, st, zt, K, group, xq, dx, xs, 1, out); break;
       case 2: int4_tile(wt, st, zt, K, group, xq, dx, xs, 2, out); break;
       case 3: int4_tile(wt, st, zt, K, group, xq, dx, xs, 3, out); break;
       case 4: int4_tile(wt, st, zt, K, group, xq, dx, xs, 4, out); break;
-      default: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, (int)M, out); break;  // 5..8 rows
+      default: int4_tile_rows(wt, st, zt, K, group, xq, dx, xs, 4, (int)M, out); break;  // 5..8 rows
     }
     const int rows = N - t * TILE < TILE ? (int)(N - t * TILE) : TILE;
     for (int64_t m = 0; m < M; ++m) store_y(yv, m * N + t * TILE, out + m * TILE, rows, bf16_io);
