@@ -1,8 +1,8 @@
-"""What a misaligned 16-bit weight costs: the 4-layer Mistral-7B-shaped checkpoint in bfloat16, its prefill (a
-128-token prompt) and a one-token step (every weight read once, the decode products), with the weights of its
-HalfLinear layers where loading leaves them (cpu_kernels.aligned: on a 64-byte line) and copied to 24 bytes past
-one, where a safetensors file put them before loading copied them (its tensors start 8-byte aligned after the
-header). The two placements alternate in one process, round after round, so both see the same spells of this
+"""Where a 16-bit weight starts, and what it costs: the 4-layer Mistral-7B-shaped checkpoint in bfloat16, its
+prefill (a 128-token prompt) and a one-token step (every weight read once: the decode products), with the weights
+of its HalfLinear layers where loading leaves them (memory-mapped from the safetensors file: 24 bytes past a
+64-byte line in this checkpoint, whose tensors start after a header padded to 8 bytes) and copied to a line's start
+and to its middle. The placements alternate in one process, round after round, so all see the same spells of this
 shared VM's memory bandwidth. ventoux against itself: no peer runs here (interleaved.py compares with llama.cpp).
 
     .venv/bin/python benchmarks/alignment.py                        # the native build
@@ -21,8 +21,6 @@ from common import random_checkpoint
 import ventoux
 from ventoux import cpu_kernels
 from ventoux.fastlinear import HalfLinear
-
-OFFSET = 24  # bytes past a 64-byte line: where the benchmark checkpoint's tensors sit in its file
 
 
 def shifted(t: torch.Tensor, offset: int) -> torch.Tensor:
@@ -44,13 +42,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = ventoux.load(str(random_checkpoint(n_layers=4)), dtype="bfloat16")
     layers = [m for m in llm.model.modules() if isinstance(m, HalfLinear)]
-    placements = {"aligned": [m.weight.data for m in layers]}
-    placements[f"offset {OFFSET}"] = [shifted(w, OFFSET) for w in placements["aligned"]]
+    loaded = [m.weight.data for m in layers]
+    placements = {f"as loaded ({loaded[0].data_ptr() % 64})": loaded}
+    placements.update({f"offset {o}": [shifted(w, o) for w in loaded] for o in (0, 32)})
     prompt = torch.randint(3, 32000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     times = {name: {"prefill": [], "step": []} for name in placements}
     with torch.inference_mode():
         for r in range(args.rounds):
-            for name in (list(placements) if r % 2 == 0 else list(placements)[::-1]):
+            names = list(placements)
+            for name in names[r % len(names):] + names[:r % len(names)]:  # the order turns each round
                 for m, w in zip(layers, placements[name]):
                     m.weight.data = w
                 for what, tokens in (("prefill", prompt), ("step", prompt[:, :1])):
@@ -61,11 +61,10 @@ def main() -> None:
     print(f"{cpu_kernels.cpu_model()}, {args.threads} threads, kernels: {cpu_kernels.isa()}; 4-layer "
           f"Mistral-7B-shaped bf16, {args.prompt_len}-token prefill and a one-token step, {args.rounds} rounds")
     medians = {name: {what: statistics.median(ts) for what, ts in d.items()} for name, d in times.items()}
+    first = medians[names[0]]
     for name, m in medians.items():
-        print(f"{name:10s} prefill {args.prompt_len / m['prefill']:7.1f} tok/s   step {1e3 * m['step']:6.1f} ms")
-    a, b = medians["aligned"], medians[f"offset {OFFSET}"]
-    print(f"aligned / offset {OFFSET}: prefill {b['prefill'] / a['prefill']:.2f}x, step {b['step'] / a['step']:.2f}x "
-          "(medians; above 1: aligned is faster)")
+        print(f"{name:16s} prefill {args.prompt_len / m['prefill']:7.1f} tok/s ({first['prefill'] / m['prefill']:.2f}x)"
+              f"   step {1e3 * m['step']:6.1f} ms ({first['step'] / m['step']:.2f}x)   (medians; x: speed against as loaded)")
 
 
 if __name__ == "__main__":

@@ -201,14 +201,6 @@ def load(path: str | Path) -> ctypes.CDLL:
     return lib
 
 
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, contiguous and starting on a 64-byte line: itself where it is, else a copy. A tensor memory-mapped from a
-    safetensors file starts wherever the file put it (8-byte aligned after the header): int8pack crashes on it, and
-    every vector load of ours spans two cache lines while the prefetches of a tile miss one (the AVX2 build's bf16
-    prefill product ran 10% slower, AVX-512 5%, AMD EPYC Zen 4)."""
-    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 def _check(x: torch.Tensor, *tensors: torch.Tensor, multiple: int = 128, dtype=torch.float32) -> torch.Tensor:
     if (x.dim() != 2 or x.shape[1] % multiple or x.device.type != "cpu"
             or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)):

@@ -30,11 +30,9 @@ MAX_GEMV_ROWS = 8  # beyond this the weight is reused enough for a blocked matri
 
 class HalfLinear(nn.Linear):
     def __init__(self, linear: nn.Linear):
-        nn.Module.__init__(self)  # shares the Linear's parameters: no new weight is allocated...
+        nn.Module.__init__(self)  # shares the Linear's parameters: no new weight is allocated
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        # ...unless it came misaligned from its file (cpu_kernels.aligned): a copy then replaces its mapping
-        self.weight.data = cpu_kernels.aligned(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features

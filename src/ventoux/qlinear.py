@@ -214,7 +214,7 @@ class QuantizedLinear(nn.Module):
         if kernel in self.PACKED:
             tensors = self._pack(kernel, **tensors)
         elif kernel != "fallback":  # raw-pointer kernels: int8pack crashes on unaligned memory (inside a file)
-            tensors = {name: cpu_kernels.aligned(t) for name, t in tensors.items()}
+            tensors = {name: _aligned(t) for name, t in tensors.items()}
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
         self.kernel = kernel
@@ -562,6 +562,10 @@ def _pad(w: torch.Tensor) -> torch.Tensor:
     """(N, K) -> (N, K padded to a multiple of PAD) with zero columns."""
     extra = _padded(w.shape[1]) - w.shape[1]
     return F.pad(w, (0, extra)) if extra else w
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _kernel_works(cls, kernel: str, device_type: str) -> bool:

@@ -238,9 +238,9 @@ def test_moves_to_meta_and_dtype_casts_on_meta(cls, args):
 def test_aligned_copies_only_what_a_raw_pointer_kernel_cannot_read():
     base = torch.arange(64 * 65, dtype=torch.int8)
     aligned = base[:64 * 64].view(64, 64)
-    assert aligned.data_ptr() % 64 == 0 and cpu_kernels.aligned(aligned) is aligned  # no copy of a whole model
+    assert aligned.data_ptr() % 64 == 0 and qlinear._aligned(aligned) is aligned  # no copy of a whole model
     for t in (base[1:64 * 64 + 1].view(64, 64), base[:64 * 64].view(64, 64).T):  # off by a byte; transposed
-        a = cpu_kernels.aligned(t)
+        a = qlinear._aligned(t)
         assert a.is_contiguous() and a.data_ptr() % 64 == 0 and torch.equal(a, t)
 
 

@@ -592,8 +592,13 @@ static inline __attribute__((always_inline)) void half_tile(const float* xp, int
 static inline void prefetch_next_tile(const uint16_t* w, int64_t K, int64_t n, int64_t k0, int64_t end) {
   if (k0 >= K) return;
   const int64_t k1 = k0 + GEMM_KC < K ? k0 + GEMM_KC : K;
-  for (int64_t r = n; r < n + GEMM_NR && r < end; ++r)
-    for (int64_t k = k0; k < k1; k += 32) _mm_prefetch((const char*)(w + r * K + k), _MM_HINT_T1);
+  // every line of each row's piece: a weight memory-mapped from its file may start off a line, and its piece
+  // then spans one line more (9 of 512 bytes), which left out waited on memory (the AVX2 product 10% slower)
+  for (int64_t r = n; r < n + GEMM_NR && r < end; ++r) {
+    const uintptr_t last = (uintptr_t)(w + r * K + k1) - 1;
+    for (uintptr_t a = (uintptr_t)(w + r * K + k0) & ~(uintptr_t)63; a <= last; a += 64)
+      _mm_prefetch((const char*)a, _MM_HINT_T1);
+  }
 }
 
 static inline float half_to_float(uint16_t h, int is_bf16) { return is_bf16 ? bf16(h) : _cvtsh_ss(h); }
