@@ -62,9 +62,10 @@ def main() -> None:
           f"Mistral-7B-shaped bf16, {args.prompt_len}-token prefill and a one-token step, {args.rounds} rounds")
     medians = {name: {what: statistics.median(ts) for what, ts in d.items()} for name, d in times.items()}
     first = medians[names[0]]
+    print("medians; x: speed against the weights as loaded")
     for name, m in medians.items():
         print(f"{name:16s} prefill {args.prompt_len / m['prefill']:7.1f} tok/s ({first['prefill'] / m['prefill']:.2f}x)"
-              f"   step {1e3 * m['step']:6.1f} ms ({first['step'] / m['step']:.2f}x)   (medians; x: speed against as loaded)")
+              f"   step {1e3 * m['step']:6.1f} ms ({first['step'] / m['step']:.2f}x)")
 
 
 if __name__ == "__main__":

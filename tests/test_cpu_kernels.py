@@ -4,8 +4,10 @@ pinned to float references and the plain fallback in test_fastlinear.py and test
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from conftest import KERNEL_ISAS
 
 from ventoux import cpu_kernels, fastlinear
 from ventoux.errors import VentouxError
+from ventoux.fusedproducts import SharedInputProducts
 from ventoux.qlinear import Int4Linear, Int6Linear, Int8Linear, quantize_int4, quantize_int6, quantize_int8
 
 
@@ -174,6 +177,41 @@ def test_int8_tiles_are_the_documented_byte_permutation():
         assert qt[t, c, r, i] == (q[16 * t + r, 4 * c + i] if 16 * t + r < n else 0)
     for a, b in zip(cpu_kernels.untile_int8(qt, st, n), (q, s)):
         assert torch.equal(a, b)
+
+
+def _thp_mode() -> str | None:
+    """The bracketed mode of Linux's transparent huge pages (always, madvise, never), None elsewhere."""
+    try:
+        return re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()).group(1)
+    except (OSError, AttributeError):
+        return None
+
+
+def _thp_eligible(t: torch.Tensor) -> bool:
+    """Whether the mapping that holds t's data may take huge pages (its THPeligible line in /proc/self/smaps)."""
+    for mapping in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        start, end = (int(a, 16) for a in mapping.split()[0].split("-"))
+        if start <= t.data_ptr() < end:
+            return re.search(r"THPeligible:\s+1", mapping) is not None
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs Linux's transparent huge pages in madvise mode")
+def test_large_tiles_ask_for_huge_pages_and_keep_their_values(monkeypatch):
+    # 2 MB pages where a weight's tiles take a whole one (one core streams them faster from DRAM), the same bytes
+    gen = torch.Generator().manual_seed(0)
+    q, s, z = quantize_int4(torch.randn(2048, 4096, generator=gen), 32)  # 4 MB of codes; 256 KB of scales
+    tiles = cpu_kernels.tile_int4(q, s, z)
+    assert _thp_eligible(tiles[0]) and not _thp_eligible(tiles[1])  # the scales are under 2 MB: ordinary memory
+    for a, b in zip(cpu_kernels.untile_int4(*tiles, 2048), (q, s, z)):
+        assert torch.equal(a, b)
+    layer = Int6Linear.from_float(torch.randn(1024, 4096, generator=gen))
+    assert _thp_eligible(layer.qweight) == (layer.kernel == "vnni")  # int6's tiles are a concatenation: the same
+    a, b = (Int4Linear.from_float(torch.randn(512, 4096, generator=gen)) for _ in range(2))
+    if a.kernel == "vnni":  # the joined products' concatenation of two layers' tiles (2 MB each) too
+        assert _thp_eligible(SharedInputProducts([a, b]).tiles[0])
+    monkeypatch.setenv(cpu_kernels.HUGE_PAGES_VARIABLE, "0")
+    assert not _thp_eligible(cpu_kernels.tile_int4(q, s, z)[0])
 
 
 @pytest.mark.parametrize("k,n", [(256, 37), (4096, 20)])

@@ -21,6 +21,12 @@ from .model import Attention, FeedForward
 from .qlinear import Int4Linear, Int6Linear, Int8Linear
 
 
+def _joined(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """torch.cat of the layers' tiles along their rows, on huge pages as the tiles were (cpu_kernels)."""
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return torch.cat(parts, out=cpu_kernels.empty_on_huge_pages(shape, parts[0].dtype, parts[0].device))
+
+
 class SharedInputProducts:
     """The products of `layers` (vnni Int8Linear, Int4Linear or Int6Linear of one class, group and input width) as
     one call: x (..., in_features) -> one output per layer, each (..., its out_features)."""
@@ -30,8 +36,8 @@ class SharedInputProducts:
         first = layers[0]
         self.sizes = [m.out_features for m in layers]
         # rows of the concatenation: every layer's out_features is a multiple of the 16-row tiles (joinable)
-        self.tiles = tuple(torch.cat(parts) for parts in zip(*(m._tiles[:-1] if isinstance(m, Int8Linear)
-                                                               else m._tiles for m in layers)))
+        self.tiles = tuple(_joined(parts) for parts in zip(*(m._tiles[:-1] if isinstance(m, Int8Linear)
+                                                             else m._tiles for m in layers)))
         for i, m in enumerate(layers):  # each layer's tiles become its rows of the joined ones: the old are freed
             start = sum(self.sizes[:i])
             rows, tiles = slice(start, start + m.out_features), slice(start // cpu_kernels.TILE,
