@@ -202,7 +202,9 @@ def test_large_tiles_ask_for_huge_pages_and_keep_their_values(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     q, s, z = quantize_int4(torch.randn(2048, 4096, generator=gen), 32)  # 4 MB of codes; 256 KB of scales
     tiles = cpu_kernels.tile_int4(q, s, z)
-    assert _thp_eligible(tiles[0]) and not _thp_eligible(tiles[1])  # the scales are under 2 MB: ordinary memory
+    assert _thp_eligible(tiles[0]) and not _thp_eligible(tiles[1])  # the scales are under 2 MB: ordinary memory,
+    assert tiles[1].untyped_storage().resizable() and not tiles[0].untyped_storage().resizable()  # PyTorch's own
+    assert cpu_kernels.empty_on_huge_pages((4096, 1024), torch.uint8, torch.device("meta")).is_meta  # a skeleton
     for a, b in zip(cpu_kernels.untile_int4(*tiles, 2048), (q, s, z)):
         assert torch.equal(a, b)
     layer = Int6Linear.from_float(torch.randn(1024, 4096, generator=gen))

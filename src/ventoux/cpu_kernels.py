@@ -249,7 +249,7 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torc
     2 MB, off Linux, or with VENTOUX_HUGE_PAGES=0."""
     nbytes = math.prod(shape) * dtype.itemsize
     if (torch.device(device).type != "cpu" or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE")
-            or os.environ.get(HUGE_PAGES_VARIABLE, "1") == "0"):
+            or os.environ.get(HUGE_PAGES_VARIABLE) == "0"):
         return torch.empty(shape, dtype=dtype, device=device)
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the page faults then take huge pages
