@@ -251,9 +251,11 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torc
     if (torch.device(device).type != "cpu" or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE")
             or os.environ.get(HUGE_PAGES_VARIABLE) == "0"):
         return torch.empty(shape, dtype=dtype, device=device)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the page faults then take huge pages
-    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)
+    whole = torch.frombuffer(memory, dtype=torch.uint8)  # its views keep the mapping alive
+    start = -whole.data_ptr() % HUGE_PAGE  # a huge page maps an aligned 2 MB: from the first boundary on
+    return whole[start:start + nbytes].view(dtype).view(shape)
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
