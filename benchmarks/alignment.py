@@ -46,10 +46,10 @@ def main() -> None:
     placements = {f"as loaded ({loaded[0].data_ptr() % 64})": loaded}
     placements.update({f"offset {o}": [shifted(w, o) for w in loaded] for o in (0, 32)})
     prompt = torch.randint(3, 32000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    times = {name: {"prefill": [], "step": []} for name in placements}
+    names = list(placements)
+    times = {name: {"prefill": [], "step": []} for name in names}
     with torch.inference_mode():
         for r in range(args.rounds):
-            names = list(placements)
             for name in names[r % len(names):] + names[:r % len(names)]:  # the order turns each round
                 for m, w in zip(layers, placements[name]):
                     m.weight.data = w

@@ -456,6 +456,28 @@ def test_quantization_that_contradicts_config_json_is_named(model_dir, int8_dir,
         "config.json, or quantize the float checkpoint again with `ventoux quantize`")
 
 
+@pytest.mark.parametrize("file_scheme, config_scheme", [("int6", "int4"), ("int4", "int6")])
+def test_int6_against_int4_in_config_json_is_named(model_dir, tmp_path, file_scheme, config_scheme):
+    # the same codes, scales and zeros but for int6's top bits (qhigh): the file or the config.json lacks them
+    from ventoux.quantize import quantize_checkpoint
+
+    made = quantize_checkpoint(model_dir, tmp_path / "q", f"{file_scheme}-g64")
+    bad = copy_of(made, tmp_path / "m", config_edit=lambda c: c["quantization"].update(scheme=config_scheme))
+    with pytest.raises(VentouxError) as e:
+        ventoux.load(str(bad), dtype="float32", device="cpu")
+    # the first tensor in the file's order (an extra one), or in the model's (a missing one)
+    module = "mlp.down_proj" if file_scheme == "int6" else "self_attn.q_proj"
+    tensor = f"'model.layers.0.{module}.qhigh'"
+    assert str(e.value) == (
+        f"{bad / 'model.safetensors'} holds tensor {tensor}, which this model config does not have: the "
+        "checkpoint's quantization does not match its config.json's (the weights are quantized there, in a scheme "
+        "config.json does not declare); " if file_scheme == "int6" else
+        f"tensor {tensor} is missing from {bad / 'model.safetensors'}: the checkpoint's quantization does not "
+        "match its config.json's (which declares it quantized); ") + (
+        "fix the \"quantization\" entry of config.json, or quantize the float checkpoint again with "
+        "`ventoux quantize`")
+
+
 def test_quantize_of_a_quantized_checkpoint_is_refused(int8_dir, tmp_path, capsys):
     fails(capsys, ["quantize", int8_dir, tmp_path / "out", "--scheme", "int4"], "already quantized (int8)")
     assert not (tmp_path / "out").exists()

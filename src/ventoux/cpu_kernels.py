@@ -264,10 +264,13 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t
 
 
-def _interleave(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(N, C) -> (N/16, C/width, 16, width): per `width` columns, the 16 rows of a tile side by side."""
+def _interleave(t: torch.Tensor, width: int, kernel_weights: bool = True) -> torch.Tensor:
+    """(N, C) -> (N/16, C/width, 16, width): per `width` columns, the 16 rows of a tile side by side; on huge pages
+    where the result is a kernel's weights, not a step towards them."""
     t = _pad_rows(t)
     tiles = t.view(-1, TILE, t.shape[1] // width, width).transpose(1, 2)
+    if not kernel_weights:
+        return tiles.contiguous()
     return empty_on_huge_pages(tiles.shape, t.dtype, t.device).copy_(tiles)
 
 
@@ -397,8 +400,8 @@ def tile_int6(qweight: torch.Tensor, qhigh: torch.Tensor, scales: torch.Tensor, 
     (N, G), (N, G) -> int6_gemv's layout: rows in tiles of 16 (N padded with zero rows), each tile (K/32, 384)
     bytes: per 32 inputs int4's 256 tiled bytes, then 128 of top bits (csrc/cpu_kernels.c, before with_top_bits);
     scales and zeros as int4's. untile_int6 inverts it exactly."""
-    nibbles = _interleave(qweight, 4)
-    tops = _interleave(_int6_tops(qhigh), 4)
+    nibbles = _interleave(qweight, 4, kernel_weights=False)  # both joined into the tiles below
+    tops = _interleave(_int6_tops(qhigh), 4, kernel_weights=False)
     blocks = qweight.shape[1] // 16
     tiles = empty_on_huge_pages((nibbles.shape[0], blocks, 384), torch.uint8, nibbles.device)
     torch.cat([nibbles.view(-1, blocks, 256), tops.view(-1, blocks, 128)], dim=-1, out=tiles)
