@@ -342,6 +342,11 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* wt, c
       const __m256 d = _mm256_set1_ps(dx[b]);
       a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_mul_ps(s0, d), a0);
       a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_mul_ps(s1, d), a1);
+#if !defined(VNNI256)
+      // the sums kept in registers: gcc kept them on the stack, each block's multiply-add then waiting on a store
+      // and a load (AMD Zen 4, weights hot in L2, one thread: 5-10% faster; the AVX-VNNI form is not measured)
+      __asm__("" : "+x"(a0), "+x"(a1));
+#endif
     }
     // w = (q - 8) s + z = q s + off: plus off times the group's sum of the quantized x
     const __m256 sum = _mm256_set1_ps(xs[g]);
