@@ -212,8 +212,9 @@ def test_peers_in_the_precision_of_the_ventoux_row(monkeypatch, tmp_path):
                                  print)
     # transformers has no int4 CPU kernels: its row is bfloat16, whatever ventoux's dtype
     assert engines == [Engine("transformers", "bfloat16", "m", dtype="bfloat16"),
-                       Engine("llama.cpp", "Q4_0", str(tmp_path / "Q4_0.gguf"))]
-    assert built == [("native", print)] and converted == [("m", tmp_path, print)]
+                       Engine("llama.cpp", "Q4_0", str(tmp_path / "Q4_0.gguf")),
+                       Engine("llama.cpp", "Q4_K_M", str(tmp_path / "Q4_K_M.gguf"))]
+    assert built == [("native", print)] and converted == [("m", tmp_path, print)] * 2
     engines = bench.peer_engines("m", "float32", None, ["transformers", "llama.cpp"], tmp_path, isa="avx2")
     assert engines == [Engine("transformers", "float32", "m", dtype="float32", isa="avx2"),
                        Engine("llama.cpp", "F32", str(tmp_path / "F32.gguf"), isa="avx2")]

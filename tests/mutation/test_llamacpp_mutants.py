@@ -36,9 +36,9 @@ def no_real_processes(monkeypatch):
 
 @pytest.mark.parametrize("dtype,quantize,types_", [
     ("bfloat16", None, ["BF16", "F16"]), ("float16", None, ["F16", "BF16"]), ("float32", None, ["F32"]),
-    ("bfloat16", "int8", ["Q8_0"]), ("float32", "int8-g32", ["Q8_0"]), ("bfloat16", "int4", ["Q4_0"]),
-    ("bfloat16", "int4+output", ["Q4_0"]), ("bfloat16", "int6", ["Q6_K"]), ("bfloat16", "int6-g128", ["Q6_K"]),
-    ("bfloat16", "int4-g64+output=int6", ["Q4_0"])])
+    ("bfloat16", "int8", ["Q8_0"]), ("float32", "int8-g32", ["Q8_0"]), ("bfloat16", "int4", ["Q4_0", "Q4_K_M"]),
+    ("bfloat16", "int4+output", ["Q4_0", "Q4_K_M"]), ("bfloat16", "int6", ["Q6_K"]),
+    ("bfloat16", "int6-g128", ["Q6_K"]), ("bfloat16", "int4-g64+output=int6", ["Q4_0", "Q4_K_M"])])
 def test_each_technique_has_the_llama_cpp_types_of_its_precision(dtype, quantize, types_):
     assert llamacpp.gguf_types(dtype, quantize) == types_
 

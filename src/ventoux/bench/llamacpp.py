@@ -35,8 +35,8 @@ def gguf_types(dtype: str, quantize: str | None) -> list[str]:
             return ["Q8_0"]
         if quantize.startswith("int6"):
             return ["Q6_K"]
-        if quantize.startswith("int4"):
-            return ["Q4_0"]
+        if quantize.startswith("int4"):  # Q4_0: the same bytes as int4-g64; Q4_K_M: Ollama's default 4-bit type
+            return ["Q4_0", "Q4_K_M"]
         raise VentouxError(f"--quantize {quantize!r} has no llama.cpp counterpart to compare with (int8, int6, int4)")
     return {"bfloat16": ["BF16", "F16"], "float16": ["F16", "BF16"], "float32": ["F32"]}[dtype]
 
