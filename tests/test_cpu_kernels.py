@@ -273,6 +273,37 @@ def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n, bits):
         assert torch.equal(y, gemv(x.float(), *tiles, 32, n).bfloat16()), m
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 20])  # decode (one row, a few, the most) and prefill
+@pytest.mark.parametrize("group", [256, 32])
+def test_int8_products_take_every_code_minus_128_included(kernel_isa, m, group):
+    # ventoux's quantizer writes -127..127, but an int8 file may hold -128 too. The AVX2 build multiplied |x| by
+    # sign(x) * w, and -(-128) is -128 in a byte: those products came out negated.
+    _int8_with_minus_128_is_exact(m, group)
+
+
+@pytest.mark.skipif(len(KERNEL_ISAS) < 2, reason="needs a CPU that runs both builds (AVX-512 VNNI)")
+@pytest.mark.parametrize("m", [1, 20])
+def test_the_avx_vnni_form_takes_int8_code_minus_128_too(monkeypatch, avx_vnni_form, m):
+    monkeypatch.setattr(cpu_kernels, "library", lambda: avx_vnni_form)
+    _int8_with_minus_128_is_exact(m, 32)
+
+
+def _int8_with_minus_128_is_exact(m: int, group: int) -> None:
+    """int8_gemv of codes from -128 to 127 against exact sums of the activations quantized as the kernels do (per
+    32, d = max|x| / 127, codes rounded half to even)."""
+    gen = torch.Generator().manual_seed(m + group)
+    q = torch.randint(-128, 128, (40, 256), dtype=torch.int8, generator=gen)
+    q[:, ::7] = -128
+    s = (torch.rand(40, 256 // group, generator=gen) * 0.01 + 0.005).bfloat16()
+    x = torch.randn(m, 256, generator=gen)
+    y = cpu_kernels.int8_gemv(x, *cpu_kernels.tile_int8(q, s[:, 0] if group == 256 else s), group, 40)
+    blocks = x.view(m, 8, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = (blocks * (1 / d)).round().double() * d.double()
+    w = q.double() * s.double().repeat_interleave(group, 1)
+    torch.testing.assert_close(y.double(), xq.view(m, 256) @ w.T, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
 @pytest.mark.parametrize("n, group", [(37, 256), (130, 32)])
 def test_int8_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n, group):
     # int8_gemv_unchecked with a bfloat16 x (Int8Linear in a bf16 model), per row and per group of 32, as int4's

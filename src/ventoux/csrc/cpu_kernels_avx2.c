@@ -115,11 +115,12 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t* wt, co
         const int32_t* q = (const int32_t*)(xq + m * K + b * BLOCK);
         __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int j = 0; j < 8; ++j) {
-          const __m256i qv = _mm256_set1_epi32(q[j]), aq = _mm256_abs_epi8(qv);
+          const __m256i qv = _mm256_set1_epi32(q[j]);
           for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
-            // dot(|q|, sign(q) * w) == dot(q, w), in the unsigned x signed form the products take
-            const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h)), qv);
-            dot[h] = dot_us(dot[h], aq, sw);
+            // dot(|w|, sign(w) * q) == dot(w, q), in the unsigned x signed form the products take: |w| as an
+            // unsigned byte is exact for w = -128 too, and the codes q (-127..127) negate exactly
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
+            dot[h] = dot_us(dot[h], _mm256_abs_epi8(wv), _mm256_sign_epi8(qv, wv));
           }
         }
         const __m256 d = _mm256_set1_ps(dx[m * B + b]);
@@ -676,8 +677,8 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
 // quant_gemm: cpu_kernels.c's tiled product for many rows with 8-lane vectors: 8 rows of x times 4 consecutive
 // inputs fill a 32-byte vector ((MC/8, K/4, 8, 4) int8); 4 codes of one output broadcast give 8 rows of that
 // output per dot product. int4 codes are unsigned (0..15) and multiply x as they are; int8 codes are signed
-// q (no +128: vpmaddubsw wants the unsigned side at most 127 to stay exact), so they multiply |x| after taking
-// x's signs. A tile of Q_MB x 8 rows by Q_NR outputs keeps its int32 block sums in registers; its float sums
+// q (no +128: vpmaddubsw's pair sums must stay under 2^15), so |q| multiplies x after x takes q's signs (|q| as
+// an unsigned byte is exact for q = -128, where sign(q) * q would overflow; x, from -127 to 127, negates exactly). A tile of Q_MB x 8 rows by Q_NR outputs keeps its int32 block sums in registers; its float sums
 // live in yt (in L1), updated once per block of 32 inputs.
 #define Q_MC 256
 #define Q_KC 256  // a multiple of every int4 group size
@@ -717,16 +718,14 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xq, c
 #endif
     } else {
       for (int64_t j = k; j < k + BLOCK; j += 4) {
-        __m256i xv[Q_MB], ax[Q_MB];
-        for (int b = 0; b < mb; ++b) {
-          xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
-          ax[b] = _mm256_abs_epi8(xv[b]);
-        }
+        __m256i xv[Q_MB];
+        for (int b = 0; b < mb; ++b) xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
         for (int n = 0; n < nr; ++n) {
-          int32_t codes;
+          int32_t codes, magnitudes;  // q and |q| (quant_gemm's unpacking writes both)
           memcpy(&codes, qs + n * Q_KC + (j - k0), 4);
-          const __m256i wv = _mm256_set1_epi32(codes);
-          for (int b = 0; b < mb; ++b) dot[n][b] = dot_us(dot[n][b], ax[b], _mm256_sign_epi8(wv, xv[b]));
+          memcpy(&magnitudes, qs + (Q_NR + n) * Q_KC + (j - k0), 4);
+          const __m256i wv = _mm256_set1_epi32(codes), aw = _mm256_set1_epi32(magnitudes);
+          for (int b = 0; b < mb; ++b) dot[n][b] = dot_us(dot[n][b], aw, _mm256_sign_epi8(xv[b], wv));
         }
       }
     }
@@ -757,7 +756,7 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
     const int64_t rows = M - m0 < MC ? M - m0 : MC, Mp = (rows + 7) / 8 * 8, blocks = Mp / 8;
 #pragma omp parallel num_threads(nthreads)
     {
-      int8_t* qs = malloc(Q_NR * Q_KC);                    // the tile's codes, one byte each
+      int8_t* qs = malloc(2 * Q_NR * Q_KC);  // the tile's codes, one byte each (int8: then their magnitudes)
       float* s = malloc(Q_NR * G * sizeof(float));         // its scales as float
       float* off = malloc(Q_NR * G * sizeof(float));       // and the offsets: w = code * s + off
 #pragma omp for schedule(static)
@@ -787,6 +786,9 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
             if (bits == 8) {
               const uint8_t* t = w + (n + r) / TILE * TILE * K + (n + r) % TILE * 4;  // in vx_int8_gemv's tiles
               for (int64_t k = k0; k < k1; k += 4) memcpy(qs + r * Q_KC + k - k0, t + k / 4 * 64, 4);
+              for (int64_t i = 0; i < k1 - k0; i += 32)  // and |q|, an unsigned byte: exact for q = -128 too
+                _mm256_storeu_si256((__m256i*)(qs + (Q_NR + r) * Q_KC + i),
+                                    _mm256_abs_epi8(_mm256_loadu_si256((const __m256i*)(qs + r * Q_KC + i))));
               for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // scales as int4's: (N/16, G, 16)
                 s[r * G + g] = bf16(scales[(((n + r) / TILE) * G + g) * TILE + (n + r) % TILE]);
                 off[r * G + g] = 0.f;
