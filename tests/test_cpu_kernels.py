@@ -273,6 +273,25 @@ def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n, bits):
         assert torch.equal(y, gemv(x.float(), *tiles, 32, n).bfloat16()), m
 
 
+@pytest.mark.parametrize("m", [5, 20])  # decode and prefill
+def test_a_non_finite_activation_makes_its_rows_quantized_products_nan(kernel_isa, m):
+    # The quantized products quantize their activations a block of 32 at a time: a block holding a NaN or an inf
+    # makes every output of its row NaN (the float product's is NaN or inf: not finite either; the block's maximum
+    # used to drop a NaN, and an inf became a code of the wrong sign), and leaves the other rows' bits alone.
+    gen = torch.Generator().manual_seed(m)
+    w, x = torch.randn(40, 256, generator=gen), torch.randn(m, 256, generator=gen)
+    bad = x.clone()
+    bad[0, 37], bad[2, 200], bad[3, 5] = float("nan"), float("inf"), -float("inf")
+    products = {"int8": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w)), 256),
+                "int8-g32": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w, 32)), 32),
+                "int4": (cpu_kernels.int4_gemv, cpu_kernels.tile_int4(*quantize_int4(w, 32)), 32),
+                "int6": (cpu_kernels.int6_gemv, cpu_kernels.tile_int6(*quantize_int6(w, 64)), 64)}
+    for name, (gemv, tiles, group) in products.items():
+        y, clean = gemv(bad, *tiles, group, 40), gemv(x, *tiles, group, 40)
+        assert torch.isnan(y[:4:2]).all() and torch.isnan(y[3]).all(), name
+        assert torch.equal(y[1], clean[1]) and torch.equal(y[4:], clean[4:]), name
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 20])  # decode (one row, a few, the most) and prefill
 @pytest.mark.parametrize("group", [256, 32])
 def test_int8_products_take_every_code_minus_128_included(kernel_isa, m, group):

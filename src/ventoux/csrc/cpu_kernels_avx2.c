@@ -71,13 +71,15 @@ static inline __m256 half8(const uint16_t* p, int is_bf16) {
 // One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (in *d): cpu_kernels.c's numbers,
 // the 32 codes in order in one register.
 static inline __m256i quantize_codes(const float* x, float* d_out) {
-  __m256 v[4], mx = _mm256_setzero_ps();
+  __m256 v[4], mx = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // odd: x - x, NaN where x is inf or NaN
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
     mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+    odd = _mm256_add_ps(odd, _mm256_sub_ps(v[i], v[i]));
   }
-  const float d = hmax(mx) / 127.f;
-  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  const int finite = !_mm256_movemask_ps(_mm256_cmp_ps(odd, _mm256_setzero_ps(), _CMP_NEQ_UQ));  // as cpu_kernels.c
+  const float d = finite ? hmax(mx) / 127.f : NAN;
+  const __m256 inv = _mm256_set1_ps(finite && d > 0.f ? 1.f / d : 0.f);
   __m256i i[4];
   for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
   // saturating packs work within 128-bit halves: the permute puts the 32 bytes back in order
