@@ -6,6 +6,12 @@ so both see the same spells of this shared VM's memory bandwidth. ventoux agains
 
     .venv/bin/python benchmarks/huge_pages.py                        # int4-g64
     .venv/bin/python benchmarks/huge_pages.py --quantize int8 --rounds 12
+    .venv/bin/python benchmarks/huge_pages.py --quantize none        # bf16: mmap=False (--no-mmap) or not
+
+A bf16 model's kernels read its weights in place from the files' memory maps, on the page cache's folios. With
+--quantize none the model loads three times: as by default, with mmap=False (its weights copied into memory, on
+2 MB pages: weights.into_memory), and with mmap=False on ordinary pages (VENTOUX_HUGE_PAGES=0), each against the
+first.
 """
 
 from __future__ import annotations
@@ -40,18 +46,22 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    quantize = None if args.quantize == "none" else args.quantize
+    variants = [("ordinary pages", "0", True), ("2 MB pages", "1", True)]  # (name, VENTOUX_HUGE_PAGES, mmap)
+    if quantize is None:
+        variants = [("file maps", "1", True), ("no-mmap 2 MB", "1", False), ("no-mmap 4 KB", "0", False)]
     models, loads = {}, {}
-    for name, value in (("ordinary pages", "0"), ("2 MB pages", "1")):
+    for name, value, mmap in variants:
         os.environ[cpu_kernels.HUGE_PAGES_VARIABLE] = value
         before, t = anon_huge_mb(), time.perf_counter()
-        models[name] = ventoux.load(str(random_checkpoint(n_layers=4)), dtype="bfloat16", quantize=args.quantize)
+        models[name] = ventoux.load(str(random_checkpoint(n_layers=4)), dtype="bfloat16", quantize=quantize, mmap=mmap)
         loads[name] = (time.perf_counter() - t, anon_huge_mb() - before)
     prompt = list(range(100, 108))  # a short prompt: the time is the decode steps'
     rates = {name: [] for name in models}
     for r in range(args.rounds):
         probe = measure_bandwidth(args.threads, 2**29, 3)
         names = list(models)
-        for name in names[r % 2:] + names[:r % 2]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
             models[name].generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
             rates[name].append(args.new_tokens / (time.perf_counter() - t))
@@ -62,9 +72,11 @@ def main() -> None:
     for name, (seconds, huge) in loads.items():
         print(f"{name:15s} load {seconds:5.1f} s ({huge} MB on huge pages), decode median "
               f"{statistics.median(rates[name]):.2f} tok/s")
-    ratios = [b / a for a, b in zip(*rates.values())]
-    print(f"2 MB / ordinary pages: decode, median of the rounds' ratios {statistics.median(ratios):.3f}x "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+    first, *others = rates
+    for name in others:
+        ratios = [b / a for a, b in zip(rates[first], rates[name])]
+        print(f"{name} / {first}: decode, median of the rounds' ratios {statistics.median(ratios):.3f}x "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -337,3 +337,41 @@ def test_names_round_trip_and_unknown_names_are_none():
         assert names.to_hf(unknown) is None
     for unknown in ["model.layers.0.self_attn.rotary.weight", "model.layers.0.mlp.gate_proj", "lm_head.bias"]:
         assert names.from_hf(unknown) is None
+
+
+def _mapped_from(t: torch.Tensor, folder: Path) -> bool:
+    """Whether t's data lies in a memory map of a file in `folder` (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(a, 16) for a in line.split()[0].split("-"))
+        if start <= t.data_ptr() < end:
+            return f"{folder}/" in line
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_no_mmap_copies_the_weights_off_their_files(tmp_path, monkeypatch):
+    # ventoux.load(mmap=False), the CLI's --no-mmap: a bf16 model's weights, which its kernels read in place from
+    # the files' memory maps, copied into memory, those of 2 MB or more from a 2 MB boundary (on 2 MB pages where
+    # Linux has them); the same values and tokens
+    import shutil
+
+    import mistral_common
+
+    import ventoux
+    from ventoux.cpu_kernels import HUGE_PAGES_VARIABLE
+    from ventoux.model import Transformer
+
+    monkeypatch.delenv(HUGE_PAGES_VARIABLE, raising=False)
+    tok = tmp_path / "tokenizer.model"
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", tok)
+    torch.manual_seed(0)
+    folder = save_hf(Transformer(TINY.replace(vocab_size=32000)).to(torch.bfloat16), tmp_path / "m", extra_files=[tok])
+    mapped, copied = (ventoux.load(str(folder), dtype="bfloat16", device="cpu", mmap=m) for m in (True, False))
+    assert any(_mapped_from(p, folder) for p in mapped.model.parameters())  # the default reads the files' maps
+    assert not any(_mapped_from(p, folder) for p in copied.model.parameters())
+    head = copied.model.output.weight  # 32000 x 64 bf16: 4 MB
+    assert head.nbytes >= 2 << 20 and head.data_ptr() % (2 << 20) == 0
+    assert all(torch.equal(a, b) for a, b in zip(mapped.model.parameters(), copied.model.parameters()))
+    prompt = [1, 851, 349, 264]
+    assert (copied.generate(prompt, max_tokens=6, temperature=0).tokens
+            == mapped.generate(prompt, max_tokens=6, temperature=0).tokens)

@@ -112,13 +112,15 @@ class LLM:
                       prefix_cache=prefix_cache)
 
 
-def load(source=None, dtype=None, device=None, quantize=None, compile: bool = False, lora=None) -> LLM:
+def load(source=None, dtype=None, device=None, quantize=None, compile: bool = False, lora=None,
+         mmap: bool = True) -> LLM:
     """lora: an adapter folder (PEFT's, or mistral-finetune's lora.safetensors), always on; or {name: path},
-    several adapters on one base, each request choosing one (generate(..., adapter=name))."""
+    several adapters on one base, each request choosing one (generate(..., adapter=name)). mmap=False: the weights
+    copied into memory, off their files' maps (weights.into_memory)."""
     from .config import PRESETS, read_config
     from .hub import resolve
     from .tokenizer import load_tokenizer
-    from .weights import parse_dtype
+    from .weights import into_memory, parse_dtype
 
     if source is None:
         if not (DEMO_MODEL / "config.json").exists():
@@ -130,6 +132,8 @@ def load(source=None, dtype=None, device=None, quantize=None, compile: bool = Fa
     dev = pick_device(device)
     config = read_config(folder)
     model = load_model(folder, config, parse_dtype(dtype, dev), dev, quantize=quantize, lora=lora)
+    if not mmap:
+        into_memory(model)
     model.eval()
     return LLM(model, load_tokenizer(folder), str(source or folder), compile=compile)
 

@@ -38,13 +38,14 @@ def test_every_flag_reaches_the_settings_and_engines(bench, tiny_folder, tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapter").mkdir()
     assert main(["bench", "--model", str(tiny_folder), "--dtype", "bf16", "--device", "cpu", "--quantize", "int8",
-                 "--compile", "--lora", "adapter", "--batch-size", "2", "--prompt-len", "9", "--new-tokens", "5",
-                 "--threads", "1", "--repeats", "4", "--prefill-chunk", "16", "--wait-quiet", "2.5",
-                 "--compare", "transformers", "--compare", "llama.cpp", "--cache-dir", "gguf"]) == 0
+                 "--compile", "--lora", "adapter", "--no-mmap", "--batch-size", "2", "--prompt-len", "9",
+                 "--new-tokens", "5", "--threads", "1", "--repeats", "4", "--prefill-chunk", "16",
+                 "--wait-quiet", "2.5", "--compare", "transformers", "--compare", "llama.cpp",
+                 "--cache-dir", "gguf"]) == 0
     assert bench["settings"] == Settings(batch_size=2, prompt_len=9, new_tokens=5, threads=1, repeats=4,
                                          device="cpu", prefill_chunk=16, quiet_wait_s=2.5)
-    ours = Engine("ventoux", "int8 compiled + LoRA", str(tiny_folder), dtype="bfloat16", quantize="int8",
-                  compile=True, lora=str(tmp_path / "adapter"))  # the worker may start elsewhere: an absolute path
+    ours = Engine("ventoux", "int8 compiled + LoRA no-mmap", str(tiny_folder), dtype="bfloat16", quantize="int8",
+                  compile=True, lora=str(tmp_path / "adapter"), mmap=False)  # the worker may start elsewhere: absolute
     assert bench["engines"] == [ours, Engine("transformers", "bfloat16", str(tiny_folder))]
     assert bench["peers"] == (tiny_folder, "bfloat16", "int8", ["transformers", "llama.cpp"], "gguf")
     assert bench["vocab_size"] == 32000

@@ -51,13 +51,13 @@ def test_a_logit_bias_that_is_not_id_equals_bias_is_refused_whole(text):
 
 def test_the_model_flags_names_and_defaults():
     plain = _parser(cli.add_model_args).parse_args([])
-    assert vars(plain) == dict(model=None, dtype=None, device="auto", quantize=None, compile=False)
+    assert vars(plain) == dict(model=None, dtype=None, device="auto", quantize=None, compile=False, mmap=True)
     with_lora = _parser(lambda p: cli.add_model_args(p, lora=True))
     assert vars(with_lora.parse_args([])) == dict(vars(plain), lora=None)
     given = with_lora.parse_args(["-m", "repo/x", "--dtype", "bfloat16", "--device", "cpu", "--quantize", "int8",
-                                  "--compile", "--lora", "adapter"])
+                                  "--compile", "--lora", "adapter", "--no-mmap"])
     assert vars(given) == dict(model="repo/x", dtype="bfloat16", device="cpu", quantize="int8", compile=True,
-                               lora="adapter")
+                               mmap=False, lora="adapter")
     assert _parser(cli.add_model_args).parse_args(["--model", "m"]).model == "m"
 
 
@@ -75,14 +75,15 @@ def test_load_from_args_checks_every_flag_first_then_passes_them_all(monkeypatch
         cli.load_from_args(parser.parse_args(["--device", "mps"]))
     assert calls == []  # nothing loaded for a bad flag
     args = parser.parse_args(["-m", "x", "--dtype", "float32", "--device", "cpu", "--quantize", "int4", "--compile",
-                              "--lora", "a"])
+                              "--lora", "a", "--no-mmap"])
     assert cli.load_from_args(args) == "the model"
     assert cli.load_from_args(args, lora={"b": "path"}) == "the model"  # adapters by name win over --lora
     bare = _parser(cli.add_model_args).parse_args([])  # a command without --lora
     cli.load_from_args(bare)
-    assert calls == [("x", dict(dtype="float32", device="cpu", quantize="int4", compile=True, lora="a")),
-                     ("x", dict(dtype="float32", device="cpu", quantize="int4", compile=True, lora={"b": "path"})),
-                     (None, dict(dtype=None, device="auto", quantize=None, compile=False, lora=None))]
+    assert calls == [("x", dict(dtype="float32", device="cpu", quantize="int4", compile=True, lora="a", mmap=False)),
+                     ("x", dict(dtype="float32", device="cpu", quantize="int4", compile=True, lora={"b": "path"},
+                                mmap=False)),
+                     (None, dict(dtype=None, device="auto", quantize=None, compile=False, lora=None, mmap=True))]
 
 
 @pytest.fixture

@@ -113,7 +113,7 @@ def test_a_batch_size_below_one_is_refused_before_loading(tmp_path, text_file, c
     assert capsys.readouterr().err == "ventoux: error: --batch-size 0 must be at least 1\n"
 
 
-def test_load_gets_the_model_flags_and_lora_only_when_given(monkeypatch, text_file, capsys):
+def test_load_gets_the_model_flags_and_lora_and_mmap_only_when_given(monkeypatch, text_file, capsys):
     asked = []
 
     def load(model, **kw):
@@ -121,12 +121,12 @@ def test_load_gets_the_model_flags_and_lora_only_when_given(monkeypatch, text_fi
         raise VentouxError("stop here")
 
     monkeypatch.setattr(ventoux, "load", load)
-    for extra in (["--batch-size", "1"], ["--lora", "adapter-dir"]):  # a batch of one is fine
+    for extra in (["--batch-size", "1"], ["--lora", "adapter-dir"], ["--no-mmap"]):  # a batch of one is fine
         assert main(["eval", "perplexity", "--model", "m", "--data", str(text_file), "--dtype", "bfloat16",
                      "--device", "cpu", "--quantize", "int8", *extra]) == 1
-    assert capsys.readouterr().err == "ventoux: error: stop here\n" * 2
+    assert capsys.readouterr().err == "ventoux: error: stop here\n" * 3
     flags = {"dtype": "bfloat16", "device": "cpu", "quantize": "int8"}
-    assert asked == [("m", flags), ("m", {**flags, "lora": "adapter-dir"})]
+    assert asked == [("m", flags), ("m", {**flags, "lora": "adapter-dir"}), ("m", {**flags, "mmap": False})]
 
 
 @pytest.mark.parametrize("kind, flag", [("perplexity", "--data"), ("tasks", "--tasks")])

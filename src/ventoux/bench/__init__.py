@@ -47,6 +47,7 @@ class Engine:
     compile: bool = False  # ventoux: torch.compile the decode step
     lora: str | None = None  # ventoux: a LoRA adapter applied (always on)
     isa: str | None = None  # "avx2": ventoux's AVX2 kernels (PyTorch held to AVX2), llama.cpp built for AVX2 only
+    mmap: bool = True  # ventoux: False copies the weights into memory (--no-mmap)
 
     @property
     def label(self) -> str:

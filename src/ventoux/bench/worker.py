@@ -67,7 +67,7 @@ class VentouxRunner:
 
         self.llm = ventoux.load(engine["path"], dtype=engine["dtype"], device=settings["device"],
                                 quantize=engine["quantize"], compile=engine.get("compile", False),
-                                lora=engine.get("lora"))
+                                lora=engine.get("lora"), mmap=engine.get("mmap", True))
         self.chunk = settings["prefill_chunk"]
         model = self.llm.model
         # Bytes read per decode step: every tensor but the embedding table, which is only indexed.

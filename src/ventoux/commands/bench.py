@@ -50,8 +50,10 @@ def run_bench(args):
     settings.check()
     technique = (args.quantize or dtype) + (" compiled" if args.compile else "")
     technique += " + LoRA" if args.lora else ""
+    technique += " no-mmap" if not args.mmap else ""
+    lora = str(Path(args.lora).resolve()) if args.lora else None  # the worker's cwd may differ
     ours = Engine("ventoux", technique, str(folder), dtype=dtype, quantize=args.quantize, compile=args.compile,
-                  lora=str(Path(args.lora).resolve()) if args.lora else None)  # the worker's cwd may differ
+                  lora=lora, mmap=args.mmap)
     engines = [ours, *peer_engines(folder, dtype, args.quantize, args.compare, args.cache_dir)]
     result = run(engines, settings, vocab_size=read_config(folder).vocab_size)
     if args.out:
