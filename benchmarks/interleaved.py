@@ -5,6 +5,7 @@ round after round: the ratio to trust on a VM whose memory bandwidth moves by ha
     .venv/bin/python benchmarks/interleaved.py --technique int4-g64 --rounds 16  # against Q4_0 (the same size)
     .venv/bin/python benchmarks/interleaved.py --technique int8 --isa avx2
     .venv/bin/python benchmarks/interleaved.py --technique int4-g64,int4-g64+output=int6   # two heads, one peer
+    .venv/bin/python benchmarks/interleaved.py --technique bfloat16 --no-mmap   # also the weights copied (mmap=False)
 
 decode.py runs each engine in a process of its own, one after the other, so two engines' runs lie a minute or
 more apart; on this project's shared VMs the read bandwidth of both cores moved between about 34 and 58 GB/s
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from dataclasses import replace
 
 from common import CACHE, log, random_checkpoint
 
@@ -41,6 +43,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--isa", choices=["native", "avx2"], default="native")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="also each ventoux row, and llama.cpp, with its weights copied into memory (ventoux's "
+                        "--no-mmap, llama.cpp's use_mmap=False), each row against the peer loaded as it is")
     args = p.parse_args()
     isa = None if args.isa == "native" else args.isa
     from ventoux.bench import ISA_ENVIRONMENT  # torch is not imported yet: it reads its ISA when it is
@@ -64,10 +69,13 @@ def main() -> None:
         raise SystemExit(f"--gguf {args.gguf}: not a llama.cpp type of this precision (use one of {types})")
     settings = Settings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads)
     prompts = random_prompts(settings, vocab_size=32000)
-    ours = [Engine("ventoux", t, str(folder), dtype="bfloat16" if quantize else t, quantize=t if quantize else None)
-            for t in techniques]
-    llama = LlamaCppRunner(vars(peer), vars(settings))
-    runners = {**{e.label: VentouxRunner(vars(e), vars(settings)) for e in ours}, peer.label: llama}  # the peer last
+    ours = [Engine("ventoux", t + (" no-mmap" if not mmap else ""), str(folder), dtype="bfloat16" if quantize else t,
+                   quantize=t if quantize else None, mmap=mmap)
+            for t in techniques for mmap in ([True, False] if args.no_mmap else [True])]
+    peers = {True: peer, **({False: replace(peer, technique=peer.technique + " no-mmap", mmap=False)}
+                            if args.no_mmap else {})}  # by mmap: each ventoux row meets the peer loaded alike
+    llamas = {p.label: LlamaCppRunner(vars(p), vars(settings)) for p in peers.values()}
+    runners = {**{e.label: VentouxRunner(vars(e), vars(settings)) for e in ours}, **llamas}  # the peers last
     for runner in runners.values():  # warm-up, as the worker does
         runner.generate(prompts, 4)
 
@@ -87,13 +95,14 @@ def main() -> None:
     print(f"{machine['cpu']}, {args.threads} threads, kernels: {args.isa}; batch 1, {args.prompt_len}-token prompt, "
           f"{args.new_tokens} new tokens, {args.rounds} rounds, each engine in turn; read bandwidth "
           f"{statistics.median(bandwidths):.1f} GB/s (median; range {min(bandwidths):.1f}-{max(bandwidths):.1f})")
-    print(f"llama.cpp system info: {llama.system_info.strip()}")
+    print(f"llama.cpp system info: {next(iter(llamas.values())).system_info.strip()}")
     for (name, values), runner in zip(rates.items(), runners.values()):
         shares = [runner.weight_bytes * v / 1e9 / bw for v, bw in zip(values, bandwidths)]  # GB/s over the round's
         print(f"{name}: median {statistics.median(values):.2f} tok/s (range {min(values):.2f}-{max(values):.2f}), "
               f"{runner.weight_bytes * statistics.median(values) / 1e9:.1f} GB/s of weights, "
               f"{100 * statistics.median(shares):.0f}% of the round's read bandwidth (median)")
     for e in ours:
+        peer = peers[e.mmap]
         ratios = [a / b for a, b in zip(rates[e.label], rates[peer.label])]
         prefill_ratios = [a / b for a, b in zip(prefills[e.label], prefills[peer.label])]
         print(f"{e.label} / {peer.label}: decode, median of the rounds' ratios {statistics.median(ratios):.2f}x "

@@ -47,7 +47,7 @@ class Engine:
     compile: bool = False  # ventoux: torch.compile the decode step
     lora: str | None = None  # ventoux: a LoRA adapter applied (always on)
     isa: str | None = None  # "avx2": ventoux's AVX2 kernels (PyTorch held to AVX2), llama.cpp built for AVX2 only
-    mmap: bool = True  # ventoux: False copies the weights into memory (--no-mmap)
+    mmap: bool = True  # False: the weights copied into memory (ventoux's --no-mmap, llama.cpp's use_mmap=False)
 
     @property
     def label(self) -> str:

@@ -149,7 +149,7 @@ class LlamaCppRunner:
         threads = settings["threads"]
         n_ctx = settings["prompt_len"] + settings["new_tokens"] + 8
         self.llm = Llama(model_path=engine["path"], n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         verbose=False)
+                         use_mmap=engine.get("mmap", True), verbose=False)
         self.weight_bytes = gguf_weight_bytes(engine["path"])
 
     def generate(self, prompts, new_tokens: int) -> dict:
