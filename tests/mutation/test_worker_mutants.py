@@ -131,12 +131,12 @@ def test_ventoux_is_loaded_with_the_engines_settings_and_counts_buffers(tiny_fol
     real = ventoux.load
     monkeypatch.setattr(ventoux, "load", lambda path, **kw: loads.append((path, kw)) or real(path, dtype="float32"))
     runner = worker.VentouxRunner({"path": str(tiny_folder), "dtype": "bfloat16", "quantize": "int8", "compile": True,
-                                   "lora": "runs/a"}, {**SETTINGS, "prefill_chunk": 3})
+                                   "lora": "runs/a", "mmap": False}, {**SETTINGS, "prefill_chunk": 3})
     assert loads == [(str(tiny_folder), dict(dtype="bfloat16", device="cpu", quantize="int8", compile=True,
-                                        lora="runs/a"))]
+                                        lora="runs/a", mmap=False))]
     assert runner.chunk == 3
     worker.VentouxRunner({**ENGINE, "path": str(tiny_folder)}, SETTINGS)
-    assert (loads[1][1]["compile"], loads[1][1]["lora"]) == (False, None)  # absent from an older spec
+    assert [loads[1][1][k] for k in ("compile", "lora", "mmap")] == [False, None, True]  # absent from an older spec
     # a quantized layer's packed weights and scales are buffers: they count, but not the embedding's
     llm = ventoux.load(str(tiny_folder), dtype="float32")
     llm.model.layers[0].register_buffer("packed", torch.zeros(1000, dtype=torch.uint8))
@@ -190,8 +190,10 @@ def test_llama_cpp_runs_its_build_with_the_threads_and_a_context_for_prompt_and_
     monkeypatch.setattr(llamacpp, "gguf_weight_bytes", lambda path: len(path))
     runner = worker.LlamaCppRunner({"path": "m.gguf", "isa": "avx2"}, {**SETTINGS, "threads": 3})
     assert used == ["dir-avx2"] and runner.system_info == "AVX2 = 1" and runner.weight_bytes == len("m.gguf")
-    assert made == [dict(model_path="m.gguf", n_ctx=6 + 5 + 8, n_threads=3, n_threads_batch=3, verbose=False)]
-    assert worker.LlamaCppRunner({"path": "m"}, SETTINGS) and used[-1] == "dir-native"
+    assert made == [dict(model_path="m.gguf", n_ctx=6 + 5 + 8, n_threads=3, n_threads_batch=3, use_mmap=True,
+                         verbose=False)]
+    assert worker.LlamaCppRunner({"path": "m", "mmap": False}, SETTINGS) and used[-1] == "dir-native"
+    assert made[-1]["use_mmap"] is False
     used.clear()
     assert runner.generate([[4, 5]], 7)["tokens"] == 7
     assert used == ["reset", ([4, 5], dict(top_k=1, temp=0.0, reset=True))]
