@@ -48,6 +48,30 @@ def test_attend_decode_is_attention_over_the_allowed_slots(kernel_isa, dtype, b,
     assert not torch.allclose(cpu_kernels.attend_decode(q, k, v, allowed.roll(1, 1)).double(), expected, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_scores_make_their_rows_nan_as_pytorchs_softmax(kernel_isa, dtype):
+    # A NaN in a query, or a key making a score +inf, makes that query head's output NaN, as
+    # F.scaled_dot_product_attention's softmax does; a -inf score weighs 0. The kernel's max skipped a NaN score and
+    # its e^x clamp turned NaN into e^-87, so such rows came out finite. The other rows keep their values.
+    gen = torch.Generator().manual_seed(0)
+    b, h, g, s, d = 2, 2, 4, 19, 32
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for n in (g, s, s))
+    q[0, 0, 1, 3] = float("nan")
+    q[1, 1, :, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    k[1, 1, 7, 0] = float("inf")  # scores +inf for heads 0 and 2 of (1, 1), -inf for 1 and 3
+    allowed = torch.ones(b, s, dtype=torch.bool)
+    allowed[0, 11:] = False
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = cpu_kernels.attend_decode(q, k, v, allowed).float()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float().reshape(b, h * g, 1, d), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1),
+        attn_mask=allowed[:, None, None, :]).reshape(b, h, g, d)
+    nan = torch.isnan(expected)
+    assert nan[0, 0, 1].all() and nan[1, 1, 0].all() and nan[1, 1, 2].all() and nan.sum() == 3 * d
+    assert torch.equal(torch.isnan(out), nan)
+    torch.testing.assert_close(out[~nan], expected[~nan], rtol=0.02 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+
+
 def test_attend_decode_rejects_what_it_cannot_take():
     q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 9, 16)
     with pytest.raises(ValueError, match="one dtype"):

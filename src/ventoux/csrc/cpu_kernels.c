@@ -987,9 +987,11 @@ static void quant_gemm(const void* x, int64_t M, int64_t K, const uint8_t* w, in
 // registers at a time. Keys are read once, values D/64 times (a 128-byte half row each time).
 
 // e^x for x <= 0 (a score minus its row's max): x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' degree-6 polynomial
-// (relative error about 1e-7), times 2^n by vscalefps. Below -87 (under 2^-125 next to the max's 1) it is clamped.
+// (relative error about 1e-7), times 2^n by vscalefps. Below -87 (under 2^-125 next to the max's 1) it is clamped;
+// a NaN stays NaN (vmaxps returns its second operand where one is NaN), so a NaN or +inf score makes its row NaN, as
+// PyTorch's softmax does, not a row that ignores it.
 static inline __m512 attend_exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -1064,7 +1066,7 @@ static inline __attribute__((always_inline)) void attend_task(const void* q, con
         }
       }
       for (int g = 0; g < ATTEND_GB && g0 + g < G; ++g) {
-        const __m512 inv = _mm512_set1_ps(total[g0 + g] > 0.f ? 1.f / total[g0 + g] : 0.f);
+        const __m512 inv = _mm512_set1_ps(total[g0 + g] <= 0.f ? 0.f : 1.f / total[g0 + g]);  // NaN stays NaN
         for (int j = 0; j < 4 && c0 + 16 * j < D; ++j) {
           const __m512 y = _mm512_mul_ps(acc[g][j], inv);
           const int64_t at = (task * G + g0 + g) * D + c0 + 16 * j;

@@ -865,7 +865,7 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
 
 // e^x for x <= 0, as cpu_kernels.c's attend_exp16; 2^n built in the exponent bits (n >= -126 after the clamp).
 static inline __m256 attend_exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);  // a NaN stays NaN, as attend_exp16's
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -957,7 +957,7 @@ static inline __attribute__((always_inline)) void attend_task(const void* q, con
         }
       }
       for (int g = 0; g < ATTEND_GB && g0 + g < G; ++g) {
-        const __m256 inv = _mm256_set1_ps(total[g0 + g] > 0.f ? 1.f / total[g0 + g] : 0.f);
+        const __m256 inv = _mm256_set1_ps(total[g0 + g] <= 0.f ? 0.f : 1.f / total[g0 + g]);  // NaN stays NaN
         for (int j = 0; j < 2 && c0 + 8 * j < D; ++j) {
           const __m256 y = _mm256_mul_ps(acc[g][j], inv);
           const int64_t at = (task * G + g0 + g) * D + c0 + 8 * j;
