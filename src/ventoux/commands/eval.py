@@ -59,7 +59,8 @@ def _load(args):
     if args.batch_size < 1:
         raise VentouxError(f"--batch-size {args.batch_size} must be at least 1")
     extra = {"lora": args.lora} if args.lora else {}  # lora= and mmap= are only passed when asked for
-    extra.update({} if args.mmap else {"mmap": False})
+    if not args.mmap:
+        extra["mmap"] = False
     return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, **extra)
 
 

@@ -680,8 +680,9 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
 // inputs fill a 32-byte vector ((MC/8, K/4, 8, 4) int8); 4 codes of one output broadcast give 8 rows of that
 // output per dot product. int4 codes are unsigned (0..15) and multiply x as they are; int8 codes are signed
 // q (no +128: vpmaddubsw's pair sums must stay under 2^15), so |q| multiplies x after x takes q's signs (|q| as
-// an unsigned byte is exact for q = -128, where sign(q) * q would overflow; x, from -127 to 127, negates exactly). A tile of Q_MB x 8 rows by Q_NR outputs keeps its int32 block sums in registers; its float sums
-// live in yt (in L1), updated once per block of 32 inputs.
+// an unsigned byte is exact for q = -128, where sign(x) * q would overflow; x, from -127 to 127, negates exactly).
+// A tile of Q_MB x 8 rows by Q_NR outputs keeps its int32 block sums in registers; its float sums live in yt (in
+// L1), updated once per block of 32 inputs.
 #define Q_MC 256
 #define Q_KC 256  // a multiple of every int4 group size
 #define Q_NR 4
@@ -723,10 +724,9 @@ static inline __attribute__((always_inline)) void quant_tile(const int8_t* xq, c
         __m256i xv[Q_MB];
         for (int b = 0; b < mb; ++b) xv[b] = _mm256_loadu_si256((const __m256i*)(xq + b * 8 * K + j * 8));
         for (int n = 0; n < nr; ++n) {
-          int32_t codes, magnitudes;  // q and |q| (quant_gemm's unpacking writes both)
+          int32_t codes;
           memcpy(&codes, qs + n * Q_KC + (j - k0), 4);
-          memcpy(&magnitudes, qs + (Q_NR + n) * Q_KC + (j - k0), 4);
-          const __m256i wv = _mm256_set1_epi32(codes), aw = _mm256_set1_epi32(magnitudes);
+          const __m256i wv = _mm256_set1_epi32(codes), aw = _mm256_abs_epi8(wv);
           for (int b = 0; b < mb; ++b) dot[n][b] = dot_us(dot[n][b], aw, _mm256_sign_epi8(xv[b], wv));
         }
       }
@@ -758,7 +758,7 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
     const int64_t rows = M - m0 < MC ? M - m0 : MC, Mp = (rows + 7) / 8 * 8, blocks = Mp / 8;
 #pragma omp parallel num_threads(nthreads)
     {
-      int8_t* qs = malloc(2 * Q_NR * Q_KC);  // the tile's codes, one byte each (int8: then their magnitudes)
+      int8_t* qs = malloc(Q_NR * Q_KC);                    // the tile's codes, one byte each
       float* s = malloc(Q_NR * G * sizeof(float));         // its scales as float
       float* off = malloc(Q_NR * G * sizeof(float));       // and the offsets: w = code * s + off
 #pragma omp for schedule(static)
@@ -788,9 +788,6 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
             if (bits == 8) {
               const uint8_t* t = w + (n + r) / TILE * TILE * K + (n + r) % TILE * 4;  // in vx_int8_gemv's tiles
               for (int64_t k = k0; k < k1; k += 4) memcpy(qs + r * Q_KC + k - k0, t + k / 4 * 64, 4);
-              for (int64_t i = 0; i < k1 - k0; i += 32)  // and |q|, an unsigned byte: exact for q = -128 too
-                _mm256_storeu_si256((__m256i*)(qs + (Q_NR + r) * Q_KC + i),
-                                    _mm256_abs_epi8(_mm256_loadu_si256((const __m256i*)(qs + r * Q_KC + i))));
               for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // scales as int4's: (N/16, G, 16)
                 s[r * G + g] = bf16(scales[(((n + r) / TILE) * G + g) * TILE + (n + r) % TILE]);
                 off[r * G + g] = 0.f;
