@@ -292,6 +292,25 @@ def test_a_non_finite_activation_makes_its_rows_quantized_products_nan(kernel_is
         assert torch.equal(y[1], clean[1]) and torch.equal(y[4:], clean[4:]), name
 
 
+@pytest.mark.parametrize("m", [5, 20])  # decode and prefill
+def test_activations_too_small_to_quantize_count_as_zeros(kernel_isa, m):
+    # A block whose max|x| is under 127 / FLT_MAX (3.7e-37) has a scale whose inverse overflows: its codes
+    # came out -128 each, products of the wrong sign (-1.3e-35 for +1.3e-35). Now its codes are 0, and a row
+    # of such blocks gives 0, the other rows their bits.
+    gen = torch.Generator().manual_seed(m)
+    w, x = torch.rand(40, 256, generator=gen) + 0.5, torch.randn(m, 256, generator=gen)
+    tiny = x.clone()
+    tiny[1] = torch.rand(256, generator=gen) * 3e-37 + 1e-38
+    products = {"int8": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w)), 256),
+                "int8-g32": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w, 32)), 32),
+                "int4": (cpu_kernels.int4_gemv, cpu_kernels.tile_int4(*quantize_int4(w, 32)), 32),
+                "int6": (cpu_kernels.int6_gemv, cpu_kernels.tile_int6(*quantize_int6(w, 64)), 64)}
+    for name, (gemv, tiles, group) in products.items():
+        y, clean = gemv(tiny, *tiles, group, 40), gemv(x, *tiles, group, 40)
+        assert torch.equal(y[1], torch.zeros(40)), name
+        assert torch.equal(y[0], clean[0]) and torch.equal(y[2:], clean[2:]), name
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 20])  # decode (one row, a few, the most) and prefill
 @pytest.mark.parametrize("group", [256, 32])
 def test_int8_products_take_every_code_minus_128_included(kernel_isa, m, group):
@@ -381,18 +400,22 @@ def test_the_bf16_decode_product_is_the_same_bits_alone_and_in_any_batch(kernel_
 def test_the_prefill_product_over_many_outputs_equals_the_decode_product(kernel_isa, threads):
     # The tiled product takes the outputs in blocks of 256 over all of K (in chunks of 256 inputs): 600 outputs
     # leave a partial block (with one thread; 300 a thread with two), 640 inputs a partial chunk, 40 rows a
-    # partial row block. The same integer sums as the decode kernel, so the same values to float rounding.
+    # partial row block; a group of 320 or 640 inputs spans chunks (the AVX2 build's int4 / int6 unpack took the
+    # scales of the groups ending in a chunk only, and read the others' unset). The same integer sums as the
+    # decode kernel, so the same values to float rounding.
     gen = torch.Generator().manual_seed(600)
     x, w = torch.randn(40, 640, generator=gen), torch.randn(600, 640, generator=gen)
     products = {"int8": (cpu_kernels.tile_int8(*quantize_int8(w)), 640),
                 "int8-g32": (cpu_kernels.tile_int8(*quantize_int8(w, 32)), 32),
                 "int4-g32": (cpu_kernels.tile_int4(*quantize_int4(w, 32)), 32),
-                "int4-g128": (cpu_kernels.tile_int4(*quantize_int4(w, 128)), 128)}
+                "int4-g128": (cpu_kernels.tile_int4(*quantize_int4(w, 128)), 128),
+                "int4-g640": (cpu_kernels.tile_int4(*quantize_int4(w, 640)), 640),  # groups across and over chunks
+                "int6-g320": (cpu_kernels.tile_int6(*quantize_int6(w, 320)), 320)}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for name, (tiles, group) in products.items():
-            gemv = cpu_kernels.int8_gemv if name.startswith("int8") else cpu_kernels.int4_gemv
+            gemv = getattr(cpu_kernels, f"{name[:4]}_gemv")
             by_rows = torch.cat([gemv(x[i:i + 8], *tiles, group, 600) for i in range(0, 40, 8)])
             torch.testing.assert_close(gemv(x, *tiles, group, 600), by_rows, rtol=1e-5,
                                        atol=1e-5 * by_rows.abs().max().item(), msg=name)

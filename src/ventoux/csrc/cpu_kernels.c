@@ -62,14 +62,15 @@ static inline float bf16(uint16_t h) {
 // One block of 32 activations -> int8 q = round(x / d) with d = max|x| / 127 (in *d_out), the 32 codes in order
 // in one register. A block holding an inf or a NaN gets d = NaN (and codes 0), so that every product it enters is
 // NaN, not finite, as the float product's is: the maximum would drop a NaN, and an inf would give a code of the
-// wrong sign (x - x is 0 for every finite x, NaN for the others).
+// wrong sign (x - x is 0 for every finite x, NaN for the others). A block whose max|x| is under 127 / FLT_MAX
+// (3.7e-37), or 0, gets codes 0: 1 / d would be inf, and every code -128 (the wrong sign for positive x).
 static inline __m256i quantize_codes(const float* x, float* d_out) {
   const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16), zero = _mm512_setzero_ps();
   const int finite = !(_mm512_cmp_ps_mask(_mm512_sub_ps(a, a), zero, _CMP_NEQ_UQ) |
                        _mm512_cmp_ps_mask(_mm512_sub_ps(b, b), zero, _CMP_NEQ_UQ));
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-  const float d = finite ? amax / 127.f : NAN;
-  const __m512 inv = _mm512_set1_ps(finite && d > 0.f ? 1.f / d : 0.f);
+  const float d = finite ? amax / 127.f : NAN, inv_d = 1.f / d;  // inf where d is 0 or tiny, NaN where d is
+  const __m512 inv = _mm512_set1_ps(inv_d < INFINITY ? inv_d : 0.f);
   const __m128i qa = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
   const __m128i qb = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)));
   *d_out = d;

@@ -78,8 +78,8 @@ static inline __m256i quantize_codes(const float* x, float* d_out) {
     odd = _mm256_add_ps(odd, _mm256_sub_ps(v[i], v[i]));
   }
   const int finite = !_mm256_movemask_ps(_mm256_cmp_ps(odd, _mm256_setzero_ps(), _CMP_NEQ_UQ));  // as cpu_kernels.c
-  const float d = finite ? hmax(mx) / 127.f : NAN;
-  const __m256 inv = _mm256_set1_ps(finite && d > 0.f ? 1.f / d : 0.f);
+  const float d = finite ? hmax(mx) / 127.f : NAN, inv_d = 1.f / d;
+  const __m256 inv = _mm256_set1_ps(inv_d < INFINITY ? inv_d : 0.f);  // as cpu_kernels.c
   __m256i i[4];
   for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
   // saturating packs work within 128-bit halves: the permute puts the 32 bytes back in order
@@ -684,7 +684,7 @@ void vx_half_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, in
 // A tile of Q_MB x 8 rows by Q_NR outputs keeps its int32 block sums in registers; its float sums live in yt (in
 // L1), updated once per block of 32 inputs.
 #define Q_MC 256
-#define Q_KC 256  // a multiple of every int4 group size
+#define Q_KC 256  // inputs a chunk; a group may end in a later chunk (each chunk takes the scales it overlaps)
 #define Q_NR 4
 #define Q_MB 2
 
@@ -814,7 +814,7 @@ static void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, i
                 _mm256_storeu_si256((__m256i*)(qs + r * Q_KC + k - k0), _mm256_permute2x128_si256(a, b, 0x20));
                 _mm256_storeu_si256((__m256i*)(qs + r * Q_KC + k - k0 + 32), _mm256_permute2x128_si256(a, b, 0x31));
               }
-              for (int64_t g = k0 / group; g < k1 / group; ++g) {  // w = (q - middle) s + z = q s + off
+              for (int64_t g = k0 / group; g <= (k1 - 1) / group; ++g) {  // w = (q - middle) s + z = q s + off
                 const int64_t at = ((R / TILE) * G + g) * TILE + R % TILE;
                 s[r * G + g] = bf16(scales[at]);
                 off[r * G + g] = bf16(zeros[at]) - (bits == 4 ? 8.f : 32.f) * s[r * G + g];
