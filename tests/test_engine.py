@@ -16,6 +16,7 @@ from ventoux.batch import Batch, Request
 from ventoux.engine import Engine, EngineError, QueueFull, RequestError, check_request
 from ventoux.errors import VentouxError
 from ventoux.generate import generate
+from ventoux.model import Transformer
 from ventoux.sampling import SamplingParams
 
 
@@ -345,3 +346,53 @@ def test_relayouts_carry_sampling_state_along(full, tok, monkeypatch):
     assert [[t for t in out[i] if t is not None] for i in (0, 1)] == want
     assert moved[-1] == [(0, 0)] and batch.cache.capacity == 42  # the first request, mid-run
     assert len(set(want[0])) < len(want[0])  # the boosted history shows (repeats)
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_never_yields_its_padding(tok):
+    # A model may pad its vocabulary beyond its tokenizer's (load_tokenizer); those ids are no tokens: their
+    # logits are dropped (as vLLM drops them), so greedy decoding, sampling and logprobs see the tokenizer's
+    # 32000 ids only, as a model without the padding would. Here the padding's logits dwarf the rest.
+    torch.manual_seed(3)
+    padded = Transformer(TINY_FULL.replace(vocab_size=32064)).eval()
+    with torch.no_grad():
+        padded.output.weight[32000:] *= 5
+    prompt = ids(40, 5)
+    with torch.inference_mode():
+        assert padded(torch.tensor([prompt]), torch.arange(5)[None])[0, -1].argmax() >= 32000  # it would win
+    out = generate(padded, tok, [prompt], [SamplingParams(max_tokens=6, logprobs=3)])[0]
+    tokens, seq = [], list(prompt)
+    with torch.inference_mode():
+        for _ in range(6):  # the reference: a whole forward a token, the argmax over the tokenizer's ids
+            logits = padded(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -1, :32000]
+            tokens.append(int(logits.argmax()))
+            seq.append(tokens[-1])
+            assert out.logprobs[len(tokens) - 1] == pytest.approx(float(logits.log_softmax(-1).max()), abs=1e-5)
+    assert out.tokens == tokens
+    assert all(t < 32000 for top in out.top_logprobs for t in top)
+    sampled = generate(padded, tok, [prompt], [SamplingParams(max_tokens=20, temperature=1.0, seed=1)])[0]
+    assert all(t < 32000 for t in sampled.tokens)
+    with Engine(padded, tok, max_batch=1) as engine:
+        with pytest.raises(RequestError, match=r"logit_bias .*32010.*\[0, 32000\)"):
+            engine.submit(prompt, SamplingParams(logit_bias={32010: 5}))
+        with pytest.raises(RequestError, match=r"vocabulary \[0, 32000\)"):
+            engine.submit([*prompt, 32010], SamplingParams())
+
+
+def test_a_request_whose_logits_turn_nan_fails_alone(tok):
+    # Token 77's embedding is NaN: a prompt holding it has NaN logits, no distribution to sample from. That
+    # request ends with an error naming it; a request decoding beside it, and the next one in its freed row,
+    # get the tokens they get alone. Sampling NaN logits gave token 0 silently, greedy the NaN's index.
+    model = tiny(TINY_FULL, 8)
+    with torch.no_grad():
+        model.tok_embeddings.weight[77] = float("nan")
+    poisoned, clean, later = [5, 77, 9], ids(41, 6), ids(42, 6)
+    greedy, sampled = SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, temperature=1.0, seed=3)
+    with pytest.raises(VentouxError, match="NaN or inf"):
+        generate(model, tok, [poisoned], [sampled])
+    with Engine(model, tok, max_batch=2) as engine:
+        beside = engine.submit(clean, sampled)
+        with pytest.raises(EngineError, match="NaN or inf after 3 tokens"):
+            list(engine.submit(poisoned, greedy))
+        assert [e.token for e in beside if e.token is not None] == alone(model, tok, clean, sampled)
+        after = engine.submit(later, greedy)
+        assert [e.token for e in after if e.token is not None] == alone(model, tok, later, greedy)

@@ -4,10 +4,13 @@
 import pytest
 import torch
 from conftest import TINY, TINY_FULL, hf_model, ventoux_from_hf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ventoux.api import LLM, compile_decode
 from ventoux.cache import KVCache
 from ventoux.errors import VentouxError
+from ventoux.events import TextState
 from ventoux.generate import generate, stream
 from ventoux.sampling import Sampler, SamplingParams
 
@@ -197,6 +200,63 @@ def test_stop_strings_and_stop_tokens(windowed, tokenizer):
     tok_cut = greedy(vx, tokenizer, p, 30, stop_token_ids=[full_out.tokens[4]])[0]
     first = full_out.tokens.index(full_out.tokens[4])
     assert tok_cut.finish_reason == "stop" and tok_cut.tokens == full_out.tokens[:first]
+
+
+class _Pieces:
+    """A stream decoder that hands back each piece as it is (TextState.flush asks it for the rest)."""
+
+    def flush(self) -> str:
+        return ""
+
+
+def _held_back_by_definition(text: str, stops: list[str]) -> int:
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("ab", max_size=4), min_size=1, max_size=12),
+       st.lists(st.text("ab", min_size=1, max_size=6), min_size=1, max_size=3))
+def test_stop_strings_cut_and_hold_back_text_by_their_definition(pieces, stops):
+    # Whatever the pieces, what is emitted plus what is held is the text up to the earliest stop string, and what
+    # is held is the longest end of it that begins a stop string (it may complete with the next tokens)
+    state, emitted, text = TextState(_Pieces(), stops), "", ""
+    for piece in pieces:
+        text += piece
+        out, hit = state.push(piece)
+        emitted += out
+        if hit:
+            found = [i for s in stops if (i := text.find(s)) >= 0]
+            assert emitted == text[:min(found)]
+            return
+        assert emitted + state.held == text and len(state.held) == _held_back_by_definition(text, stops)
+    assert emitted + state.flush() == text
+
+
+class _CountedStop(str):
+    """A stop string that counts how often TextState slices or compares it."""
+
+    uses = 0
+
+    def __getitem__(self, key):
+        _CountedStop.uses += 1
+        return str.__getitem__(self, key)
+
+    def startswith(self, *args):
+        _CountedStop.uses += 1
+        return str.startswith(self, *args)
+
+
+def test_a_long_stop_string_costs_what_the_held_text_costs():
+    # Each token tried every prefix of every stop string, a slice each: a 900 KB stop string (under the server's
+    # body limit) stalled the engine's thread, every client with it, for seconds a token. The work now follows
+    # the text held back, a few characters here: a few uses of the stop string a token, not 20,000
+    stop = _CountedStop("a" * 20_000)
+    _CountedStop.uses = 0
+    state = TextState(_Pieces(), [stop, "xyz"])
+    emitted = "".join(state.push(piece)[0] for piece in ["The", " cat", " sat", " on", " a", " mat", " x", "y"])
+    assert emitted == "The cat sat on a mat " and state.held == "xy"
+    assert state.push("aa") == ("xy", False) and state.held == "aa"
+    assert _CountedStop.uses <= 30
 
 
 def test_ignore_eos_decodes_through_the_end_of_sequence_as_transformers_does(tokenizer):

@@ -135,6 +135,19 @@ def test_sampler_rows_default_to_every_row_in_order():
     assert sampler(logits.flip(0), [2, 1, 0]).tolist() == logits.flip(0).argmax(-1).tolist()
 
 
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token():
+    """top_k = 2^63 - 1 is valid (an integer >= 0) and keeps the whole vocabulary, as any k >= V does: the same
+    draws as top_k off. In the sampler's float32 column it became 2^63, whose .long() overflowed (an index error
+    that failed the whole batch)."""
+    logits = random_logits(rows=2, seed=10)
+    draws = {}
+    for k in (0, 64, 2**63 - 1):
+        params = [SamplingParams(temperature=1.0, top_k=k, seed=s) for s in (1, 2)]
+        sampler = Sampler.for_batch(params, [[1], [2]], 64, "cpu")
+        draws[k] = [sampler(logits).tolist() for _ in range(20)]
+    assert draws[2**63 - 1] == draws[64] == draws[0]
+
+
 def test_greedy_rows_skip_the_processors_and_pick_what_they_would_pick():
     """Greedy rows with every filter set take the raw logits' argmax without running the processors (the decode
     step's shortcut); that is the token the processed logits give, and a row with a penalty still gets one."""

@@ -268,6 +268,19 @@ def test_seeded_sampling_is_reproducible_and_n_choices_differ(demo):
     assert streamed == [ch.message.content for ch in two.choices]
 
 
+def test_seeds_wrap_at_64_bits_and_a_top_k_past_the_vocabulary_keeps_every_token(demo):
+    # Choice i samples with seed + i modulo 2^64 (torch's own reading of a negative seed): seed 2^64 - 1 with n = 2
+    # was a 400 naming a seed the client never sent. top_k = 2^63 - 1 keeps every token, as top_k off does (it
+    # failed every request in the batch with an index error).
+    c = client(demo)
+    kw = dict(model="test-model", prompt=ROMEO, max_tokens=12, temperature=1.0)
+    two = c.completions.create(seed=2**64 - 1, n=2, **kw)
+    assert two.choices[1].text == c.completions.create(seed=0, **kw).choices[0].text
+    assert two.choices[0].text == c.completions.create(seed=-1, **kw).choices[0].text
+    huge = c.completions.create(seed=5, extra_body={"top_k": 2**63 - 1}, **kw).choices[0].text
+    assert huge == c.completions.create(seed=5, **kw).choices[0].text
+
+
 # ---- continuous batching through HTTP --------------------------------------------------------------
 def test_16_concurrent_streams_each_equal_the_request_alone(demo):
     words = ROMEO.split()
@@ -353,6 +366,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": MSG, "max_tokens": 10**6}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": MSG, "n": 99}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 10**30}, 400, "n"),  # refused before anything n long is made
     ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 3}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": MSG, "model_path": "/etc/passwd"}, 400, "model_path"),
     ("/v1/chat/completions", {"messages": MSG, "model": "/etc/passwd"}, 404, "model"),
@@ -573,6 +587,7 @@ def test_health_is_503_while_loading_then_200_and_says_why_a_load_failed(tmp_pat
         release.set()
         server.wait_ready(timeout=30)
         assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+        assert httpx.head(server.url + "/health").status_code == 200  # load balancers' probes send HEAD
 
     failures = []
 

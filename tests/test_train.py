@@ -246,6 +246,8 @@ def test_bad_inputs(corpus, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json}\n')
     assert f"{bad}:3: not valid JSON" in _fails(capsys, out, *_pretrain(corpus, out, bad))
+    bad.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")  # json.loads recurses: RecursionError
+    assert f"{bad}:2: its JSON nests arrays or objects too deeply" in _fails(capsys, out, *_pretrain(corpus, out, bad))
     notext = tmp_path / "notext.jsonl"
     notext.write_text('{"text": "fine"}\n\n{"content": "no text field"}\n')
     assert f'{notext}:3: no "text" field' in _fails(capsys, out, *_pretrain(corpus, out, notext))

@@ -29,6 +29,7 @@ count against kv_cache_bytes and are evicted (least recently used) when the rows
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
+from .errors import EngineError
 from .events import Event, TextState
 from .lora import set_rows
 from .params import SamplingParams
@@ -59,7 +61,7 @@ class Request:
     params: SamplingParams
     need: int  # cache positions it can use: prompt + max_new, capped at the window / context
     max_new: int  # tokens it may generate
-    emit: Callable[[Event], None]
+    emit: Callable[[Event | Exception], None]  # an exception: the request failed (its row is free)
     index: int = 0  # Event.index of its events
     adapter: str | None = None
     # while it holds a row
@@ -94,7 +96,10 @@ class Batch:
         self.prefill_budget = prefill_budget
         self.prefix_cache = prefix_cache
         self.store = PrefixStore(model.config.sliding_window)
-        self.sampler = Sampler(0, model.config.vocab_size, self.device)
+        # the tokenizer's ids only: a model may pad its vocabulary (load_tokenizer) with rows that are no tokens,
+        # so their logits are dropped, as vLLM drops them, never sampled nor listed in logprobs
+        self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
+        self.sampler = Sampler(0, self.vocab_size, self.device)
         self.rows: list[Request | None] = []  # the request holding each row; a done one: kept for its prefix
         self.prefix_hits = self.prefix_tokens = 0
         self._clock = 0
@@ -267,6 +272,19 @@ class Batch:
 
     def _deliver(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample each request's next token from its logits (n, V) and emit its event."""
+        logits = logits[:, :self.vocab_size]
+        broken = (~(logits < math.inf).all(-1)).tolist()  # a NaN or +inf: no distribution to sample from
+        if any(broken):
+            for req in (r for r, bad in zip(reqs, broken) if bad):
+                self._release(req)
+                self.rows[req.row] = None  # nor is its row a prefix to reuse
+                req.emit(EngineError(f"the model's next-token logits hold NaN or inf after {len(req.fed)} tokens "
+                                      "of this request: its weights overflow in this dtype (try float32 or "
+                                      "bfloat16) or are broken"))
+            keep = [i for i, bad in enumerate(broken) if not bad]
+            reqs, logits = [reqs[i] for i in keep], logits[keep]
+            if not reqs:
+                return
         tokens = self.sampler(logits, [r.row for r in reqs]).tolist()
         lp = chosen = None
         if any(r.params.logprobs is not None for r in reqs):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import Batch, Request
-from .errors import VentouxError
+from .errors import EngineError, VentouxError  # EngineError: its home was here (ventoux.engine.EngineError)
 from .events import Event
 from .lora import check_adapter
 from .params import SamplingParams
@@ -53,10 +53,6 @@ class QueueFull(VentouxError):
     """Too many requests waiting (HTTP 429); retry later."""
 
 
-class EngineError(VentouxError):
-    """The engine failed while running this request."""
-
-
 def free_memory(device: torch.device) -> int:
     """Bytes free now on a CUDA device, or in the machine for anything else."""
     if device.type == "cuda":
@@ -67,16 +63,18 @@ def free_memory(device: torch.device) -> int:
         return 1 << 62
 
 
-def check_request(config, ids, params: SamplingParams, name: str = "the prompt") -> tuple[int, int]:
-    """Raise RequestError unless the prompt can run; return (cache positions it can use, tokens it may make)."""
+def check_request(config, ids, params: SamplingParams, name: str = "the prompt",
+                  vocab_size: int | None = None) -> tuple[int, int]:
+    """Raise RequestError unless the prompt can run; return (cache positions it can use, tokens it may make).
+    vocab_size: the tokenizer's, where a model pads its vocabulary beyond it (those ids are no tokens)."""
+    vocab = min(config.vocab_size, vocab_size or config.vocab_size)
     if not ids:
         raise RequestError(f"{name} is empty: give at least one token of text")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids) or max(ids) >= config.vocab_size \
-            or min(ids) < 0:
-        raise RequestError(f"{name} has a token id outside the vocabulary [0, {config.vocab_size})")
-    if params.logit_bias and max(params.logit_bias) >= config.vocab_size:
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids) or max(ids) >= vocab or min(ids) < 0:
+        raise RequestError(f"{name} has a token id outside the vocabulary [0, {vocab})")
+    if params.logit_bias and max(params.logit_bias) >= vocab:
         raise RequestError(f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary "
-                           f"[0, {config.vocab_size})", param="logit_bias")
+                           f"[0, {vocab})", param="logit_bias")
     if config.sliding_window is None and len(ids) >= config.max_seq_len:
         raise RequestError(f"{name} has {len(ids)} tokens but the model's context is {config.max_seq_len} "
                            "(full attention): shorten the prompt")
@@ -190,7 +188,7 @@ class Engine:
     # ---- clients (any thread) ----------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Handle:
         ids = list(prompt_ids)
-        need, max_new = check_request(self.config, ids, params)
+        need, max_new = check_request(self.config, ids, params, vocab_size=self._batch.vocab_size)
         if adapter is not None:
             try:
                 check_adapter(self._batch.model, adapter)

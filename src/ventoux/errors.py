@@ -6,3 +6,7 @@ class VentouxError(Exception):
 
     The CLI prints str(error) on one line and exits non-zero; no traceback.
     """
+
+
+class EngineError(VentouxError):
+    """The engine failed while running this request (a failed step, or logits with no distribution in them)."""

@@ -49,7 +49,7 @@ class TextState:
         if found:  # the earliest of them: the text returned holds no stop string (OpenAI's `stop`)
             self.held = ""
             return buf[:min(found)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        keep = _stop_start(buf, self.stops)
         self.held = buf[len(buf) - keep:]
         return buf[: len(buf) - keep], False
 
@@ -57,3 +57,14 @@ class TextState:
         """The last text: what the decoder still holds, and held-back text that never became a stop."""
         text, _ = self.push(self.decoder.flush())
         return text + self.held  # nothing is held after a stop
+
+
+def _stop_start(text: str, stops: list[str]) -> int:
+    """The length of the longest end of text that begins a stop string (held back: the next tokens may complete
+    it). Only text's last characters are tried, longest first: the work grows with what is held, not with the
+    stop strings' length (a 900 KB stop string made each token cost seconds)."""
+    longest = max(map(len, stops), default=1) - 1
+    for start in range(max(0, len(text) - longest), len(text)):
+        if any(len(s) > len(text) - start and s.startswith(text[start:]) for s in stops):
+            return len(text) - start
+    return 0

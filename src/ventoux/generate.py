@@ -32,7 +32,8 @@ def stream(model, tokenizer, prompts: list[list[int]], params: list[SamplingPara
         from .errors import VentouxError
 
         raise VentouxError("no prompt given: pass a string, a list of token ids, or a list of prompts")
-    checked = [check_request(model.config, ids, p, f"prompt {i}") for i, (ids, p) in enumerate(zip(prompts, params))]
+    checked = [check_request(model.config, ids, p, f"prompt {i}", tokenizer.vocab_size)
+               for i, (ids, p) in enumerate(zip(prompts, params))]
     batch = Batch(model, tokenizer, max_batch=len(prompts), decode=decode, prefix_cache=False)
     batch.reserve(len(prompts), max(need for need, _ in checked))  # exactly what the longest row can use
     events: deque[Event] = deque()
@@ -48,7 +49,10 @@ def _run(model, batch: Batch, events: deque[Event]) -> Iterator[Event]:
         while True:
             with torch.inference_mode():
                 batch.step()
-            yield from events
+            for ev in events:
+                if isinstance(ev, Exception):  # that prompt failed (Batch._deliver): so does the call
+                    raise ev
+                yield ev
             events.clear()
             if not batch.active():
                 return

@@ -85,6 +85,7 @@ class Sampler:
         self.params[row] = params
         for n in self.COLUMNS:
             self.columns[n][row] = float(getattr(params, n))
+        self.columns["top_k"][row] = min(params.top_k, self.vocab_size)  # float32 holds it exactly (2^63 it does not)
         if params.needs_history:
             if self.seen is None:
                 self.seen = torch.zeros(len(self.params), self.vocab_size, dtype=torch.bool, device=self.device)

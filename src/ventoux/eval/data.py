@@ -49,6 +49,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise VentouxError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise VentouxError(f"{path}:{number}: its JSON nests arrays or objects too deeply to read") from None
         if not isinstance(obj, dict):
             raise VentouxError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         rows.append((number, obj))

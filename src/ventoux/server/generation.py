@@ -49,10 +49,6 @@ async def completions(request: Request):
 
 async def _respond(request: Request, state, run: Run, params, prompt_param: str) -> Response:
     req = run.req
-    if not 1 <= req.n <= state.settings.max_n:
-        raise APIError(400, f"n={req.n} must be in [1, {state.settings.max_n}] on this server", param="n")
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     run.submit(params, prompt_param)
     if req.stream:
         return EventStream(run)
@@ -64,6 +60,10 @@ class Run:
     """One request's choices: submits the handles, merges their events, counts tokens, builds the bodies."""
 
     def __init__(self, state, kind: str, req, ids: list[int]):
+        if not 1 <= req.n <= state.settings.max_n:  # before anything sized by n is made
+            raise APIError(400, f"n={req.n} must be in [1, {state.settings.max_n}] on this server", param="n")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         self.state, self.kind, self.req, self.ids = state, kind, req, ids
         self.adapter = state.check_model(req.model)  # a LoRA adapter served by name, or None: the model itself
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -80,8 +80,8 @@ class Run:
         from ..engine import QueueFull
 
         try:
-            for i in range(self.req.n):
-                seeded = params if params.seed is None else replace(params, seed=params.seed + i)
+            for i in range(self.req.n):  # seeds wrap at 64 bits, as torch takes a negative one (mod 2^64)
+                seeded = params if params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
                 self.handles.append(self.state.engine.submit(self.ids, seeded, self.adapter))
         except QueueFull as e:
             self.cancel()

@@ -16,7 +16,7 @@ router = APIRouter()
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers' probes often send
 async def health(request: Request):
     state = request.app.state.ventoux
     if state.engine is None:

@@ -15,6 +15,7 @@ from dataclasses import MISSING
 from typing import Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from starlette.requests import ClientDisconnect
 
 from ..errors import VentouxError
 from ..params import SamplingParams
@@ -181,7 +182,11 @@ async def accept(request, schema: type[BaseModel]):
     model: what every model route does first."""
     state = request.app.state.ventoux
     state.ready()
-    req = parse(schema, await request.body())
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # gone mid-body: an answer no one reads, rather than a traceback in the log
+        raise APIError(400, "the client closed the connection before the end of its request body") from None
+    req = parse(schema, body)
     state.check_model(req.model)
     return state, req
 
