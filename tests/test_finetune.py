@@ -130,6 +130,10 @@ BAD_LINES = [
     (10, json.dumps({"text": "word " * 200}), "longer than --seq-len 64"),
     (12, '{"messages": [{"role": "user", "content": "u"}, {"role": "tool", "content": "5"}, '
          '{"role": "assistant", "content": "x"}]}', "tool_call_id"),
+    (13, '{"text": "a\\ud800b"}', "text holds a lone surrogate (\\ud800 at character 1)"),  # valid JSON, not text
+    (14, '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "\\udfff"}]}',
+     "messages[1].content holds a lone surrogate"),
+    (15, "[" * 100_000, "nests arrays or objects too deeply"),
 ]
 
 
@@ -137,7 +141,7 @@ def bad_file(tmp_path: Path) -> Path:
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
     lines = {1: good, 11: good, **{n: text for n, text, _ in BAD_LINES}}
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines[i] for i in range(1, 13)) + "\n")
+    path.write_text("\n".join(lines[i] for i in range(1, len(lines) + 1)) + "\n")
     return path
 
 
@@ -154,7 +158,8 @@ def test_every_bad_line_is_reported_and_nothing_trains(tmp_path, capsys):
     out = tmp_path / "run"  # training refuses with the same report and writes nothing
     assert main(["finetune", "--data", str(path), "--seq-len", "64", "--out", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[:-1] == report and err[-1].startswith("ventoux: error: 10 bad data lines") and not out.exists()
+    assert err[:-1] == report and err[-1].startswith(f"ventoux: error: {len(BAD_LINES)} bad data lines")
+    assert not out.exists()
 
 
 def test_validate_only_summary(tmp_path, capsys):

@@ -107,6 +107,96 @@ def test_bad_adapter_files_are_one_line_errors(tmp_path):
         load_adapter(model, tmp_path)
 
 
+D, KV = TINY.dim, TINY.n_kv_heads * TINY.head_dim
+GOOD_PAIR = {"layers.0.attention.wv": (torch.ones(2, D), torch.ones(KV, 2))}  # installed first, were it not checked
+
+
+def _write_adapter(folder, fmt: str, tensors: dict) -> tuple:
+    """tensors {ventoux module: (A, B)} as a PEFT folder or as mistral-finetune's lora.safetensors;
+    returns (the weights file, the file's name for a module's tensor)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    if fmt == "peft":
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+        file = folder / "adapter_model.safetensors"
+        prefix = "base_model.model."
+    else:
+        file, prefix = folder / "lora.safetensors", ""
+
+    def key(module: str, ab: str) -> str:
+        name = names.to_hf(module + ".weight") if fmt == "peft" else module + ".weight"
+        return f"{prefix}{name.removesuffix('.weight')}.lora_{ab}.weight"
+
+    save_file({key(m, ab): t for m, pair in tensors.items() for ab, t in zip("AB", pair)}, file)
+    return file, key
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mistral"])
+@pytest.mark.parametrize("module,a,b,bad,expected", [
+    ("attention.wq", torch.zeros(0, D), torch.zeros(D, 0), "A", f"[r, {D}] with r >= 1"),  # rank 0
+    ("attention.wq", torch.zeros(2, D), torch.zeros(D + 5, 2), "B", f"[{D}, 2]"),
+    ("attention.wk", torch.zeros(2, D), torch.zeros(7, 2), "B", f"[{KV}, 2]"),
+    ("attention.wq", torch.zeros(2, D), torch.zeros(D), "B", f"[{D}, 2]"),
+    ("attention.wo", torch.zeros(2, D + 1), torch.zeros(D, 2), "A", f"[r, {D}] with r >= 1"),
+])
+def test_adapter_tensors_of_the_wrong_shape_are_named_before_the_model_changes(tmp_path, fmt, module, a, b, bad,
+                                                                               expected):
+    file, key = _write_adapter(tmp_path / "adapter", fmt, {**GOOD_PAIR, f"layers.1.{module}": (a, b)})
+    model = ventoux_from_hf(hf_model(TINY))
+    with pytest.raises(VentouxError) as error:
+        load_adapter(model, tmp_path / "adapter")
+    shape = list((a, b)["AB".index(bad)].shape)
+    assert str(error.value).startswith(f"{file}: tensor {key(f'layers.1.{module}', bad)!r} has shape {shape}, but "
+                                       f"layers.1.{module} needs {expected}"), error.value
+    assert "\n" not in str(error.value) and not lora.lora_layers(model)  # nothing installed, not even the good pair
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mistral"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_adapters_holding_nan_or_inf_are_refused_naming_the_tensor(tmp_path, fmt, value):
+    b = torch.ones(D, 2)
+    b[5, 1] = value
+    file, key = _write_adapter(tmp_path / "adapter", fmt, {**GOOD_PAIR, "layers.1.attention.wq": (torch.ones(2, D), b)})
+    model = ventoux_from_hf(hf_model(TINY))
+    with pytest.raises(VentouxError) as error:
+        load_adapter(model, tmp_path / "adapter")
+    assert str(error.value).startswith(f"tensor {key('layers.1.attention.wq', 'B')!r} in {file} holds 1 NaN or "
+                                       "infinite value(s)"), error.value
+    assert not lora.lora_layers(model)
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory):
+    """A real PEFT adapter of the TINY model (rank 2 on every block linear), as peft's save_pretrained writes it."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path_factory.mktemp("peft") / "adapter"
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=HF_TARGETS, task_type="CAUSAL_LM")
+    get_peft_model(hf_model(TINY), config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("lora_dropout", 1.5, "a number in [0, 1)"), ("lora_dropout", -0.5, "a number in [0, 1)"),
+    ("lora_dropout", "abc", "a number in [0, 1)"), ("lora_alpha", float("inf"), "a positive finite number"),
+    ("lora_alpha", True, "a positive finite number"), ("r", 2.5, "a positive integer"),
+    ("target_modules", 7, "a list of module names (or one pattern)"),
+    ("target_modules", ["q_proj", 1], "a list of module names (or one pattern)"),
+])
+def test_bad_adapter_config_fields_are_one_line_errors(peft_adapter, tmp_path, field, value, rule):
+    folder = shutil.copytree(peft_adapter, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    model = ventoux_from_hf(hf_model(TINY))
+    with pytest.raises(VentouxError) as error:
+        load_adapter(model, folder)
+    assert str(error.value).startswith(f"{folder / 'adapter_config.json'}: {field} must be {rule}, not {value!r}")
+    assert "\n" not in str(error.value) and not lora.lora_layers(model)
+    (folder / "adapter_config.json").write_text(json.dumps(config))  # the adapter as PEFT wrote it loads
+    assert len(lora.lora_layers(load_adapter(model, folder))) == len(HF_TARGETS) * TINY.n_layers
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A float32 HF checkpoint of a tiny model (with the demo tokenizer, for ventoux.load) and an adapter."""
@@ -186,6 +276,23 @@ def test_merge_overwrite_replaces_only_a_checkpoint_folder(tiny_checkpoint, caps
     for out in ("empty", "merged", "merged"):  # an empty folder, a new one, then ventoux's own output again
         assert main(["merge", "--overwrite", base, adapter, str(tmp_path / out)]) == 0
         assert (tmp_path / out / "model.safetensors").is_file()
+
+
+def test_merge_refuses_an_adapter_holding_nan_and_writes_nothing(tiny_checkpoint, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from ventoux.cli import main
+
+    tmp_path, _ = tiny_checkpoint
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[-1]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"tensor {key!r} in {weights} holds 1 NaN" in err, err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_loading_pipeline_quantizes_then_applies_the_adapter(tiny_checkpoint):

@@ -26,7 +26,7 @@ from torch import nn
 from . import names
 from .errors import VentouxError
 from .lora import TARGETS, adapter_names, install, lora_layers
-from .weights import _write_atomically
+from .weights import _check_finite, _write_atomically
 
 PEFT_CONFIG, PEFT_WEIGHTS, MISTRAL_LORA = "adapter_config.json", "adapter_model.safetensors", "lora.safetensors"
 MISTRAL_SCALING = 2.0  # mistral-finetune's LoraArgs.scaling default; its file does not record it
@@ -41,23 +41,43 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise VentouxError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from None
 
 
-def _pairs(tensors: dict[str, torch.Tensor], pattern: re.Pattern, to_ventoux, path: Path) -> dict:
-    """{ventoux module name: (A, B)} from an adapter file's tensors."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
+def _pairs(model: nn.Module, tensors: dict[str, torch.Tensor], pattern: re.Pattern, to_ventoux, path: Path) -> dict:
+    """{ventoux module name: (A, B)} from an adapter file's tensors, each checked against the model's layer: before
+    anything divides by the rank, permutes B's rows or changes the model."""
+    found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         m = pattern.match(key)
         module = m and to_ventoux(m.group(1))
         if module is None:
             raise VentouxError(f"{path} holds tensor {key!r}, which is not a LoRA A/B matrix of a block linear "
                                f"({', '.join(TARGETS)}); ventoux cannot apply it")
-        found.setdefault(module, {})[m.group(2)] = t.float()
+        _check_finite(t, key, path)
+        found.setdefault(module, {})[m.group(2)] = key, t.float()
     for module, ab in found.items():
         if set(ab) != {"A", "B"}:
             raise VentouxError(f"{path} has lora_{next(iter(ab))} but no lora_{'AB'[next(iter(ab)) == 'A']} for "
                                f"{module}; the file is incomplete")
+        _check_shapes(model, module, ab, path)
     if not found:
         raise VentouxError(f"{path} holds no LoRA tensors")
-    return {module: (ab["A"], ab["B"]) for module, ab in found.items()}
+    return {module: (ab["A"][1], ab["B"][1]) for module, ab in found.items()}
+
+
+def _check_shapes(model: nn.Module, module: str, ab: dict[str, tuple[str, torch.Tensor]], path: Path) -> None:
+    """A must be (rank >= 1, in) and B (out, rank) for the model's layer `module`."""
+    try:
+        layer = model.get_submodule(module)
+    except AttributeError:
+        raise VentouxError(f"{path} holds {ab['A'][0]!r}, an adapter for {module}, which this model does not have (the "
+                           "adapter was made for a deeper model)") from None
+    (key_a, a), (key_b, b) = ab["A"], ab["B"]
+    why = "the adapter was made for another model, or the file is damaged"
+    if a.dim() != 2 or a.shape[0] < 1 or a.shape[1] != layer.in_features:
+        raise VentouxError(f"{path}: tensor {key_a!r} has shape {list(a.shape)}, but {module} needs "
+                           f"[r, {layer.in_features}] with r >= 1 (its rank x its input size); {why}")
+    if b.shape != (layer.out_features, a.shape[0]):
+        raise VentouxError(f"{path}: tensor {key_b!r} has shape {list(b.shape)}, but {module} needs "
+                           f"[{layer.out_features}, {a.shape[0]}] (its output size x the rank of lora_A); {why}")
 
 
 def _from_hf(module: str) -> str | None:
@@ -81,10 +101,22 @@ def _peft_config(folder: Path) -> dict:
         if cfg.get(field) and cfg[field] != plain:
             raise VentouxError(f"{path}: {field} = {cfg[field]!r} is not supported by ventoux (only plain LoRA: "
                                f"{field} = {plain!r})")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(field), (int, float)) or cfg[field] <= 0:
-            raise VentouxError(f"{path}: {field} must be a positive number, not {cfg.get(field)!r}")
+    rules = {  # field: (is its value usable, what it must be); JSON true is a Python int, never a wanted number
+        "r": (lambda v: type(v) is int and v > 0, "a positive integer"),
+        "lora_alpha": (lambda v: _is_number(v) and 0 < v < math.inf, "a positive finite number"),
+        "lora_dropout": (lambda v: v is None or _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "target_modules": (lambda v: v is None or isinstance(v, str) or isinstance(v, list)
+                           and all(isinstance(m, str) for m in v), "a list of module names (or one pattern)"),
+    }
+    for field, (usable, rule) in rules.items():
+        if not usable(cfg.get(field)):
+            raise VentouxError(f"{path}: {field} must be {rule}, not {cfg.get(field)!r}; fix that field or "
+                               "re-save the adapter")
     return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_adapter(model: nn.Module, path: str | Path, name: str = "default", activate: bool = True,
@@ -98,7 +130,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
         if not weights.is_file():
             raise VentouxError(f"{path} has {PEFT_CONFIG} but no {PEFT_WEIGHTS} (adapter_model.bin is not read: "
                                "re-save it with safe_serialization=True)")
-        pairs = _pairs(_read(weights), _PEFT_RE, _from_hf, weights)
+        pairs = _pairs(model, _read(weights), _PEFT_RE, _from_hf, weights)
         root = (lambda r: math.sqrt(r)) if cfg.get("use_rslora") else (lambda r: r)
         # each module's rank from its shape: a rank_pattern (r differing per module) needs nothing more
         scales = {m: scaling or cfg["lora_alpha"] / root(a.shape[0]) for m, (a, _) in pairs.items()}
@@ -107,7 +139,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     if not file.is_file():
         raise VentouxError(f"{path} is not an adapter: expected a folder with {PEFT_CONFIG} and {PEFT_WEIGHTS} "
                            f"(PEFT), or mistral-finetune's {MISTRAL_LORA}")
-    pairs = _pairs(_read(file), _MISTRAL_RE, lambda m: m if m.rsplit(".", 1)[-1] in TARGETS else None, file)
+    pairs = _pairs(model, _read(file), _MISTRAL_RE, lambda m: m if m.rsplit(".", 1)[-1] in TARGETS else None, file)
     cfg = model.config
     heads = {"attention.wq": cfg.n_heads, "attention.wk": cfg.n_kv_heads}
     for module, (a, b) in pairs.items():  # consolidated q/k rows pair up for rotary: to ventoux's (HF's)

@@ -148,8 +148,11 @@ def encode_line(line: str, tokenizer) -> tuple[list[int], list[bool]]:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadLine(f"not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise BadLine("its JSON nests arrays or objects too deeply to read") from None
     if not isinstance(obj, dict) or ("text" in obj) == ("messages" in obj):
         raise BadLine('each line must be an object with either "text" (a string) or "messages" (a list)')
+    _check_text(obj)
     raw = tokenizer.instruct_tokenizer.tokenizer
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"]:
@@ -157,6 +160,25 @@ def encode_line(line: str, tokenizer) -> tuple[list[int], list[bool]]:
         tokens = raw.encode(obj["text"], bos=True, eos=True)
         return tokens, [True] * len(tokens)
     return encode_conversation(obj["messages"], obj.get("tools", obj.get("available_tools")), tokenizer)
+
+
+def _check_text(obj: dict) -> None:
+    """Every string of the line, keys too, must be text: JSON's "\\ud800" escape gives a lone surrogate, which no
+    tokenizer encodes. A stack, not recursion: a line may nest about as deep as json.loads reads."""
+    stack = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):  # keys pushed last, so checked first: a reported path holds checked keys only
+            stack += [(f"{where}.{k}" if where else k, v) for k, v in value.items()]
+            stack += [(f"a key of {where or 'the line'}", k) for k in value]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadLine(f"{where} holds a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start}), "
+                              "not text; fix that line") from None
 
 
 def _check_messages(messages, tools) -> list[float]:
