@@ -78,6 +78,8 @@ def test_logit_bias_flags_give_the_apis_tokens(model_dir):
     (["--top-p", "1.5"], ["top_p"]),
     (["--dtype", "float7"], ["float7"]),
     (["--device", "tpu9"], ["tpu9"]),
+    (["--device", "meta"], ["'meta'", "use auto, cpu, cuda, cuda:N or mps"]),  # a torch device ventoux cannot run on
+    (["--device", "xla"], ["'xla'", "use auto, cpu, cuda, cuda:N or mps"]),
 ])
 def test_generate_bad_input_is_one_line(model_dir, args, words):
     base = ["--model", str(model_dir)] if "--model" not in args else []
@@ -88,3 +90,29 @@ def test_generate_bad_input_is_one_line(model_dir, args, words):
 
 def test_empty_prompt_is_refused(model_dir):
     assert_one_line_error(cli("generate", "--model", str(model_dir), ""), "empty")
+
+
+def test_serve_byte_flags_take_units(monkeypatch, capsys):
+    """`--kv-cache-bytes 2GiB`, as the README writes it, through the real parser; serve itself is stubbed out."""
+    from ventoux import cli as cli_module
+    from ventoux.commands import serve  # noqa: F401  (registers it)
+
+    seen = {}
+    help_text, add_arguments, _ = cli_module.COMMANDS["serve"]
+    monkeypatch.setitem(cli_module.COMMANDS, "serve", (help_text, add_arguments, lambda args: seen.update(vars(args))))
+    for text, size in [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("1048576", 1 << 20)]:
+        assert cli_module.main(["serve", "--kv-cache-bytes", text, "--max-body-bytes", text]) == 0
+        assert (seen["kv_cache_bytes"], seen["max_body_bytes"]) == (size, size), text
+    for flag, text in [("--kv-cache-bytes", "2 lots"), ("--kv-cache-bytes", "2TB-ish"), ("--max-body-bytes", "-1")]:
+        with pytest.raises(SystemExit) as e:
+            cli_module.main(["serve", flag, text])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"argument {flag}: {text!r} is not a size: write e.g. 2GiB, 512MiB, 1.5GB or a number of bytes")
+
+
+def test_serve_refuses_an_empty_kv_cache_before_loading(capsys):
+    from ventoux.cli import main
+
+    assert main(["serve", "--kv-cache-bytes", "0"]) == 1
+    assert capsys.readouterr().err == "ventoux: error: --kv-cache-bytes=0: it must be >= 1\n"

@@ -334,6 +334,21 @@ def test_out_that_is_a_file_is_refused_up_front(tiny, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_an_evaluation_set_with_nothing_to_score_is_refused(tiny, tmp_path, capsys):
+    """Empty, blank or with every assistant turn of weight 0, it reported val_loss 0.0 at every --eval-every."""
+    data = reversals(tmp_path / "train.jsonl", 4, seed=1)
+    unscored = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no", "weight": 0}]}
+    for name, text in [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("weight0.jsonl", json.dumps(unscored) + "\n")]:
+        (tmp_path / name).write_text(text)
+        out = tmp_path / f"run-{name}"
+        assert main(["finetune", "--model", str(tiny), "--data", str(data), "--eval-data", str(tmp_path / name),
+                     "--out", str(out), "--device", "cpu", "--steps", "1", "--eval-every", "1", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"ventoux: error: the evaluation data {tmp_path / name} holds no samples to score (none with "
+                       "an assistant turn of weight > 0); give at least one, or leave out --eval-data\n"), err
+        assert not out.exists()
+
+
 def test_a_diverging_run_stops_without_writing_an_adapter(tiny, tmp_path):
     """A learning rate that overflows the weights: the loss becomes NaN or inf and the run stops, naming the step."""
     data = reversals(tmp_path / "train.jsonl", 8, seed=1)

@@ -1,11 +1,16 @@
 """hub.resolve without a network: local folders, the choice of files, offline and Hub failures in one line."""
 
+import os
+import socket
+import subprocess
+import sys
 from unittest.mock import MagicMock
 
 import huggingface_hub
 import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from huggingface_hub.hf_api import ModelInfo
 
 from ventoux import hub
 from ventoux.errors import VentouxError
@@ -17,6 +22,11 @@ V03_FILES = [".gitattributes", "README.md", "config.json", "consolidated.safeten
              "model-00003-of-00003.safetensors", "model.safetensors.index.json", "params.json",
              "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
              "tokenizer_config.json"]
+
+
+def listing(files):
+    """HfApi.model_info's stand-in: the repo's files as the Hub lists them."""
+    return lambda self, repo_id, **kw: ModelInfo(id=repo_id, siblings=[{"rfilename": f} for f in files])
 
 
 @pytest.fixture
@@ -65,7 +75,7 @@ def test_allow_patterns_pick_one_layout():
 
 def test_download_asks_only_for_the_chosen_files(monkeypatch, tmp_path):
     calls = {}
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **kw: V03_FILES)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", listing(V03_FILES))
 
     def fake_snapshot(repo_id, **kw):
         calls.update(kw, repo_id=repo_id)
@@ -103,7 +113,7 @@ def test_no_network(monkeypatch, tmp_path):
         raise ConnectError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     with pytest.raises(VentouxError, match=f"^cannot download {REPO}: no network connection \\(offline\\?\\)"):
         hub.resolve(REPO)
 
@@ -117,7 +127,7 @@ def test_gated_and_not_found(monkeypatch, error, message):
     def fail(self, repo_id, **kw):
         raise error
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fail)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", fail)
     with pytest.raises(VentouxError, match=message):
         hub.resolve(REPO)
 
@@ -128,3 +138,17 @@ def test_cli_info_offline_is_one_line(offline, capsys):
     assert main(["info", REPO]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE=1" in err and REPO in err
+
+
+def test_cli_unreachable_hub_fails_fast_in_one_line(tmp_path):
+    """The real download path against a closed local port, as with no network: one line, no backoff retries
+    (list_repo_files retried for ~25 s, a "Retrying in Ns" line each)."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "ventoux", "info", REPO], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"ventoux: error: cannot download {REPO}: no network connection"), r.stderr

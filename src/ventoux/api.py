@@ -35,7 +35,9 @@ def pick_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise VentouxError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):  # torch also names meta, xla, ...: ventoux runs on none
+        raise VentouxError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise VentouxError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():

@@ -40,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser, lora: bool = False) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint folder or Hugging Face repo id (default: the shipped demo model)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the device's best)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", default=None, help="quantize while loading: int8, int6, int4, int4-g64, ... "
                    "(the output head in int8; int4+output: in the blocks' scheme; int4+output=float: unquantized; "
                    "int4-g64+output=int6: llama.cpp Q4_0's bytes)")

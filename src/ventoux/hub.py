@@ -70,7 +70,9 @@ def _download(repo_id: str, weights: bool) -> Path:
     unreachable = None  # why the Hub could not be listed, when it could not
     try:
         try:
-            files = HfApi().list_repo_files(repo_id)
+            # model_info, not list_repo_files: it is one request without huggingface_hub's backoff (as
+            # snapshot_download's own first call), so a dead network fails at once instead of retrying ~25 s
+            files = [s.rfilename for s in HfApi().model_info(repo_id).siblings or ()]
         except Exception as e:  # noqa: BLE001 - only transport failures are handled, the rest is re-raised
             if not _is_unreachable(e):
                 raise

@@ -10,6 +10,7 @@ from unittest.mock import MagicMock
 import huggingface_hub
 import pytest
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.hf_api import ModelInfo
 from test_hub import REPO, V03_FILES
 
 from ventoux import hub
@@ -22,9 +23,9 @@ NO_WEIGHTS = (f"{REPO} has no Mistral weights ventoux can read (model.safetensor
 def fake_hub(monkeypatch, files=V03_FILES, snapshot_error=None):
     calls = {}
 
-    def list_repo_files(self, repo_id, **kw):
+    def model_info(self, repo_id, **kw):
         calls["listed"] = repo_id
-        return files
+        return ModelInfo(id=repo_id, siblings=[{"rfilename": f} for f in files])
 
     def snapshot_download(repo_id, **kw):
         if snapshot_error is not None:
@@ -32,7 +33,7 @@ def fake_hub(monkeypatch, files=V03_FILES, snapshot_error=None):
         calls.update(kw, repo_id=repo_id)
         return "/snapshot"
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     return calls
 
@@ -91,7 +92,7 @@ def test_no_network_and_no_cache_whole(monkeypatch, tmp_path):
         raise TimeoutError("timed out")
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     with pytest.raises(VentouxError) as e:
         hub.resolve(REPO)
     assert str(e.value) == (f"cannot download {REPO}: no network connection (offline?) and it is not (fully) in the "

@@ -105,6 +105,9 @@ def finetune(args: FinetuneArgs, progress: bool = True, given: set[str] | None =
                            "then check with --validate-only")
     if not data.samples:
         raise VentouxError(f"{', '.join(args.data)} holds no samples; give at least one JSON line")
+    if evals is not None and not any(any(s.trained) for s in evals.samples):  # else its loss would read 0.0
+        raise VentouxError(f"the evaluation data {', '.join(args.eval_data)} holds no samples to score (none with an "
+                           "assistant turn of weight > 0); give at least one, or leave out --eval-data")
     digest = data.fingerprint() + (evals.fingerprint() if evals else "")
     if last is not None and _saved_digest(last) != digest:
         raise VentouxError(f"the data of the run in {args.out} changed since it started "
