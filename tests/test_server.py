@@ -9,8 +9,10 @@ deltas are checked against values that do not come from the server.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -324,6 +326,21 @@ def test_client_disconnect_mid_stream_frees_the_row(demo):
         assert engine(demo).stats().running == 1
     wait_until(lambda: engine(demo).stats().running == 0, timeout=5)
     assert 'finish_reason="cancelled"' in httpx.get(demo.url + "/metrics").text
+
+
+def test_a_client_gone_mid_body_leaves_no_traceback_and_serving_goes_on(demo, caplog):
+    # The body's read raised starlette's ClientDisconnect out of the app: uvicorn logged "Exception in ASGI
+    # application" with its traceback. Now it is a 400 that no one reads
+    host, port = demo.url.removeprefix("http://").split(":")
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            wait_until(lambda: demo.server.server_state.tasks, timeout=5)  # the request is in the app
+        wait_until(lambda: not demo.server.server_state.tasks, timeout=5)  # and done with
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    ok = client(demo).completions.create(model="test-model", prompt="Hi", max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason == "length"
 
 
 def test_metrics_are_prometheus_text_with_the_documented_names(demo):

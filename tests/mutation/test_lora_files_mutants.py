@@ -52,10 +52,11 @@ _message = functools.partial(error_message, VentouxError)
      "alpha_pattern = {'q_proj': 4} is not supported by ventoux (only plain LoRA: alpha_pattern = {})"),
     ({"fan_in_fan_out": True},
      "fan_in_fan_out = True is not supported by ventoux (only plain LoRA: fan_in_fan_out = False)"),
-    ({"r": 0}, "r must be a positive number, not 0"),
-    ({"r": "4"}, "r must be a positive number, not '4'"),
-    ({"lora_alpha": None}, "lora_alpha must be a positive number, not None"),
-    ({"lora_alpha": -8}, "lora_alpha must be a positive number, not -8"),
+    ({"r": 0}, "r must be a positive integer, not 0; fix that field or re-save the adapter"),
+    ({"r": "4"}, "r must be a positive integer, not '4'; fix that field or re-save the adapter"),
+    ({"lora_alpha": None},
+     "lora_alpha must be a positive finite number, not None; fix that field or re-save the adapter"),
+    ({"lora_alpha": -8}, "lora_alpha must be a positive finite number, not -8; fix that field or re-save the adapter"),
 ])
 def test_each_unsupported_peft_config_is_refused_whole(tmp_path, model, config, message):
     folder = _peft(tmp_path / "a", config)
