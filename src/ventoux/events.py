@@ -61,10 +61,9 @@ class TextState:
 
 def _stop_start(text: str, stops: list[str]) -> int:
     """The length of the longest end of text that begins a stop string (held back: the next tokens may complete
-    it). Only text's last characters are tried, longest first: the work grows with what is held, not with the
-    stop strings' length (a 900 KB stop string made each token cost seconds)."""
-    longest = max(map(len, stops), default=1) - 1
-    for start in range(max(0, len(text) - longest), len(text)):
-        if any(len(s) > len(text) - start and s.startswith(text[start:]) for s in stops):
+    it); text holds no whole stop string (push cut it). The work grows with the text held, not with the stop
+    strings' length (each token tried every prefix of every stop: a 900 KB stop string cost seconds a token)."""
+    for start in range(len(text)):
+        if any(s.startswith(text[start:]) for s in stops):
             return len(text) - start
     return 0

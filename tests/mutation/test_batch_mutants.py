@@ -13,6 +13,7 @@ from conftest import TINY, TINY_FULL, adapter_model, engine_model, random_ids
 
 from ventoux.batch import Batch, Request, default_chunk
 from ventoux.engine import check_request
+from ventoux.errors import EngineError
 from ventoux.generate import generate
 from ventoux.sampling import SamplingParams
 
@@ -339,3 +340,26 @@ def test_a_relayout_that_shrinks_the_rows_evicts_snapshots_to_stay_in_the_budget
     assert batch.admit(_request(model, random_ids(144, 4), 8, []))  # no free row: two rows of 16
     assert (batch.cache.batch_size, batch.cache.capacity, batch.store.nbytes) == (2, 16, 0)
     assert batch.cache.nbytes + batch.store.nbytes <= batch.budget_bytes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_decode_steps_broken_row_fails_alone_and_the_others_get_their_tokens(full, v1_tokenizer, bad):
+    # Logits of a step's rows, one holding a NaN or a +inf (no distribution): that request gets the EngineError and
+    # leaves; the other rows get their tokens, in order, from their own logits. -inf is a banned token, not broken.
+    batch, events = Batch(full, v1_tokenizer, max_batch=3), [[], [], []]
+    reqs = [_request(full, random_ids(10 + i, 4), 20, events[i], index=i) for i in range(3)]
+    assert all(batch.admit(r) for r in reqs)
+    with torch.inference_mode():
+        batch.step()  # the prompts: each request now has a token to decode
+    logits = torch.randn(3, 32000, generator=torch.Generator().manual_seed(0))
+    logits[0, 7] = -float("inf")
+    logits[1, 123] = bad
+    before = [len(e) for e in events]
+    batch._deliver(reqs, logits)
+    assert [len(e) - n for e, n in zip(events, before)] == [1, 1, 1]
+    error = events[1][-1]
+    assert isinstance(error, EngineError) and reqs[1].done and batch.rows[reqs[1].row] is None
+    assert str(error) == ("the model's next-token logits hold NaN or inf after 4 tokens of this request: its weights "
+                          "overflow in this dtype (try float32 or bfloat16) or are broken")
+    assert [events[i][-1].token for i in (0, 2)] == [int(logits[0].argmax()), int(logits[2].argmax())]
+    assert [r.done for r in reqs] == [False, True, False]
