@@ -149,7 +149,24 @@ def test_adapter_tensors_of_the_wrong_shape_are_named_before_the_model_changes(t
     shape = list((a, b)["AB".index(bad)].shape)
     assert str(error.value).startswith(f"{file}: tensor {key(f'layers.1.{module}', bad)!r} has shape {shape}, but "
                                        f"layers.1.{module} needs {expected}"), error.value
+    assert str(error.value).endswith("; the adapter was made for another model, or the file is damaged")
     assert "\n" not in str(error.value) and not lora.lora_layers(model)  # nothing installed, not even the good pair
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mistral"])
+def test_an_adapter_for_a_layer_the_model_lacks_is_named_and_rank_1_is_taken(tmp_path, fmt):
+    file, key = _write_adapter(tmp_path / "deep", fmt, {**GOOD_PAIR, "layers.9.attention.wq": (torch.ones(2, D),
+                                                                                               torch.ones(D, 2))})
+    model = ventoux_from_hf(hf_model(TINY))
+    with pytest.raises(VentouxError) as error:
+        load_adapter(model, tmp_path / "deep")
+    assert str(error.value) == (f"{file} holds {key('layers.9.attention.wq', 'A')!r}, an adapter for "
+                                "layers.9.attention.wq, which this model does not have (the adapter was made for a "
+                                "deeper model)")
+    assert not lora.lora_layers(model)
+    _write_adapter(tmp_path / "rank1", fmt, {"layers.1.attention.wq": (torch.ones(1, D), torch.ones(D, 1))})
+    load_adapter(model, tmp_path / "rank1")
+    assert model.get_submodule("layers.1.attention.wq").adapters["default"].rank == 1
 
 
 @pytest.mark.parametrize("fmt", ["peft", "mistral"])
