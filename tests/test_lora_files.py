@@ -196,7 +196,8 @@ def peft_adapter(tmp_path_factory):
 
 @pytest.mark.parametrize("field,value,rule", [
     ("lora_dropout", 1.5, "a number in [0, 1)"), ("lora_dropout", -0.5, "a number in [0, 1)"),
-    ("lora_dropout", "abc", "a number in [0, 1)"), ("lora_alpha", float("inf"), "a positive finite number"),
+    ("lora_dropout", "abc", "a number in [0, 1)"), ("lora_dropout", 1, "a number in [0, 1)"),
+    ("lora_alpha", 0, "a positive finite number"), ("lora_alpha", float("inf"), "a positive finite number"),
     ("lora_alpha", True, "a positive finite number"), ("r", 2.5, "a positive integer"),
     ("target_modules", 7, "a list of module names (or one pattern)"),
     ("target_modules", ["q_proj", 1], "a list of module names (or one pattern)"),
