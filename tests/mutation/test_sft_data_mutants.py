@@ -82,6 +82,16 @@ def with_call(**change):
      "Assistant message must have either content or tool_calls, but not both."),
     (chat(U, {"role": "tool", "tool_call_id": "abcDEF123", "content": "5"}, A, tools=TOOLS),
      "Unexpected role 'tool' after role 'user'"),
+    # lone surrogates (JSON's "\ud800" escapes), named by their place: no tokenizer encodes them
+    (json.dumps({"text": "a\ud800b"}), "text holds a lone surrogate (\\ud800 at character 1), not text; fix that line"),
+    (json.dumps({"text": "a\udfffb", "meta": ["x"]}),
+     "text holds a lone surrogate (\\udfff at character 1), not text; fix that line"),
+    (json.dumps({"text": "ok", "\udfff": 1}),
+     "a key of the line holds a lone surrogate (\\udfff at character 0), not text; fix that line"),
+    (chat({"role": "user", "content": "\udfff"}, A),
+     "messages[0].content holds a lone surrogate (\\udfff at character 0), not text; fix that line"),
+    (chat({"role": "user", "content": "u", "\ud800": 1}, A),
+     "a key of messages[0] holds a lone surrogate (\\ud800 at character 0), not text; fix that line"),
 ])
 def test_each_bad_line_has_its_reason_whole(v3, line, reason):
     with pytest.raises(BadLine) as e:
