@@ -412,11 +412,11 @@ def test_config_junk(changes):
 @given(st.one_of(st.text(max_size=12), JUNK))
 def test_small_parsers_junk(text):
     from ventoux.api import pick_device
-    from ventoux.commands.convert import _parse_size
+    from ventoux.cli import parse_size
     from ventoux.quantize import parse_quantize
     from ventoux.weights import parse_dtype
 
-    for parse in (parse_dtype, parse_quantize, lambda t: _parse_size(str(t)),
+    for parse in (parse_dtype, parse_quantize, lambda t: parse_size(str(t), "--max-shard-size"),
                   lambda t: pick_device(t) if t not in (None, "auto") else None):
         try:
             parse(text)

@@ -14,6 +14,7 @@ and the exit status is 1; no traceback for a user's mistake.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import get_args, get_origin, get_type_hints
@@ -36,6 +37,21 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 # ---- shared argument groups ----------------------------------------------------------------
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """A byte-count flag's value: a number with a decimal (5GB, 500MB, 2G) or binary (2GiB, 512MiB) unit, or none."""
+    m = _SIZE.match(text)
+    unit = m and m.group(2).upper()
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise VentouxError(f"{flag} {text!r} is not a size; write e.g. 5GB, 500MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+
 def add_model_args(p: argparse.ArgumentParser, lora: bool = False) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint folder or Hugging Face repo id (default: the shipped demo model)")

@@ -13,8 +13,8 @@ import torch
 import transformers
 from conftest import TINY
 
-from ventoux.cli import main
-from ventoux.commands.convert import _gb, _kernels_line, _mb, _parse_size
+from ventoux.cli import main, parse_size
+from ventoux.commands.convert import _gb, _kernels_line, _mb
 from ventoux.errors import VentouxError
 from ventoux.model import Transformer
 from ventoux.weights import save_hf
@@ -86,13 +86,13 @@ def test_info_of_a_checkpoint_reports_its_files_and_what_quantize_writes(tmp_pat
     ("3KiB", 3 * 2**10), ("123", 123), ("64B", 64), ("2G", 2 * 10**9), ("0.5M", 500_000), ("9K", 9000),
 ])
 def test_max_shard_size_reads_decimal_and_binary_units(text, size):
-    assert _parse_size(text) == size
+    assert parse_size(text, "--max-shard-size") == size
 
 
 @pytest.mark.parametrize("text", ["0GB", "0", "5TB", "-1GB", "GB", "1e3", "5 GB B", "", "1.GB", "5Gi", "5iB"])
 def test_max_shard_size_refuses_what_is_not_a_size(text):
     with pytest.raises(VentouxError) as e:
-        _parse_size(text)
+        parse_size(text, "--max-shard-size")
     assert str(e.value) == f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or a number of bytes"
 
 

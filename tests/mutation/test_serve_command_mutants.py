@@ -25,16 +25,16 @@ def test_the_defaults_the_help_promises():
     assert (args.host, args.port, args.served_model_name, args.api_key, args.api_key_file) == \
         ("127.0.0.1", 8000, None, None, None)
     assert (args.max_batch, args.max_queue, args.kv_cache_bytes, args.max_tokens_cap, args.max_body_bytes) == \
-        (8, 64, None, 4096, 1 << 20)
+        (8, 64, None, 4096, "1MiB")  # sizes are read by run_serve (cli.parse_size), before it listens
     assert (args.cors_origin, args.lora_modules) == ([], [])
 
 
-def test_numbers_are_integers_and_the_lists_gather_every_flag():
+def test_counts_are_integers_and_the_lists_gather_every_flag():
     args = parse("--port", "0", "--max-batch", "2", "--max-queue", "3", "--kv-cache-bytes", "1000",
                  "--max-tokens-cap", "5", "--max-body-bytes", "600", "--cors-origin", "http://a",
                  "--cors-origin", "http://b", "--lora-modules", "a=x", "b=y", "--lora-modules", "c=z")
     assert (args.port, args.max_batch, args.max_queue, args.kv_cache_bytes, args.max_tokens_cap,
-            args.max_body_bytes) == (0, 2, 3, 1000, 5, 600)
+            args.max_body_bytes) == (0, 2, 3, "1000", 5, "600")
     assert args.cors_origin == ["http://a", "http://b"]
     assert args.lora_modules == ["a=x", "b=y", "c=z"]
     assert parse("--api-key-file", "k.txt").api_key_file == "k.txt"

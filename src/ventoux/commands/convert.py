@@ -8,15 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-from ..cli import command
+from ..cli import command, parse_size
 from ..errors import VentouxError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -26,14 +21,6 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="hf: config.json + model*.safetensors; consolidated: params.json + consolidated.safetensors")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF shard, e.g. 2GB or 500MB (default 5GB)")
-
-
-def _parse_size(text: str) -> int:
-    m = _SIZE.match(text)
-    unit = m and m.group(2).upper()
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise VentouxError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @command("convert", "Convert a checkpoint between the HF and Mistral (consolidated) layouts.", _convert_args)
@@ -47,7 +34,7 @@ def convert(args: argparse.Namespace) -> None:
     from ..weights import check_output_folder, parse_dtype, save_consolidated, save_hf, tokenizer_files
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
-    shard_bytes = _parse_size(args.max_shard_size)
+    shard_bytes = parse_size(args.max_shard_size, "--max-shard-size")
     dst = Path(args.dst)
     check_output_folder(dst)  # before the (long) load, not only when writing
     src = resolve(args.src)

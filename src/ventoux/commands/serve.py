@@ -15,19 +15,15 @@ request samples with seed + i.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import socket
 import sys
 import time
 from pathlib import Path
 
-from ..cli import add_model_args, command, load_from_args
+from ..cli import add_model_args, command, load_from_args, parse_size
 from ..errors import VentouxError
-
-_SIZE = re.compile(r"\s*\d*\.?\d+\s*[a-z]*\s*", re.IGNORECASE)  # a number, then a unit (or none)
 
 
 def _serve_args(p):
@@ -45,11 +41,11 @@ def _serve_args(p):
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a row; more get 429 with Retry-After (default 64)")
-    p.add_argument("--kv-cache-bytes", type=_byte_size, default=None,
+    p.add_argument("--kv-cache-bytes", default=None,
                    help="KV cache budget, e.g. 2GiB or 512MiB (default: the engine's)")
     p.add_argument("--max-tokens-cap", type=int, default=4096,
                    help="most tokens one request may ask for, and the default max_tokens (default 4096)")
-    p.add_argument("--max-body-bytes", type=_byte_size, default=1 << 20,
+    p.add_argument("--max-body-bytes", default="1MiB",
                    help="larger request bodies get 413, e.g. 64KiB or 2MiB (default 1 MiB)")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser pages of this origin (repeatable; default: no cross-origin access)")
@@ -57,19 +53,6 @@ def _serve_args(p):
                    help="LoRA adapters (PEFT folders or mistral-finetune's lora.safetensors) served beside the model, "
                         "each chosen by a request's `model`: NAME (vLLM's flag, which also takes "
                         "'{\"name\": NAME, \"path\": PATH}'); rows of one batch may differ")
-
-
-def _byte_size(text: str) -> int:
-    """A byte count with an optional unit (2GiB, 512MiB, 1.5GB, 1048576), as pydantic's ByteSize reads it (pydantic
-    comes with fastapi, which serve needs anyway)."""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        if _SIZE.fullmatch(text):  # ByteSize reads only a prefix: "2TB-ish" would be 2 TB
-            return TypeAdapter(ByteSize).validate_python(text)
-    except ValidationError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 2GiB, 512MiB, 1.5GB or a number of bytes")
 
 
 def _lora_module(text: str) -> tuple[str, str]:
@@ -141,6 +124,9 @@ def run_serve(args):
 
     from ..server import Settings, create_app
 
+    if args.kv_cache_bytes is not None:
+        args.kv_cache_bytes = parse_size(args.kv_cache_bytes, "--kv-cache-bytes")
+    args.max_body_bytes = parse_size(args.max_body_bytes, "--max-body-bytes")
     for name in ("max_batch", "max_queue", "max_tokens_cap", "max_body_bytes", "kv_cache_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # kv_cache_bytes: None, the engine's
             raise VentouxError(f"--{name.replace('_', '-')}={getattr(args, name)}: it must be >= 1")
