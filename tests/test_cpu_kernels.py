@@ -273,6 +273,14 @@ def test_int4_bf16_in_and_out_is_the_float_product_rounded(kernel_isa, n, bits):
         assert torch.equal(y, gemv(x.float(), *tiles, 32, n).bfloat16()), m
 
 
+def _quantized_products(w: torch.Tensor) -> dict:
+    """name: (product, w's tiles, group) for int8 (one scale a row, and per 32), int4 and int6 (K = 256)."""
+    return {"int8": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w)), 256),
+            "int8-g32": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w, 32)), 32),
+            "int4": (cpu_kernels.int4_gemv, cpu_kernels.tile_int4(*quantize_int4(w, 32)), 32),
+            "int6": (cpu_kernels.int6_gemv, cpu_kernels.tile_int6(*quantize_int6(w, 64)), 64)}
+
+
 @pytest.mark.parametrize("m", [5, 20])  # decode and prefill
 def test_a_non_finite_activation_makes_its_rows_quantized_products_nan(kernel_isa, m):
     # The quantized products quantize their activations a block of 32 at a time: a block holding a NaN or an inf
@@ -282,11 +290,7 @@ def test_a_non_finite_activation_makes_its_rows_quantized_products_nan(kernel_is
     w, x = torch.randn(40, 256, generator=gen), torch.randn(m, 256, generator=gen)
     bad = x.clone()
     bad[0, 37], bad[2, 200], bad[3, 5] = float("nan"), float("inf"), -float("inf")
-    products = {"int8": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w)), 256),
-                "int8-g32": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w, 32)), 32),
-                "int4": (cpu_kernels.int4_gemv, cpu_kernels.tile_int4(*quantize_int4(w, 32)), 32),
-                "int6": (cpu_kernels.int6_gemv, cpu_kernels.tile_int6(*quantize_int6(w, 64)), 64)}
-    for name, (gemv, tiles, group) in products.items():
+    for name, (gemv, tiles, group) in _quantized_products(w).items():
         y, clean = gemv(bad, *tiles, group, 40), gemv(x, *tiles, group, 40)
         assert torch.isnan(y[:4:2]).all() and torch.isnan(y[3]).all(), name
         assert torch.equal(y[1], clean[1]) and torch.equal(y[4:], clean[4:]), name
@@ -301,11 +305,7 @@ def test_activations_too_small_to_quantize_count_as_zeros(kernel_isa, m):
     w, x = torch.rand(40, 256, generator=gen) + 0.5, torch.randn(m, 256, generator=gen)
     tiny = x.clone()
     tiny[1] = torch.rand(256, generator=gen) * 3e-37 + 1e-38
-    products = {"int8": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w)), 256),
-                "int8-g32": (cpu_kernels.int8_gemv, cpu_kernels.tile_int8(*quantize_int8(w, 32)), 32),
-                "int4": (cpu_kernels.int4_gemv, cpu_kernels.tile_int4(*quantize_int4(w, 32)), 32),
-                "int6": (cpu_kernels.int6_gemv, cpu_kernels.tile_int6(*quantize_int6(w, 64)), 64)}
-    for name, (gemv, tiles, group) in products.items():
+    for name, (gemv, tiles, group) in _quantized_products(w).items():
         y, clean = gemv(tiny, *tiles, group, 40), gemv(x, *tiles, group, 40)
         assert torch.equal(y[1], torch.zeros(40)), name
         assert torch.equal(y[0], clean[0]) and torch.equal(y[2:], clean[2:]), name
