@@ -371,6 +371,8 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_yields_its_padding(tok):
     assert all(t < 32000 for top in out.top_logprobs for t in top)
     sampled = generate(padded, tok, [prompt], [SamplingParams(max_tokens=20, temperature=1.0, seed=1)])[0]
     assert all(t < 32000 for t in sampled.tokens)
+    with pytest.raises(RequestError, match=r"logit_bias .*32010.*\[0, 32000\)"):
+        generate(padded, tok, [prompt], [SamplingParams(logit_bias={32010: 5})])
     with Engine(padded, tok, max_batch=1) as engine:
         with pytest.raises(RequestError, match=r"logit_bias .*32010.*\[0, 32000\)"):
             engine.submit(prompt, SamplingParams(logit_bias={32010: 5}))
