@@ -51,7 +51,6 @@ def parse_size(text: str, flag: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-
 def add_model_args(p: argparse.ArgumentParser, lora: bool = False) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint folder or Hugging Face repo id (default: the shipped demo model)")
